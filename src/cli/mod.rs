@@ -1,0 +1,304 @@
+//! Argument parsing, output (human or `--json`), progress bars and exit codes.
+
+mod demo;
+mod output;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use memsnap::{AgentId, Memsnap, RestoreRequest, SnapshotRequest, SourceSpec, StoreOptions};
+
+use output::Out;
+
+#[derive(Parser)]
+#[command(
+    name = "memsnap",
+    version,
+    about = "Deduplicating point-in-time snapshots of an AI agent's memory"
+)]
+pub(crate) struct Cli {
+    /// The store folder (default: $MEMSNAP_STORE, else ~/.local/share/memsnap).
+    #[arg(long, global = true, env = "MEMSNAP_STORE")]
+    store: Option<PathBuf>,
+    /// Print one JSON document on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Print only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Seconds to wait for an agent another process is working on.
+    #[arg(long, global = true, default_value_t = 30.0)]
+    lock_timeout: f64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct AgentArgs {
+    #[arg(long)]
+    tenant: Option<String>,
+    #[arg(long)]
+    agent: Option<String>,
+}
+
+impl AgentArgs {
+    fn agent_id(&self) -> Result<Option<AgentId>, memsnap::Error> {
+        match (&self.tenant, &self.agent) {
+            (Some(t), Some(a)) => Ok(Some(AgentId::new(t, a)?)),
+            _ => Ok(None),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the store (optional: the first command that writes creates it).
+    Init,
+    /// Snapshot an agent's memory.
+    Snapshot {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        agent: String,
+        /// DIR holding memdir/, sqlite/ and state/ (may contain {tenant} and {agent}).
+        #[arg(long, conflicts_with_all = ["memdir", "sqlite_dir", "state_dir"])]
+        source: Option<PathBuf>,
+        #[arg(long, requires_all = ["sqlite_dir", "state_dir"])]
+        memdir: Option<PathBuf>,
+        #[arg(long, requires_all = ["memdir", "state_dir"])]
+        sqlite_dir: Option<PathBuf>,
+        #[arg(long, requires_all = ["memdir", "sqlite_dir"])]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long, default_value = "cli")]
+        created_by: String,
+    },
+    /// List snapshots, oldest first.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Show one snapshot and its artifacts.
+    Show {
+        snap: String,
+        #[command(flatten)]
+        who: AgentArgs,
+    },
+    /// Restore an agent (or a --target folder) to a snapshot.
+    Restore {
+        snap: String,
+        #[command(flatten)]
+        who: AgentArgs,
+        /// Restore into this empty folder (memdir/, sqlite/, state/) instead of the live agent.
+        #[arg(long)]
+        target: Option<PathBuf>,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Skip the automatic pre-restore snapshot (the restore cannot then be undone).
+        #[arg(long)]
+        no_pre_snapshot: bool,
+    },
+    /// Check that every chunk of the snapshots is present (and, with --read-data, intact).
+    Verify {
+        snap: Option<String>,
+        #[command(flatten)]
+        who: AgentArgs,
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Delete a snapshot record (its unique chunks are freed by a later prune).
+    Delete {
+        snap: String,
+        #[command(flatten)]
+        who: AgentArgs,
+    },
+    /// Create a sample agent and walk through snapshot, change, snapshot, verify, restore.
+    Demo {
+        /// Folder for the sample agent and (unless --store is given) its store.
+        #[arg(long, default_value = "memsnap-demo")]
+        dir: PathBuf,
+    },
+}
+
+pub(crate) fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (_, 0) => "warn",
+        (_, 1) => "info",
+        _ => "debug",
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MEMSNAP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .try_init();
+    let out = Out::new(cli.json, cli.quiet);
+    match run(&cli, &out) {
+        Ok(code) => code,
+        Err(e) => {
+            out.error(&e);
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<memsnap::Error>() {
+        Some(
+            memsnap::Error::InvalidName { .. }
+            | memsnap::Error::SnapshotSpecTooShort { .. }
+            | memsnap::Error::LatestNeedsAgent
+            | memsnap::Error::NoSource { .. },
+        ) => 2,
+        _ => 1,
+    }
+}
+
+fn store_path(cli: &Cli) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &cli.store {
+        return Ok(p.clone());
+    }
+    let base = match std::env::var_os("XDG_DATA_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => match std::env::var_os("HOME") {
+            Some(h) => PathBuf::from(h).join(".local").join("share"),
+            None => anyhow::bail!("no store given: pass --store DIR or set MEMSNAP_STORE"),
+        },
+    };
+    Ok(base.join("memsnap"))
+}
+
+fn opts(cli: &Cli) -> anyhow::Result<StoreOptions> {
+    if !(cli.lock_timeout.is_finite() && cli.lock_timeout >= 0.0) {
+        anyhow::bail!("--lock-timeout must be a number of seconds >= 0");
+    }
+    Ok(StoreOptions::default().lock_timeout(Duration::from_secs_f64(cli.lock_timeout)))
+}
+
+fn progress(cli: &Cli) -> Arc<dyn memsnap::Progress> {
+    if cli.json || cli.quiet || !std::io::stderr().is_terminal() {
+        Arc::new(memsnap::NoProgress)
+    } else {
+        Arc::new(output::Bar::new())
+    }
+}
+
+fn open(cli: &Cli, create: bool) -> anyhow::Result<Memsnap> {
+    let path = store_path(cli)?;
+    let m = if create {
+        Memsnap::create(&path, opts(cli)?)?
+    } else {
+        Memsnap::open(&path, opts(cli)?)?
+    };
+    Ok(m.with_progress(progress(cli)))
+}
+
+fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Init => {
+            let m = open(cli, true)?;
+            out.init(&m.path());
+        }
+        Command::Snapshot {
+            tenant,
+            agent,
+            source,
+            memdir,
+            sqlite_dir,
+            state_dir,
+            label,
+            created_by,
+        } => {
+            let id = AgentId::new(tenant, agent)?;
+            let mut req = SnapshotRequest::new(id).created_by(created_by.clone());
+            if let Some(dir) = source {
+                req = req.sources(SourceSpec::from_root(dir));
+            } else if let (Some(m), Some(s), Some(st)) = (memdir, sqlite_dir, state_dir) {
+                req = req.sources(SourceSpec {
+                    memdir: m.clone(),
+                    sqlite_dir: s.clone(),
+                    state_dir: st.clone(),
+                });
+            }
+            if let Some(l) = label {
+                req = req.label(l.clone());
+            }
+            let m = open(cli, true)?;
+            let info = m.snapshot(&req)?;
+            out.snapshot(&info);
+        }
+        Command::List { tenant, agent } => {
+            let m = open(cli, false)?;
+            out.list(&m.list(tenant.as_deref(), agent.as_deref())?);
+        }
+        Command::Show { snap, who } => {
+            let m = open(cli, false)?;
+            out.show(&m.show(snap, who.agent_id()?.as_ref())?);
+        }
+        Command::Restore {
+            snap,
+            who,
+            target,
+            dry_run,
+            no_pre_snapshot,
+        } => {
+            let m = open(cli, false)?;
+            let mut req = RestoreRequest::new(snap.clone())
+                .dry_run(*dry_run)
+                .pre_snapshot(!no_pre_snapshot);
+            if let Some(a) = who.agent_id()? {
+                req = req.agent(a);
+            }
+            if let Some(t) = target {
+                req = req.target(t.clone());
+            }
+            out.restore(&m.restore(&req)?);
+        }
+        Command::Verify {
+            snap,
+            who,
+            read_data,
+        } => {
+            let m = open(cli, false)?;
+            let report = m.verify(snap.as_deref(), who.agent_id()?.as_ref(), *read_data)?;
+            out.verify(&report);
+            if !report.ok() {
+                return Ok(ExitCode::from(3));
+            }
+        }
+        Command::Delete { snap, who } => {
+            let m = open(cli, false)?;
+            out.delete(&m.delete(snap, who.agent_id()?.as_ref())?);
+        }
+        Command::Demo { dir } => {
+            return demo::run(cli, dir, out);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

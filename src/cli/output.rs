@@ -1,0 +1,311 @@
+//! Human and JSON output. JSON field names are the library's serde names (documented in
+//! README.md, "JSON output"); human output is for reading at a glance.
+
+use std::path::Path;
+
+use memsnap::{RestoreReport, SnapshotDetails, SnapshotInfo, VerifyReport};
+
+pub(crate) struct Out {
+    json: bool,
+    quiet: bool,
+}
+
+pub(crate) fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` UTC (civil-from-days, so no date crate is needed for one format).
+pub(crate) fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+impl Out {
+    pub(crate) fn new(json: bool, quiet: bool) -> Self {
+        Self { json, quiet }
+    }
+
+    fn emit<T: serde::Serialize>(&self, value: &T) -> bool {
+        if self.json {
+            match serde_json::to_string_pretty(value) {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("memsnap: cannot encode JSON output: {e}"),
+            }
+        }
+        self.json || self.quiet
+    }
+
+    pub(crate) fn error(&self, e: &anyhow::Error) {
+        let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        let mut msg = chain.join(": caused by: ");
+        // thiserror's `#[error(transparent)]` and `{source}` in messages repeat the cause.
+        if chain.len() > 1 && chain[0].contains(&chain[1]) {
+            msg = chain[0].clone();
+        }
+        if self.json {
+            println!("{}", serde_json::json!({ "error": msg }));
+        }
+        eprintln!("memsnap: error: {msg}");
+    }
+
+    pub(crate) fn init(&self, path: &Path) {
+        if !self.emit(&serde_json::json!({ "store": path })) {
+            println!("store ready at {}", path.display());
+        }
+    }
+
+    pub(crate) fn snapshot(&self, i: &SnapshotInfo) {
+        if self.emit(i) {
+            return;
+        }
+        println!("{}", i.id);
+        println!(
+            "snapshot of {}/{}: {} artifacts, {} read, {} new stored ({} of {} chunks new), {:.2} s",
+            i.tenant,
+            i.agent,
+            i.artifacts,
+            bytes(i.stats.bytes_read),
+            bytes(i.stats.new_stored_bytes),
+            i.stats.new_chunks,
+            i.stats.chunks,
+            i.stats.duration_ms as f64 / 1000.0
+        );
+        if !i.absent.is_empty() {
+            println!("absent (recorded as such): {}", i.absent.join(", "));
+        }
+    }
+
+    pub(crate) fn list(&self, list: &[SnapshotInfo]) {
+        if self.emit(&list) {
+            return;
+        }
+        if list.is_empty() {
+            println!("no snapshots");
+            return;
+        }
+        println!(
+            "{:<36}  {:<19}  {:<24}  {:>10}  {:>10}  LABEL",
+            "ID", "CREATED (UTC)", "AGENT", "SIZE", "NEW"
+        );
+        for i in list {
+            println!(
+                "{:<36}  {:<19}  {:<24}  {:>10}  {:>10}  {}",
+                i.id,
+                utc(i.created_at_ms),
+                format!("{}/{}", i.tenant, i.agent),
+                bytes(i.logical_bytes),
+                bytes(i.stats.new_stored_bytes),
+                i.label.as_deref().unwrap_or("")
+            );
+        }
+    }
+
+    pub(crate) fn show(&self, d: &SnapshotDetails) {
+        if self.emit(d) {
+            return;
+        }
+        let i = &d.info;
+        println!("snapshot   {}", i.id);
+        println!("agent      {}/{}", i.tenant, i.agent);
+        println!(
+            "created    {} UTC by {}",
+            utc(i.created_at_ms),
+            i.created_by
+        );
+        if let Some(l) = &i.label {
+            println!("label      {l}");
+        }
+        if let Some(p) = &i.parent {
+            println!("parent     {p}");
+        }
+        if let Some(g) = &i.git {
+            println!(
+                "git HEAD   {} {} ({})",
+                &g.head_oid, g.head_subject, g.head_author
+            );
+        }
+        for (db, v) in &i.schema_versions {
+            println!("schema     {db} user_version={v}");
+        }
+        println!(
+            "size       {} in {} artifacts; {} new when taken",
+            bytes(i.logical_bytes),
+            i.artifacts,
+            bytes(i.stats.new_stored_bytes)
+        );
+        for a in &i.absent {
+            println!("absent     {a}");
+        }
+        println!();
+        for e in &d.entries {
+            println!(
+                "{:<7} {:<8} {:>10}  {:o}  {}",
+                e.part,
+                e.kind,
+                bytes(e.size),
+                e.mode,
+                e.path
+            );
+        }
+    }
+
+    pub(crate) fn restore(&self, r: &RestoreReport) {
+        if self.emit(r) {
+            return;
+        }
+        let p = &r.plan;
+        let verb = if r.dry_run {
+            "would restore"
+        } else {
+            "restored"
+        };
+        println!(
+            "{verb} {}/{} to snapshot {}",
+            p.tenant, p.agent, p.snapshot_id
+        );
+        println!(
+            "  memdir  {}: {} entries, {} changed, {} removed",
+            p.memdir,
+            p.memdir_entries,
+            p.memdir_changed.len(),
+            p.memdir_removed.len()
+        );
+        for (db, action) in &p.databases {
+            println!("  sqlite  {db}: {action}");
+        }
+        println!(
+            "  state   {}: {} written, {} removed",
+            p.state_dir,
+            p.state_written.len(),
+            p.state_removed.len()
+        );
+        if r.dry_run {
+            for f in p.memdir_changed.iter().take(20) {
+                println!("    changed  {f}");
+            }
+            for f in p.memdir_removed.iter().take(20) {
+                println!("    removed  {f}");
+            }
+            println!("nothing was changed (--dry-run)");
+        } else {
+            match &r.pre_snapshot_id {
+                Some(id) => println!("undo with: memsnap restore {id}"),
+                None => println!("no pre-restore snapshot was taken"),
+            }
+            println!("{:.2} s", r.duration_ms as f64 / 1000.0);
+        }
+    }
+
+    pub(crate) fn verify(&self, r: &VerifyReport) {
+        #[derive(serde::Serialize)]
+        struct J<'a> {
+            ok: bool,
+            #[serde(flatten)]
+            report: &'a VerifyReport,
+        }
+        if self.emit(&J {
+            ok: r.ok(),
+            report: r,
+        }) {
+            return;
+        }
+        let what = if r.read_data {
+            "read and hashed"
+        } else {
+            "located"
+        };
+        println!(
+            "{} snapshots, {} chunks {what} ({})",
+            r.snapshots_checked,
+            r.chunks_checked,
+            bytes(r.bytes_checked)
+        );
+        if r.ok() {
+            println!("no damage found");
+            return;
+        }
+        for d in &r.damaged {
+            println!(
+                "DAMAGED snapshot {} artifact {}: {}",
+                d.snapshot, d.artifact, d.problem
+            );
+        }
+        for p in &r.damaged_packs {
+            println!("DAMAGED pack: {p}");
+        }
+        println!("{} damaged snapshot(s)", r.damaged_snapshots.len());
+    }
+
+    pub(crate) fn delete(&self, i: &SnapshotInfo) {
+        if !self.emit(&serde_json::json!({ "deleted": i })) {
+            println!("deleted snapshot {} of {}/{}", i.id, i.tenant, i.agent);
+        }
+    }
+
+    pub(crate) fn line(&self, s: &str) {
+        if !self.json && !self.quiet {
+            println!("{s}");
+        }
+    }
+}
+
+/// A progress bar on stderr (only used when stderr is a terminal).
+pub(crate) struct Bar {
+    bar: indicatif::ProgressBar,
+}
+
+impl Bar {
+    pub(crate) fn new() -> Self {
+        let bar = indicatif::ProgressBar::hidden();
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        Self { bar }
+    }
+}
+
+impl memsnap::Progress for Bar {
+    fn start(&self, phase: &str, total: u64) {
+        self.bar
+            .set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        self.bar.reset();
+        self.bar.set_length(total);
+        self.bar.set_message(phase.to_owned());
+    }
+
+    fn advance(&self, n: u64) {
+        self.bar.inc(n);
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,163 @@
+//! Errors, one enum per layer: [`StoreError`] for the chunk store (packs, index), [`SourceError`]
+//! for reading an agent's live memory, and the umbrella [`Error`] that every public operation
+//! returns. Each message names the problem and, where there is one, the fix.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Errors of the content-addressed store: packs, the redb index, chunk integrity.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the store index {path} cannot be used: {message}")]
+    Index { path: PathBuf, message: String },
+    #[error(
+        "{path} is a memsnap store of format version {found}, newer than this memsnap understands ({supported}): upgrade memsnap"
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("chunk {id} is not in the store index (the store is damaged; run `memsnap verify`)")]
+    MissingChunk { id: String },
+    #[error("pack {pack} is damaged: {message}")]
+    CorruptPack { pack: PathBuf, message: String },
+    #[error(
+        "chunk {id} in pack {pack} is damaged: {message} (run `memsnap verify --read-data` to see which snapshots are affected)"
+    )]
+    CorruptChunk {
+        id: String,
+        pack: PathBuf,
+        message: String,
+    },
+    #[error("a stored record is damaged: {what}: {message}")]
+    CorruptRecord { what: String, message: String },
+}
+
+impl StoreError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn index(path: impl Into<PathBuf>, e: impl std::fmt::Display) -> Self {
+        Self::Index {
+            path: path.into(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Errors while reading an agent's live memory.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read SQLite database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot read git metadata of {path}: {message}")]
+    Git { path: PathBuf, message: String },
+    #[error("state provider failed: {message}")]
+    State { message: String },
+    #[error("{path} is not a readable SQLite database: {message}")]
+    NotSqlite { path: PathBuf, message: String },
+}
+
+/// The error of every public memsnap operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid {what} name {name:?}: {reason} (names are 1-64 bytes of [a-z0-9_-])")]
+    InvalidName {
+        what: &'static str,
+        name: String,
+        reason: &'static str,
+    },
+    #[error(
+        "no memory found for {agent} at {looked_at}: none of the memdir, the SQLite folder or the state folder exists or holds anything"
+    )]
+    NoMemory { agent: String, looked_at: String },
+    #[error(
+        "no source is known for {agent}: pass --source DIR (or --memdir/--sqlite-dir/--state-dir) once and the store remembers it"
+    )]
+    NoSource { agent: String },
+    #[error(
+        "agent {agent} is busy: another memsnap process held its lock for {waited:?} (raise --lock-timeout to wait longer)"
+    )]
+    AgentBusy { agent: String, waited: Duration },
+    #[error("the store is busy: {path} was held by another process for {waited:?}")]
+    StoreBusy { path: PathBuf, waited: Duration },
+    #[error(
+        "no memsnap store at {path}: run `memsnap init` or take a snapshot first, or pass --store"
+    )]
+    NoStore { path: PathBuf },
+    #[error("no snapshot matches {spec:?}{hint}")]
+    SnapshotNotFound { spec: String, hint: String },
+    #[error("{spec:?} matches {count} snapshots: give more characters of the id")]
+    AmbiguousSnapshot { spec: String, count: usize },
+    #[error(
+        "{spec:?} is too short: give at least 8 characters of a snapshot id, or `latest` with --tenant and --agent"
+    )]
+    SnapshotSpecTooShort { spec: String },
+    #[error("`latest` needs --tenant and --agent")]
+    LatestNeedsAgent,
+    #[error(
+        "snapshot {id} belongs to {snapshot_agent}, not {asked}: restoring one agent's memory into another is refused"
+    )]
+    AgentMismatch {
+        id: String,
+        snapshot_agent: String,
+        asked: String,
+    },
+    #[error("restore target {path} is not empty: choose an empty or missing folder for --target")]
+    TargetNotEmpty { path: PathBuf },
+    #[error("the snapshot's {what} does not match its recorded hash after restore staging: {path}")]
+    RestoredHashMismatch { what: String, path: PathBuf },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("SQLite error on {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("injected failure at {0} (MEMSNAP_FAILPOINT)")]
+    FailPoint(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

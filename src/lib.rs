@@ -1,0 +1,36 @@
+//! memsnap: point-in-time, deduplicating snapshots of an AI agent's memory (a git memdir,
+//! SQLite databases, state JSON), taken consistently while the agent keeps writing.
+//!
+//! The on-disk format is defined in `store-format.md`; the architecture in `README.md`.
+
+mod api;
+mod error;
+mod failpoint;
+mod fsutil;
+mod lock;
+mod manifest;
+mod names;
+mod ops;
+pub mod sample;
+mod source;
+mod store;
+mod tree;
+
+pub use api::{Memsnap, Snapshotter, StoreOptions};
+pub use error::{Error, Result, SourceError, StoreError};
+pub use manifest::snapshot::{GitMeta, SnapshotInfo, SnapshotStats};
+pub use names::AgentId;
+pub use ops::restore::{RestorePlan, RestoreReport, RestoreRequest};
+pub use ops::snapshot::SnapshotRequest;
+pub use ops::verify::{Damage, VerifyReport};
+pub use ops::{ArtifactInfo, NoProgress, Progress, SnapshotDetails};
+pub use source::SourceSpec;
+pub use source::state::{FsStateProvider, StateItem, StateProvider};
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,225 @@
+//! The operations on a store, one file each; shared lookups live here.
+
+pub(crate) mod restore;
+pub(crate) mod snapshot;
+pub(crate) mod verify;
+
+use redb::ReadableTable;
+
+use crate::error::{Error, StoreError};
+use crate::manifest::agent::{AGENT_VERSION, AgentRecord};
+use crate::manifest::artifact::{self, ArtifactEntry};
+use crate::manifest::snapshot::{SNAPSHOT_VERSION, SnapshotInfo, SnapshotRecord};
+use crate::names::AgentId;
+use crate::store::Store;
+use crate::store::index::{AGENTS, Index, SNAPSHOTS, decode_record};
+use crate::store::reader::ChunkReader;
+use crate::tree;
+
+/// Progress of long work, for a progress bar. Byte counts are approximate.
+pub trait Progress: Send + Sync {
+    fn start(&self, phase: &str, total_bytes: u64);
+    fn advance(&self, bytes: u64);
+    fn finish(&self);
+}
+
+/// Reports nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn start(&self, _: &str, _: u64) {}
+    fn advance(&self, _: u64) {}
+    fn finish(&self) {}
+}
+
+pub(crate) fn load_agent(store: &Store, agent: &AgentId) -> Result<Option<AgentRecord>, Error> {
+    let index = store.index()?;
+    let tx = index.begin_read()?;
+    let table = tx.open_table(AGENTS).map_err(|e| index.err()(e.into()))?;
+    let v = table
+        .get(agent.key().as_str())
+        .map_err(|e| index.err()(e.into()))?;
+    match v {
+        Some(g) => Ok(Some(decode_record(
+            AGENT_VERSION,
+            g.value(),
+            "agent record",
+        )?)),
+        None => Ok(None),
+    }
+}
+
+pub(crate) fn all_records(
+    index: &Index,
+    tx: &redb::ReadTransaction,
+) -> Result<Vec<SnapshotRecord>, StoreError> {
+    let table = tx
+        .open_table(SNAPSHOTS)
+        .map_err(|e| index.err()(e.into()))?;
+    let mut out = Vec::new();
+    for item in table.iter().map_err(|e| index.err()(e.into()))? {
+        let (k, v) = item.map_err(|e| index.err()(e.into()))?;
+        let what = format!("snapshot record {}", k.value());
+        out.push(decode_record::<SnapshotRecord>(
+            SNAPSHOT_VERSION,
+            v.value(),
+            &what,
+        )?);
+    }
+    out.sort_by(|a, b| (a.info.created_at_ms, &a.info.id).cmp(&(b.info.created_at_ms, &b.info.id)));
+    Ok(out)
+}
+
+pub(crate) fn latest_of(
+    index: &Index,
+    tx: &redb::ReadTransaction,
+    agent: &AgentId,
+) -> Result<Option<SnapshotRecord>, StoreError> {
+    Ok(all_records(index, tx)?
+        .into_iter()
+        .filter(|r| r.info.tenant == agent.tenant() && r.info.agent == agent.agent())
+        .next_back())
+}
+
+/// Resolves `SNAP`: a full id, a unique prefix of at least 8 characters, or `latest`.
+pub(crate) fn resolve(
+    index: &Index,
+    tx: &redb::ReadTransaction,
+    spec: &str,
+    agent: Option<&AgentId>,
+) -> Result<SnapshotRecord, Error> {
+    if spec == "latest" {
+        let agent = agent.ok_or(Error::LatestNeedsAgent)?;
+        return latest_of(index, tx, agent)?.ok_or_else(|| Error::SnapshotNotFound {
+            spec: spec.to_owned(),
+            hint: format!(" (agent {agent} has no snapshot)"),
+        });
+    }
+    if spec.len() < 8 {
+        return Err(Error::SnapshotSpecTooShort {
+            spec: spec.to_owned(),
+        });
+    }
+    let spec_lc = spec.to_ascii_lowercase();
+    let mut matches: Vec<SnapshotRecord> = all_records(index, tx)?
+        .into_iter()
+        .filter(|r| r.info.id.starts_with(&spec_lc))
+        .collect();
+    match matches.len() {
+        0 => Err(Error::SnapshotNotFound {
+            spec: spec.to_owned(),
+            hint: " (see `memsnap list`)".to_owned(),
+        }),
+        1 => Ok(matches.remove(0)),
+        count => Err(Error::AmbiguousSnapshot {
+            spec: spec.to_owned(),
+            count,
+        }),
+    }
+}
+
+pub(crate) fn load_entries(
+    reader: &mut ChunkReader<'_>,
+    record: &SnapshotRecord,
+) -> Result<Vec<ArtifactEntry>, StoreError> {
+    let mut bytes = Vec::with_capacity(record.manifest.size as usize);
+    tree::walk(reader, &record.manifest, true, &mut |_, is_data, data| {
+        let data = data?;
+        if is_data {
+            bytes.extend_from_slice(&data);
+        }
+        Ok(())
+    })?;
+    artifact::decode_entries(&bytes)
+}
+
+/// Snapshots, oldest first, optionally of one tenant or agent.
+pub(crate) fn list(
+    store: &Store,
+    tenant: Option<&str>,
+    agent: Option<&str>,
+) -> Result<Vec<SnapshotInfo>, Error> {
+    let index = store.index()?;
+    let tx = index.begin_read()?;
+    Ok(all_records(&index, &tx)?
+        .into_iter()
+        .map(|r| r.info)
+        .filter(|i| tenant.is_none_or(|t| i.tenant == t) && agent.is_none_or(|a| i.agent == a))
+        .collect())
+}
+
+/// One artifact of a snapshot, as `show` presents it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ArtifactInfo {
+    pub part: String,
+    pub path: String,
+    pub kind: String,
+    pub mode: u32,
+    pub size: u64,
+    /// BLAKE3 of the content, hex; empty for folders and symlinks.
+    pub blake3: String,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotDetails {
+    #[serde(flatten)]
+    pub info: SnapshotInfo,
+    pub entries: Vec<ArtifactInfo>,
+}
+
+pub(crate) fn show(
+    store: &Store,
+    spec: &str,
+    agent: Option<&AgentId>,
+) -> Result<SnapshotDetails, Error> {
+    let index = store.index()?;
+    let tx = index.begin_read()?;
+    let record = resolve(&index, &tx, spec, agent)?;
+    let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+    let entries = load_entries(&mut reader, &record)?
+        .into_iter()
+        .map(|e| ArtifactInfo {
+            part: e.part.name().to_owned(),
+            path: e.path_lossy(),
+            kind: e.kind_name().to_owned(),
+            mode: e.mode,
+            size: e.size,
+            blake3: if e.content.is_some() {
+                hex::encode(e.hash)
+            } else {
+                String::new()
+            },
+        })
+        .collect();
+    Ok(SnapshotDetails {
+        info: record.info,
+        entries,
+    })
+}
+
+/// Deletes a snapshot record. Its chunks stay until a prune finds them unreferenced.
+pub(crate) fn delete(
+    store: &Store,
+    spec: &str,
+    agent: Option<&AgentId>,
+) -> Result<SnapshotInfo, Error> {
+    let record = {
+        let index = store.index()?;
+        let tx = index.begin_read()?;
+        resolve(&index, &tx, spec, agent)?
+    };
+    let owner = AgentId::new(&record.info.tenant, &record.info.agent)?;
+    let _agent = store.lock_agent(&owner)?;
+    let index = store.index()?;
+    let tx = index.begin_write()?;
+    {
+        let mut table = tx
+            .open_table(SNAPSHOTS)
+            .map_err(|e| index.err()(e.into()))?;
+        table
+            .remove(record.info.id.as_str())
+            .map_err(|e| index.err()(e.into()))?;
+    }
+    tx.commit().map_err(|e| index.err()(e.into()))?;
+    Ok(record.info)
+}

@@ -1,0 +1,801 @@
+//! Restore: put an agent back exactly as it was at a snapshot.
+//!
+//! Plan → pre-restore snapshot → stage → journal → switch → clean up. Every file is first
+//! materialised into staging folders on the same file systems as the live ones and checked
+//! against its recorded hash; only then does the journal say "switching", and every switch step
+//! is idempotent, so a crash is rolled back (before "switching") or finished (after it) by the
+//! next command. Live databases are replaced through SQLite's backup API, so an open connection
+//! sees the old or the new database, never a mix, and no stale `-wal` survives.
+//! Journal format: store-format.md, "Restore journal".
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::Progress;
+use super::snapshot::{SnapshotRequest, snapshot_locked};
+use crate::error::{Error, StoreError};
+use crate::fsutil;
+use crate::lock::Mode;
+use crate::manifest::artifact::{ArtifactEntry, EntryKind, Part};
+use crate::manifest::snapshot::SnapshotRecord;
+use crate::names::AgentId;
+use crate::source::SourceSpec;
+use crate::source::state::{FsStateProvider, StateItem, StateProvider};
+use crate::store::Store;
+use crate::store::reader::ChunkReader;
+use crate::tree;
+
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct RestoreRequest {
+    /// A snapshot id, a unique prefix of at least 8 characters, or `latest`.
+    pub snapshot: String,
+    /// The agent the caller means; restoring another agent's snapshot is refused.
+    pub agent: Option<AgentId>,
+    /// Restore into this folder (layout as `--source`) instead of the agent's live paths.
+    pub target: Option<PathBuf>,
+    pub dry_run: bool,
+    pub pre_snapshot: bool,
+    /// State restore; `None` writes the state folder.
+    pub state: Option<Arc<dyn StateProvider>>,
+}
+
+impl RestoreRequest {
+    pub fn new(snapshot: impl Into<String>) -> Self {
+        Self {
+            snapshot: snapshot.into(),
+            agent: None,
+            target: None,
+            dry_run: false,
+            pre_snapshot: true,
+            state: None,
+        }
+    }
+
+    pub fn agent(mut self, agent: AgentId) -> Self {
+        self.agent = Some(agent);
+        self
+    }
+
+    pub fn target(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.target = Some(dir.into());
+        self
+    }
+
+    pub fn dry_run(mut self, yes: bool) -> Self {
+        self.dry_run = yes;
+        self
+    }
+
+    pub fn pre_snapshot(mut self, yes: bool) -> Self {
+        self.pre_snapshot = yes;
+        self
+    }
+
+    pub fn state_provider(mut self, p: Arc<dyn StateProvider>) -> Self {
+        self.state = Some(p);
+        self
+    }
+}
+
+/// What a restore does (or, with `--dry-run`, would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestorePlan {
+    pub snapshot_id: String,
+    pub tenant: String,
+    pub agent: String,
+    pub memdir: String,
+    pub sqlite_dir: String,
+    pub state_dir: String,
+    /// Memdir entries written (files, folders, symlinks).
+    pub memdir_entries: u64,
+    /// Live memdir entries not in the snapshot, removed by the restore.
+    pub memdir_removed: Vec<String>,
+    /// Live memdir files whose content differs from the snapshot's.
+    pub memdir_changed: Vec<String>,
+    /// (database, action): `replace` (through SQLite), `create`, `remove`.
+    pub databases: Vec<(String, String)>,
+    pub state_written: Vec<String>,
+    pub state_removed: Vec<String>,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub plan: RestorePlan,
+    pub dry_run: bool,
+    /// The automatic snapshot taken just before, to undo this restore.
+    pub pre_snapshot_id: Option<String>,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum Phase {
+    Staging,
+    Switching,
+}
+
+/// The restore journal (`journal/<tenant>/<agent>.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Journal {
+    version: u32,
+    phase: Phase,
+    snapshot_id: String,
+    tenant: String,
+    agent: String,
+    token: String,
+    memdir: PathBuf,
+    sqlite_dir: PathBuf,
+    state_dir: PathBuf,
+    /// The snapshot has a memdir (else the live one is removed).
+    has_memdir: bool,
+    /// Databases of the snapshot, by file name.
+    databases: Vec<String>,
+    /// The state goes to the state folder (the default provider); a custom provider's restore
+    /// cannot be redone by another process.
+    fs_state: bool,
+}
+
+impl Journal {
+    fn staged_memdir(&self) -> PathBuf {
+        sibling(
+            &self.memdir,
+            &format!(".memsnap-restore-{}-new", self.token),
+        )
+    }
+
+    fn old_memdir(&self) -> PathBuf {
+        sibling(
+            &self.memdir,
+            &format!(".memsnap-restore-{}-old", self.token),
+        )
+    }
+
+    fn staged_sqlite(&self) -> PathBuf {
+        self.sqlite_dir
+            .join(format!(".memsnap-restore-{}", self.token))
+    }
+}
+
+fn sibling(path: &Path, name: &str) -> PathBuf {
+    fsutil::parent_of(path).join(name)
+}
+
+fn journal_path(store: &Store, agent: &AgentId) -> PathBuf {
+    store
+        .journal_dir()
+        .join(agent.tenant())
+        .join(format!("{}.json", agent.agent()))
+}
+
+fn write_journal(store: &Store, agent: &AgentId, j: &Journal) -> Result<(), Error> {
+    let path = journal_path(store, agent);
+    let dir = fsutil::parent_of(&path);
+    fsutil::create_dir_all_durable(&dir).map_err(|e| Error::io(&dir, e))?;
+    let bytes =
+        serde_json::to_vec_pretty(j).map_err(|e| Error::io(&path, std::io::Error::other(e)))?;
+    fsutil::write_atomic(&path, &bytes).map_err(|e| Error::io(&path, e))
+}
+
+fn remove_journal(store: &Store, agent: &AgentId) -> Result<(), Error> {
+    let path = journal_path(store, agent);
+    fsutil::remove_any(&path).map_err(|e| Error::io(&path, e))?;
+    let dir = fsutil::parent_of(&path);
+    fsutil::sync_dir(&dir).map_err(|e| Error::io(&dir, e))
+}
+
+/// Finishes or rolls back an interrupted restore of `agent`. The caller holds the agent lock.
+pub(crate) fn recover(store: &Store, agent: &AgentId) -> Result<Option<String>, Error> {
+    let path = journal_path(store, agent);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let j: Journal = serde_json::from_slice(&bytes).map_err(|e| StoreError::CorruptRecord {
+        what: format!("restore journal {}", path.display()),
+        message: e.to_string(),
+    })?;
+    match j.phase {
+        Phase::Staging => {
+            tracing::warn!(snapshot = %j.snapshot_id, "rolling back a restore interrupted while staging");
+            cleanup(&j)?;
+            remove_journal(store, agent)?;
+            Ok(Some(format!(
+                "rolled back the interrupted restore of {}",
+                j.snapshot_id
+            )))
+        }
+        Phase::Switching => {
+            tracing::warn!(snapshot = %j.snapshot_id, "finishing a restore interrupted while switching");
+            switch(store, &j, None)?;
+            cleanup(&j)?;
+            remove_journal(store, agent)?;
+            Ok(Some(format!(
+                "finished the interrupted restore of {}",
+                j.snapshot_id
+            )))
+        }
+    }
+}
+
+/// Recovers every agent with a journal whose lock is free (used when a command opens a store).
+pub(crate) fn recover_all(store: &Store) -> Result<Vec<String>, Error> {
+    let mut done = Vec::new();
+    let dir = store.journal_dir();
+    let Ok(tenants) = fs::read_dir(&dir) else {
+        return Ok(done);
+    };
+    for t in tenants.flatten() {
+        let Ok(files) = fs::read_dir(t.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let tenant = t.file_name().to_string_lossy().into_owned();
+            let name = f.file_name().to_string_lossy().into_owned();
+            let Some(agent) = name.strip_suffix(".json") else {
+                continue;
+            };
+            let Ok(agent) = AgentId::new(&tenant, agent) else {
+                continue;
+            };
+            let quick = store.with_lock_timeout(Duration::ZERO);
+            // A busy agent is being handled by the process that holds its lock.
+            let Ok(_guard) = quick.lock_agent(&agent) else {
+                continue;
+            };
+            if let Some(msg) = recover(store, &agent)? {
+                done.push(msg);
+            }
+        }
+    }
+    Ok(done)
+}
+
+pub(crate) fn restore(
+    store: &Store,
+    req: &RestoreRequest,
+    progress: &dyn Progress,
+) -> Result<RestoreReport, Error> {
+    let started = Instant::now();
+    let (record, entries) = load(store, req)?;
+    let agent = AgentId::new(&record.info.tenant, &record.info.agent)?;
+    if let Some(asked) = &req.agent {
+        if *asked != agent {
+            return Err(Error::AgentMismatch {
+                id: record.info.id.clone(),
+                snapshot_agent: agent.to_string(),
+                asked: asked.to_string(),
+            });
+        }
+    }
+    let paths = match &req.target {
+        Some(dir) => {
+            SourceSpec::from_root(std::path::absolute(dir).map_err(|e| Error::io(dir, e))?)
+        }
+        None => match super::load_agent(store, &agent)? {
+            Some(a) => SourceSpec {
+                memdir: a.memdir,
+                sqlite_dir: a.sqlite_dir,
+                state_dir: a.state_dir,
+            },
+            None => SourceSpec {
+                memdir: record.info.memdir.clone().into(),
+                sqlite_dir: record.info.sqlite_dir.clone().into(),
+                state_dir: record.info.state_dir.clone().into(),
+            },
+        },
+    };
+
+    let _agent_lock = store.lock_agent(&agent)?;
+    recover(store, &agent)?;
+    let state: Arc<dyn StateProvider> = match &req.state {
+        Some(p) => p.clone(),
+        None => Arc::new(FsStateProvider::new(&paths.state_dir)),
+    };
+    let plan = plan(&record, &entries, &paths, state.as_ref())?;
+    if req.dry_run {
+        return Ok(RestoreReport {
+            plan,
+            dry_run: true,
+            pre_snapshot_id: None,
+            duration_ms: started.elapsed().as_millis() as u64,
+        });
+    }
+    if req.target.is_some() {
+        for p in [&paths.memdir, &paths.sqlite_dir, &paths.state_dir] {
+            if !fsutil::is_absent_or_empty(p).map_err(|e| Error::io(p, e))? {
+                return Err(Error::TargetNotEmpty { path: p.clone() });
+            }
+        }
+    }
+
+    let pre_snapshot_id = if req.pre_snapshot && req.target.is_none() {
+        let pre = SnapshotRequest {
+            agent: agent.clone(),
+            sources: Some(paths.clone()),
+            label: Some(format!("pre-restore of {}", &record.info.id[..8])),
+            created_by: Some("memsnap restore".to_owned()),
+            state: req.state.clone(),
+        };
+        match snapshot_locked(store, &pre, &super::NoProgress) {
+            Ok(info) => Some(info.id),
+            Err(Error::NoMemory { .. }) => None,
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+
+    let _store_lock = store.lock_store(Mode::Shared)?;
+    let journal = Journal {
+        version: 1,
+        phase: Phase::Staging,
+        snapshot_id: record.info.id.clone(),
+        tenant: agent.tenant().to_owned(),
+        agent: agent.agent().to_owned(),
+        token: format!("{:08x}", rand::random::<u32>()),
+        memdir: paths.memdir.clone(),
+        sqlite_dir: paths.sqlite_dir.clone(),
+        state_dir: paths.state_dir.clone(),
+        has_memdir: !record.info.absent.iter().any(|a| a == "memdir"),
+        databases: entries
+            .iter()
+            .filter(|e| e.part == Part::Sqlite)
+            .map(|e| e.path_lossy())
+            .collect(),
+        fs_state: req.state.is_none(),
+    };
+    write_journal(store, &agent, &journal)?;
+    progress.start("restore", plan.bytes);
+    let staged = stage(store, &journal, &entries, progress);
+    if let Err(e) = staged {
+        let _ = cleanup(&journal);
+        let _ = remove_journal(store, &agent);
+        return Err(e);
+    }
+    crate::failpoint::hit("restore:staged")?;
+    let journal = Journal {
+        phase: Phase::Switching,
+        ..journal
+    };
+    write_journal(store, &agent, &journal)?;
+    crate::failpoint::hit("restore:journal-switching")?;
+    let items = state_items(store, &record, &entries)?;
+    switch(store, &journal, Some((state.as_ref(), &items)))?;
+    cleanup(&journal)?;
+    remove_journal(store, &agent)?;
+    progress.finish();
+    Ok(RestoreReport {
+        plan,
+        dry_run: false,
+        pre_snapshot_id,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+fn load(
+    store: &Store,
+    req: &RestoreRequest,
+) -> Result<(SnapshotRecord, Vec<ArtifactEntry>), Error> {
+    let index = store.index()?;
+    let tx = index.begin_read()?;
+    let record = super::resolve(&index, &tx, &req.snapshot, req.agent.as_ref())?;
+    let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+    let entries = super::load_entries(&mut reader, &record)?;
+    Ok((record, entries))
+}
+
+fn plan(
+    record: &SnapshotRecord,
+    entries: &[ArtifactEntry],
+    paths: &SourceSpec,
+    state: &dyn StateProvider,
+) -> Result<RestorePlan, Error> {
+    let mut plan = RestorePlan {
+        snapshot_id: record.info.id.clone(),
+        tenant: record.info.tenant.clone(),
+        agent: record.info.agent.clone(),
+        memdir: paths.memdir.display().to_string(),
+        sqlite_dir: paths.sqlite_dir.display().to_string(),
+        state_dir: paths.state_dir.display().to_string(),
+        ..RestorePlan::default()
+    };
+    let snap_mem: BTreeSet<&[u8]> = entries
+        .iter()
+        .filter(|e| e.part == Part::Memdir)
+        .map(|e| e.path.as_slice())
+        .collect();
+    plan.memdir_entries = snap_mem.len() as u64;
+    plan.bytes = entries.iter().map(|e| e.size).sum();
+    if paths.memdir.is_dir() {
+        let live = crate::source::memdir::walk(&paths.memdir)?;
+        for item in &live {
+            if !snap_mem.contains(item.rel.as_slice()) {
+                plan.memdir_removed
+                    .push(String::from_utf8_lossy(&item.rel).into_owned());
+            }
+        }
+        for e in entries
+            .iter()
+            .filter(|e| e.part == Part::Memdir && e.kind == EntryKind::File)
+        {
+            let live_path = paths.memdir.join(std::ffi::OsStr::from_bytes(&e.path));
+            let same = fs::metadata(&live_path).is_ok_and(|m| m.len() == e.size)
+                && hash_file(&live_path).is_ok_and(|h| h == e.hash);
+            if !same {
+                plan.memdir_changed.push(e.path_lossy());
+            }
+        }
+    }
+    let live_dbs: BTreeSet<String> = if paths.sqlite_dir.is_dir() {
+        crate::source::sqlite::list_databases(&paths.sqlite_dir)?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    let snap_dbs: BTreeSet<String> = entries
+        .iter()
+        .filter(|e| e.part == Part::Sqlite)
+        .map(|e| e.path_lossy())
+        .collect();
+    for db in &snap_dbs {
+        let action = if live_dbs.contains(db) {
+            "replace"
+        } else {
+            "create"
+        };
+        plan.databases.push((db.clone(), action.to_owned()));
+    }
+    for db in live_dbs.difference(&snap_dbs) {
+        plan.databases.push((db.clone(), "remove".to_owned()));
+    }
+    let snap_state: BTreeSet<String> = entries
+        .iter()
+        .filter(|e| e.part == Part::State)
+        .map(|e| e.path_lossy())
+        .collect();
+    plan.state_written = snap_state.iter().cloned().collect();
+    for item in state.capture()? {
+        if !snap_state.contains(&item.name) {
+            plan.state_removed.push(item.name);
+        }
+    }
+    Ok(plan)
+}
+
+fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(fs::File::open(path)?)?;
+    Ok(*h.finalize().as_bytes())
+}
+
+/// Materialises the memdir and the databases into staging, checking every hash, and makes
+/// them durable.
+fn stage(
+    store: &Store,
+    j: &Journal,
+    entries: &[ArtifactEntry],
+    progress: &dyn Progress,
+) -> Result<(), Error> {
+    let index = store.index()?;
+    let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+    let mem_root = j.staged_memdir();
+    let db_root = j.staged_sqlite();
+    if j.has_memdir {
+        fsutil::create_dir_all_durable(&mem_root).map_err(|e| Error::io(&mem_root, e))?;
+    }
+    if !j.databases.is_empty() {
+        fsutil::create_dir_all_durable(&db_root).map_err(|e| Error::io(&db_root, e))?;
+    }
+    let mut dirs = Vec::new();
+    for e in entries {
+        let root = match e.part {
+            Part::Memdir => &mem_root,
+            Part::Sqlite => &db_root,
+            Part::State => continue,
+        };
+        let rel = Path::new(std::ffi::OsStr::from_bytes(&e.path));
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(StoreError::CorruptRecord {
+                what: format!("snapshot {}", j.snapshot_id),
+                message: format!("entry path {:?} escapes its folder", e.path_lossy()),
+            }
+            .into());
+        }
+        let path = root.join(rel);
+        match &e.kind {
+            EntryKind::Dir => {
+                fs::create_dir_all(&path).map_err(|err| Error::io(&path, err))?;
+                dirs.push((path, e.mode, e.mtime_ns));
+            }
+            EntryKind::Symlink { target } => {
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &path)
+                    .map_err(|err| Error::io(&path, err))?;
+            }
+            EntryKind::File | EntryKind::Sqlite { .. } => {
+                write_content(&mut reader, e, &path, progress)?;
+                fs::set_permissions(&path, fs::Permissions::from_mode(e.mode))
+                    .map_err(|err| Error::io(&path, err))?;
+                if e.mtime_ns != 0 {
+                    set_mtime(&path, e.mtime_ns)?;
+                }
+            }
+        }
+    }
+    // Deepest first, so that a read-only folder is sealed after its contents are written.
+    dirs.sort_by(|a, b| b.0.cmp(&a.0));
+    for (path, mode, mtime) in dirs {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(&path, e))?;
+        set_mtime(&path, mtime)?;
+    }
+    for root in [&mem_root, &db_root] {
+        if root.exists() {
+            sync_tree(root)?;
+        }
+    }
+    Ok(())
+}
+
+fn set_mtime(path: &Path, mtime_ns: i64) -> Result<(), Error> {
+    let t = std::time::UNIX_EPOCH + Duration::from_nanos(mtime_ns.max(0) as u64);
+    let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    f.set_modified(t).map_err(|e| Error::io(path, e))
+}
+
+/// Makes everything under `root` durable: one `syncfs` for the file system that holds it.
+fn sync_tree(root: &Path) -> Result<(), Error> {
+    let f = fs::File::open(root).map_err(|e| Error::io(root, e))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
+    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
+    if rc != 0 {
+        return Err(Error::io(root, std::io::Error::last_os_error()));
+    }
+    fsutil::sync_dir(&fsutil::parent_of(root)).map_err(|e| Error::io(root, e))
+}
+
+fn write_content(
+    reader: &mut ChunkReader<'_>,
+    e: &ArtifactEntry,
+    path: &Path,
+    progress: &dyn Progress,
+) -> Result<(), Error> {
+    let Some(content) = &e.content else {
+        return Err(StoreError::CorruptRecord {
+            what: format!("entry {}", e.path_lossy()),
+            message: "a file without content".into(),
+        }
+        .into());
+    };
+    let mut f = std::io::BufWriter::with_capacity(
+        1 << 20,
+        fs::File::create(path).map_err(|err| Error::io(path, err))?,
+    );
+    let mut hasher = blake3::Hasher::new();
+    let mut write_err = None;
+    tree::walk(reader, content, true, &mut |_, is_data, data| {
+        let data = data?;
+        if is_data {
+            hasher.update(&data);
+            progress.advance(data.len() as u64);
+            if let Err(err) = f.write_all(&data) {
+                write_err.get_or_insert(err);
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(err) = write_err {
+        return Err(Error::io(path, err));
+    }
+    f.flush().map_err(|err| Error::io(path, err))?;
+    if *hasher.finalize().as_bytes() != e.hash {
+        return Err(Error::RestoredHashMismatch {
+            what: format!("{} {}", e.part.name(), e.path_lossy()),
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+fn state_items(
+    store: &Store,
+    record: &SnapshotRecord,
+    entries: &[ArtifactEntry],
+) -> Result<Vec<StateItem>, Error> {
+    let index = store.index()?;
+    let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+    let mut items = Vec::new();
+    for e in entries.iter().filter(|e| e.part == Part::State) {
+        let Some(content) = &e.content else { continue };
+        let mut json = Vec::with_capacity(e.size as usize);
+        tree::walk(&mut reader, content, true, &mut |_, is_data, data| {
+            let data = data?;
+            if is_data {
+                json.extend_from_slice(&data);
+            }
+            Ok(())
+        })?;
+        if *blake3::hash(&json).as_bytes() != e.hash {
+            return Err(Error::RestoredHashMismatch {
+                what: format!("state {}", e.path_lossy()),
+                path: PathBuf::from(&record.info.state_dir).join(e.path_lossy()),
+            });
+        }
+        items.push(StateItem {
+            name: e.path_lossy(),
+            json,
+        });
+    }
+    Ok(items)
+}
+
+const SIDE_FILES: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+fn side_file(db: &Path, suffix: &str) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// The switch. Every step can run again after a crash with the same result.
+fn switch(
+    store: &Store,
+    j: &Journal,
+    state: Option<(&dyn StateProvider, &[StateItem])>,
+) -> Result<(), Error> {
+    // Memdir: move the live one aside, move the staged one in.
+    let staged = j.staged_memdir();
+    let old = j.old_memdir();
+    let parent = fsutil::parent_of(&j.memdir);
+    if staged.exists() || !j.has_memdir {
+        if j.memdir.symlink_metadata().is_ok() && !old.exists() {
+            fs::rename(&j.memdir, &old).map_err(|e| Error::io(&j.memdir, e))?;
+        }
+        crate::failpoint::hit("restore:memdir-moved-aside")?;
+        if staged.exists() {
+            fs::rename(&staged, &j.memdir).map_err(|e| Error::io(&j.memdir, e))?;
+        }
+        if parent.exists() {
+            fsutil::sync_dir(&parent).map_err(|e| Error::io(&parent, e))?;
+        }
+    }
+    crate::failpoint::hit("restore:memdir-switched")?;
+
+    // Databases of the snapshot: through SQLite into a live one, else moved in.
+    let db_root = j.staged_sqlite();
+    for name in &j.databases {
+        let staged_db = db_root.join(name);
+        if !staged_db.exists() {
+            continue; // done by an earlier run of this switch
+        }
+        let live = j.sqlite_dir.join(name);
+        if crate::source::sqlite::is_database(&live) {
+            backup_into(&staged_db, &live, store.lock_timeout)?;
+            fs::remove_file(&staged_db).map_err(|e| Error::io(&staged_db, e))?;
+        } else {
+            for s in SIDE_FILES {
+                let p = side_file(&live, s);
+                fsutil::remove_any(&p).map_err(|e| Error::io(&p, e))?;
+            }
+            fs::rename(&staged_db, &live).map_err(|e| Error::io(&live, e))?;
+        }
+        crate::failpoint::hit("restore:database-switched")?;
+    }
+    // Databases created since the snapshot.
+    if j.sqlite_dir.is_dir() {
+        for (name, path) in crate::source::sqlite::list_databases(&j.sqlite_dir)? {
+            if !j.databases.contains(&name) {
+                for s in SIDE_FILES {
+                    let p = side_file(&path, s);
+                    fsutil::remove_any(&p).map_err(|e| Error::io(&p, e))?;
+                }
+                fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        fsutil::sync_dir(&j.sqlite_dir).map_err(|e| Error::io(&j.sqlite_dir, e))?;
+    }
+
+    // State: small, rewritten whole from the snapshot.
+    match state {
+        Some((provider, items)) => provider.restore(items)?,
+        None if j.fs_state => {
+            let agent = AgentId::new(&j.tenant, &j.agent)?;
+            let index = store.index()?;
+            let tx = index.begin_read()?;
+            let record = super::resolve(&index, &tx, &j.snapshot_id, Some(&agent))?;
+            let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+            let entries = super::load_entries(&mut reader, &record)?;
+            drop(reader);
+            drop(tx);
+            drop(index);
+            let items = state_items(store, &record, &entries)?;
+            FsStateProvider::new(&j.state_dir).restore(&items)?;
+        }
+        None => tracing::warn!(
+            snapshot = %j.snapshot_id,
+            "the interrupted restore used a custom state provider: restore the state again through it"
+        ),
+    }
+    Ok(())
+}
+
+/// Copies `src` over the live database `dst` through SQLite, in one step: connections open on
+/// `dst` see the old or the new content, and its WAL stays consistent.
+fn backup_into(src: &Path, dst: &Path, busy: Duration) -> Result<(), Error> {
+    use rusqlite::{Connection, OpenFlags, backup};
+    let serr = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Sqlite {
+            path: path.clone(),
+            source,
+        }
+    };
+    let from =
+        Connection::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(serr(src))?;
+    let mut to =
+        Connection::open_with_flags(dst, OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(serr(dst))?;
+    to.busy_timeout(busy).map_err(serr(dst))?;
+    let deadline = Instant::now() + busy;
+    let b = backup::Backup::new(&from, &mut to).map_err(serr(dst))?;
+    loop {
+        match b.step(-1).map_err(serr(dst))? {
+            backup::StepResult::Done => break,
+            backup::StepResult::More => {}
+            backup::StepResult::Busy | backup::StepResult::Locked => {
+                if Instant::now() >= deadline {
+                    return Err(Error::Sqlite {
+                        path: dst.to_path_buf(),
+                        source: rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                            Some("another connection kept the database locked".into()),
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            _ => {}
+        }
+    }
+    drop(b);
+    Ok(())
+}
+
+/// Removes staging and the moved-aside memdir.
+fn cleanup(j: &Journal) -> Result<(), Error> {
+    for p in [j.staged_memdir(), j.old_memdir(), j.staged_sqlite()] {
+        if p.symlink_metadata().is_ok() {
+            make_writable(&p);
+            fsutil::remove_any(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// A restored read-only folder would block its own removal.
+fn make_writable(root: &Path) {
+    for entry in walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .into_iter()
+        .flatten()
+    {
+        if entry.file_type().is_dir() {
+            let _ = fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o700));
+        }
+    }
+}

@@ -1,0 +1,503 @@
+//! Taking a snapshot: read every artifact once, store the chunks the store lacks, commit the
+//! snapshot record in one index transaction (store-format.md, "Write ordering").
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Instant;
+
+use redb::{ReadableTable, ReadableTableMetadata};
+
+use super::Progress;
+use crate::error::{Error, StoreError};
+use crate::lock::Mode;
+use crate::manifest::agent::{AGENT_VERSION, AgentRecord};
+use crate::manifest::artifact::{self, ArtifactEntry, EntryKind, Part};
+use crate::manifest::snapshot::{SNAPSHOT_VERSION, SnapshotInfo, SnapshotRecord, SnapshotStats};
+use crate::names::AgentId;
+use crate::source::state::{FsStateProvider, StateProvider};
+use crate::source::{SourceSpec, git, memdir, sqlite};
+use crate::store::Store;
+use crate::store::chunk_id::ChunkId;
+use crate::store::config::StoreConfig;
+use crate::store::index::{self, AGENTS, CHUNKS, PACKS, SNAPSHOTS};
+use crate::store::writer::{ChunkWriter, KnownFilter};
+use crate::tree::{ContentRef, TreeBuilder};
+
+/// Chunks handed to the hashing/compression pool at a time.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// What to snapshot.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct SnapshotRequest {
+    pub agent: AgentId,
+    /// Where the memory lives; `None` uses what the store remembers for the agent.
+    pub sources: Option<SourceSpec>,
+    pub label: Option<String>,
+    pub created_by: Option<String>,
+    /// State capture; `None` reads `*.json` in the state folder.
+    pub state: Option<Arc<dyn StateProvider>>,
+}
+
+impl SnapshotRequest {
+    pub fn new(agent: AgentId) -> Self {
+        Self {
+            agent,
+            sources: None,
+            label: None,
+            created_by: None,
+            state: None,
+        }
+    }
+
+    pub fn sources(mut self, sources: SourceSpec) -> Self {
+        self.sources = Some(sources);
+        self
+    }
+
+    pub fn label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    pub fn created_by(mut self, who: impl Into<String>) -> Self {
+        self.created_by = Some(who.into());
+        self
+    }
+
+    pub fn state_provider(mut self, p: Arc<dyn StateProvider>) -> Self {
+        self.state = Some(p);
+        self
+    }
+}
+
+/// Takes a snapshot, holding the agent lock.
+pub(crate) fn snapshot(
+    store: &Store,
+    req: &SnapshotRequest,
+    progress: &dyn Progress,
+) -> Result<SnapshotInfo, Error> {
+    let _agent = store.lock_agent(&req.agent)?;
+    super::restore::recover(store, &req.agent)?;
+    snapshot_locked(store, req, progress)
+}
+
+/// Takes a snapshot; the caller holds the agent lock.
+pub(crate) fn snapshot_locked(
+    store: &Store,
+    req: &SnapshotRequest,
+    progress: &dyn Progress,
+) -> Result<SnapshotInfo, Error> {
+    let _store_lock = store.lock_store(Mode::Shared)?;
+    let sources = resolve_sources(store, req)?;
+    let mut excluded = HashSet::new();
+    // A filter hit that the index does not confirm (an 8-byte prefix collision) is retried with
+    // that id excluded; the data of the failed attempt is unreferenced and pruned later.
+    for _ in 0..3 {
+        match attempt(store, req, &sources, &excluded, progress)? {
+            Attempt::Done(info) => return Ok(info),
+            Attempt::Retry(missing) => excluded.extend(missing),
+        }
+    }
+    Err(StoreError::CorruptRecord {
+        what: "index".into(),
+        message: "chunks kept disappearing while the snapshot was committed".into(),
+    }
+    .into())
+}
+
+fn resolve_sources(store: &Store, req: &SnapshotRequest) -> Result<SourceSpec, Error> {
+    if let Some(s) = &req.sources {
+        return Ok(s.resolve(&req.agent));
+    }
+    match super::load_agent(store, &req.agent)? {
+        Some(rec) => Ok(SourceSpec {
+            memdir: rec.memdir,
+            sqlite_dir: rec.sqlite_dir,
+            state_dir: rec.state_dir,
+        }),
+        None => Err(Error::NoSource {
+            agent: req.agent.to_string(),
+        }),
+    }
+}
+
+enum Attempt {
+    Done(SnapshotInfo),
+    Retry(Vec<ChunkId>),
+}
+
+fn attempt(
+    store: &Store,
+    req: &SnapshotRequest,
+    sources: &SourceSpec,
+    excluded: &HashSet<ChunkId>,
+    progress: &dyn Progress,
+) -> Result<Attempt, Error> {
+    let started = Instant::now();
+    let (prefixes, parent) = {
+        let index = store.index()?;
+        let tx = index.begin_read()?;
+        let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
+        let mut prefixes =
+            Vec::with_capacity(chunks.len().map_err(|e| index.err()(e.into()))? as usize);
+        for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
+            let (k, _) = item.map_err(|e| index.err()(e.into()))?;
+            prefixes.push(ChunkId(k.value()).prefix());
+        }
+        drop(chunks);
+        let parent = super::latest_of(&index, &tx, &req.agent)?.map(|r| r.info.id);
+        (prefixes, parent)
+    };
+
+    let state: Arc<dyn StateProvider> = match &req.state {
+        Some(p) => p.clone(),
+        None => Arc::new(FsStateProvider::new(&sources.state_dir)),
+    };
+    let mut absent = Vec::new();
+    let memdir_items = if sources.memdir.is_dir() {
+        memdir::walk(&sources.memdir)?
+    } else {
+        absent.push(Part::Memdir.name().to_owned());
+        Vec::new()
+    };
+    let databases = if sources.sqlite_dir.is_dir() {
+        sqlite::list_databases(&sources.sqlite_dir)?
+    } else {
+        absent.push(Part::Sqlite.name().to_owned());
+        Vec::new()
+    };
+    let state_items = state.capture()?;
+    if req.state.is_none() && !sources.state_dir.is_dir() {
+        absent.push(Part::State.name().to_owned());
+    }
+    if memdir_items.is_empty() && databases.is_empty() && state_items.is_empty() {
+        return Err(Error::NoMemory {
+            agent: req.agent.to_string(),
+            looked_at: format!(
+                "{}, {}, {}",
+                sources.memdir.display(),
+                sources.sqlite_dir.display(),
+                state.describe()
+            ),
+        });
+    }
+    let total: u64 = memdir_items.iter().map(|i| i.size).sum::<u64>()
+        + databases
+            .iter()
+            .map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum::<u64>()
+        + state_items.iter().map(|s| s.json.len() as u64).sum::<u64>();
+    progress.start("snapshot", total);
+
+    let config = &store.config;
+    let mut w = ChunkWriter::new(
+        store.packs_dir(),
+        config,
+        KnownFilter::new(prefixes, excluded.clone()),
+    );
+    let mut entries = Vec::new();
+    let mut schema_versions = BTreeMap::new();
+    let mut bytes_read = 0u64;
+
+    for item in &memdir_items {
+        let (kind, content, hash, size) = match &item.kind {
+            memdir::ItemKind::Dir => (EntryKind::Dir, None, [0u8; 32], 0),
+            memdir::ItemKind::Symlink(t) => {
+                (EntryKind::Symlink { target: t.clone() }, None, [0u8; 32], 0)
+            }
+            memdir::ItemKind::File => {
+                let f = std::fs::File::open(&item.abs).map_err(|e| Error::io(&item.abs, e))?;
+                let (content, hash, size) = store_stream(&mut w, config, f, &item.abs, progress)?;
+                bytes_read += size;
+                (EntryKind::File, Some(content), hash, size)
+            }
+        };
+        entries.push(ArtifactEntry {
+            part: Part::Memdir,
+            path: item.rel.clone(),
+            kind,
+            mode: item.mode,
+            mtime_ns: item.mtime_ns,
+            size,
+            hash,
+            content,
+        });
+    }
+
+    for (name, path) in &databases {
+        let meta_fs = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let (content, hash, meta) = store_database(&mut w, config, store, path, progress)?;
+        bytes_read += content.size;
+        let stem = name.rsplit_once('.').map(|(s, _)| s).unwrap_or(name);
+        schema_versions.insert(stem.to_owned(), meta.user_version);
+        entries.push(ArtifactEntry {
+            part: Part::Sqlite,
+            path: name.as_bytes().to_vec(),
+            kind: EntryKind::Sqlite {
+                page_size: meta.page_size,
+                user_version: meta.user_version,
+                wal: meta.wal,
+            },
+            mode: std::os::unix::fs::PermissionsExt::mode(&meta_fs.permissions()) & 0o7777,
+            mtime_ns: 0,
+            size: content.size,
+            hash,
+            content: Some(content),
+        });
+    }
+
+    for item in &state_items {
+        let p = sources.state_dir.join(&item.name);
+        let (content, hash, size) = store_stream(
+            &mut w,
+            config,
+            std::io::Cursor::new(&item.json),
+            &p,
+            progress,
+        )?;
+        bytes_read += size;
+        entries.push(ArtifactEntry {
+            part: Part::State,
+            path: item.name.as_bytes().to_vec(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            mtime_ns: 0,
+            size,
+            hash,
+            content: Some(content),
+        });
+    }
+
+    let git_meta = if sources.memdir.is_dir() {
+        match git::head_meta(&sources.memdir) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("{e}; the snapshot records no git metadata");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    entries.sort_by(|a, b| (a.part, &a.path).cmp(&(b.part, &b.path)));
+    let logical_bytes = entries.iter().map(|e| e.size).sum();
+    let encoded = artifact::encode_entries(&entries);
+    let manifest_path = store.root().join("<manifest>");
+    let (manifest, _, _) = store_stream(
+        &mut w,
+        config,
+        std::io::Cursor::new(&encoded),
+        &manifest_path,
+        &super::NoProgress,
+    )?;
+    crate::failpoint::hit("snapshot:before-pack-sync")?;
+    let pending = w.finish()?;
+    crate::failpoint::hit("snapshot:before-commit")?;
+
+    let info = SnapshotInfo {
+        id: uuid::Uuid::new_v4().to_string(),
+        tenant: req.agent.tenant().to_owned(),
+        agent: req.agent.agent().to_owned(),
+        created_at_ms: crate::now_ms(),
+        label: req.label.clone(),
+        created_by: req
+            .created_by
+            .clone()
+            .unwrap_or_else(|| "memsnap".to_owned()),
+        parent,
+        git: git_meta,
+        schema_versions,
+        memdir: sources.memdir.display().to_string(),
+        sqlite_dir: sources.sqlite_dir.display().to_string(),
+        state_dir: sources.state_dir.display().to_string(),
+        absent,
+        artifacts: entries.len() as u64,
+        logical_bytes,
+        stats: SnapshotStats {
+            bytes_read,
+            chunks: pending.stats.chunks,
+            new_chunks: pending.stats.new_chunks,
+            new_raw_bytes: pending.stats.new_raw_bytes,
+            new_stored_bytes: pending.stats.new_stored_bytes,
+            duration_ms: started.elapsed().as_millis() as u64,
+        },
+    };
+    let record = SnapshotRecord { info, manifest };
+
+    let index = store.index()?;
+    let tx = index.begin_write()?;
+    {
+        let mut chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
+        let mut missing = Vec::new();
+        for id in &pending.confirm {
+            if chunks
+                .get(id.0)
+                .map_err(|e| index.err()(e.into()))?
+                .is_none()
+            {
+                missing.push(*id);
+            }
+        }
+        if !missing.is_empty() {
+            drop(chunks);
+            tx.abort().map_err(|e| index.err()(e.into()))?;
+            tracing::warn!(
+                count = missing.len(),
+                "chunk prefix collision; retrying the snapshot"
+            );
+            return Ok(Attempt::Retry(missing));
+        }
+        for (id, loc) in &pending.new_chunks {
+            // Another process may have committed the same chunk meanwhile: keep its copy.
+            if chunks
+                .get(id.0)
+                .map_err(|e| index.err()(e.into()))?
+                .is_none()
+            {
+                chunks
+                    .insert(id.0, loc.encode())
+                    .map_err(|e| index.err()(e.into()))?;
+            }
+        }
+        let mut packs = tx.open_table(PACKS).map_err(|e| index.err()(e.into()))?;
+        for (pack, size, count) in &pending.packs {
+            let rec = index::encode_record(
+                1,
+                &crate::store::index::PackRecord {
+                    size: *size,
+                    chunks: *count,
+                    created_at_ms: record.info.created_at_ms,
+                },
+            );
+            packs
+                .insert(pack.0, rec.as_slice())
+                .map_err(|e| index.err()(e.into()))?;
+        }
+        let mut snaps = tx
+            .open_table(SNAPSHOTS)
+            .map_err(|e| index.err()(e.into()))?;
+        let bytes = index::encode_record(SNAPSHOT_VERSION, &record);
+        snaps
+            .insert(record.info.id.as_str(), bytes.as_slice())
+            .map_err(|e| index.err()(e.into()))?;
+        let mut agents = tx.open_table(AGENTS).map_err(|e| index.err()(e.into()))?;
+        let agent_rec = index::encode_record(
+            AGENT_VERSION,
+            &AgentRecord {
+                memdir: sources.memdir.clone(),
+                sqlite_dir: sources.sqlite_dir.clone(),
+                state_dir: sources.state_dir.clone(),
+            },
+        );
+        agents
+            .insert(req.agent.key().as_str(), agent_rec.as_slice())
+            .map_err(|e| index.err()(e.into()))?;
+    }
+    tx.commit().map_err(|e| index.err()(e.into()))?;
+    progress.finish();
+    Ok(Attempt::Done(record.info))
+}
+
+/// Chunks a byte stream with FastCDC and stores it as a content tree.
+/// Returns the tree, the BLAKE3 of the whole stream and its length.
+pub(crate) fn store_stream(
+    w: &mut ChunkWriter,
+    config: &StoreConfig,
+    reader: impl Read,
+    path: &std::path::Path,
+    progress: &dyn Progress,
+) -> Result<(ContentRef, [u8; 32], u64), Error> {
+    let mut tree = TreeBuilder::new(config.tree_fanout, config.tree_max_entries);
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let cdc = fastcdc::v2020::StreamCDC::new(
+        reader,
+        config.cdc_min as usize,
+        config.cdc_avg as usize,
+        config.cdc_max as usize,
+    );
+    for chunk in cdc {
+        let chunk = chunk.map_err(|e| match e {
+            fastcdc::v2020::Error::IoError(io) => Error::io(path, io),
+            other => Error::io(path, std::io::Error::other(other.to_string())),
+        })?;
+        hasher.update(&chunk.data);
+        size += chunk.data.len() as u64;
+        batch_bytes += chunk.data.len();
+        batch.push(chunk.data);
+        if batch_bytes >= BATCH_BYTES {
+            flush(w, &mut tree, &mut batch, progress, &mut batch_bytes)?;
+        }
+    }
+    if size == 0 {
+        batch.push(Vec::new());
+    }
+    flush(w, &mut tree, &mut batch, progress, &mut batch_bytes)?;
+    let content = tree.finish(w)?;
+    Ok((content, *hasher.finalize().as_bytes(), size))
+}
+
+fn flush(
+    w: &mut ChunkWriter,
+    tree: &mut TreeBuilder,
+    batch: &mut Vec<Vec<u8>>,
+    progress: &dyn Progress,
+    batch_bytes: &mut usize,
+) -> Result<(), Error> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    progress.advance(*batch_bytes as u64);
+    *batch_bytes = 0;
+    for put in w.put_batch(std::mem::take(batch), 0)? {
+        tree.push(w, put)?;
+    }
+    Ok(())
+}
+
+/// Stores a database page-aligned: each chunk is one page, or as many whole pages as make
+/// `sqlite_min_chunk` bytes, so a changed page dirties only its own chunk.
+fn store_database(
+    w: &mut ChunkWriter,
+    config: &StoreConfig,
+    store: &Store,
+    path: &std::path::Path,
+    progress: &dyn Progress,
+) -> Result<(ContentRef, [u8; 32], sqlite::DbMeta), Error> {
+    let mut tree = TreeBuilder::new(config.tree_fanout, config.tree_max_entries);
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut current: Vec<u8> = Vec::new();
+    let min_chunk = config.sqlite_min_chunk as usize;
+    let mut on_page = |_meta: &sqlite::DbMeta, page: &[u8]| -> Result<(), Error> {
+        hasher.update(page);
+        size += page.len() as u64;
+        current.extend_from_slice(page);
+        if current.len() >= min_chunk {
+            batch_bytes += current.len();
+            batch.push(std::mem::take(&mut current));
+            if batch_bytes >= BATCH_BYTES {
+                flush(w, &mut tree, &mut batch, progress, &mut batch_bytes)?;
+            }
+        }
+        Ok(())
+    };
+    let meta = sqlite::read_pages(path, store.lock_timeout, &store.tmp_dir(), &mut on_page)?;
+    if !current.is_empty() {
+        batch_bytes += current.len();
+        batch.push(current);
+    }
+    if size == 0 {
+        batch.push(Vec::new());
+    }
+    flush(w, &mut tree, &mut batch, progress, &mut batch_bytes)?;
+    let content = tree.finish(w)?;
+    Ok((content, *hasher.finalize().as_bytes(), meta))
+}

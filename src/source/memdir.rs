@@ -1,0 +1,79 @@
+//! Walks the memdir: work tree and `.git`, as files, folders and symlinks with their modes.
+//! Symlinks are recorded as links and never followed; sockets and FIFOs are skipped.
+
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::SourceError;
+
+#[derive(Debug, Clone)]
+pub(crate) enum ItemKind {
+    File,
+    Dir,
+    Symlink(Vec<u8>),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Item {
+    pub rel: Vec<u8>,
+    pub abs: PathBuf,
+    pub kind: ItemKind,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub size: u64,
+}
+
+pub(crate) fn walk(root: &Path) -> Result<Vec<Item>, SourceError> {
+    let mut out = Vec::new();
+    let walker = walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .min_depth(1)
+        .sort_by_file_name();
+    for entry in walker {
+        let entry = entry.map_err(|e| SourceError::Io {
+            path: e
+                .path()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| root.to_path_buf()),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let abs = entry.path().to_path_buf();
+        let meta = entry.metadata().map_err(|e| SourceError::Io {
+            path: abs.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let ft = entry.file_type();
+        let kind = if ft.is_symlink() {
+            let target = std::fs::read_link(&abs).map_err(|source| SourceError::Io {
+                path: abs.clone(),
+                source,
+            })?;
+            ItemKind::Symlink(target.as_os_str().as_bytes().to_vec())
+        } else if ft.is_dir() {
+            ItemKind::Dir
+        } else if ft.is_file() {
+            ItemKind::File
+        } else {
+            tracing::warn!(path = %abs.display(), "skipping a special file (socket, FIFO or device)");
+            continue;
+        };
+        let rel = abs
+            .strip_prefix(root)
+            .map(|r| r.as_os_str().as_bytes().to_vec())
+            .unwrap_or_default();
+        out.push(Item {
+            rel,
+            size: if matches!(kind, ItemKind::File) {
+                meta.len()
+            } else {
+                0
+            },
+            kind,
+            abs,
+            mode: meta.mode() & 0o7777,
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,193 @@
+//! Reading a live SQLite database consistently while other connections write: every page is
+//! read through SQLite inside one read transaction, so the bytes are exactly one committed
+//! state (WAL content included). Never a copy of the file and its `-wal`, never `VACUUM INTO`
+//! (which re-lays every page and defeats deduplication).
+//!
+//! Pages stream from the `sqlite_dbpage` virtual table (built in: see .cargo/config.toml). A
+//! SQLite built without it falls back to the online backup API, in one step, into a temporary
+//! file of the store.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::error::SourceError;
+
+const MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// A database's facts, read inside the same transaction as its pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DbMeta {
+    pub page_size: u32,
+    pub page_count: u64,
+    pub user_version: i64,
+    pub wal: bool,
+}
+
+/// Whether `path` starts with the SQLite header (databases are recognised by content, not name).
+pub(crate) fn is_database(path: &Path) -> bool {
+    let mut head = [0u8; 16];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && &head == MAGIC
+}
+
+/// The databases directly inside `dir`, by file name.
+pub(crate) fn list_databases(dir: &Path) -> Result<Vec<(String, PathBuf)>, SourceError> {
+    let io = |source| SourceError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let ft = entry.file_type().map_err(io)?;
+        let path = entry.path();
+        if ft.is_file() && is_database(&path) {
+            out.push((entry.file_name().to_string_lossy().into_owned(), path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn open(path: &Path, busy: Duration) -> Result<Connection, SourceError> {
+    let err = |source| SourceError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Read-write (never create) so that a hot journal can be rolled back and the last reader of
+    // a WAL database removes the -wal/-shm it had to create; read-only if we may not write.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = match Connection::open_with_flags(path, flags) {
+        Ok(c) => c,
+        Err(_) => Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(err)?,
+    };
+    conn.busy_timeout(busy).map_err(err)?;
+    Ok(conn)
+}
+
+/// Streams the pages of one consistent state of the database at `path` to `on_page`, in order.
+pub(crate) fn read_pages(
+    path: &Path,
+    busy: Duration,
+    tmp_dir: &Path,
+    on_page: &mut dyn FnMut(&DbMeta, &[u8]) -> Result<(), crate::error::Error>,
+) -> Result<DbMeta, crate::error::Error> {
+    let err = |source| SourceError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = open(path, busy)?;
+    conn.execute_batch("BEGIN DEFERRED").map_err(err)?;
+    let result = (|| {
+        // The first read starts the read transaction; every later statement sees its state.
+        let user_version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(err)?;
+        let page_size: u32 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(err)?;
+        let page_count: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .map_err(err)?;
+        let page_count = page_count.max(0) as u64;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(err)?;
+        let meta = DbMeta {
+            page_size,
+            page_count,
+            user_version,
+            wal: mode.eq_ignore_ascii_case("wal"),
+        };
+        match conn.prepare("SELECT pgno, data FROM sqlite_dbpage('main')") {
+            Ok(mut stmt) => {
+                let mut rows = stmt.query([]).map_err(err)?;
+                let mut expect = 1u64;
+                while let Some(row) = rows.next().map_err(err)? {
+                    let pgno: i64 = row.get(0).map_err(err)?;
+                    let pgno = pgno.max(0) as u64;
+                    let data = row.get_ref(1).map_err(err)?;
+                    let data = data.as_blob().map_err(|e| err(e.into()))?;
+                    if pgno != expect || data.len() != page_size as usize {
+                        return Err(SourceError::NotSqlite {
+                            path: path.to_path_buf(),
+                            message: format!("page {pgno} out of order or of the wrong size"),
+                        }
+                        .into());
+                    }
+                    on_page(&meta, data)?;
+                    expect += 1;
+                }
+                if expect != page_count + 1 {
+                    return Err(SourceError::NotSqlite {
+                        path: path.to_path_buf(),
+                        message: format!(
+                            "read {} pages, the database has {page_count}",
+                            expect - 1
+                        ),
+                    }
+                    .into());
+                }
+                Ok(meta)
+            }
+            Err(e) if e.to_string().contains("sqlite_dbpage") => {
+                read_via_backup(&conn, path, tmp_dir, meta, on_page)
+            }
+            Err(e) => Err(err(e).into()),
+        }
+    })();
+    let _ = conn.execute_batch("COMMIT");
+    result
+}
+
+/// Fallback for a SQLite without `sqlite_dbpage`: one backup step (which runs in a single read
+/// transaction of the source) into a temporary file, then its pages.
+fn read_via_backup(
+    conn: &Connection,
+    path: &Path,
+    tmp_dir: &Path,
+    meta: DbMeta,
+    on_page: &mut dyn FnMut(&DbMeta, &[u8]) -> Result<(), crate::error::Error>,
+) -> Result<DbMeta, crate::error::Error> {
+    let err = |source| SourceError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = tmp_dir.join(format!("backup-{:016x}.sqlite", rand::random::<u64>()));
+    let result = (|| {
+        let mut dst = Connection::open(&tmp).map_err(err)?;
+        {
+            let backup = rusqlite::backup::Backup::new(conn, &mut dst).map_err(err)?;
+            backup.step(-1).map_err(err)?;
+        }
+        drop(dst);
+        let mut f = std::fs::File::open(&tmp).map_err(|e| crate::error::Error::io(&tmp, e))?;
+        let mut page = vec![0u8; meta.page_size as usize];
+        let mut count = 0u64;
+        loop {
+            match f.read_exact(&mut page) {
+                Ok(()) => {
+                    on_page(&meta, &page)?;
+                    count += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(crate::error::Error::io(&tmp, e)),
+            }
+        }
+        Ok(DbMeta {
+            page_count: count,
+            ..meta
+        })
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
+}

@@ -1,0 +1,101 @@
+//! Agent state (the extractor cursor, the last dream run) as JSON documents, behind a trait so
+//! that a runtime keeping its state elsewhere (a database row, a service) can plug in its own.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::SourceError;
+
+/// One state document: a name (`extract_cursor.json`) and its JSON bytes, kept byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateItem {
+    pub name: String,
+    pub json: Vec<u8>,
+}
+
+/// Captures and restores an agent's small JSON state.
+pub trait StateProvider: Send + Sync {
+    /// Where the state lives, for messages.
+    fn describe(&self) -> String;
+    /// The current documents; an empty list when there is no state.
+    fn capture(&self) -> Result<Vec<StateItem>, SourceError>;
+    /// Replaces the state with exactly `items` (documents not in `items` are removed).
+    fn restore(&self, items: &[StateItem]) -> Result<(), SourceError>;
+}
+
+/// The CLI's provider: every `*.json` file directly inside a folder.
+#[derive(Debug, Clone)]
+pub struct FsStateProvider {
+    dir: PathBuf,
+}
+
+impl FsStateProvider {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    fn io(path: &Path) -> impl Fn(std::io::Error) -> SourceError + '_ {
+        move |source| SourceError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    fn names(&self) -> Result<Vec<String>, SourceError> {
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Self::io(&self.dir)(e)),
+        };
+        let mut names = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(Self::io(&self.dir))?;
+            let ft = entry.file_type().map_err(Self::io(&entry.path()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if ft.is_file() && name.ends_with(".json") && !name.starts_with('.') {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+impl StateProvider for FsStateProvider {
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn capture(&self) -> Result<Vec<StateItem>, SourceError> {
+        self.names()?
+            .into_iter()
+            .map(|name| {
+                let path = self.dir.join(&name);
+                let json = std::fs::read(&path).map_err(Self::io(&path))?;
+                if serde_json::from_slice::<serde_json::Value>(&json).is_err() {
+                    tracing::warn!(path = %path.display(), "state file is not valid JSON; captured as is");
+                }
+                Ok(StateItem { name, json })
+            })
+            .collect()
+    }
+
+    fn restore(&self, items: &[StateItem]) -> Result<(), SourceError> {
+        crate::fsutil::create_dir_all_durable(&self.dir).map_err(Self::io(&self.dir))?;
+        for item in items {
+            if item.name.contains('/') || item.name.starts_with('.') {
+                return Err(SourceError::State {
+                    message: format!("refusing state document name {:?}", item.name),
+                });
+            }
+            let path = self.dir.join(&item.name);
+            crate::fsutil::write_atomic(&path, &item.json).map_err(Self::io(&path))?;
+        }
+        for name in self.names()? {
+            if !items.iter().any(|i| i.name == name) {
+                let path = self.dir.join(&name);
+                std::fs::remove_file(&path).map_err(Self::io(&path))?;
+            }
+        }
+        crate::fsutil::sync_dir(&self.dir).map_err(Self::io(&self.dir))
+    }
+}

@@ -1,0 +1,124 @@
+//! The redb index: tables, and the short sessions through which processes share it.
+//! redb lets one process open the file at a time (`ExclusiveWriter`), so every process opens it
+//! only inside the index lock and for as short a time as it can (store-format.md, "Locks").
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use redb::{ReadableDatabase, TableDefinition};
+
+use super::chunk_id::ChunkId;
+use super::pack::ChunkLoc;
+use crate::error::{Error, StoreError};
+use crate::lock::{self, Holder, LockGuard, Mode};
+
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const CHUNKS: TableDefinition<[u8; 32], [u8; 33]> = TableDefinition::new("chunks");
+pub(crate) const PACKS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("packs");
+pub(crate) const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+pub(crate) const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+
+/// Index sessions are short (a lookup, a commit) except for restore and verify, which read
+/// chunk locations while they run; a waiter gives up only after this long.
+const INDEX_LOCK_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// An open index, valid while the index lock is held. Dropping it closes the database first,
+/// then releases the lock (field order).
+pub(crate) struct Index {
+    pub db: redb::Database,
+    pub path: PathBuf,
+    _lock: LockGuard,
+}
+
+impl Index {
+    pub(crate) fn open(path: &Path, lock_path: &Path) -> Result<Self, Error> {
+        let guard = lock::acquire(
+            lock_path,
+            Mode::Exclusive,
+            INDEX_LOCK_TIMEOUT,
+            Holder::Index,
+        )?;
+        let db = redb::Database::create(path).map_err(|e| StoreError::index(path, e))?;
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+            _lock: guard,
+        })
+    }
+
+    pub(crate) fn err(&self) -> impl Fn(redb::Error) -> StoreError + '_ {
+        move |e| StoreError::index(&self.path, e)
+    }
+
+    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.db
+            .begin_read()
+            .map_err(|e| StoreError::index(&self.path, e))
+    }
+
+    pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        self.db
+            .begin_write()
+            .map_err(|e| StoreError::index(&self.path, e))
+    }
+
+    pub(crate) fn chunk_loc(
+        &self,
+        tx: &redb::ReadTransaction,
+        id: &ChunkId,
+    ) -> Result<Option<ChunkLoc>, StoreError> {
+        let table = match tx.open_table(CHUNKS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(StoreError::index(&self.path, e)),
+        };
+        let v = table
+            .get(id.0)
+            .map_err(|e| StoreError::index(&self.path, e))?;
+        Ok(v.map(|g| ChunkLoc::decode(&g.value())))
+    }
+}
+
+/// Encodes a record: one version byte, then bincode 2 (`config::standard()`) of the value.
+pub(crate) fn encode_record<T: serde::Serialize>(version: u8, value: &T) -> Vec<u8> {
+    let mut out = vec![version];
+    // Serialising plain structs of strings, integers and vectors into a Vec cannot fail.
+    if let Ok(body) = bincode::serde::encode_to_vec(value, bincode::config::standard()) {
+        out.extend_from_slice(&body);
+    }
+    out
+}
+
+pub(crate) fn decode_record<T: serde::de::DeserializeOwned>(
+    version: u8,
+    bytes: &[u8],
+    what: &str,
+) -> Result<T, StoreError> {
+    let corrupt = |message: String| StoreError::CorruptRecord {
+        what: what.to_owned(),
+        message,
+    };
+    match bytes.first() {
+        None => Err(corrupt("empty record".into())),
+        Some(v) if *v != version => Err(corrupt(format!(
+            "record version {v}, this memsnap reads version {version} (upgrade memsnap if it is newer)"
+        ))),
+        Some(_) => {
+            let (value, used) =
+                bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard())
+                    .map_err(|e| corrupt(e.to_string()))?;
+            if used != bytes.len() - 1 {
+                return Err(corrupt("trailing bytes".into()));
+            }
+            Ok(value)
+        }
+    }
+}
+
+/// The `packs` table's value (after its version byte 1).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PackRecord {
+    pub size: u64,
+    pub chunks: u32,
+    pub created_at_ms: i64,
+}

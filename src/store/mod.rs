@@ -1,0 +1,181 @@
+//! The content-addressed chunk store: packs of chunks named by BLAKE3, indexed in redb.
+//! The on-disk format and its invariants are defined in store-format.md; this module follows it.
+
+pub(crate) mod chunk_id;
+pub(crate) mod config;
+pub(crate) mod index;
+pub(crate) mod pack;
+pub(crate) mod reader;
+pub(crate) mod writer;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use redb::ReadableTable;
+
+use crate::error::{Error, StoreError};
+use crate::lock::{self, Holder, LockGuard, Mode};
+use crate::names::AgentId;
+use config::{FORMAT_VERSION, StoreConfig};
+use index::{Index, META};
+
+pub(crate) const INDEX_FILE: &str = "index.redb";
+
+/// An opened store. Cheap to hold: the index is opened per session ([`Store::index`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    root: PathBuf,
+    pub(crate) config: StoreConfig,
+    pub(crate) lock_timeout: Duration,
+}
+
+impl Store {
+    /// Opens the store at `root`, creating it first if it does not exist.
+    pub(crate) fn create_or_open(root: &Path, lock_timeout: Duration) -> Result<Self, Error> {
+        for dir in ["packs", "locks", "journal", "tmp"] {
+            let d = root.join(dir);
+            crate::fsutil::create_dir_all_durable(&d).map_err(|e| Error::io(&d, e))?;
+        }
+        let store = Self {
+            root: root.to_path_buf(),
+            config: StoreConfig::new_default(crate::now_ms()),
+            lock_timeout,
+        };
+        let index = store.index()?;
+        let tx = index.begin_write()?;
+        let config = {
+            let mut meta = tx.open_table(META).map_err(|e| index.err()(e.into()))?;
+            let existing = meta
+                .get("config")
+                .map_err(|e| index.err()(e.into()))?
+                .map(|g| g.value().to_vec());
+            match existing {
+                Some(bytes) => decode_config(&index.path, &bytes)?,
+                None => {
+                    let bytes = index::encode_record(1, &store.config);
+                    meta.insert("config", bytes.as_slice())
+                        .map_err(|e| index.err()(e.into()))?;
+                    store.config.clone()
+                }
+            }
+        };
+        // Create every table, so that readers never meet a missing one.
+        tx.open_table(index::CHUNKS)
+            .map_err(|e| index.err()(e.into()))?;
+        tx.open_table(index::PACKS)
+            .map_err(|e| index.err()(e.into()))?;
+        tx.open_table(index::SNAPSHOTS)
+            .map_err(|e| index.err()(e.into()))?;
+        tx.open_table(index::AGENTS)
+            .map_err(|e| index.err()(e.into()))?;
+        tx.commit().map_err(|e| index.err()(e.into()))?;
+        drop(index);
+        Ok(Self { config, ..store })
+    }
+
+    /// Opens an existing store; a missing one is [`Error::NoStore`].
+    pub(crate) fn open(root: &Path, lock_timeout: Duration) -> Result<Self, Error> {
+        if !root.join(INDEX_FILE).is_file() {
+            return Err(Error::NoStore {
+                path: root.to_path_buf(),
+            });
+        }
+        let mut store = Self {
+            root: root.to_path_buf(),
+            config: StoreConfig::new_default(0),
+            lock_timeout,
+        };
+        let index = store.index()?;
+        let tx = index.begin_read()?;
+        let meta = tx.open_table(META).map_err(|e| index.err()(e.into()))?;
+        let bytes = meta
+            .get("config")
+            .map_err(|e| index.err()(e.into()))?
+            .map(|g| g.value().to_vec())
+            .ok_or_else(|| StoreError::CorruptRecord {
+                what: "store config".into(),
+                message: "missing from the index".into(),
+            })?;
+        store.config = decode_config(&index.path, &bytes)?;
+        Ok(store)
+    }
+
+    pub(crate) fn with_lock_timeout(&self, lock_timeout: Duration) -> Self {
+        Self {
+            lock_timeout,
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub(crate) fn packs_dir(&self) -> PathBuf {
+        self.root.join("packs")
+    }
+
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub(crate) fn journal_dir(&self) -> PathBuf {
+        self.root.join("journal")
+    }
+
+    pub(crate) fn index(&self) -> Result<Index, Error> {
+        Index::open(
+            &self.root.join(INDEX_FILE),
+            &self.root.join("locks").join("index.lock"),
+        )
+    }
+
+    /// The per-agent lock: two operations on one agent never interleave.
+    pub(crate) fn lock_agent(&self, agent: &AgentId) -> Result<LockGuard, Error> {
+        let path = self
+            .root
+            .join("locks")
+            .join("agents")
+            .join(agent.tenant())
+            .join(format!("{}.lock", agent.agent()));
+        lock::acquire(
+            &path,
+            Mode::Exclusive,
+            self.lock_timeout,
+            Holder::Agent(agent.to_string()),
+        )
+    }
+
+    /// The store lock: shared by every operation that writes snapshots, exclusive for the
+    /// operations that delete chunks (prune), so that a snapshot never references a chunk that
+    /// is being deleted.
+    pub(crate) fn lock_store(&self, mode: Mode) -> Result<LockGuard, Error> {
+        lock::acquire(
+            &self.root.join("locks").join("store.lock"),
+            mode,
+            self.lock_timeout,
+            Holder::Store,
+        )
+    }
+}
+
+fn decode_config(path: &Path, bytes: &[u8]) -> Result<StoreConfig, StoreError> {
+    // The version field leads the record, so a newer store is named as such before its
+    // (possibly different) layout is decoded.
+    if bytes.first().copied().unwrap_or(0) > 1 {
+        return Err(StoreError::NewerFormat {
+            path: path.to_path_buf(),
+            found: bytes.first().copied().unwrap_or(0) as u32,
+            supported: FORMAT_VERSION,
+        });
+    }
+    let config: StoreConfig = index::decode_record(1, bytes, "store config")?;
+    if config.format_version > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat {
+            path: path.to_path_buf(),
+            found: config.format_version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    Ok(config)
+}

@@ -1,0 +1,278 @@
+//! Pack files: chunks appended one after another, closed by a footer that lists them, so that
+//! the index can be rebuilt from the packs alone. Layout: store-format.md, "Pack files".
+//! A pack is written once, front to back, and never modified after its footer is durable; a pack
+//! without a valid footer is an interrupted write that no index entry references.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::chunk_id::ChunkId;
+use crate::error::StoreError;
+
+pub(crate) const HEADER_MAGIC: &[u8; 8] = b"MEMSNAPP";
+pub(crate) const TRAILER_MAGIC: &[u8; 8] = b"MEMSNAPF";
+pub(crate) const PACK_VERSION: u32 = 1;
+pub(crate) const HEADER_LEN: u64 = 16;
+pub(crate) const ENTRY_LEN: usize = 49;
+pub(crate) const TRAILER_LEN: u64 = 56;
+
+/// Chunk flag: stored bytes are one zstd frame.
+pub(crate) const FLAG_ZSTD: u8 = 1;
+/// Chunk flag: the chunk is a tree node (store-format.md, "Tree nodes").
+pub(crate) const FLAG_TREE: u8 = 2;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub(crate) struct PackId(pub [u8; 16]);
+
+impl PackId {
+    pub(crate) fn random() -> Self {
+        Self(rand::random())
+    }
+
+    pub(crate) fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// `packs/<first two hex chars>/<32 hex chars>.pack`
+    pub(crate) fn path(&self, packs_dir: &Path) -> PathBuf {
+        let h = self.hex();
+        packs_dir.join(&h[..2]).join(format!("{h}.pack"))
+    }
+}
+
+/// Where a chunk lives; the value of the index's `chunks` table (33 bytes).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct ChunkLoc {
+    pub pack: PackId,
+    pub offset: u64,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub flags: u8,
+}
+
+impl ChunkLoc {
+    pub(crate) fn encode(&self) -> [u8; 33] {
+        let mut b = [0u8; 33];
+        b[..16].copy_from_slice(&self.pack.0);
+        b[16..24].copy_from_slice(&self.offset.to_le_bytes());
+        b[24..28].copy_from_slice(&self.stored_len.to_le_bytes());
+        b[28..32].copy_from_slice(&self.raw_len.to_le_bytes());
+        b[32] = self.flags;
+        b
+    }
+
+    pub(crate) fn decode(b: &[u8; 33]) -> Self {
+        let mut pack = [0u8; 16];
+        pack.copy_from_slice(&b[..16]);
+        Self {
+            pack: PackId(pack),
+            offset: u64::from_le_bytes(le8(&b[16..24])),
+            stored_len: u32::from_le_bytes(le4(&b[24..28])),
+            raw_len: u32::from_le_bytes(le4(&b[28..32])),
+            flags: b[32],
+        }
+    }
+}
+
+fn le8(s: &[u8]) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(s);
+    b
+}
+
+fn le4(s: &[u8]) -> [u8; 4] {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(s);
+    b
+}
+
+/// One footer entry: a chunk of this pack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FooterEntry {
+    pub id: ChunkId,
+    pub offset: u64,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub flags: u8,
+}
+
+impl FooterEntry {
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.id.0);
+        out.extend_from_slice(&self.offset.to_le_bytes());
+        out.extend_from_slice(&self.stored_len.to_le_bytes());
+        out.extend_from_slice(&self.raw_len.to_le_bytes());
+        out.push(self.flags);
+    }
+
+    fn decode(b: &[u8]) -> Self {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&b[..32]);
+        Self {
+            id: ChunkId(id),
+            offset: u64::from_le_bytes(le8(&b[32..40])),
+            stored_len: u32::from_le_bytes(le4(&b[40..44])),
+            raw_len: u32::from_le_bytes(le4(&b[44..48])),
+            flags: b[48],
+        }
+    }
+}
+
+/// Appends chunks to a new pack file. Nothing in it is referenced until [`PackWriter::finish`]
+/// has made it durable and the index transaction that names it has committed.
+pub(crate) struct PackWriter {
+    pub id: PackId,
+    pub path: PathBuf,
+    file: BufWriter<File>,
+    offset: u64,
+    entries: Vec<FooterEntry>,
+}
+
+impl PackWriter {
+    pub(crate) fn create(packs_dir: &Path) -> Result<Self, StoreError> {
+        let id = PackId::random();
+        let path = id.path(packs_dir);
+        let dir = crate::fsutil::parent_of(&path);
+        crate::fsutil::create_dir_all_durable(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| StoreError::io(&path, e))?;
+        let mut w = Self {
+            id,
+            path,
+            file: BufWriter::with_capacity(1 << 20, file),
+            offset: 0,
+            entries: Vec::new(),
+        };
+        let mut header = Vec::with_capacity(HEADER_LEN as usize);
+        header.extend_from_slice(HEADER_MAGIC);
+        header.extend_from_slice(&PACK_VERSION.to_le_bytes());
+        header.extend_from_slice(&0u32.to_le_bytes());
+        w.write(&header)?;
+        Ok(w)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.file
+            .write_all(bytes)
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        self.offset += bytes.len() as u64;
+        Ok(())
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.offset
+    }
+
+    pub(crate) fn append(
+        &mut self,
+        id: ChunkId,
+        raw_len: u32,
+        flags: u8,
+        stored: &[u8],
+    ) -> Result<ChunkLoc, StoreError> {
+        let offset = self.offset;
+        self.write(stored)?;
+        let stored_len = stored.len() as u32;
+        self.entries.push(FooterEntry {
+            id,
+            offset,
+            stored_len,
+            raw_len,
+            flags,
+        });
+        Ok(ChunkLoc {
+            pack: self.id,
+            offset,
+            stored_len,
+            raw_len,
+            flags,
+        })
+    }
+
+    /// Writes the footer and makes the whole pack durable (fsync). The caller fsyncs the
+    /// directory before committing an index transaction that references the pack.
+    pub(crate) fn finish(mut self) -> Result<(PackId, PathBuf, u64, u32), StoreError> {
+        let entries_offset = self.offset;
+        let mut footer = Vec::with_capacity(self.entries.len() * ENTRY_LEN + TRAILER_LEN as usize);
+        for e in &self.entries {
+            e.encode_into(&mut footer);
+        }
+        let hash = blake3::hash(&footer);
+        let count = self.entries.len() as u32;
+        footer.extend_from_slice(&entries_offset.to_le_bytes());
+        footer.extend_from_slice(&count.to_le_bytes());
+        footer.extend_from_slice(&0u32.to_le_bytes());
+        footer.extend_from_slice(hash.as_bytes());
+        footer.extend_from_slice(TRAILER_MAGIC);
+        self.write(&footer)?;
+        let file = self
+            .file
+            .into_inner()
+            .map_err(|e| StoreError::io(&self.path, e.into_error()))?;
+        file.sync_all().map_err(|e| StoreError::io(&self.path, e))?;
+        Ok((self.id, self.path, self.offset, count))
+    }
+}
+
+/// Reads and checks a pack's footer: the list of chunks it holds.
+pub(crate) fn read_footer(path: &Path) -> Result<Vec<FooterEntry>, StoreError> {
+    let corrupt = |message: String| StoreError::CorruptPack {
+        pack: path.to_path_buf(),
+        message,
+    };
+    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
+    if len < HEADER_LEN + TRAILER_LEN {
+        return Err(corrupt(format!("{len} bytes is too short for a pack")));
+    }
+    let mut header = [0u8; HEADER_LEN as usize];
+    file.read_exact_at(&mut header, 0)
+        .map_err(|e| StoreError::io(path, e))?;
+    if &header[..8] != HEADER_MAGIC {
+        return Err(corrupt("bad header magic".into()));
+    }
+    let version = u32::from_le_bytes(le4(&header[8..12]));
+    if version != PACK_VERSION {
+        return Err(corrupt(format!("unknown pack version {version}")));
+    }
+    let mut trailer = [0u8; TRAILER_LEN as usize];
+    file.read_exact_at(&mut trailer, len - TRAILER_LEN)
+        .map_err(|e| StoreError::io(path, e))?;
+    if &trailer[48..56] != TRAILER_MAGIC {
+        return Err(corrupt(
+            "no footer (an interrupted write, or the end of the file is damaged)".into(),
+        ));
+    }
+    let entries_offset = u64::from_le_bytes(le8(&trailer[..8]));
+    let count = u32::from_le_bytes(le4(&trailer[8..12])) as u64;
+    let footer_len = count * ENTRY_LEN as u64;
+    if entries_offset < HEADER_LEN || entries_offset + footer_len + TRAILER_LEN != len {
+        return Err(corrupt(
+            "footer offsets do not match the file length".into(),
+        ));
+    }
+    let mut footer = vec![0u8; footer_len as usize];
+    file.read_exact_at(&mut footer, entries_offset)
+        .map_err(|e| StoreError::io(path, e))?;
+    if blake3::hash(&footer).as_bytes() != &trailer[16..48] {
+        return Err(corrupt("footer checksum mismatch".into()));
+    }
+    let entries: Vec<FooterEntry> = footer
+        .chunks_exact(ENTRY_LEN)
+        .map(FooterEntry::decode)
+        .collect();
+    for e in &entries {
+        if e.offset < HEADER_LEN || e.offset + e.stored_len as u64 > entries_offset {
+            return Err(corrupt(format!(
+                "entry {} points outside the data",
+                e.id.hex()
+            )));
+        }
+    }
+    Ok(entries)
+}

@@ -1,0 +1,204 @@
+//! Content trees: how an artifact's ordered list of chunks is stored. The list is cut into
+//! nodes at boundaries chosen by the children's own ids (like FastCDC over bytes), so an
+//! unchanged stretch of a file yields the same nodes and deduplicates, and a changed page dirties
+//! one node per level. Nodes are chunks themselves. Format: store-format.md, "Tree nodes".
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+use crate::store::chunk_id::ChunkId;
+use crate::store::reader::ChunkReader;
+use crate::store::writer::{ChunkWriter, Put};
+
+const NODE_VERSION: u8 = 1;
+const NODE_HEADER: usize = 6;
+const NODE_ENTRY: usize = 40;
+
+/// The root of an artifact's content: height 0 means `root` is the only data chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ContentRef {
+    pub size: u64,
+    pub height: u8,
+    pub root: ChunkId,
+}
+
+#[derive(Default)]
+struct Level {
+    entries: Vec<(ChunkId, u64)>,
+    /// Filter hits among `entries`, to confirm unless the node they end up in is itself a hit.
+    hits: Vec<ChunkId>,
+    emitted: u64,
+}
+
+pub(crate) struct TreeBuilder {
+    levels: Vec<Level>,
+    fanout: u32,
+    max_entries: usize,
+}
+
+impl TreeBuilder {
+    pub(crate) fn new(fanout: u32, max_entries: u32) -> Self {
+        Self {
+            levels: vec![Level::default()],
+            fanout: fanout.max(2),
+            max_entries: max_entries.max(2) as usize,
+        }
+    }
+
+    /// Appends a data chunk.
+    pub(crate) fn push(&mut self, w: &mut ChunkWriter, put: Put) -> Result<(), StoreError> {
+        self.push_at(w, 0, put)
+    }
+
+    fn push_at(&mut self, w: &mut ChunkWriter, level: usize, put: Put) -> Result<(), StoreError> {
+        if self.levels.len() <= level {
+            self.levels.push(Level::default());
+        }
+        let l = &mut self.levels[level];
+        l.entries.push((put.id, put.len));
+        if put.hit {
+            l.hits.push(put.id);
+        }
+        let cut = u32::from_le_bytes([put.id.0[8], put.id.0[9], put.id.0[10], put.id.0[11]])
+            % self.fanout
+            == 0;
+        if cut || l.entries.len() >= self.max_entries {
+            self.close(w, level)?;
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, w: &mut ChunkWriter, level: usize) -> Result<(), StoreError> {
+        let l = &mut self.levels[level];
+        let entries = std::mem::take(&mut l.entries);
+        let hits = std::mem::take(&mut l.hits);
+        l.emitted += 1;
+        let size = entries.iter().map(|e| e.1).sum();
+        let node = encode_node(level as u8 + 1, &entries);
+        let put = w.put_tree_node(node)?;
+        if !put.hit {
+            w.confirm.extend(hits);
+        }
+        self.push_at(
+            w,
+            level + 1,
+            Put {
+                id: put.id,
+                len: size,
+                hit: put.hit,
+            },
+        )
+    }
+
+    pub(crate) fn finish(mut self, w: &mut ChunkWriter) -> Result<ContentRef, StoreError> {
+        let mut level = 0;
+        loop {
+            let top = level + 1 == self.levels.len();
+            let l = &mut self.levels[level];
+            if top && l.emitted == 0 && l.entries.len() <= 1 {
+                let (root, size) =
+                    l.entries
+                        .first()
+                        .copied()
+                        .ok_or_else(|| StoreError::CorruptRecord {
+                            what: "content tree".into(),
+                            message: "no chunk was written".into(),
+                        })?;
+                w.confirm.extend(std::mem::take(&mut l.hits));
+                return Ok(ContentRef {
+                    size,
+                    height: level as u8,
+                    root,
+                });
+            }
+            if !l.entries.is_empty() {
+                self.close(w, level)?;
+            }
+            level += 1;
+        }
+    }
+}
+
+fn encode_node(level: u8, entries: &[(ChunkId, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(NODE_HEADER + entries.len() * NODE_ENTRY);
+    out.push(NODE_VERSION);
+    out.push(level);
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (id, size) in entries {
+        out.extend_from_slice(&id.0);
+        out.extend_from_slice(&size.to_le_bytes());
+    }
+    out
+}
+
+pub(crate) fn decode_node(
+    bytes: &[u8],
+    expect_level: u8,
+) -> Result<Vec<(ChunkId, u64)>, StoreError> {
+    let bad = |m: &str| StoreError::CorruptRecord {
+        what: "tree node".into(),
+        message: m.to_owned(),
+    };
+    if bytes.len() < NODE_HEADER || bytes[0] != NODE_VERSION {
+        return Err(bad("bad header"));
+    }
+    if bytes[1] != expect_level {
+        return Err(bad("unexpected level"));
+    }
+    let count = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]) as usize;
+    if bytes.len() != NODE_HEADER + count * NODE_ENTRY {
+        return Err(bad("length does not match its entry count"));
+    }
+    Ok(bytes[NODE_HEADER..]
+        .chunks_exact(NODE_ENTRY)
+        .map(|e| {
+            let mut id = [0u8; 32];
+            id.copy_from_slice(&e[..32]);
+            let mut sz = [0u8; 8];
+            sz.copy_from_slice(&e[32..40]);
+            (ChunkId(id), u64::from_le_bytes(sz))
+        })
+        .collect())
+}
+
+/// Visits a content tree depth-first in order. `visit(id, is_data, bytes)` gets every node and
+/// data chunk; data chunks are read only when `read_data` is set (`bytes` is empty otherwise).
+/// Returns an error at the first unreadable node; a data chunk's read error goes to `visit`.
+pub(crate) fn walk(
+    reader: &mut ChunkReader<'_>,
+    content: &ContentRef,
+    read_data: bool,
+    visit: &mut dyn FnMut(&ChunkId, bool, Result<Vec<u8>, StoreError>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    walk_at(reader, &content.root, content.height, read_data, visit)
+}
+
+fn walk_at(
+    reader: &mut ChunkReader<'_>,
+    id: &ChunkId,
+    height: u8,
+    read_data: bool,
+    visit: &mut dyn FnMut(&ChunkId, bool, Result<Vec<u8>, StoreError>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    if height == 0 {
+        let data = if read_data {
+            reader.read(id)
+        } else {
+            Ok(Vec::new())
+        };
+        return visit(id, true, data);
+    }
+    let node = reader.read(id);
+    let children = match node {
+        Ok(bytes) => decode_node(&bytes, height)?,
+        Err(e) => {
+            visit(id, false, Err(e))?;
+            return Ok(());
+        }
+    };
+    visit(id, false, Ok(Vec::new()))?;
+    for (child, _) in children {
+        walk_at(reader, &child, height - 1, read_data, visit)?;
+    }
+    Ok(())
+}
