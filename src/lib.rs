@@ -4,6 +4,7 @@
 //! The on-disk format is defined in `store-format.md`; the architecture in `README.md`.
 
 mod api;
+mod chunk;
 mod error;
 mod failpoint;
 mod fsutil;

@@ -34,6 +34,8 @@ pub enum SampleError {
     Git { args: String, stderr: String },
 }
 
+type E = SampleError;
+
 /// Embedding width: 768 little-endian f32, 3072 bytes per row.
 pub const VECTOR_DIM: usize = 768;
 /// Measured vector.sqlite bytes per embedding row: a ~3.1 KiB row fills a 4 KiB page on its own,
@@ -400,8 +402,6 @@ impl SampleAgent {
     }
 }
 
-type E = SampleError;
-
 /// Independent deterministic stream `n` of `seed`.
 fn stream(seed: u64, n: u64) -> StdRng {
     StdRng::seed_from_u64(seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
@@ -428,15 +428,18 @@ fn session_id(rng: &mut StdRng) -> String {
 }
 
 /// An L2-normalised random vector: full-entropy mantissas, so the blobs barely compress.
+/// Plain loops over one `fill` keep it fast in unoptimised (test) builds too.
 fn random_vec(rng: &mut StdRng, buf: &mut Vec<u8>) {
-    let mut raw = [0u8; VECTOR_DIM * 4];
-    rng.fill(&mut raw[..]); // one call per vector: much faster than per-float sampling in debug builds
-    let unit =
-        |b: &[u8]| (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> 8) as f32 / 8_388_608.0 - 1.0;
-    let v: Vec<f32> = raw.chunks_exact(4).map(unit).collect();
+    buf.resize(VECTOR_DIM * 4, 0);
+    rng.fill(&mut buf[..]);
+    let mut v = [0f32; VECTOR_DIM];
+    for (x, b) in v.iter_mut().zip(buf.chunks_exact(4)) {
+        *x = (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) >> 8) as f32 / 8_388_608.0 - 1.0;
+    }
     let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-6);
-    buf.clear();
-    buf.extend(v.iter().flat_map(|x| (x / norm).to_le_bytes()));
+    for (x, b) in v.iter().zip(buf.chunks_exact_mut(4)) {
+        b.copy_from_slice(&(x / norm).to_le_bytes());
+    }
 }
 
 /// round(n * fraction) with `fraction` clamped to 0..=max (NaN counts as 0).
@@ -526,10 +529,16 @@ fn git_fail(args: &[&str], stderr: &str) -> SampleError {
 fn git_output(dir: &Path, args: &[&str], secs: Option<i64>) -> Result<Output, SampleError> {
     let mut cmd = Command::new("git");
     cmd.args(args).current_dir(dir);
-    // Fixed identity, no system/global config and no enclosing repo: reproducible commit ids.
+    // Fixed identity, no user/system config, ignore or attribute files and no enclosing repo:
+    // reproducible commit ids.
     for (key, value) in [
         ("GIT_CONFIG_NOSYSTEM", "1"),
         ("GIT_CONFIG_GLOBAL", "/dev/null"),
+        ("GIT_CONFIG_COUNT", "2"),
+        ("GIT_CONFIG_KEY_0", "core.excludesFile"),
+        ("GIT_CONFIG_VALUE_0", "/dev/null"),
+        ("GIT_CONFIG_KEY_1", "core.attributesFile"),
+        ("GIT_CONFIG_VALUE_1", "/dev/null"),
         ("GIT_AUTHOR_NAME", "sample-agent"),
         ("GIT_AUTHOR_EMAIL", "agent@example.invalid"),
         ("GIT_COMMITTER_NAME", "sample-agent"),

@@ -202,3 +202,58 @@ fn walk_at(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::config::StoreConfig;
+    use crate::store::writer::KnownFilter;
+
+    fn build(ids: &[ChunkId], w: &mut ChunkWriter) -> ContentRef {
+        let mut t = TreeBuilder::new(16, 64);
+        for id in ids {
+            t.push(w, Put { id: *id, len: 4096, hit: false }).expect("push");
+        }
+        t.finish(w).expect("finish")
+    }
+
+    fn ids(n: usize, salt: u8) -> Vec<ChunkId> {
+        (0..n)
+            .map(|i| ChunkId::of(&[&(i as u64).to_le_bytes()[..], &[salt]].concat()))
+            .collect()
+    }
+
+    fn writer(dir: &std::path::Path) -> ChunkWriter {
+        ChunkWriter::new(dir.to_path_buf(), &StoreConfig::new_default(0), KnownFilter::default())
+    }
+
+    #[test]
+    fn one_chunk_is_its_own_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = writer(dir.path());
+        let one = ids(1, 0);
+        let r = build(&one, &mut w);
+        assert_eq!((r.height, r.root, r.size), (0, one[0], 4096));
+    }
+
+    #[test]
+    fn a_changed_leaf_dirties_one_node_per_level() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = writer(dir.path());
+        let a = ids(20_000, 0);
+        let ra = build(&a, &mut w);
+        let before = w.stats.new_chunks;
+        let mut b = a.clone();
+        b[12_345] = ChunkId::of(b"changed");
+        let rb = build(&b, &mut w);
+        assert_ne!(ra.root, rb.root);
+        assert_eq!(ra.height, rb.height);
+        let new_nodes = w.stats.new_chunks - before;
+        // One node per level, plus at most a neighbour where the changed id moved a boundary.
+        assert!(new_nodes <= 2 * ra.height as u64, "{new_nodes} new nodes for height {}", ra.height);
+        // Same input, same tree: nothing new.
+        let again = w.stats.new_chunks;
+        assert_eq!(build(&b, &mut w), rb);
+        assert_eq!(w.stats.new_chunks, again);
+    }
+}

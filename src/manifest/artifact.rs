@@ -72,14 +72,14 @@ impl ArtifactEntry {
 }
 
 /// Encodes the entry list: per entry a version byte, a u32 LE length, then bincode 2.
-pub(crate) fn encode_entries(entries: &[ArtifactEntry]) -> Vec<u8> {
+pub(crate) fn encode_entries(entries: &[ArtifactEntry]) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::new();
     for e in entries {
-        let body = crate::store::index::encode_record(ENTRY_VERSION, e);
+        let body = crate::store::index::encode_record(ENTRY_VERSION, e, "manifest entry")?;
         out.extend_from_slice(&(body.len() as u32).to_le_bytes());
         out.extend_from_slice(&body);
     }
-    out
+    Ok(out)
 }
 
 pub(crate) fn decode_entries(mut bytes: &[u8]) -> Result<Vec<ArtifactEntry>, StoreError> {

@@ -284,7 +284,7 @@ fn attempt(
 
     entries.sort_by(|a, b| (a.part, &a.path).cmp(&(b.part, &b.path)));
     let logical_bytes = entries.iter().map(|e| e.size).sum();
-    let encoded = artifact::encode_entries(&entries);
+    let encoded = artifact::encode_entries(&entries)?;
     let manifest_path = store.root().join("<manifest>");
     let (manifest, _, _) = store_stream(
         &mut w,
@@ -371,7 +371,8 @@ fn attempt(
                     chunks: *count,
                     created_at_ms: record.info.created_at_ms,
                 },
-            );
+                "pack record",
+            )?;
             packs
                 .insert(pack.0, rec.as_slice())
                 .map_err(|e| index.err()(e.into()))?;
@@ -379,7 +380,7 @@ fn attempt(
         let mut snaps = tx
             .open_table(SNAPSHOTS)
             .map_err(|e| index.err()(e.into()))?;
-        let bytes = index::encode_record(SNAPSHOT_VERSION, &record);
+        let bytes = index::encode_record(SNAPSHOT_VERSION, &record, "snapshot record")?;
         snaps
             .insert(record.info.id.as_str(), bytes.as_slice())
             .map_err(|e| index.err()(e.into()))?;
@@ -391,7 +392,8 @@ fn attempt(
                 sqlite_dir: sources.sqlite_dir.clone(),
                 state_dir: sources.state_dir.clone(),
             },
-        );
+            "agent record: its paths must be UTF-8",
+        )?;
         agents
             .insert(req.agent.key().as_str(), agent_rec.as_slice())
             .map_err(|e| index.err()(e.into()))?;
@@ -415,13 +417,7 @@ pub(crate) fn store_stream(
     let mut size = 0u64;
     let mut batch: Vec<Vec<u8>> = Vec::new();
     let mut batch_bytes = 0usize;
-    let cdc = fastcdc::v2020::StreamCDC::new(
-        reader,
-        config.cdc_min as usize,
-        config.cdc_avg as usize,
-        config.cdc_max as usize,
-    );
-    for chunk in cdc {
+    for chunk in crate::chunk::file_chunker(reader, config) {
         let chunk = chunk.map_err(|e| match e {
             fastcdc::v2020::Error::IoError(io) => Error::io(path, io),
             other => Error::io(path, std::io::Error::other(other.to_string())),
@@ -475,12 +471,11 @@ fn store_database(
     let mut batch: Vec<Vec<u8>> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut current: Vec<u8> = Vec::new();
-    let min_chunk = config.sqlite_min_chunk as usize;
-    let mut on_page = |_meta: &sqlite::DbMeta, page: &[u8]| -> Result<(), Error> {
+    let mut on_page = |meta: &sqlite::DbMeta, page: &[u8]| -> Result<(), Error> {
         hasher.update(page);
         size += page.len() as u64;
         current.extend_from_slice(page);
-        if current.len() >= min_chunk {
+        if current.len() >= crate::chunk::sqlite_chunk_len(meta.page_size, config) {
             batch_bytes += current.len();
             batch.push(std::mem::take(&mut current));
             if batch_bytes >= BATCH_BYTES {

@@ -80,13 +80,21 @@ impl Index {
 }
 
 /// Encodes a record: one version byte, then bincode 2 (`config::standard()`) of the value.
-pub(crate) fn encode_record<T: serde::Serialize>(version: u8, value: &T) -> Vec<u8> {
+pub(crate) fn encode_record<T: serde::Serialize>(
+    version: u8,
+    value: &T,
+    what: &str,
+) -> Result<Vec<u8>, StoreError> {
     let mut out = vec![version];
-    // Serialising plain structs of strings, integers and vectors into a Vec cannot fail.
-    if let Ok(body) = bincode::serde::encode_to_vec(value, bincode::config::standard()) {
-        out.extend_from_slice(&body);
-    }
-    out
+    // Fails only for values serde cannot express, such as a path that is not UTF-8.
+    let body = bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| {
+        StoreError::CorruptRecord {
+            what: what.to_owned(),
+            message: format!("cannot encode: {e}"),
+        }
+    })?;
+    out.extend_from_slice(&body);
+    Ok(out)
 }
 
 pub(crate) fn decode_record<T: serde::de::DeserializeOwned>(

@@ -52,7 +52,7 @@ impl Store {
             match existing {
                 Some(bytes) => decode_config(&index.path, &bytes)?,
                 None => {
-                    let bytes = index::encode_record(1, &store.config);
+                    let bytes = index::encode_record(1, &store.config, "store config")?;
                     meta.insert("config", bytes.as_slice())
                         .map_err(|e| index.err()(e.into()))?;
                     store.config.clone()
