@@ -1,2 +1,1637 @@
+//! End-to-end tests of the `memsnap` binary: every test runs the real executable against a store
+//! in a temporary folder and a sample agent built by `memsnap::sample`, and checks what ends up on
+//! disk (files, modes, symlinks, rows, git HEAD, journal, staging folders), not only exit codes.
+//!
+//! The helpers at the top follow ripgrep's tests/util.rs: a `TestCommand` that presets the store
+//! and the environment, runs the binary and reports the command line, status, stdout and stderr
+//! whenever an assertion about it fails.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+use memsnap::sample::{SampleAgent, SampleSpec};
+use serde_json::Value;
+
+const TENANT: &str = "acme";
+const AGENT: &str = "ana";
+
+// ---------------------------------------------------------------------------------------------
+// Running the binary
+// ---------------------------------------------------------------------------------------------
+
+/// One `memsnap` invocation against one store, with `--store STORE` and `MEMSNAP_LOG=error`
+/// preset and any `MEMSNAP_*` variable of the calling environment removed.
+#[derive(Debug)]
+struct TestCommand {
+    cmd: Command,
+}
+
+impl TestCommand {
+    fn new(store: &Path) -> TestCommand {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_memsnap"));
+        cmd.arg("--store")
+            .arg(store)
+            .env("MEMSNAP_LOG", "error")
+            .env_remove("MEMSNAP_FAILPOINT")
+            .env_remove("MEMSNAP_STORE")
+            .stdin(Stdio::null());
+        // Failpoints abort the process: keep the crash tests from writing core files.
+        // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                let none = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
+                Ok(())
+            });
+        }
+        TestCommand { cmd }
+    }
+
+    fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut TestCommand {
+        self.cmd.arg(arg);
+        self
+    }
+
+    fn args<I, A>(&mut self, args: I) -> &mut TestCommand
+    where
+        I: IntoIterator<Item = A>,
+        A: AsRef<OsStr>,
+    {
+        self.cmd.args(args);
+        self
+    }
+
+    fn env(&mut self, key: &str, value: &str) -> &mut TestCommand {
+        self.cmd.env(key, value);
+        self
+    }
+
+    fn current_dir(&mut self, dir: &Path) -> &mut TestCommand {
+        self.cmd.current_dir(dir);
+        self
+    }
+
+    /// Runs the command to completion, whatever its exit status.
+    fn run(&mut self) -> Outcome {
+        let out = self
+            .cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("the memsnap binary runs");
+        Outcome {
+            cmdline: format!("{:?}", self.cmd),
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Starts the command without waiting (for concurrency tests).
+    fn spawn(&mut self) -> Child {
+        self.cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the memsnap binary starts")
+    }
+
+    /// Runs the command and asserts its exit code.
+    fn assert_exit_code(&mut self, code: i32) -> Outcome {
+        let out = self.run();
+        assert_eq!(out.status.code(), Some(code), "unexpected exit code\n{out}");
+        out
+    }
+
+    /// Runs the command, asserts success and returns stdout.
+    fn stdout(&mut self) -> String {
+        self.assert_exit_code(0).stdout
+    }
+
+    /// Adds `--json`, runs the command, asserts success and parses stdout.
+    fn json(&mut self) -> Value {
+        self.arg("--json");
+        self.assert_exit_code(0).json()
+    }
+
+    /// Runs the command and asserts that it died (the failpoints abort the process).
+    fn assert_crashed(&mut self) -> Outcome {
+        let out = self.run();
+        assert!(
+            !out.status.success(),
+            "the command was expected to crash\n{out}"
+        );
+        assert!(
+            out.status.signal() == Some(libc::SIGABRT) || out.status.code().is_some_and(|c| c != 0),
+            "unexpected status\n{out}"
+        );
+        out
+    }
+}
+
+/// A finished run.
+struct Outcome {
+    cmdline: String,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e})\n{self}"))
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "command: {}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.cmdline, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key:?} is not a string in {v:#}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A sample agent and its store
+// ---------------------------------------------------------------------------------------------
+
+/// A temporary folder holding a tiny sample agent (`agent/`) and a store path (`store/`, not
+/// created until a command creates it).
+struct Fixture {
+    tmp: tempfile::TempDir,
+    store: PathBuf,
+    agent: SampleAgent,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let agent = SampleAgent::create(&tmp.path().join("agent"), &SampleSpec::tiny())
+            .expect("tiny sample agent");
+        let store = tmp.path().join("store");
+        Fixture { tmp, store, agent }
+    }
+
+    /// A fixture whose memdir also holds symlinks (one dangling), a private file and an
+    /// executable script, so that restores have to reproduce more than plain files.
+    fn decorated() -> Fixture {
+        let f = Fixture::new();
+        let memdir = f.agent.memdir();
+        std::os::unix::fs::symlink("topics/rust-async.md", memdir.join("latest-topic.md"))
+            .expect("symlink");
+        std::os::unix::fs::symlink("nowhere/at-all.md", memdir.join("dangling")).expect("symlink");
+        write_mode(&memdir.join("private.md"), b"# Private\n\nonly mine\n", 0o600);
+        fs::create_dir_all(memdir.join("hooks")).expect("mkdir hooks");
+        write_mode(
+            &memdir.join("hooks/run.sh"),
+            b"#!/bin/sh\necho hook\n",
+            0o755,
+        );
+        f
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    fn cmd(&self) -> TestCommand {
+        TestCommand::new(&self.store)
+    }
+
+    /// `snapshot --tenant acme --agent ana --source AGENT --json`.
+    fn snapshot(&self) -> Value {
+        self.cmd()
+            .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--source"])
+            .arg(self.agent.root())
+            .json()
+    }
+
+    fn snapshot_id(&self) -> String {
+        let v = self.snapshot();
+        str_of(&v, "id").to_owned()
+    }
+
+    fn list(&self) -> Vec<Value> {
+        match self.cmd().arg("list").json() {
+            Value::Array(items) => items,
+            other => panic!("list --json is not an array: {other:#}"),
+        }
+    }
+
+    fn list_ids(&self) -> Vec<String> {
+        self.list()
+            .iter()
+            .map(|i| str_of(i, "id").to_owned())
+            .collect()
+    }
+
+    /// `restore SNAP --json` (plus `extra` args), asserting success.
+    fn restore(&self, snap: &str, extra: &[&str]) -> Value {
+        self.cmd().args(["restore", snap]).args(extra).json()
+    }
+
+    fn journal(&self) -> PathBuf {
+        self.store
+            .join("journal")
+            .join(TENANT)
+            .join(format!("{AGENT}.json"))
+    }
+
+    fn agent_lock(&self) -> PathBuf {
+        self.store
+            .join("locks")
+            .join("agents")
+            .join(TENANT)
+            .join(format!("{AGENT}.lock"))
+    }
+}
+
+fn write_mode(path: &Path, bytes: &[u8], mode: u32) {
+    fs::write(path, bytes).expect("write file");
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// A day of agent work plus changes of every kind: rows added, rewritten and deleted, notes
+/// edited and committed, a note added, a symlink removed, a mode changed, a database and a state
+/// document created.
+fn change_agent(agent: &SampleAgent) {
+    agent.append_day(11, 0.2).expect("append_day");
+    agent.update_day(12, 0.2).expect("update_day");
+    let memdir = agent.memdir();
+    fs::write(memdir.join("inbox.md"), "# Inbox\n\n- written after the snapshot\n").expect("note");
+    if memdir.join("latest-topic.md").symlink_metadata().is_ok() {
+        fs::remove_file(memdir.join("latest-topic.md")).expect("remove symlink");
+    }
+    if memdir.join("private.md").exists() {
+        fs::set_permissions(memdir.join("private.md"), fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+    }
+    let scratch = rusqlite::Connection::open(agent.sqlite_dir().join("scratch.sqlite"))
+        .expect("create scratch db");
+    scratch
+        .execute_batch(
+            "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT);
+             INSERT INTO notes(body) VALUES ('one'), ('two'), ('three');",
+        )
+        .expect("fill scratch db");
+    scratch.close().expect("close scratch db");
+    fs::write(
+        agent.state_dir().join("new_state.json"),
+        "{\"created\": \"after the snapshot\"}\n",
+    )
+    .expect("state file");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Comparing folders
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    Dir {
+        mode: u32,
+        mtime_ns: Option<i64>,
+    },
+    File {
+        mode: u32,
+        mtime_ns: Option<i64>,
+        len: u64,
+        blake3: String,
+    },
+    Symlink {
+        target: PathBuf,
+    },
+}
+
+type Tree = BTreeMap<PathBuf, Node>;
+
+/// Every entry under `root` (the root itself as ""), never following symlinks. With `mtimes`,
+/// files and folders below the root also record their modification time.
+fn tree(root: &Path, mtimes: bool) -> Tree {
+    let mut out = Tree::new();
+    for entry in walkdir::WalkDir::new(root).follow_links(false) {
+        let entry = entry.expect("walk");
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .expect("below root")
+            .to_path_buf();
+        let meta = entry.path().symlink_metadata().expect("metadata");
+        let mtime_ns = (mtimes && entry.depth() > 0)
+            .then(|| meta.mtime() * 1_000_000_000 + meta.mtime_nsec());
+        let mode = meta.mode() & 0o7777;
+        let node = if meta.file_type().is_symlink() {
+            Node::Symlink {
+                target: fs::read_link(entry.path()).expect("readlink"),
+            }
+        } else if meta.is_dir() {
+            Node::Dir { mode, mtime_ns }
+        } else {
+            let bytes = fs::read(entry.path()).expect("read file");
+            Node::File {
+                mode,
+                mtime_ns,
+                len: bytes.len() as u64,
+                blake3: blake3::hash(&bytes).to_hex().to_string(),
+            }
+        };
+        out.insert(rel, node);
+    }
+    out
+}
+
+/// Asserts two trees are equal, listing the differing paths (not two huge maps) if not.
+fn assert_same_tree(expected: &Tree, actual: &Tree, what: &str) {
+    if expected == actual {
+        return;
+    }
+    let mut diffs = Vec::new();
+    for (path, e) in expected {
+        match actual.get(path) {
+            None => diffs.push(format!("missing  {}: {e:?}", path.display())),
+            Some(a) if a != e => diffs.push(format!(
+                "differs  {}:\n    expected {e:?}\n    actual   {a:?}",
+                path.display()
+            )),
+            Some(_) => {}
+        }
+    }
+    for (path, a) in actual {
+        if !expected.contains_key(path) {
+            diffs.push(format!("extra    {}: {a:?}", path.display()));
+        }
+    }
+    let n = diffs.len();
+    diffs.truncate(25);
+    panic!("{what}: {n} difference(s)\n{}", diffs.join("\n"));
+}
+
+/// Everything a restore must bring back, captured from a live agent.
+#[derive(Debug, Clone)]
+struct AgentImage {
+    memdir: Tree,
+    state: Tree,
+    rows: BTreeMap<String, i64>,
+    head: Option<String>,
+}
+
+impl AgentImage {
+    fn capture(agent: &SampleAgent) -> AgentImage {
+        // The trees first: row_counts opens the databases, git is read last.
+        let memdir = tree(&agent.memdir(), true);
+        let state = tree(&agent.state_dir(), false);
+        let rows = agent.row_counts().expect("row counts");
+        let head = agent.git_head().expect("git head");
+        assert!(head.is_some(), "the sample agent has a commit");
+        AgentImage {
+            memdir,
+            state,
+            rows,
+            head,
+        }
+    }
+
+    /// Asserts that `agent` is exactly this image, and that the restore left nothing behind.
+    fn assert_matches(&self, agent: &SampleAgent, what: &str) {
+        assert_no_restore_leftovers(agent);
+        assert_no_side_files(agent);
+        assert_same_tree(
+            &self.memdir,
+            &tree(&agent.memdir(), true),
+            &format!("{what}: memdir"),
+        );
+        assert_same_tree(
+            &self.state,
+            &tree(&agent.state_dir(), false),
+            &format!("{what}: state"),
+        );
+        assert_databases_intact(agent);
+        assert_eq!(
+            agent.row_counts().expect("row counts"),
+            self.rows,
+            "{what}: row counts"
+        );
+        assert_eq!(
+            agent.git_head().expect("git head"),
+            self.head,
+            "{what}: git HEAD"
+        );
+    }
+}
+
+fn databases(agent: &SampleAgent) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = fs::read_dir(agent.sqlite_dir())
+        .expect("read sqlite dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension() == Some(OsStr::new("sqlite")))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Byte 18 of a database header: 1 = rollback journal, 2 = WAL.
+fn is_wal(db: &Path) -> bool {
+    let mut header = [0u8; 20];
+    fs::File::open(db)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .expect("read database header");
+    header[18] == 2
+}
+
+/// No `-journal` next to any database, and no `-wal`/`-shm` next to a rollback-mode one.
+fn assert_no_side_files(agent: &SampleAgent) {
+    for db in databases(agent) {
+        let suffixes: &[&str] = if is_wal(&db) {
+            &["-journal"]
+        } else {
+            &["-journal", "-wal", "-shm"]
+        };
+        for s in suffixes {
+            let mut side = db.clone().into_os_string();
+            side.push(s);
+            assert!(
+                !Path::new(&side).exists(),
+                "{} was left next to {}",
+                Path::new(&side).display(),
+                db.display()
+            );
+        }
+    }
+}
+
+fn assert_databases_intact(agent: &SampleAgent) {
+    for db in databases(agent) {
+        let c = rusqlite::Connection::open_with_flags(
+            &db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+        )
+        .expect("open database");
+        let check: String = c
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .expect("integrity_check");
+        assert_eq!(check, "ok", "integrity_check of {}", db.display());
+        c.close().expect("close database");
+    }
+}
+
+/// Staging folders of a restore: next to the memdir and inside the sqlite folder.
+fn restore_leftovers(agent: &SampleAgent) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in [agent.root().to_path_buf(), agent.sqlite_dir()] {
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd {
+                let e = e.expect("entry");
+                if e.file_name().to_string_lossy().starts_with(".memsnap-restore-") {
+                    out.push(e.path());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn assert_no_restore_leftovers(agent: &SampleAgent) {
+    let left = restore_leftovers(agent);
+    assert!(left.is_empty(), "restore staging left behind: {left:?}");
+}
+
+fn is_absent_or_empty(dir: &Path) -> bool {
+    match fs::read_dir(dir) {
+        Ok(mut rd) => rd.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Round trip, and undo through the pre-restore snapshot
+// ---------------------------------------------------------------------------------------------
+
+/// Snapshot, change everything, restore through `spec(id)` (+ `extra` args), check the agent is
+/// the snapshot again; then restore the pre-restore snapshot and check the changes are back.
+fn round_trip(spec: impl Fn(&str) -> String, extra: &[&str]) {
+    let f = Fixture::decorated();
+    let snap = f.snapshot();
+    let id = str_of(&snap, "id").to_owned();
+    assert_eq!(id.len(), 36, "a UUID: {snap:#}");
+    assert_eq!(str_of(&snap, "tenant"), TENANT);
+    assert_eq!(str_of(&snap, "agent"), AGENT);
+    let before = AgentImage::capture(&f.agent);
+
+    change_agent(&f.agent);
+    let changed = AgentImage::capture(&f.agent);
+    assert_ne!(changed.rows, before.rows, "the change changed rows");
+    assert_ne!(changed.head, before.head, "the change made a commit");
+
+    let report = f.restore(&spec(&id), extra);
+    assert_eq!(report["dry_run"], Value::Bool(false), "{report:#}");
+    assert_eq!(str_of(&report["plan"], "snapshot_id"), id, "{report:#}");
+    before.assert_matches(&f.agent, "after restore");
+    assert!(!f.agent.memdir().join("inbox.md").exists());
+    assert!(!f.agent.sqlite_dir().join("scratch.sqlite").exists());
+    assert!(!f.agent.state_dir().join("new_state.json").exists());
+    assert!(!f.journal().exists(), "the journal is removed after a restore");
+
+    let pre = report["pre_snapshot_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("restore reports its pre-restore snapshot: {report:#}"))
+        .to_owned();
+    assert_ne!(pre, id);
+    assert!(f.list_ids().contains(&pre), "the pre-restore snapshot is listed");
+    f.restore(&pre, &[]);
+    changed.assert_matches(&f.agent, "after undoing the restore");
+}
+
 #[test]
-fn placeholder() {}
+fn restore_by_full_id_brings_back_the_snapshot_and_can_be_undone() {
+    round_trip(|id| id.to_owned(), &[]);
+}
+
+#[test]
+fn restore_by_eight_char_prefix_brings_back_the_snapshot_and_can_be_undone() {
+    round_trip(|id| id[..8].to_owned(), &[]);
+}
+
+#[test]
+fn restore_latest_with_tenant_and_agent_brings_back_the_snapshot_and_can_be_undone() {
+    round_trip(
+        |_| "latest".to_owned(),
+        &["--tenant", TENANT, "--agent", AGENT],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Restore into --target
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn restore_into_empty_target_reproduces_the_snapshot_and_leaves_the_agent_alone() {
+    let f = Fixture::decorated();
+    let id = f.snapshot_id();
+    let image = AgentImage::capture(&f.agent);
+    change_agent(&f.agent);
+    let live = tree(f.agent.root(), false);
+    let target = f.path("restored");
+    fs::create_dir(&target).expect("mkdir target");
+
+    let report = f
+        .cmd()
+        .args(["restore", &id, "--target"])
+        .arg(&target)
+        .json();
+    assert_eq!(report["pre_snapshot_id"], Value::Null, "{report:#}");
+    let restored = SampleAgent::open(&target);
+    image.assert_matches(&restored, "restored into --target");
+    assert_same_tree(&live, &tree(f.agent.root(), false), "live agent");
+    assert_eq!(f.list_ids(), vec![id], "no pre-restore snapshot for --target");
+}
+
+#[test]
+fn restore_into_missing_target_creates_it() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let image = AgentImage::capture(&f.agent);
+    let target = f.path("new/deeper/restored");
+    f.cmd()
+        .args(["restore", &id, "--target"])
+        .arg(&target)
+        .json();
+    image.assert_matches(&SampleAgent::open(&target), "restored into a new folder");
+}
+
+#[test]
+fn restore_into_target_with_a_memdir_fails_and_writes_nothing() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let target = f.path("busy-target");
+    fs::create_dir_all(target.join("memdir")).expect("mkdir");
+    fs::write(target.join("memdir/keep.md"), "mine\n").expect("write");
+    let before = tree(&target, true);
+
+    let out = f
+        .cmd()
+        .args(["restore", &id, "--target"])
+        .arg(&target)
+        .assert_exit_code(1);
+    assert!(out.stderr.contains("not empty"), "{out}");
+    assert!(
+        out.stderr.contains(&target.display().to_string()),
+        "the message names the folder\n{out}"
+    );
+    assert_same_tree(&before, &tree(&target, true), "the non-empty target");
+    assert!(!f.journal().exists());
+}
+
+#[test]
+#[ignore = "BUG: --target only checks memdir/, sqlite/ and state/ inside it; a non-empty folder is restored into"]
+fn restore_into_non_empty_target_folder_fails_and_writes_nothing() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let target = f.path("home-of-something-else");
+    fs::create_dir(&target).expect("mkdir");
+    fs::write(target.join("notes.txt"), "not an agent\n").expect("write");
+    let before = tree(&target, true);
+
+    let out = f
+        .cmd()
+        .args(["restore", &id, "--target"])
+        .arg(&target)
+        .run();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "--target must be an empty folder\n{out}"
+    );
+    assert!(
+        out.stderr.contains(&target.display().to_string()),
+        "the message names the folder\n{out}"
+    );
+    assert_same_tree(&before, &tree(&target, true), "the non-empty target");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Dry run
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn restore_dry_run_prints_the_plan_and_changes_nothing() {
+    let f = Fixture::decorated();
+    let id = f.snapshot_id();
+    change_agent(&f.agent);
+    let agent_before = tree(f.agent.root(), true);
+    let store_files_before = tree(&f.store.join("packs"), false);
+
+    let human = f.cmd().args(["restore", &id, "--dry-run"]).stdout();
+    assert!(human.contains("would restore"), "{human}");
+    assert!(human.contains(&id), "{human}");
+    assert!(human.contains("nothing was changed (--dry-run)"), "{human}");
+    assert!(human.contains("changed  MEMORY.md"), "{human}");
+    assert!(human.contains("scratch.sqlite: remove"), "{human}");
+    assert!(human.contains("2 written, 1 removed"), "{human}");
+
+    let plan = f.restore(&id, &["--dry-run"]);
+    assert_eq!(plan["dry_run"], Value::Bool(true), "{plan:#}");
+    assert_eq!(plan["pre_snapshot_id"], Value::Null, "{plan:#}");
+    let p = &plan["plan"];
+    let strings = |key: &str| -> Vec<String> {
+        p[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} is an array: {p:#}"))
+            .iter()
+            .map(|v| v.as_str().expect("string").to_owned())
+            .collect()
+    };
+    assert!(strings("memdir_removed").contains(&"inbox.md".to_owned()), "{p:#}");
+    assert!(strings("memdir_changed").contains(&"MEMORY.md".to_owned()), "{p:#}");
+    assert!(
+        strings("state_removed").contains(&"new_state.json".to_owned()),
+        "{p:#}"
+    );
+    let dbs = p["databases"].as_array().expect("databases");
+    assert!(
+        dbs.contains(&serde_json::json!(["scratch.sqlite", "remove"])),
+        "{p:#}"
+    );
+    assert!(
+        dbs.contains(&serde_json::json!(["vector.sqlite", "replace"])),
+        "{p:#}"
+    );
+
+    assert_same_tree(&agent_before, &tree(f.agent.root(), true), "agent after --dry-run");
+    assert_same_tree(
+        &store_files_before,
+        &tree(&f.store.join("packs"), false),
+        "packs after --dry-run",
+    );
+    assert_eq!(f.list_ids(), vec![id], "a dry run takes no pre-restore snapshot");
+    assert!(!f.journal().exists());
+    assert_no_restore_leftovers(&f.agent);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Restoring back and forth
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn restores_back_and_forth_over_the_same_agent() {
+    let f = Fixture::decorated();
+    let a = f.snapshot_id();
+    let image_a = AgentImage::capture(&f.agent);
+    change_agent(&f.agent);
+    let b = f.snapshot_id();
+    let image_b = AgentImage::capture(&f.agent);
+
+    f.restore(&a, &[]);
+    image_a.assert_matches(&f.agent, "A");
+    f.restore(&b, &[]);
+    image_b.assert_matches(&f.agent, "B");
+    f.restore(&a, &["--no-pre-snapshot"]);
+    image_a.assert_matches(&f.agent, "A again");
+    // Two restores with a pre-restore snapshot, one without.
+    assert_eq!(f.list_ids().len(), 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Names
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn invalid_tenant_and_agent_names_exit_2_naming_the_rule_and_create_nothing() {
+    let f = Fixture::new();
+    let long = "a".repeat(65);
+    let cases: [(&str, &str); 6] = [
+        ("Ana", "only lowercase letters"),
+        ("a/b", "only lowercase letters"),
+        ("-x", "must not start or end"),
+        ("x_", "must not start or end"),
+        (&long, "longer than 64 bytes"),
+        ("", "it is empty"),
+    ];
+    for (bad, rule) in cases {
+        for (what, tenant, agent) in [("tenant", bad, AGENT), ("agent", TENANT, bad)] {
+            let out = f
+                .cmd()
+                .arg("snapshot")
+                .arg(format!("--tenant={tenant}"))
+                .arg(format!("--agent={agent}"))
+                .arg("--source")
+                .arg(f.agent.root())
+                .assert_exit_code(2);
+            assert!(
+                out.stderr.contains(&format!("invalid {what} name")) && out.stderr.contains(rule),
+                "{what} {bad:?}: the message names the rule {rule:?}\n{out}"
+            );
+            assert!(
+                !f.store.exists(),
+                "{what} {bad:?}: a rejected name created {}",
+                f.store.display()
+            );
+        }
+    }
+    // The longest valid name is accepted.
+    let ok = "a".repeat(64);
+    f.cmd()
+        .args(["snapshot", "--tenant", &ok, "--agent", &ok, "--source"])
+        .arg(f.agent.root())
+        .json();
+}
+
+#[test]
+fn invalid_names_are_rejected_by_restore_and_show_too() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    for cmd in ["restore", "show", "verify", "delete"] {
+        let out = f
+            .cmd()
+            .args([cmd, &id, "--tenant", "Acme", "--agent", AGENT])
+            .assert_exit_code(2);
+        assert!(out.stderr.contains("invalid tenant name"), "{cmd}\n{out}");
+    }
+    assert_eq!(f.list_ids(), vec![id], "nothing was deleted");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Missing store
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn read_only_commands_on_a_missing_store_fail_and_do_not_create_it() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let store = tmp.path().join("no-store-here");
+    let target = tmp.path().join("target");
+    let runs: Vec<Vec<&OsStr>> = vec![
+        vec!["list".as_ref()],
+        vec!["show".as_ref(), "0123456789abcdef".as_ref()],
+        vec!["verify".as_ref()],
+        vec!["verify".as_ref(), "--read-data".as_ref()],
+        vec!["restore".as_ref(), "0123456789abcdef".as_ref()],
+        vec![
+            "restore".as_ref(),
+            "latest".as_ref(),
+            "--tenant".as_ref(),
+            TENANT.as_ref(),
+            "--agent".as_ref(),
+            AGENT.as_ref(),
+            "--target".as_ref(),
+            target.as_os_str(),
+        ],
+        vec!["delete".as_ref(), "0123456789abcdef".as_ref()],
+    ];
+    for args in runs {
+        let out = TestCommand::new(&store).args(&args).assert_exit_code(1);
+        assert!(out.stderr.contains("no memsnap store"), "{out}");
+        assert!(!store.exists(), "{args:?} created the store\n{out}");
+        assert!(!target.exists(), "{args:?} created the target\n{out}");
+    }
+    let out = TestCommand::new(&store)
+        .args(["list", "--json"])
+        .assert_exit_code(1);
+    let err = out.json();
+    assert!(
+        str_of(&err, "error").contains("no memsnap store"),
+        "--json errors are JSON\n{out}"
+    );
+    assert!(!store.exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Absent memory
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn snapshot_of_an_agent_without_memory_fails() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let source = tmp.path().join("empty-agent");
+    fs::create_dir(&source).expect("mkdir");
+    let store = tmp.path().join("store");
+    let out = TestCommand::new(&store)
+        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--source"])
+        .arg(&source)
+        .assert_exit_code(1);
+    assert!(out.stderr.contains("no memory found"), "{out}");
+    assert!(
+        out.stderr.contains(&source.display().to_string()),
+        "names where it looked\n{out}"
+    );
+    if store.exists() {
+        let list = TestCommand::new(&store).arg("list").json();
+        assert_eq!(list, serde_json::json!([]), "no snapshot was recorded");
+    }
+}
+
+#[test]
+fn snapshot_of_an_agent_with_only_state_records_the_absent_parts() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let source = tmp.path().join("state-only");
+    fs::create_dir_all(source.join("state")).expect("mkdir");
+    fs::write(source.join("state/cursor.json"), "{\"last\": 42}\n").expect("write");
+    let store = tmp.path().join("store");
+    let snap = TestCommand::new(&store)
+        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--source"])
+        .arg(&source)
+        .json();
+    assert_eq!(
+        snap["absent"],
+        serde_json::json!(["memdir", "sqlite"]),
+        "{snap:#}"
+    );
+    assert_eq!(snap["artifacts"], serde_json::json!(1), "{snap:#}");
+    let id = str_of(&snap, "id");
+
+    // Restoring it into a folder gives back the state and nothing else.
+    let target = tmp.path().join("out");
+    TestCommand::new(&store)
+        .args(["restore", id, "--target"])
+        .arg(&target)
+        .json();
+    assert_eq!(
+        fs::read_to_string(target.join("state/cursor.json")).expect("restored state"),
+        "{\"last\": 42}\n"
+    );
+    assert!(!target.join("memdir").exists());
+    assert!(is_absent_or_empty(&target.join("sqlite")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. Remembered sources
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn snapshot_without_source_reuses_the_remembered_absolute_paths() {
+    let f = Fixture::new();
+    // A relative --source, resolved against the working directory of the first run...
+    let first = f
+        .cmd()
+        .current_dir(f.tmp.path())
+        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT])
+        .args(["--source", "agent"])
+        .json();
+    let memdir = f.agent.memdir().display().to_string();
+    assert_eq!(str_of(&first, "memdir"), memdir, "{first:#}");
+
+    // ...is remembered as an absolute path, whatever the working directory of the next run.
+    f.agent.append_day(3, 0.1).expect("append_day");
+    let second = f
+        .cmd()
+        .current_dir(Path::new("/"))
+        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT])
+        .json();
+    for key in ["memdir", "sqlite_dir", "state_dir"] {
+        assert_eq!(second[key], first[key], "{key}: {second:#}");
+    }
+    assert_eq!(second["parent"], first["id"], "{second:#}");
+    assert_eq!(second["absent"], serde_json::json!([]), "{second:#}");
+    assert_ne!(
+        second["git"]["head_oid"], first["git"]["head_oid"],
+        "the second snapshot read the changed agent"
+    );
+    assert_eq!(
+        second["git"]["head_oid"].as_str(),
+        f.agent.git_head().expect("head").as_deref()
+    );
+}
+
+#[test]
+fn snapshot_without_source_of_an_unknown_agent_exits_2() {
+    let f = Fixture::new();
+    f.snapshot();
+    let out = f
+        .cmd()
+        .args(["snapshot", "--tenant", TENANT, "--agent", "bob"])
+        .assert_exit_code(2);
+    assert!(out.stderr.contains("no source is known"), "{out}");
+    assert!(out.stderr.contains("--source"), "{out}");
+}
+
+#[test]
+fn source_templates_expand_tenant_and_agent() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let agent = SampleAgent::create(&tmp.path().join("agents/acme/ana"), &SampleSpec::tiny())
+        .expect("sample agent");
+    let store = tmp.path().join("store");
+    let template = tmp.path().join("agents/{tenant}/{agent}");
+    let snap = TestCommand::new(&store)
+        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--source"])
+        .arg(&template)
+        .json();
+    assert_eq!(
+        str_of(&snap, "memdir"),
+        agent.memdir().display().to_string()
+    );
+    assert_eq!(snap["absent"], serde_json::json!([]), "{snap:#}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. A damaged pack
+// ---------------------------------------------------------------------------------------------
+
+/// Flips one byte in the middle of the chunk data of the largest pack; returns the pack.
+fn corrupt_largest_pack(store: &Path) -> PathBuf {
+    let pack = walkdir::WalkDir::new(store.join("packs"))
+        .into_iter()
+        .map(|e| e.expect("walk packs"))
+        .filter(|e| e.path().extension() == Some(OsStr::new("pack")))
+        .max_by_key(|e| e.metadata().expect("metadata").len())
+        .expect("the store has a pack")
+        .into_path();
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .expect("open pack");
+    let len = file.metadata().expect("metadata").len();
+    let mut header = [0u8; 16];
+    file.read_exact(&mut header).expect("header");
+    assert_eq!(&header[..8], b"MEMSNAPP", "pack header magic");
+    let mut trailer = [0u8; 56];
+    file.seek(SeekFrom::Start(len - 56)).expect("seek");
+    file.read_exact(&mut trailer).expect("trailer");
+    assert_eq!(&trailer[48..], b"MEMSNAPF", "pack trailer magic");
+    let entries_offset = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
+    assert!(entries_offset > 16 + 1, "the pack holds chunk data");
+    let at = 16 + (entries_offset - 16) / 2;
+    let mut byte = [0u8; 1];
+    file.seek(SeekFrom::Start(at)).expect("seek");
+    file.read_exact(&mut byte).expect("read byte");
+    file.seek(SeekFrom::Start(at)).expect("seek");
+    file.write_all(&[byte[0] ^ 0xff]).expect("flip byte");
+    file.sync_all().expect("sync");
+    pack
+}
+
+#[test]
+fn damaged_pack_byte_is_found_by_verify_read_data_and_blocks_restore() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let show = f.cmd().args(["show", &id]).json();
+    let artifacts: Vec<String> = show["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| format!("{}/{}", str_of(e, "part"), str_of(e, "path")))
+        .collect();
+    let clean = f.cmd().args(["verify", "--read-data"]).json();
+    assert_eq!(clean["ok"], Value::Bool(true), "{clean:#}");
+
+    corrupt_largest_pack(&f.store);
+
+    // Without --read-data only the chunks' places are checked.
+    let out = f.cmd().args(["verify", "--json"]).run();
+    match out.status.code() {
+        Some(0) => assert_eq!(out.json()["ok"], Value::Bool(true), "{out}"),
+        Some(3) => assert!(out.json()["damaged_snapshots"] == serde_json::json!([id]), "{out}"),
+        _ => panic!("verify without --read-data\n{out}"),
+    }
+
+    let out = f
+        .cmd()
+        .args(["verify", "--read-data", "--json"])
+        .assert_exit_code(3);
+    let report = out.json();
+    assert_eq!(report["ok"], Value::Bool(false), "{out}");
+    assert_eq!(report["damaged_snapshots"], serde_json::json!([id]), "{out}");
+    let damaged = report["damaged"].as_array().expect("damaged");
+    assert!(!damaged.is_empty(), "{out}");
+    for d in damaged {
+        assert_eq!(str_of(d, "snapshot"), id, "{out}");
+        let artifact = str_of(d, "artifact");
+        assert!(
+            artifact == "manifest" || artifacts.iter().any(|a| a == artifact),
+            "damage names an artifact of the snapshot: {artifact}\n{out}"
+        );
+        assert!(!str_of(d, "problem").is_empty(), "{out}");
+    }
+    let human = f.cmd().args(["verify", "--read-data"]).assert_exit_code(3);
+    assert!(human.stdout.contains("DAMAGED snapshot"), "{human}");
+
+    change_agent(&f.agent);
+    let live = tree(f.agent.root(), false);
+    let out = f.cmd().args(["restore", &id]).assert_exit_code(1);
+    assert!(out.stderr.contains("memsnap: error:"), "{out}");
+    assert_same_tree(&live, &tree(f.agent.root(), false), "agent after a failed restore");
+    assert!(!f.journal().exists(), "a failed restore removes its journal");
+    assert_no_restore_leftovers(&f.agent);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. Interrupted restores
+//
+// The failpoint tests crash a real restore. The "left by a crash" tests build the state a crash
+// leaves (journal + staging folders, as store-format.md "Restore journal" defines them) by hand,
+// so that recovery is covered at every step of the switch, independently of the failpoints.
+// ---------------------------------------------------------------------------------------------
+
+/// Zeroes the mtimes of the agent root and sqlite/: staging folders were created and removed in
+/// them, which moves their own mtimes and nothing else.
+fn without_staging_parent_mtimes(mut t: Tree) -> Tree {
+    for key in ["", "sqlite"] {
+        if let Some(Node::Dir { mtime_ns, .. }) = t.get_mut(Path::new(key)) {
+            *mtime_ns = None;
+        }
+    }
+    t
+}
+
+#[test]
+#[ignore = "BUG: failpoint::hit splits names at the first ':', so MEMSNAP_FAILPOINT=restore:... never fires"]
+fn restore_crashed_after_memdir_switch_is_finished_by_the_next_command() {
+    let f = Fixture::decorated();
+    let id = f.snapshot_id();
+    let image = AgentImage::capture(&f.agent);
+    change_agent(&f.agent);
+
+    let out = f
+        .cmd()
+        .env("MEMSNAP_FAILPOINT", "restore:memdir-switched")
+        .args(["restore", &id])
+        .assert_crashed();
+    assert!(out.stderr.contains("restore:memdir-switched"), "{out}");
+    let journal = fs::read_to_string(f.journal())
+        .unwrap_or_else(|e| panic!("the crash left the journal ({e})\n{out}"));
+    assert!(journal.contains("Switching"), "{journal}");
+
+    f.cmd().arg("list").json();
+    assert!(!f.journal().exists(), "the next command finished the restore");
+    image.assert_matches(&f.agent, "after a crash at restore:memdir-switched and `list`");
+}
+
+#[test]
+#[ignore = "BUG: failpoint::hit splits names at the first ':', so MEMSNAP_FAILPOINT=restore:... never fires"]
+fn restore_crashed_while_staged_is_rolled_back_by_the_next_command() {
+    let f = Fixture::decorated();
+    let id = f.snapshot_id();
+    change_agent(&f.agent);
+    let live = tree(f.agent.root(), true);
+
+    let out = f
+        .cmd()
+        .env("MEMSNAP_FAILPOINT", "restore:staged")
+        .args(["restore", &id])
+        .assert_crashed();
+    let journal = fs::read_to_string(f.journal())
+        .unwrap_or_else(|e| panic!("the crash left the journal ({e})\n{out}"));
+    assert!(journal.contains("Staging"), "{journal}");
+    assert!(
+        !restore_leftovers(&f.agent).is_empty(),
+        "the crash left staging folders to roll back"
+    );
+
+    f.cmd().arg("list").json();
+    assert!(!f.journal().exists(), "the next command rolled back");
+    assert_no_restore_leftovers(&f.agent);
+    assert_same_tree(
+        &without_staging_parent_mtimes(live),
+        &without_staging_parent_mtimes(tree(f.agent.root(), true)),
+        "agent after a rolled-back restore",
+    );
+}
+
+/// How far a crashed restore got, for [`leave_crashed_restore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum CrashedAt {
+    /// Staged, journal still "Staging".
+    Staged,
+    /// Journal "Switching", nothing switched yet.
+    JournalSwitching,
+    /// The live memdir renamed to `-old`, the staged one not yet in place.
+    MemdirMovedAside,
+    /// The staged memdir in place, databases not yet switched.
+    MemdirSwitched,
+    /// The memdir and vector.sqlite switched, the other databases not yet.
+    DatabaseSwitched,
+}
+
+/// Leaves the agent of `f` as a restore of `id` that crashed at `at` would: the snapshot
+/// materialised into the staging folders (through `restore --target`), the journal written, and
+/// the switch steps up to `at` done.
+fn leave_crashed_restore(f: &Fixture, id: &str, at: CrashedAt) {
+    const TOKEN: &str = "0badf00d";
+    let scratch = f.path("materialised");
+    f.cmd()
+        .args(["restore", id, "--target"])
+        .arg(&scratch)
+        .json();
+    let staged_memdir = f.agent.root().join(format!(".memsnap-restore-{TOKEN}-new"));
+    let old_memdir = f.agent.root().join(format!(".memsnap-restore-{TOKEN}-old"));
+    let staged_sqlite = f.agent.sqlite_dir().join(format!(".memsnap-restore-{TOKEN}"));
+    fs::rename(scratch.join("memdir"), &staged_memdir).expect("stage memdir");
+    fs::rename(scratch.join("sqlite"), &staged_sqlite).expect("stage databases");
+    let mut dbs: Vec<String> = fs::read_dir(&staged_sqlite)
+        .expect("staged databases")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    dbs.sort();
+    assert!(dbs.contains(&"vector.sqlite".to_owned()), "{dbs:?}");
+
+    let phase = if at == CrashedAt::Staged {
+        "Staging"
+    } else {
+        "Switching"
+    };
+    let journal = serde_json::json!({
+        "version": 1,
+        "phase": phase,
+        "snapshot_id": id,
+        "tenant": TENANT,
+        "agent": AGENT,
+        "token": TOKEN,
+        "memdir": f.agent.memdir(),
+        "sqlite_dir": f.agent.sqlite_dir(),
+        "state_dir": f.agent.state_dir(),
+        "has_memdir": true,
+        "databases": dbs,
+        "fs_state": true,
+    });
+    fs::create_dir_all(f.journal().parent().expect("parent")).expect("mkdir journal");
+    fs::write(
+        f.journal(),
+        serde_json::to_vec_pretty(&journal).expect("JSON"),
+    )
+    .expect("write journal");
+
+    if at >= CrashedAt::MemdirMovedAside {
+        fs::rename(f.agent.memdir(), &old_memdir).expect("move memdir aside");
+    }
+    if at >= CrashedAt::MemdirSwitched {
+        fs::rename(&staged_memdir, f.agent.memdir()).expect("switch memdir");
+    }
+    if at >= CrashedAt::DatabaseSwitched {
+        let live = f.agent.sqlite_dir().join("vector.sqlite");
+        fs::rename(staged_sqlite.join("vector.sqlite"), live).expect("switch vector.sqlite");
+    }
+}
+
+/// A restore of the first snapshot crashed at `at`; `list` must finish it.
+fn restore_left_by_a_crash_is_finished_by_list(at: CrashedAt) {
+    let f = Fixture::decorated();
+    let id = f.snapshot_id();
+    let image = AgentImage::capture(&f.agent);
+    change_agent(&f.agent);
+    leave_crashed_restore(&f, &id, at);
+    assert!(!restore_leftovers(&f.agent).is_empty());
+
+    f.cmd().arg("list").json();
+    assert!(!f.journal().exists(), "{at:?}: the next command finished the restore");
+    image.assert_matches(&f.agent, &format!("restore crashed at {at:?}, then `list`"));
+    assert!(!f.agent.memdir().join("inbox.md").exists());
+    assert!(!f.agent.sqlite_dir().join("scratch.sqlite").exists());
+    assert!(!f.agent.state_dir().join("new_state.json").exists());
+}
+
+#[test]
+fn restore_left_by_a_crash_after_journal_switching_is_finished_by_the_next_command() {
+    restore_left_by_a_crash_is_finished_by_list(CrashedAt::JournalSwitching);
+}
+
+#[test]
+fn restore_left_by_a_crash_with_memdir_moved_aside_is_finished_by_the_next_command() {
+    restore_left_by_a_crash_is_finished_by_list(CrashedAt::MemdirMovedAside);
+}
+
+#[test]
+fn restore_left_by_a_crash_after_memdir_switch_is_finished_by_the_next_command() {
+    restore_left_by_a_crash_is_finished_by_list(CrashedAt::MemdirSwitched);
+}
+
+#[test]
+fn restore_left_by_a_crash_after_a_database_switch_is_finished_by_the_next_command() {
+    restore_left_by_a_crash_is_finished_by_list(CrashedAt::DatabaseSwitched);
+}
+
+#[test]
+fn restore_left_by_a_crash_while_staged_is_rolled_back_by_the_next_command() {
+    let f = Fixture::decorated();
+    let id = f.snapshot_id();
+    change_agent(&f.agent);
+    let live = tree(f.agent.root(), true);
+    leave_crashed_restore(&f, &id, CrashedAt::Staged);
+    assert!(!restore_leftovers(&f.agent).is_empty());
+
+    f.cmd().arg("list").json();
+    assert!(!f.journal().exists(), "the next command rolled back");
+    assert_no_restore_leftovers(&f.agent);
+    assert_same_tree(
+        &without_staging_parent_mtimes(live),
+        &without_staging_parent_mtimes(tree(f.agent.root(), true)),
+        "agent after a rolled-back restore",
+    );
+}
+
+#[test]
+fn restore_left_by_a_crash_while_staged_is_rolled_back_before_a_snapshot() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    change_agent(&f.agent);
+    let changed = AgentImage::capture(&f.agent);
+    leave_crashed_restore(&f, &id, CrashedAt::Staged);
+
+    let snap = f.snapshot();
+    assert!(!f.journal().exists());
+    assert_no_restore_leftovers(&f.agent);
+    // The snapshot taken after the rollback holds the changed agent.
+    let target = f.path("check");
+    f.cmd()
+        .args(["restore", str_of(&snap, "id"), "--target"])
+        .arg(&target)
+        .json();
+    changed.assert_matches(&SampleAgent::open(&target), "snapshot after rollback");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. Interrupted snapshots
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+#[ignore = "BUG: failpoint::hit splits names at the first ':', so MEMSNAP_FAILPOINT=snapshot:... never fires"]
+fn snapshot_crashed_before_commit_leaves_no_visible_snapshot() {
+    let f = Fixture::new();
+    let first = f.snapshot_id();
+    change_agent(&f.agent);
+    for failpoint in ["snapshot:before-pack-sync", "snapshot:before-commit"] {
+        let out = f
+            .cmd()
+            .env("MEMSNAP_FAILPOINT", failpoint)
+            .args(["snapshot", "--tenant", TENANT, "--agent", AGENT])
+            .assert_crashed();
+        assert!(out.stderr.contains(failpoint), "{out}");
+        assert_eq!(f.list_ids(), vec![first.clone()], "after a crash at {failpoint}");
+        let verify = f.cmd().args(["verify", "--read-data"]).json();
+        assert_eq!(verify["ok"], Value::Bool(true), "{verify:#}");
+        assert_eq!(verify["snapshots_checked"], serde_json::json!(1));
+    }
+    // The store takes the next snapshot as if nothing happened, and it restores.
+    let image = AgentImage::capture(&f.agent);
+    let second = f.snapshot_id();
+    assert_eq!(f.list_ids(), vec![first.clone(), second.clone()]);
+    let verify = f.cmd().args(["verify", "--read-data"]).json();
+    assert_eq!(verify["ok"], Value::Bool(true), "{verify:#}");
+    f.restore(&first, &["--no-pre-snapshot"]);
+    f.restore(&second, &["--no-pre-snapshot"]);
+    image.assert_matches(&f.agent, "second snapshot after crashed ones");
+}
+
+#[test]
+#[ignore = "BUG: failpoint::hit splits names at the first ':', so MEMSNAP_FAILPOINT=snapshot:...:error never fires"]
+fn failpoint_with_error_suffix_fails_the_snapshot_cleanly() {
+    // `name:error` makes the operation fail instead of aborting (src/failpoint.rs).
+    let f = Fixture::new();
+    let first = f.snapshot_id();
+    let out = f
+        .cmd()
+        .env("MEMSNAP_FAILPOINT", "snapshot:before-commit:error")
+        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT])
+        .run();
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("injected failure"), "{out}");
+    assert_eq!(f.list_ids(), vec![first]);
+}
+
+#[test]
+fn pack_left_by_an_interrupted_snapshot_is_ignored() {
+    // What a crash before the commit leaves (store-format.md, I5): pack bytes no index entry
+    // references, here a pack without a footer next to the real ones.
+    let f = Fixture::new();
+    let first = f.snapshot_id();
+    let dir = f.store.join("packs/ff");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let mut bytes = b"MEMSNAPP\x01\x00\x00\x00\x00\x00\x00\x00".to_vec();
+    bytes.extend((0..4096u32).map(|i| (i * 7 % 251) as u8));
+    fs::write(dir.join("ff00000000000000000000000000dead.pack"), bytes).expect("write");
+
+    assert_eq!(f.list_ids(), vec![first.clone()]);
+    let verify = f.cmd().args(["verify", "--read-data"]).json();
+    assert_eq!(verify["ok"], Value::Bool(true), "{verify:#}");
+    change_agent(&f.agent);
+    let image = AgentImage::capture(&f.agent);
+    let second = f.snapshot_id();
+    f.restore(&first, &["--no-pre-snapshot"]);
+    f.restore(&second, &["--no-pre-snapshot"]);
+    image.assert_matches(&f.agent, "after a snapshot next to a torn pack");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. Locks
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn snapshot_of_a_locked_agent_fails_busy_then_succeeds_once_released() {
+    let f = Fixture::new();
+    let lock_path = f.agent_lock();
+    fs::create_dir_all(lock_path.parent().expect("parent")).expect("mkdir locks");
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .expect("open lock file");
+    lock.lock().expect("take the agent lock");
+
+    let started = std::time::Instant::now();
+    let out = f
+        .cmd()
+        .args(["--lock-timeout", "0.3"])
+        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--source"])
+        .arg(f.agent.root())
+        .assert_exit_code(1);
+    assert!(out.stderr.contains("busy"), "{out}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "waited for the lock timeout"
+    );
+    if f.store.exists() {
+        assert_eq!(f.list_ids(), Vec::<String>::new());
+    }
+
+    // restore of that agent is refused the same way.
+    lock.unlock().expect("release");
+    let id = f.snapshot_id();
+    lock.lock().expect("take the agent lock again");
+    let out = f
+        .cmd()
+        .args(["--lock-timeout", "0.3", "restore", &id])
+        .assert_exit_code(1);
+    assert!(out.stderr.contains("busy"), "{out}");
+    drop(lock);
+
+    f.snapshot_id();
+    assert_eq!(f.list_ids().len(), 2);
+}
+
+#[test]
+fn concurrent_snapshots_of_one_agent_both_succeed() {
+    let f = Fixture::new();
+    let children: Vec<Child> = (0..2)
+        .map(|_| {
+            f.cmd()
+                .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--json"])
+                .arg("--source")
+                .arg(f.agent.root())
+                .spawn()
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+        let v: Value = serde_json::from_str(&stdout).expect("JSON");
+        ids.push(str_of(&v, "id").to_owned());
+    }
+    let mut listed = f.list_ids();
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids);
+    let verify = f.cmd().args(["verify", "--read-data"]).json();
+    assert_eq!(verify["ok"], Value::Bool(true), "{verify:#}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. JSON shapes and tenant isolation
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn list_and_show_json_have_the_documented_fields() {
+    let f = Fixture::new();
+    let first = f
+        .cmd()
+        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT])
+        .args(["--label", "before the migration", "--source"])
+        .arg(f.agent.root())
+        .json();
+    let other = tempfile::tempdir().expect("temp dir");
+    SampleAgent::create(other.path(), &SampleSpec::tiny()).expect("second agent");
+    f.cmd()
+        .args(["snapshot", "--tenant", "globex", "--agent", "bob", "--source"])
+        .arg(other.path())
+        .json();
+
+    let list = f.list();
+    assert_eq!(list.len(), 2);
+    for item in &list {
+        assert!(item["id"].is_string(), "{item:#}");
+        assert!(item["tenant"].is_string(), "{item:#}");
+        assert!(item["agent"].is_string(), "{item:#}");
+        assert!(item["created_at_ms"].is_i64(), "{item:#}");
+    }
+    assert_eq!(list[0]["id"], first["id"], "oldest first");
+    assert_eq!(list[0]["label"], "before the migration");
+    let filtered = f.cmd().args(["list", "--tenant", "globex"]).json();
+    assert_eq!(filtered.as_array().map(Vec::len), Some(1), "{filtered:#}");
+    assert_eq!(filtered[0]["agent"], "bob");
+    let filtered = f.cmd().args(["list", "--agent", AGENT]).json();
+    assert_eq!(filtered.as_array().map(Vec::len), Some(1), "{filtered:#}");
+
+    let id = str_of(&first, "id");
+    let show = f.cmd().args(["show", id]).json();
+    assert_eq!(show["id"], first["id"]);
+    assert_eq!(show["tenant"], TENANT);
+    let entries = show["entries"].as_array().expect("entries");
+    assert_eq!(Some(entries.len() as u64), first["artifacts"].as_u64());
+    for e in entries {
+        let part = str_of(e, "part");
+        assert!(["memdir", "sqlite", "state"].contains(&part), "{e:#}");
+        assert!(e["path"].is_string(), "{e:#}");
+        assert!(e["size"].is_u64(), "{e:#}");
+    }
+    let find = |part: &str, path: &str| {
+        entries
+            .iter()
+            .find(|e| e["part"] == part && e["path"] == path)
+            .unwrap_or_else(|| panic!("show lists {part}/{path}"))
+    };
+    let memory_md = fs::metadata(f.agent.memdir().join("MEMORY.md")).expect("MEMORY.md");
+    assert_eq!(find("memdir", "MEMORY.md")["size"], memory_md.len());
+    find("memdir", ".git/HEAD");
+    find("sqlite", "vector.sqlite");
+    find("state", "dream_run.json");
+    let human = f.cmd().args(["show", &id[..8]]).stdout();
+    assert!(human.contains(id), "{human}");
+    assert!(human.contains("before the migration"), "{human}");
+}
+
+#[test]
+fn restoring_another_tenants_snapshot_is_refused() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    change_agent(&f.agent);
+    let live = tree(f.agent.root(), true);
+
+    for (tenant, agent) in [("globex", AGENT), (TENANT, "bob")] {
+        let out = f
+            .cmd()
+            .args(["restore", &id, "--tenant", tenant, "--agent", agent])
+            .assert_exit_code(1);
+        assert!(out.stderr.contains("refused"), "{out}");
+        assert!(out.stderr.contains(&format!("{tenant}/{agent}")), "{out}");
+        let out = f
+            .cmd()
+            .args(["restore", &id, "--dry-run", "--tenant", tenant, "--agent", agent])
+            .assert_exit_code(1);
+        assert!(out.stderr.contains("refused"), "{out}");
+    }
+    assert_same_tree(&live, &tree(f.agent.root(), true), "agent after refused restores");
+    assert_eq!(f.list_ids(), vec![id], "no pre-restore snapshot was taken");
+    assert!(!f.store.join("locks/agents/globex").exists());
+}
+
+#[test]
+#[ignore = "BUG: delete with --tenant/--agent deletes a snapshot of another tenant"]
+fn deleting_another_tenants_snapshot_is_refused() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let out = f
+        .cmd()
+        .args(["delete", &id, "--tenant", "globex", "--agent", AGENT])
+        .run();
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("refused"), "{out}");
+    assert_eq!(f.list_ids(), vec![id], "the other tenant's snapshot survives");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. delete and snapshot specs
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn delete_removes_the_snapshot_from_list_and_show() {
+    let f = Fixture::new();
+    let a = f.snapshot_id();
+    let b = f.snapshot_id();
+    let deleted = f.cmd().args(["delete", &a[..8]]).json();
+    assert_eq!(deleted["deleted"]["id"], Value::String(a.clone()), "{deleted:#}");
+    assert_eq!(f.list_ids(), vec![b.clone()]);
+    let out = f.cmd().args(["show", &a]).assert_exit_code(1);
+    assert!(out.stderr.contains("no snapshot matches"), "{out}");
+    let out = f.cmd().args(["restore", &a]).assert_exit_code(1);
+    assert!(out.stderr.contains("no snapshot matches"), "{out}");
+    let out = f.cmd().args(["delete", &a]).assert_exit_code(1);
+    assert!(out.stderr.contains("no snapshot matches"), "{out}");
+
+    // The remaining snapshot is intact and `latest` now means it.
+    let verify = f.cmd().args(["verify", "--read-data"]).json();
+    assert_eq!(verify["ok"], Value::Bool(true), "{verify:#}");
+    let latest = f
+        .cmd()
+        .args(["show", "latest", "--tenant", TENANT, "--agent", AGENT])
+        .json();
+    assert_eq!(latest["id"], Value::String(b.clone()));
+    f.cmd()
+        .args(["delete", "latest", "--tenant", TENANT, "--agent", AGENT])
+        .json();
+    assert_eq!(f.list_ids(), Vec::<String>::new());
+}
+
+#[test]
+fn short_unknown_and_incomplete_snapshot_specs_give_clear_errors() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    for cmd in ["show", "restore", "delete", "verify"] {
+        let out = f.cmd().args([cmd, &id[..7]]).assert_exit_code(2);
+        assert!(out.stderr.contains("too short"), "{cmd}\n{out}");
+        assert!(out.stderr.contains("at least 8 characters"), "{cmd}\n{out}");
+
+        let out = f.cmd().args([cmd, "zzzzzzzz"]).assert_exit_code(1);
+        assert!(out.stderr.contains("no snapshot matches"), "{cmd}\n{out}");
+
+        let out = f.cmd().args([cmd, "latest"]).assert_exit_code(2);
+        assert!(
+            out.stderr.contains("`latest` needs --tenant and --agent"),
+            "{cmd}\n{out}"
+        );
+
+        let out = f
+            .cmd()
+            .args([cmd, "latest", "--tenant", TENANT, "--agent", "nobody"])
+            .assert_exit_code(1);
+        assert!(out.stderr.contains("has no snapshot"), "{cmd}\n{out}");
+    }
+    // Prefixes are case-insensitive.
+    let upper = f.cmd().args(["show", &id[..8].to_uppercase()]).json();
+    assert_eq!(upper["id"], Value::String(id.clone()));
+    assert_eq!(f.list_ids(), vec![id], "no failed command deleted anything");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 15. demo
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn demo_runs_and_reports_an_equal_restore() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("demo");
+    let out = TestCommand::new(&tmp.path().join("store"))
+        .arg("demo")
+        .arg("--dir")
+        .arg(&dir)
+        .assert_exit_code(0);
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("rows and git HEAD equal"))
+        .unwrap_or_else(|| panic!("the demo prints the equality line\n{out}"));
+    assert!(line.trim_end().ends_with("yes"), "{line}\n{out}");
+    assert!(out.stdout.contains("no damage"), "{out}");
+    assert!(dir.join("agent/memdir/.git").is_dir());
+}

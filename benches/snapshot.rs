@@ -1,0 +1,281 @@
+//! `cargo bench --bench snapshot [-- --quick | --sizes 256M,1G]`: builds a realistic agent
+//! deterministically (memsnap::sample), then runs the snapshot steps of a day in an agent's life
+//! through the `memsnap` binary and, when `restic` is on the PATH (`apt-get install restic`), the
+//! same steps with restic, printing time, peak RSS and store growth side by side.
+//! Results are written down by hand in benches/RESULTS.md.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use memsnap::sample::{SampleAgent, SampleSpec};
+
+struct Step {
+    name: &'static str,
+    wall: f64,
+    cpu: f64,
+    rss_mib: f64,
+    growth: u64,
+}
+
+fn du(path: &Path) -> u64 {
+    walk_size(path)
+}
+
+fn walk_size(p: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(p) else {
+        return 0;
+    };
+    if meta.is_dir() {
+        std::fs::read_dir(p)
+            .map(|rd| rd.flatten().map(|e| walk_size(&e.path())).sum())
+            .unwrap_or(0)
+    } else {
+        meta.len()
+    }
+}
+
+/// Runs a command and returns (wall s, user+sys s, max RSS MiB) of that child alone.
+fn run(cmd: &mut Command) -> (f64, f64, f64) {
+    let t = Instant::now();
+    let child = cmd.spawn().expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our unwaited child; status and ru are valid for writes.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(rc, pid, "wait4 failed");
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{cmd:?} failed");
+    let cpu = ru.ru_utime.tv_sec as f64
+        + ru.ru_utime.tv_usec as f64 / 1e6
+        + ru.ru_stime.tv_sec as f64
+        + ru.ru_stime.tv_usec as f64 / 1e6;
+    (t.elapsed().as_secs_f64(), cpu, ru.ru_maxrss as f64 / 1024.0)
+}
+
+/// The floor: read every file of the agent once and BLAKE3 it (what an ideal incremental
+/// snapshot must at least do).
+fn floor(agent: &Path) -> f64 {
+    let t = Instant::now();
+    let mut h = blake3::Hasher::new();
+    for e in walkdir(agent) {
+        if let Ok(f) = std::fs::File::open(&e) {
+            let _ = h.update_reader(f);
+        }
+    }
+    std::hint::black_box(h.finalize());
+    t.elapsed().as_secs_f64()
+}
+
+fn walkdir(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => out.extend(walkdir(&path)),
+                Ok(t) if t.is_file() => out.push(path),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+fn parse_size(s: &str) -> u64 {
+    let s = s.trim().to_ascii_uppercase();
+    let (num, mult) = match s.chars().last() {
+        Some('G') => (&s[..s.len() - 1], 1u64 << 30),
+        Some('M') => (&s[..s.len() - 1], 1u64 << 20),
+        _ => (&s[..], 1),
+    };
+    num.parse::<u64>().expect("size like 256M or 1G") * mult
+}
+
+trait Tool {
+    fn name(&self) -> &'static str;
+    fn store(&self) -> &Path;
+    fn snapshot(&self, agent: &Path) -> Command;
+    fn restore(&self, target: &Path) -> Command;
+    fn check(&self) -> Command;
+}
+
+struct Memsnap {
+    store: PathBuf,
+}
+
+impl Tool for Memsnap {
+    fn name(&self) -> &'static str {
+        "memsnap"
+    }
+    fn store(&self) -> &Path {
+        &self.store
+    }
+    fn snapshot(&self, agent: &Path) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_memsnap"));
+        c.args(["-q", "--store"]).arg(&self.store);
+        c.args(["snapshot", "--tenant", "bench", "--agent", "a", "--source"]).arg(agent);
+        c
+    }
+    fn restore(&self, target: &Path) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_memsnap"));
+        c.args(["-q", "--store"]).arg(&self.store);
+        c.args(["restore", "latest", "--tenant", "bench", "--agent", "a", "--target"]).arg(target);
+        c
+    }
+    fn check(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_memsnap"));
+        c.args(["-q", "--store"]).arg(&self.store);
+        c.args(["verify", "--read-data"]);
+        c
+    }
+}
+
+struct Restic {
+    repo: PathBuf,
+}
+
+impl Restic {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("restic");
+        c.arg("-r").arg(&self.repo).args(["-q", "--no-cache"]);
+        c.env("RESTIC_PASSWORD", "bench");
+        c
+    }
+}
+
+impl Tool for Restic {
+    fn name(&self) -> &'static str {
+        "restic"
+    }
+    fn store(&self) -> &Path {
+        &self.repo
+    }
+    fn snapshot(&self, agent: &Path) -> Command {
+        let mut c = self.cmd();
+        c.arg("backup").arg(agent);
+        c
+    }
+    fn restore(&self, target: &Path) -> Command {
+        let mut c = self.cmd();
+        c.args(["restore", "latest", "--target"]).arg(target);
+        c
+    }
+    fn check(&self) -> Command {
+        let mut c = self.cmd();
+        c.args(["check", "--read-data"]);
+        c
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let sizes: Vec<u64> = if args.iter().any(|a| a == "--quick") {
+        vec![32 << 20]
+    } else if let Some(i) = args.iter().position(|a| a == "--sizes") {
+        args.get(i + 1).map(|s| s.split(',').map(parse_size).collect()).unwrap_or_default()
+    } else {
+        vec![256 << 20, 1 << 30]
+    };
+    let have_restic = Command::new("restic").arg("version").output().is_ok_and(|o| o.status.success());
+    if !have_restic {
+        eprintln!("restic not found: install it (apt-get install restic) to compare side by side");
+    }
+    let base = std::env::var_os("MEMSNAP_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("memsnap-bench-{}", std::process::id()));
+    for size in sizes {
+        bench_size(&base, size, have_restic);
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+fn bench_size(base: &Path, size: u64, have_restic: bool) {
+    let dir = base.join(format!("{}M", size >> 20));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let agent_dir = dir.join("agent");
+    let t = Instant::now();
+    let agent = SampleAgent::create(&agent_dir, &SampleSpec::with_total_bytes(size, 42)).expect("sample");
+    let agent_bytes = du(&agent_dir);
+    println!(
+        "\n## agent of {} MiB ({} MiB on disk, built in {:.1} s)",
+        size >> 20,
+        agent_bytes >> 20,
+        t.elapsed().as_secs_f64()
+    );
+
+    let mut tools: Vec<Box<dyn Tool>> = vec![Box::new(Memsnap { store: dir.join("memsnap-store") })];
+    if have_restic {
+        let repo = dir.join("restic-repo");
+        let r = Restic { repo };
+        let mut init = r.cmd();
+        init.arg("init");
+        run(&mut init);
+        tools.push(Box::new(r));
+    }
+    let mut results: Vec<Vec<Step>> = tools.iter().map(|_| Vec::new()).collect();
+    let mut floors = Vec::new();
+    let days: [(&str, Box<dyn Fn(&SampleAgent)>); 5] = [
+        ("first", Box::new(|_| {})),
+        ("append day", Box::new(|a| a.append_day(1, 0.01).expect("append"))),
+        ("update day", Box::new(|a| a.update_day(2, 0.005).expect("update"))),
+        ("vacuum day", Box::new(|a| a.vacuum_vectors().expect("vacuum"))),
+        ("unchanged", Box::new(|_| {})),
+    ];
+    for (name, change) in &days {
+        change(&agent);
+        floors.push(floor(&agent_dir));
+        for (tool, res) in tools.iter().zip(results.iter_mut()) {
+            let before = du(tool.store());
+            let (wall, cpu, rss) = run(&mut tool.snapshot(&agent_dir));
+            res.push(Step { name, wall, cpu, rss_mib: rss, growth: du(tool.store()) - before });
+        }
+    }
+    for (tool, res) in tools.iter().zip(results.iter_mut()) {
+        let target = dir.join(format!("restore-{}", tool.name()));
+        let (wall, cpu, rss) = run(&mut tool.restore(&target));
+        res.push(Step { name: "restore", wall, cpu, rss_mib: rss, growth: 0 });
+        let _ = std::fs::remove_dir_all(&target);
+        let (wall, cpu, rss) = run(&mut tool.check());
+        res.push(Step { name: "verify --read-data", wall, cpu, rss_mib: rss, growth: 0 });
+    }
+
+    println!("| step | floor s | memsnap s | cpu s | RSS MiB | growth | x floor |{}", if have_restic { " restic s | restic growth | time ratio | growth ratio |" } else { "" });
+    println!("|---|---|---|---|---|---|---|{}", if have_restic { "---|---|---|---|" } else { "" });
+    for (i, m) in results[0].iter().enumerate() {
+        let fl = floors.get(i).copied();
+        let mut line = format!(
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {} | {} |",
+            m.name,
+            fl.map(|f| format!("{f:.2}")).unwrap_or_else(|| "-".into()),
+            m.wall,
+            m.cpu,
+            m.rss_mib,
+            human(m.growth),
+            fl.map(|f| format!("{:.1}", m.wall / f)).unwrap_or_else(|| "-".into()),
+        );
+        if have_restic {
+            let r = &results[1][i];
+            line += &format!(
+                " {:.2} | {} | {:.2} | {} |",
+                r.wall,
+                human(r.growth),
+                m.wall / r.wall,
+                if r.growth > 0 { format!("{:.3}", m.growth as f64 / r.growth as f64) } else { "-".into() }
+            );
+        }
+        println!("{line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn human(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    }
+}
