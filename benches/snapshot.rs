@@ -46,7 +46,10 @@ fn run(cmd: &mut Command) -> (f64, f64, f64) {
     // SAFETY: pid is our unwaited child; status and ru are valid for writes.
     let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
     assert_eq!(rc, pid, "wait4 failed");
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{cmd:?} failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed"
+    );
     let cpu = ru.ru_utime.tv_sec as f64
         + ru.ru_utime.tv_usec as f64 / 1e6
         + ru.ru_stime.tv_sec as f64
@@ -115,13 +118,17 @@ impl Tool for Memsnap {
     fn snapshot(&self, agent: &Path) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_memsnap"));
         c.args(["-q", "--store"]).arg(&self.store);
-        c.args(["snapshot", "--tenant", "bench", "--agent", "a", "--source"]).arg(agent);
+        c.args(["snapshot", "--tenant", "bench", "--agent", "a", "--source"])
+            .arg(agent);
         c
     }
     fn restore(&self, target: &Path) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_memsnap"));
         c.args(["-q", "--store"]).arg(&self.store);
-        c.args(["restore", "latest", "--tenant", "bench", "--agent", "a", "--target"]).arg(target);
+        c.args([
+            "restore", "latest", "--tenant", "bench", "--agent", "a", "--target",
+        ])
+        .arg(target);
         c
     }
     fn check(&self) -> Command {
@@ -174,11 +181,16 @@ fn main() {
     let sizes: Vec<u64> = if args.iter().any(|a| a == "--quick") {
         vec![32 << 20]
     } else if let Some(i) = args.iter().position(|a| a == "--sizes") {
-        args.get(i + 1).map(|s| s.split(',').map(parse_size).collect()).unwrap_or_default()
+        args.get(i + 1)
+            .map(|s| s.split(',').map(parse_size).collect())
+            .unwrap_or_default()
     } else {
         vec![256 << 20, 1 << 30]
     };
-    let have_restic = Command::new("restic").arg("version").output().is_ok_and(|o| o.status.success());
+    let have_restic = Command::new("restic")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !have_restic {
         eprintln!("restic not found: install it (apt-get install restic) to compare side by side");
     }
@@ -198,7 +210,8 @@ fn bench_size(base: &Path, size: u64, have_restic: bool) {
     std::fs::create_dir_all(&dir).expect("bench dir");
     let agent_dir = dir.join("agent");
     let t = Instant::now();
-    let agent = SampleAgent::create(&agent_dir, &SampleSpec::with_total_bytes(size, 42)).expect("sample");
+    let agent =
+        SampleAgent::create(&agent_dir, &SampleSpec::with_total_bytes(size, 42)).expect("sample");
     let agent_bytes = du(&agent_dir);
     println!(
         "\n## agent of {} MiB ({} MiB on disk, built in {:.1} s)",
@@ -207,7 +220,9 @@ fn bench_size(base: &Path, size: u64, have_restic: bool) {
         t.elapsed().as_secs_f64()
     );
 
-    let mut tools: Vec<Box<dyn Tool>> = vec![Box::new(Memsnap { store: dir.join("memsnap-store") })];
+    let mut tools: Vec<Box<dyn Tool>> = vec![Box::new(Memsnap {
+        store: dir.join("memsnap-store"),
+    })];
     if have_restic {
         let repo = dir.join("restic-repo");
         let r = Restic { repo };
@@ -220,9 +235,18 @@ fn bench_size(base: &Path, size: u64, have_restic: bool) {
     let mut floors = Vec::new();
     let days: [(&str, Box<dyn Fn(&SampleAgent)>); 5] = [
         ("first", Box::new(|_| {})),
-        ("append day", Box::new(|a| a.append_day(1, 0.01).expect("append"))),
-        ("update day", Box::new(|a| a.update_day(2, 0.005).expect("update"))),
-        ("vacuum day", Box::new(|a| a.vacuum_vectors().expect("vacuum"))),
+        (
+            "append day",
+            Box::new(|a| a.append_day(1, 0.01).expect("append")),
+        ),
+        (
+            "update day",
+            Box::new(|a| a.update_day(2, 0.005).expect("update")),
+        ),
+        (
+            "vacuum day",
+            Box::new(|a| a.vacuum_vectors().expect("vacuum")),
+        ),
         ("unchanged", Box::new(|_| {})),
     ];
     for (name, change) in &days {
@@ -231,20 +255,48 @@ fn bench_size(base: &Path, size: u64, have_restic: bool) {
         for (tool, res) in tools.iter().zip(results.iter_mut()) {
             let before = du(tool.store());
             let (wall, cpu, rss) = run(&mut tool.snapshot(&agent_dir));
-            res.push(Step { name, wall, cpu, rss_mib: rss, growth: du(tool.store()) - before });
+            res.push(Step {
+                name,
+                wall,
+                cpu,
+                rss_mib: rss,
+                growth: du(tool.store()) - before,
+            });
         }
     }
     for (tool, res) in tools.iter().zip(results.iter_mut()) {
         let target = dir.join(format!("restore-{}", tool.name()));
         let (wall, cpu, rss) = run(&mut tool.restore(&target));
-        res.push(Step { name: "restore", wall, cpu, rss_mib: rss, growth: 0 });
+        res.push(Step {
+            name: "restore",
+            wall,
+            cpu,
+            rss_mib: rss,
+            growth: 0,
+        });
         let _ = std::fs::remove_dir_all(&target);
         let (wall, cpu, rss) = run(&mut tool.check());
-        res.push(Step { name: "verify --read-data", wall, cpu, rss_mib: rss, growth: 0 });
+        res.push(Step {
+            name: "verify --read-data",
+            wall,
+            cpu,
+            rss_mib: rss,
+            growth: 0,
+        });
     }
 
-    println!("| step | floor s | memsnap s | cpu s | RSS MiB | growth | x floor |{}", if have_restic { " restic s | restic growth | time ratio | growth ratio |" } else { "" });
-    println!("|---|---|---|---|---|---|---|{}", if have_restic { "---|---|---|---|" } else { "" });
+    println!(
+        "| step | floor s | memsnap s | cpu s | RSS MiB | growth | x floor |{}",
+        if have_restic {
+            " restic s | restic growth | time ratio | growth ratio |"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "|---|---|---|---|---|---|---|{}",
+        if have_restic { "---|---|---|---|" } else { "" }
+    );
     for (i, m) in results[0].iter().enumerate() {
         let fl = floors.get(i).copied();
         let mut line = format!(
@@ -255,7 +307,8 @@ fn bench_size(base: &Path, size: u64, have_restic: bool) {
             m.cpu,
             m.rss_mib,
             human(m.growth),
-            fl.map(|f| format!("{:.1}", m.wall / f)).unwrap_or_else(|| "-".into()),
+            fl.map(|f| format!("{:.1}", m.wall / f))
+                .unwrap_or_else(|| "-".into()),
         );
         if have_restic {
             let r = &results[1][i];
@@ -264,7 +317,11 @@ fn bench_size(base: &Path, size: u64, have_restic: bool) {
                 r.wall,
                 human(r.growth),
                 m.wall / r.wall,
-                if r.growth > 0 { format!("{:.3}", m.growth as f64 / r.growth as f64) } else { "-".into() }
+                if r.growth > 0 {
+                    format!("{:.3}", m.growth as f64 / r.growth as f64)
+                } else {
+                    "-".into()
+                }
             );
         }
         println!("{line}");

@@ -8,7 +8,10 @@ use std::io::Read;
 
 use crate::store::config::StoreConfig;
 
-pub(crate) fn file_chunker<R: Read>(reader: R, config: &StoreConfig) -> fastcdc::v2020::StreamCDC<R> {
+pub(crate) fn file_chunker<R: Read>(
+    reader: R,
+    config: &StoreConfig,
+) -> fastcdc::v2020::StreamCDC<R> {
     fastcdc::v2020::StreamCDC::new(
         reader,
         config.cdc_min as usize,
@@ -52,7 +55,10 @@ mod tests {
     fn default_chunker_parameters_are_pinned() {
         let c = StoreConfig::new_default(0);
         assert_eq!((c.cdc_min, c.cdc_avg, c.cdc_max), (4096, 16384, 65536));
-        assert_eq!((c.sqlite_min_chunk, c.tree_fanout, c.tree_max_entries), (4096, 16, 64));
+        assert_eq!(
+            (c.sqlite_min_chunk, c.tree_fanout, c.tree_max_entries),
+            (4096, 16, 64)
+        );
     }
 
     #[test]
@@ -60,7 +66,10 @@ mod tests {
         let data = seeded(256 * 1024, 0x6d65_6d73_6e61_7031);
         let got = cuts(&data);
         let golden: Vec<u64> = GOLDEN.to_vec();
-        assert_eq!(got, golden, "FastCDC cut points changed: this breaks dedup with every existing store");
+        assert_eq!(
+            got, golden,
+            "FastCDC cut points changed: this breaks dedup with every existing store"
+        );
     }
 
     #[test]
@@ -69,9 +78,16 @@ mod tests {
         let mut edited = data.clone();
         edited.splice(100_000..100_000, [1u8, 2, 3]);
         let a = cuts(&data);
-        let b: Vec<u64> = cuts(&edited).into_iter().map(|o| if o > 100_000 { o - 3 } else { o }).collect();
+        let b: Vec<u64> = cuts(&edited)
+            .into_iter()
+            .map(|o| if o > 100_000 { o - 3 } else { o })
+            .collect();
         let shared = a.iter().filter(|o| b.contains(o)).count();
-        assert!(shared + 3 >= a.len(), "only {shared} of {} cut points survived", a.len());
+        assert!(
+            shared + 3 >= a.len(),
+            "only {shared} of {} cut points survived",
+            a.len()
+        );
     }
 
     #[test]

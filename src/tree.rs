@@ -212,7 +212,15 @@ mod tests {
     fn build(ids: &[ChunkId], w: &mut ChunkWriter) -> ContentRef {
         let mut t = TreeBuilder::new(16, 64);
         for id in ids {
-            t.push(w, Put { id: *id, len: 4096, hit: false }).expect("push");
+            t.push(
+                w,
+                Put {
+                    id: *id,
+                    len: 4096,
+                    hit: false,
+                },
+            )
+            .expect("push");
         }
         t.finish(w).expect("finish")
     }
@@ -224,7 +232,11 @@ mod tests {
     }
 
     fn writer(dir: &std::path::Path) -> ChunkWriter {
-        ChunkWriter::new(dir.to_path_buf(), &StoreConfig::new_default(0), KnownFilter::default())
+        ChunkWriter::new(
+            dir.to_path_buf(),
+            &StoreConfig::new_default(0),
+            KnownFilter::default(),
+        )
     }
 
     #[test]
@@ -250,7 +262,11 @@ mod tests {
         assert_eq!(ra.height, rb.height);
         let new_nodes = w.stats.new_chunks - before;
         // One node per level, plus at most a neighbour where the changed id moved a boundary.
-        assert!(new_nodes <= 2 * ra.height as u64, "{new_nodes} new nodes for height {}", ra.height);
+        assert!(
+            new_nodes <= 2 * ra.height as u64,
+            "{new_nodes} new nodes for height {}",
+            ra.height
+        );
         // Same input, same tree: nothing new.
         let again = w.stats.new_chunks;
         assert_eq!(build(&b, &mut w), rb);

@@ -288,7 +288,10 @@ mod tests {
         let mut locs = Vec::new();
         for i in 0..10u8 {
             let data = vec![i; 100 + i as usize];
-            locs.push(w.append(ChunkId::of(&data), data.len() as u32, 0, &data).expect("append"));
+            locs.push(
+                w.append(ChunkId::of(&data), data.len() as u32, 0, &data)
+                    .expect("append"),
+            );
         }
         let (_, path, size, count) = w.finish().expect("finish");
         assert_eq!(count, 10);
@@ -304,9 +307,19 @@ mod tests {
         let at = bytes.len() - TRAILER_LEN as usize - 10;
         bytes[at] ^= 1;
         std::fs::write(&path, &bytes).expect("write");
-        assert!(read_footer(&path).unwrap_err().to_string().contains("checksum"));
+        assert!(
+            read_footer(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("checksum")
+        );
         bytes.truncate(bytes.len() - 1);
         std::fs::write(&path, &bytes).expect("write");
-        assert!(read_footer(&path).unwrap_err().to_string().contains("no footer"));
+        assert!(
+            read_footer(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("no footer")
+        );
     }
 }
