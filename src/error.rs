@@ -109,6 +109,10 @@ pub enum Error {
         "no memsnap store at {path}: run `memsnap init` or take a snapshot first, or pass --store"
     )]
     NoStore { path: PathBuf },
+    #[error(
+        "{path} is not empty and is not a memsnap store: pass --store with a new or empty folder, or an existing store"
+    )]
+    NotAStore { path: PathBuf },
     #[error("no snapshot matches {spec:?}{hint}")]
     SnapshotNotFound { spec: String, hint: String },
     #[error("{spec:?} matches {count} snapshots: give more characters of the id")]

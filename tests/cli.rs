@@ -199,7 +199,11 @@ impl Fixture {
         std::os::unix::fs::symlink("topics/rust-async.md", memdir.join("latest-topic.md"))
             .expect("symlink");
         std::os::unix::fs::symlink("nowhere/at-all.md", memdir.join("dangling")).expect("symlink");
-        write_mode(&memdir.join("private.md"), b"# Private\n\nonly mine\n", 0o600);
+        write_mode(
+            &memdir.join("private.md"),
+            b"# Private\n\nonly mine\n",
+            0o600,
+        );
         fs::create_dir_all(memdir.join("hooks")).expect("mkdir hooks");
         write_mode(
             &memdir.join("hooks/run.sh"),
@@ -271,13 +275,17 @@ fn write_mode(path: &Path, bytes: &[u8], mode: u32) {
 }
 
 /// A day of agent work plus changes of every kind: rows added, rewritten and deleted, notes
-/// edited and committed, a note added, a symlink removed, a mode changed, a database and a state
-/// document created.
+/// edited and committed, a note added, a symlink removed, a mode changed, a database created and
+/// one deleted, a state document created.
 fn change_agent(agent: &SampleAgent) {
     agent.append_day(11, 0.2).expect("append_day");
     agent.update_day(12, 0.2).expect("update_day");
     let memdir = agent.memdir();
-    fs::write(memdir.join("inbox.md"), "# Inbox\n\n- written after the snapshot\n").expect("note");
+    fs::write(
+        memdir.join("inbox.md"),
+        "# Inbox\n\n- written after the snapshot\n",
+    )
+    .expect("note");
     if memdir.join("latest-topic.md").symlink_metadata().is_ok() {
         fs::remove_file(memdir.join("latest-topic.md")).expect("remove symlink");
     }
@@ -294,6 +302,15 @@ fn change_agent(agent: &SampleAgent) {
         )
         .expect("fill scratch db");
     scratch.close().expect("close scratch db");
+    // A database deleted, with a stale (garbage) rollback journal left next to its name: a
+    // restore that brought the database back next to it would have SQLite replay it.
+    let compactions = agent.sqlite_dir().join("compactions.sqlite");
+    fs::remove_file(&compactions).expect("remove compactions.sqlite");
+    fs::write(
+        agent.sqlite_dir().join("compactions.sqlite-journal"),
+        vec![0xa5u8; 4096],
+    )
+    .expect("stale journal");
     fs::write(
         agent.state_dir().join("new_state.json"),
         "{\"created\": \"after the snapshot\"}\n",
@@ -336,8 +353,8 @@ fn tree(root: &Path, mtimes: bool) -> Tree {
             .expect("below root")
             .to_path_buf();
         let meta = entry.path().symlink_metadata().expect("metadata");
-        let mtime_ns = (mtimes && entry.depth() > 0)
-            .then(|| meta.mtime() * 1_000_000_000 + meta.mtime_nsec());
+        let mtime_ns =
+            (mtimes && entry.depth() > 0).then(|| meta.mtime() * 1_000_000_000 + meta.mtime_nsec());
         let mode = meta.mode() & 0o7777;
         let node = if meta.file_type().is_symlink() {
             Node::Symlink {
@@ -480,11 +497,9 @@ fn assert_no_side_files(agent: &SampleAgent) {
 
 fn assert_databases_intact(agent: &SampleAgent) {
     for db in databases(agent) {
-        let c = rusqlite::Connection::open_with_flags(
-            &db,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
-        )
-        .expect("open database");
+        let c =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+                .expect("open database");
         let check: String = c
             .query_row("PRAGMA integrity_check", [], |r| r.get(0))
             .expect("integrity_check");
@@ -500,7 +515,10 @@ fn restore_leftovers(agent: &SampleAgent) -> Vec<PathBuf> {
         if let Ok(rd) = fs::read_dir(&dir) {
             for e in rd {
                 let e = e.expect("entry");
-                if e.file_name().to_string_lossy().starts_with(".memsnap-restore-") {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".memsnap-restore-")
+                {
                     out.push(e.path());
                 }
             }
@@ -548,14 +566,20 @@ fn round_trip(spec: impl Fn(&str) -> String, extra: &[&str]) {
     assert!(!f.agent.memdir().join("inbox.md").exists());
     assert!(!f.agent.sqlite_dir().join("scratch.sqlite").exists());
     assert!(!f.agent.state_dir().join("new_state.json").exists());
-    assert!(!f.journal().exists(), "the journal is removed after a restore");
+    assert!(
+        !f.journal().exists(),
+        "the journal is removed after a restore"
+    );
 
     let pre = report["pre_snapshot_id"]
         .as_str()
         .unwrap_or_else(|| panic!("restore reports its pre-restore snapshot: {report:#}"))
         .to_owned();
     assert_ne!(pre, id);
-    assert!(f.list_ids().contains(&pre), "the pre-restore snapshot is listed");
+    assert!(
+        f.list_ids().contains(&pre),
+        "the pre-restore snapshot is listed"
+    );
     f.restore(&pre, &[]);
     changed.assert_matches(&f.agent, "after undoing the restore");
 }
@@ -601,7 +625,11 @@ fn restore_into_empty_target_reproduces_the_snapshot_and_leaves_the_agent_alone(
     let restored = SampleAgent::open(&target);
     image.assert_matches(&restored, "restored into --target");
     assert_same_tree(&live, &tree(f.agent.root(), false), "live agent");
-    assert_eq!(f.list_ids(), vec![id], "no pre-restore snapshot for --target");
+    assert_eq!(
+        f.list_ids(),
+        vec![id],
+        "no pre-restore snapshot for --target"
+    );
 }
 
 #[test]
@@ -699,8 +727,14 @@ fn restore_dry_run_prints_the_plan_and_changes_nothing() {
             .map(|v| v.as_str().expect("string").to_owned())
             .collect()
     };
-    assert!(strings("memdir_removed").contains(&"inbox.md".to_owned()), "{p:#}");
-    assert!(strings("memdir_changed").contains(&"MEMORY.md".to_owned()), "{p:#}");
+    assert!(
+        strings("memdir_removed").contains(&"inbox.md".to_owned()),
+        "{p:#}"
+    );
+    assert!(
+        strings("memdir_changed").contains(&"MEMORY.md".to_owned()),
+        "{p:#}"
+    );
     assert!(
         strings("state_removed").contains(&"new_state.json".to_owned()),
         "{p:#}"
@@ -714,14 +748,26 @@ fn restore_dry_run_prints_the_plan_and_changes_nothing() {
         dbs.contains(&serde_json::json!(["vector.sqlite", "replace"])),
         "{p:#}"
     );
+    assert!(
+        dbs.contains(&serde_json::json!(["compactions.sqlite", "create"])),
+        "{p:#}"
+    );
 
-    assert_same_tree(&agent_before, &tree(f.agent.root(), true), "agent after --dry-run");
+    assert_same_tree(
+        &agent_before,
+        &tree(f.agent.root(), true),
+        "agent after --dry-run",
+    );
     assert_same_tree(
         &store_files_before,
         &tree(&f.store.join("packs"), false),
         "packs after --dry-run",
     );
-    assert_eq!(f.list_ids(), vec![id], "a dry run takes no pre-restore snapshot");
+    assert_eq!(
+        f.list_ids(),
+        vec![id],
+        "a dry run takes no pre-restore snapshot"
+    );
     assert!(!f.journal().exists());
     assert_no_restore_leftovers(&f.agent);
 }
@@ -1037,7 +1083,10 @@ fn damaged_pack_byte_is_found_by_verify_read_data_and_blocks_restore() {
     let out = f.cmd().args(["verify", "--json"]).run();
     match out.status.code() {
         Some(0) => assert_eq!(out.json()["ok"], Value::Bool(true), "{out}"),
-        Some(3) => assert!(out.json()["damaged_snapshots"] == serde_json::json!([id]), "{out}"),
+        Some(3) => assert!(
+            out.json()["damaged_snapshots"] == serde_json::json!([id]),
+            "{out}"
+        ),
         _ => panic!("verify without --read-data\n{out}"),
     }
 
@@ -1047,7 +1096,11 @@ fn damaged_pack_byte_is_found_by_verify_read_data_and_blocks_restore() {
         .assert_exit_code(3);
     let report = out.json();
     assert_eq!(report["ok"], Value::Bool(false), "{out}");
-    assert_eq!(report["damaged_snapshots"], serde_json::json!([id]), "{out}");
+    assert_eq!(
+        report["damaged_snapshots"],
+        serde_json::json!([id]),
+        "{out}"
+    );
     let damaged = report["damaged"].as_array().expect("damaged");
     assert!(!damaged.is_empty(), "{out}");
     for d in damaged {
@@ -1065,9 +1118,16 @@ fn damaged_pack_byte_is_found_by_verify_read_data_and_blocks_restore() {
     change_agent(&f.agent);
     let live = tree(f.agent.root(), false);
     let out = f.cmd().args(["restore", &id]).assert_exit_code(1);
-    assert!(out.stderr.contains("memsnap: error:"), "{out}");
-    assert_same_tree(&live, &tree(f.agent.root(), false), "agent after a failed restore");
-    assert!(!f.journal().exists(), "a failed restore removes its journal");
+    assert!(out.stderr.contains("is damaged"), "{out}");
+    assert_same_tree(
+        &live,
+        &tree(f.agent.root(), false),
+        "agent after a failed restore",
+    );
+    assert!(
+        !f.journal().exists(),
+        "a failed restore removes its journal"
+    );
     assert_no_restore_leftovers(&f.agent);
 }
 
@@ -1109,8 +1169,14 @@ fn restore_crashed_after_memdir_switch_is_finished_by_the_next_command() {
     assert!(journal.contains("Switching"), "{journal}");
 
     f.cmd().arg("list").json();
-    assert!(!f.journal().exists(), "the next command finished the restore");
-    image.assert_matches(&f.agent, "after a crash at restore:memdir-switched and `list`");
+    assert!(
+        !f.journal().exists(),
+        "the next command finished the restore"
+    );
+    image.assert_matches(
+        &f.agent,
+        "after a crash at restore:memdir-switched and `list`",
+    );
 }
 
 #[test]
@@ -1171,7 +1237,10 @@ fn leave_crashed_restore(f: &Fixture, id: &str, at: CrashedAt) {
         .json();
     let staged_memdir = f.agent.root().join(format!(".memsnap-restore-{TOKEN}-new"));
     let old_memdir = f.agent.root().join(format!(".memsnap-restore-{TOKEN}-old"));
-    let staged_sqlite = f.agent.sqlite_dir().join(format!(".memsnap-restore-{TOKEN}"));
+    let staged_sqlite = f
+        .agent
+        .sqlite_dir()
+        .join(format!(".memsnap-restore-{TOKEN}"));
     fs::rename(scratch.join("memdir"), &staged_memdir).expect("stage memdir");
     fs::rename(scratch.join("sqlite"), &staged_sqlite).expect("stage databases");
     let mut dbs: Vec<String> = fs::read_dir(&staged_sqlite)
@@ -1229,7 +1298,10 @@ fn restore_left_by_a_crash_is_finished_by_list(at: CrashedAt) {
     assert!(!restore_leftovers(&f.agent).is_empty());
 
     f.cmd().arg("list").json();
-    assert!(!f.journal().exists(), "{at:?}: the next command finished the restore");
+    assert!(
+        !f.journal().exists(),
+        "{at:?}: the next command finished the restore"
+    );
     image.assert_matches(&f.agent, &format!("restore crashed at {at:?}, then `list`"));
     assert!(!f.agent.memdir().join("inbox.md").exists());
     assert!(!f.agent.sqlite_dir().join("scratch.sqlite").exists());
@@ -1312,7 +1384,11 @@ fn snapshot_crashed_before_commit_leaves_no_visible_snapshot() {
             .args(["snapshot", "--tenant", TENANT, "--agent", AGENT])
             .assert_crashed();
         assert!(out.stderr.contains(failpoint), "{out}");
-        assert_eq!(f.list_ids(), vec![first.clone()], "after a crash at {failpoint}");
+        assert_eq!(
+            f.list_ids(),
+            vec![first.clone()],
+            "after a crash at {failpoint}"
+        );
         let verify = f.cmd().args(["verify", "--read-data"]).json();
         assert_eq!(verify["ok"], Value::Bool(true), "{verify:#}");
         assert_eq!(verify["snapshots_checked"], serde_json::json!(1));
@@ -1463,7 +1539,9 @@ fn list_and_show_json_have_the_documented_fields() {
     let other = tempfile::tempdir().expect("temp dir");
     SampleAgent::create(other.path(), &SampleSpec::tiny()).expect("second agent");
     f.cmd()
-        .args(["snapshot", "--tenant", "globex", "--agent", "bob", "--source"])
+        .args([
+            "snapshot", "--tenant", "globex", "--agent", "bob", "--source",
+        ])
         .arg(other.path())
         .json();
 
@@ -1527,11 +1605,23 @@ fn restoring_another_tenants_snapshot_is_refused() {
         assert!(out.stderr.contains(&format!("{tenant}/{agent}")), "{out}");
         let out = f
             .cmd()
-            .args(["restore", &id, "--dry-run", "--tenant", tenant, "--agent", agent])
+            .args([
+                "restore",
+                &id,
+                "--dry-run",
+                "--tenant",
+                tenant,
+                "--agent",
+                agent,
+            ])
             .assert_exit_code(1);
         assert!(out.stderr.contains("refused"), "{out}");
     }
-    assert_same_tree(&live, &tree(f.agent.root(), true), "agent after refused restores");
+    assert_same_tree(
+        &live,
+        &tree(f.agent.root(), true),
+        "agent after refused restores",
+    );
     assert_eq!(f.list_ids(), vec![id], "no pre-restore snapshot was taken");
     assert!(!f.store.join("locks/agents/globex").exists());
 }
@@ -1547,7 +1637,11 @@ fn deleting_another_tenants_snapshot_is_refused() {
         .run();
     assert_eq!(out.status.code(), Some(1), "{out}");
     assert!(out.stderr.contains("refused"), "{out}");
-    assert_eq!(f.list_ids(), vec![id], "the other tenant's snapshot survives");
+    assert_eq!(
+        f.list_ids(),
+        vec![id],
+        "the other tenant's snapshot survives"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1560,7 +1654,11 @@ fn delete_removes_the_snapshot_from_list_and_show() {
     let a = f.snapshot_id();
     let b = f.snapshot_id();
     let deleted = f.cmd().args(["delete", &a[..8]]).json();
-    assert_eq!(deleted["deleted"]["id"], Value::String(a.clone()), "{deleted:#}");
+    assert_eq!(
+        deleted["deleted"]["id"],
+        Value::String(a.clone()),
+        "{deleted:#}"
+    );
     assert_eq!(f.list_ids(), vec![b.clone()]);
     let out = f.cmd().args(["show", &a]).assert_exit_code(1);
     assert!(out.stderr.contains("no snapshot matches"), "{out}");
@@ -1611,6 +1709,181 @@ fn short_unknown_and_incomplete_snapshot_specs_give_clear_errors() {
     let upper = f.cmd().args(["show", &id[..8].to_uppercase()]).json();
     assert_eq!(upper["id"], Value::String(id.clone()));
     assert_eq!(f.list_ids(), vec![id], "no failed command deleted anything");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live databases and permissions
+// ---------------------------------------------------------------------------------------------
+
+fn count(c: &rusqlite::Connection, sql: &str) -> i64 {
+    c.query_row(sql, [], |r| r.get(0)).expect("count query")
+}
+
+#[test]
+fn snapshot_holds_committed_wal_rows_and_no_uncommitted_ones() {
+    let f = Fixture::new();
+    let rows = f.agent.row_counts().expect("rows");
+    let long_term = f.agent.sqlite_dir().join("long_term.sqlite");
+    let vector = f.agent.sqlite_dir().join("vector.sqlite");
+    assert!(
+        is_wal(&long_term) && !is_wal(&vector),
+        "sample journal modes"
+    );
+
+    // Committed rows that stay in the WAL (no checkpoint while this connection is open).
+    let writer = rusqlite::Connection::open(&long_term).expect("open long_term");
+    writer
+        .pragma_update(None, "wal_autocheckpoint", 0)
+        .expect("no autocheckpoint");
+    writer
+        .execute_batch(
+            "INSERT INTO memories(kind, content, created_at, importance)
+             VALUES ('fact', 'committed, in the wal', 0, 0.5),
+                    ('fact', 'committed, in the wal', 1, 0.5),
+                    ('fact', 'committed, in the wal', 2, 0.5);",
+        )
+        .expect("insert");
+    let wal = f.agent.sqlite_dir().join("long_term.sqlite-wal");
+    assert!(
+        fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) > 0,
+        "rows in the WAL"
+    );
+    // Uncommitted writes in both databases, open while the snapshot runs.
+    let pending_lt = rusqlite::Connection::open(&long_term).expect("open long_term");
+    pending_lt
+        .execute_batch(
+            "BEGIN IMMEDIATE;
+             INSERT INTO memories(kind, content, created_at, importance)
+             VALUES ('fact', 'uncommitted', 3, 0.5);",
+        )
+        .expect("pending insert");
+    let pending_vec = rusqlite::Connection::open(&vector).expect("open vector");
+    pending_vec
+        .execute_batch(
+            "BEGIN IMMEDIATE;
+             DELETE FROM embeddings WHERE id % 2 = 0;",
+        )
+        .expect("pending delete");
+
+    let id = f.snapshot_id();
+    pending_lt.execute_batch("ROLLBACK").expect("rollback");
+    pending_vec.execute_batch("ROLLBACK").expect("rollback");
+    drop((writer, pending_lt, pending_vec));
+
+    let target = f.path("restored");
+    f.cmd()
+        .args(["restore", &id, "--target"])
+        .arg(&target)
+        .json();
+    let restored = SampleAgent::open(&target);
+    assert_databases_intact(&restored);
+    let mut expected = rows;
+    *expected.get_mut("long_term.memories").expect("memories") += 3;
+    *expected.get_mut("long_term.memories_fts").expect("fts") += 3;
+    assert_eq!(restored.row_counts().expect("rows"), expected);
+    let c = rusqlite::Connection::open(target.join("sqlite/long_term.sqlite")).expect("open");
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM memories WHERE content = 'uncommitted'"
+        ),
+        0
+    );
+}
+
+#[test]
+fn restore_is_seen_through_database_connections_left_open() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let rows = f.agent.row_counts().expect("rows");
+    change_agent(&f.agent);
+    // The agent keeps its databases open (idle) across the restore.
+    let open = |name: &str| {
+        rusqlite::Connection::open(f.agent.sqlite_dir().join(name)).expect("open database")
+    };
+    let (lt, vec) = (open("long_term.sqlite"), open("vector.sqlite"));
+    assert_ne!(
+        count(&vec, "SELECT count(*) FROM embeddings"),
+        rows["vector.embeddings"]
+    );
+
+    f.restore(&id, &[]);
+    assert_eq!(
+        count(&vec, "SELECT count(*) FROM embeddings"),
+        rows["vector.embeddings"],
+        "an open rollback-mode connection sees the restored database"
+    );
+    assert_eq!(
+        count(&lt, "SELECT count(*) FROM memories"),
+        rows["long_term.memories"],
+        "an open WAL connection sees the restored database"
+    );
+    let check: String = lt
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity_check");
+    assert_eq!(check, "ok");
+    drop((lt, vec));
+    assert_no_side_files(&f.agent);
+    assert_databases_intact(&f.agent);
+    assert_eq!(f.agent.row_counts().expect("rows"), rows);
+}
+
+#[test]
+#[ignore = "BUG: the memdir folder's own mode is not recorded; restore recreates it 0755 (umask default)"]
+fn restore_keeps_a_private_memdir_private() {
+    let f = Fixture::new();
+    fs::set_permissions(f.agent.memdir(), fs::Permissions::from_mode(0o700)).expect("chmod");
+    let id = f.snapshot_id();
+    change_agent(&f.agent);
+    f.restore(&id, &[]);
+    let mode = fs::metadata(f.agent.memdir()).expect("memdir").mode() & 0o7777;
+    assert_eq!(mode, 0o700, "memdir mode after restore: {mode:o}");
+}
+
+#[test]
+#[ignore = "BUG: restore rewrites state files with the umask default mode (0644), so a 0600 state file becomes world-readable"]
+fn restore_keeps_private_state_files_private() {
+    let f = Fixture::new();
+    let cursor = f.agent.state_dir().join("extract_cursor.json");
+    fs::set_permissions(&cursor, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let id = f.snapshot_id();
+    change_agent(&f.agent);
+    f.restore(&id, &[]);
+    let mode = fs::metadata(&cursor).expect("state file").mode() & 0o7777;
+    assert_eq!(mode, 0o600, "state file mode after restore: {mode:o}");
+}
+
+#[test]
+fn missing_pack_is_found_by_plain_verify() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let pack = corrupt_largest_pack(&f.store);
+    fs::remove_file(&pack).expect("remove pack");
+    let out = f.cmd().args(["verify", "--json"]).assert_exit_code(3);
+    let report = out.json();
+    assert_eq!(
+        report["damaged_snapshots"],
+        serde_json::json!([id]),
+        "{out}"
+    );
+    let out = f.cmd().args(["verify", &id]).assert_exit_code(3);
+    assert!(out.stdout.contains("DAMAGED"), "{out}");
+}
+
+#[test]
+fn init_creates_an_empty_store() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let store = tmp.path().join("fresh");
+    let out = TestCommand::new(&store).arg("init").json();
+    assert_eq!(out["store"], Value::String(store.display().to_string()));
+    assert!(store.join("index.redb").is_file());
+    assert_eq!(
+        TestCommand::new(&store).arg("list").json(),
+        serde_json::json!([])
+    );
+    let verify = TestCommand::new(&store).arg("verify").json();
+    assert_eq!(verify["ok"], Value::Bool(true), "{verify:#}");
+    TestCommand::new(&store).arg("init").json();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -32,6 +32,14 @@ pub(crate) struct Store {
 impl Store {
     /// Opens the store at `root`, creating it first if it does not exist.
     pub(crate) fn create_or_open(root: &Path, lock_timeout: Duration) -> Result<Self, Error> {
+        // Never scatter a store over a folder that holds something else.
+        if !root.join(INDEX_FILE).exists()
+            && has_foreign_entries(root).map_err(|e| Error::io(root, e))?
+        {
+            return Err(Error::NotAStore {
+                path: root.to_path_buf(),
+            });
+        }
         for dir in ["packs", "locks", "journal", "tmp"] {
             let d = root.join(dir);
             crate::fsutil::create_dir_all_durable(&d).map_err(|e| Error::io(&d, e))?;
@@ -178,4 +186,24 @@ fn decode_config(path: &Path, bytes: &[u8]) -> Result<StoreConfig, StoreError> {
         });
     }
     Ok(config)
+}
+
+/// Whether `root` holds anything but a store's own folders (left by a creation that crashed
+/// before the index existed).
+fn has_foreign_entries(root: &Path) -> std::io::Result<bool> {
+    let rd = match std::fs::read_dir(root) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    for entry in rd {
+        let name = entry?.file_name();
+        if !["packs", "locks", "journal", "tmp", INDEX_FILE]
+            .iter()
+            .any(|own| name == *own)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
