@@ -18,20 +18,19 @@ struct Step {
     growth: u64,
 }
 
-fn du(path: &Path) -> u64 {
-    walk_size(path)
-}
-
-fn walk_size(p: &Path) -> u64 {
+/// Disk space used under `p` (allocated blocks, as `du`): redb extends its file sparsely, so
+/// apparent lengths overstate what a commit stores.
+fn du(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::symlink_metadata(p) else {
         return 0;
     };
     if meta.is_dir() {
         std::fs::read_dir(p)
-            .map(|rd| rd.flatten().map(|e| walk_size(&e.path())).sum())
+            .map(|rd| rd.flatten().map(|e| du(&e.path())).sum())
             .unwrap_or(0)
     } else {
-        meta.len()
+        meta.blocks() * 512
     }
 }
 
