@@ -37,6 +37,8 @@ fn du(p: &Path) -> u64 {
 /// Runs a command and returns (wall s, user+sys s, max RSS MiB) of that child alone.
 fn run(cmd: &mut Command) -> (f64, f64, f64) {
     let t = Instant::now();
+    // Reaped by wait4 below, which also gives this child's own rusage.
+    #[allow(clippy::zombie_processes)]
     let child = cmd.spawn().expect("spawn");
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
@@ -232,7 +234,8 @@ fn bench_size(base: &Path, size: u64, have_restic: bool) {
     }
     let mut results: Vec<Vec<Step>> = tools.iter().map(|_| Vec::new()).collect();
     let mut floors = Vec::new();
-    let days: [(&str, Box<dyn Fn(&SampleAgent)>); 5] = [
+    type Change = Box<dyn Fn(&SampleAgent)>;
+    let days: [(&str, Change); 5] = [
         ("first", Box::new(|_| {})),
         (
             "append day",

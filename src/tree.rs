@@ -60,8 +60,7 @@ impl TreeBuilder {
             l.hits.push(put.id);
         }
         let cut = u32::from_le_bytes([put.id.0[8], put.id.0[9], put.id.0[10], put.id.0[11]])
-            % self.fanout
-            == 0;
+            .is_multiple_of(self.fanout);
         if cut || l.entries.len() >= self.max_entries {
             self.close(w, level)?;
         }
@@ -161,6 +160,10 @@ pub(crate) fn decode_node(
         .collect())
 }
 
+/// Called for each node (`is_data` false) and data chunk of a tree, with its bytes or read error.
+pub(crate) type Visitor<'a> =
+    dyn FnMut(&ChunkId, bool, Result<Vec<u8>, StoreError>) -> Result<(), StoreError> + 'a;
+
 /// Visits a content tree depth-first in order. `visit(id, is_data, bytes)` gets every node and
 /// data chunk; data chunks are read only when `read_data` is set (`bytes` is empty otherwise).
 /// Returns an error at the first unreadable node; a data chunk's read error goes to `visit`.
@@ -168,7 +171,7 @@ pub(crate) fn walk(
     reader: &mut ChunkReader<'_>,
     content: &ContentRef,
     read_data: bool,
-    visit: &mut dyn FnMut(&ChunkId, bool, Result<Vec<u8>, StoreError>) -> Result<(), StoreError>,
+    visit: &mut Visitor<'_>,
 ) -> Result<(), StoreError> {
     walk_at(reader, &content.root, content.height, read_data, visit)
 }
@@ -178,7 +181,7 @@ fn walk_at(
     id: &ChunkId,
     height: u8,
     read_data: bool,
-    visit: &mut dyn FnMut(&ChunkId, bool, Result<Vec<u8>, StoreError>) -> Result<(), StoreError>,
+    visit: &mut Visitor<'_>,
 ) -> Result<(), StoreError> {
     if height == 0 {
         let data = if read_data {

@@ -77,8 +77,7 @@ pub(crate) fn latest_of(
 ) -> Result<Option<SnapshotRecord>, StoreError> {
     Ok(all_records(index, tx)?
         .into_iter()
-        .filter(|r| r.info.tenant == agent.tenant() && r.info.agent == agent.agent())
-        .next_back())
+        .rfind(|r| r.info.tenant == agent.tenant() && r.info.agent == agent.agent()))
 }
 
 /// Resolves `SNAP`: a full id, a unique prefix of at least 8 characters, or `latest`.

@@ -268,14 +268,12 @@ pub(crate) fn restore(
     let started = Instant::now();
     let (record, entries) = load(store, req)?;
     let agent = AgentId::new(&record.info.tenant, &record.info.agent)?;
-    if let Some(asked) = &req.agent {
-        if *asked != agent {
-            return Err(Error::AgentMismatch {
-                id: record.info.id.clone(),
-                snapshot_agent: agent.to_string(),
-                asked: asked.to_string(),
-            });
-        }
+    if let Some(asked) = req.agent.as_ref().filter(|a| **a != agent) {
+        return Err(Error::AgentMismatch {
+            id: record.info.id.clone(),
+            snapshot_agent: agent.to_string(),
+            asked: asked.to_string(),
+        });
     }
     let paths = match &req.target {
         Some(dir) => {

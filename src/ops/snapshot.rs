@@ -96,7 +96,7 @@ pub(crate) fn snapshot_locked(
     // that id excluded; the data of the failed attempt is unreferenced and pruned later.
     for _ in 0..3 {
         match attempt(store, req, &sources, &excluded, progress)? {
-            Attempt::Done(info) => return Ok(info),
+            Attempt::Done(info) => return Ok(*info),
             Attempt::Retry(missing) => excluded.extend(missing),
         }
     }
@@ -124,7 +124,7 @@ fn resolve_sources(store: &Store, req: &SnapshotRequest) -> Result<SourceSpec, E
 }
 
 enum Attempt {
-    Done(SnapshotInfo),
+    Done(Box<SnapshotInfo>),
     Retry(Vec<ChunkId>),
 }
 
@@ -400,7 +400,7 @@ fn attempt(
     }
     tx.commit().map_err(|e| index.err()(e.into()))?;
     progress.finish();
-    Ok(Attempt::Done(record.info))
+    Ok(Attempt::Done(Box::new(record.info)))
 }
 
 /// Chunks a byte stream with FastCDC and stores it as a content tree.

@@ -156,10 +156,8 @@ pub(crate) fn verify(
         packs.sort();
         for pack in packs {
             let path = reader.pack_path(pack);
-            if path.exists() {
-                if let Err(e) = read_footer(&path) {
-                    report.damaged_packs.push(e.to_string());
-                }
+            if let (true, Err(e)) = (path.exists(), read_footer(&path)) {
+                report.damaged_packs.push(e.to_string());
             }
         }
     }

@@ -26,6 +26,9 @@ pub(crate) struct DbMeta {
     pub wal: bool,
 }
 
+/// Receives each page of a database, in order.
+pub(crate) type PageSink<'a> = dyn FnMut(&DbMeta, &[u8]) -> Result<(), crate::error::Error> + 'a;
+
 /// Whether `path` starts with the SQLite header (databases are recognised by content, not name).
 pub(crate) fn is_database(path: &Path) -> bool {
     let mut head = [0u8; 16];
@@ -79,7 +82,7 @@ pub(crate) fn read_pages(
     path: &Path,
     busy: Duration,
     tmp_dir: &Path,
-    on_page: &mut dyn FnMut(&DbMeta, &[u8]) -> Result<(), crate::error::Error>,
+    on_page: &mut PageSink<'_>,
 ) -> Result<DbMeta, crate::error::Error> {
     let err = |source| SourceError::Sqlite {
         path: path.to_path_buf(),
@@ -156,7 +159,7 @@ fn read_via_backup(
     path: &Path,
     tmp_dir: &Path,
     meta: DbMeta,
-    on_page: &mut dyn FnMut(&DbMeta, &[u8]) -> Result<(), crate::error::Error>,
+    on_page: &mut PageSink<'_>,
 ) -> Result<DbMeta, crate::error::Error> {
     let err = |source| SourceError::Sqlite {
         path: path.to_path_buf(),

@@ -60,12 +60,11 @@ impl<'i> ChunkReader<'i> {
                 loc.raw_len.max(loc.stored_len)
             )));
         }
-        if !self.files.contains_key(&loc.pack) {
-            let f = File::open(&path).map_err(|e| StoreError::io(&path, e))?;
-            self.files.insert(loc.pack, f);
-        }
-        let Some(file) = self.files.get(&loc.pack) else {
-            return Err(damaged("pack not open".into()));
+        let file = match self.files.entry(loc.pack) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(File::open(&path).map_err(|e| StoreError::io(&path, e))?)
+            }
         };
         let mut stored = vec![0u8; loc.stored_len as usize];
         file.read_exact_at(&mut stored, loc.offset).map_err(|e| {
