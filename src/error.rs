@@ -124,7 +124,7 @@ pub enum Error {
     #[error("`latest` needs --tenant and --agent")]
     LatestNeedsAgent,
     #[error(
-        "snapshot {id} belongs to {snapshot_agent}, not {asked}: restoring one agent's memory into another is refused"
+        "snapshot {id} belongs to {snapshot_agent}, not {asked}: acting on one agent's snapshot as another's is refused"
     )]
     AgentMismatch {
         id: String,

@@ -9,9 +9,10 @@ pub(crate) fn hit(name: &str) -> Result<(), Error> {
     let Ok(spec) = std::env::var("MEMSNAP_FAILPOINT") else {
         return Ok(());
     };
+    // Point names contain ':' themselves (`restore:staged`), so only a trailing `:error` counts.
     for point in spec.split(',') {
-        match point.split_once(':') {
-            Some((p, "error")) if p == name => return Err(Error::FailPoint(name.to_owned())),
+        match point.strip_suffix(":error") {
+            Some(p) if p == name => return Err(Error::FailPoint(name.to_owned())),
             None if point == name => {
                 eprintln!("memsnap: failpoint {name} hit, aborting");
                 std::process::abort();

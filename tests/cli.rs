@@ -673,7 +673,6 @@ fn restore_into_target_with_a_memdir_fails_and_writes_nothing() {
 }
 
 #[test]
-#[ignore = "BUG: --target only checks memdir/, sqlite/ and state/ inside it; a non-empty folder is restored into"]
 fn restore_into_non_empty_target_folder_fails_and_writes_nothing() {
     let f = Fixture::new();
     let id = f.snapshot_id();
@@ -1156,7 +1155,6 @@ fn without_staging_parent_mtimes(mut t: Tree) -> Tree {
 }
 
 #[test]
-#[ignore = "BUG: failpoint::hit splits names at the first ':', so MEMSNAP_FAILPOINT=restore:... never fires"]
 fn restore_crashed_after_memdir_switch_is_finished_by_the_next_command() {
     let f = Fixture::decorated();
     let id = f.snapshot_id();
@@ -1185,7 +1183,6 @@ fn restore_crashed_after_memdir_switch_is_finished_by_the_next_command() {
 }
 
 #[test]
-#[ignore = "BUG: failpoint::hit splits names at the first ':', so MEMSNAP_FAILPOINT=restore:... never fires"]
 fn restore_crashed_while_staged_is_rolled_back_by_the_next_command() {
     let f = Fixture::decorated();
     let id = f.snapshot_id();
@@ -1377,7 +1374,6 @@ fn restore_left_by_a_crash_while_staged_is_rolled_back_before_a_snapshot() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "BUG: failpoint::hit splits names at the first ':', so MEMSNAP_FAILPOINT=snapshot:... never fires"]
 fn snapshot_crashed_before_commit_leaves_no_visible_snapshot() {
     let f = Fixture::new();
     let first = f.snapshot_id();
@@ -1410,7 +1406,6 @@ fn snapshot_crashed_before_commit_leaves_no_visible_snapshot() {
 }
 
 #[test]
-#[ignore = "BUG: failpoint::hit splits names at the first ':', so MEMSNAP_FAILPOINT=snapshot:...:error never fires"]
 fn failpoint_with_error_suffix_fails_the_snapshot_cleanly() {
     // `name:error` makes the operation fail instead of aborting (src/failpoint.rs).
     let f = Fixture::new();
@@ -1632,7 +1627,6 @@ fn restoring_another_tenants_snapshot_is_refused() {
 }
 
 #[test]
-#[ignore = "BUG: delete with --tenant/--agent deletes a snapshot of another tenant"]
 fn deleting_another_tenants_snapshot_is_refused() {
     let f = Fixture::new();
     let id = f.snapshot_id();
@@ -1834,7 +1828,6 @@ fn restore_is_seen_through_database_connections_left_open() {
 }
 
 #[test]
-#[ignore = "BUG: the memdir folder's own mode is not recorded; restore recreates it 0755 (umask default)"]
 fn restore_keeps_a_private_memdir_private() {
     let f = Fixture::new();
     fs::set_permissions(f.agent.memdir(), fs::Permissions::from_mode(0o700)).expect("chmod");
@@ -1846,7 +1839,6 @@ fn restore_keeps_a_private_memdir_private() {
 }
 
 #[test]
-#[ignore = "BUG: restore rewrites state files with the umask default mode (0644), so a 0600 state file becomes world-readable"]
 fn restore_keeps_private_state_files_private() {
     let f = Fixture::new();
     let cursor = f.agent.state_dir().join("extract_cursor.json");

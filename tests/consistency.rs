@@ -749,10 +749,10 @@ impl StateProvider for GateProvider {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        Ok(vec![StateItem {
-            name: "gate.json".into(),
-            json: b"{\"gate\": true}".to_vec(),
-        }])
+        Ok(vec![StateItem::new(
+            "gate.json",
+            b"{\"gate\": true}".to_vec(),
+        )])
     }
 
     fn restore(&self, _: &[StateItem]) -> Result<(), SourceError> {
@@ -874,10 +874,7 @@ impl StateProvider for MemState {
 }
 
 fn item(name: &str, json: &[u8]) -> StateItem {
-    StateItem {
-        name: name.into(),
-        json: json.to_vec(),
-    }
+    StateItem::new(name, json.to_vec())
 }
 
 #[test]

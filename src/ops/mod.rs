@@ -104,17 +104,33 @@ pub(crate) fn resolve(
         .into_iter()
         .filter(|r| r.info.id.starts_with(&spec_lc))
         .collect();
-    match matches.len() {
-        0 => Err(Error::SnapshotNotFound {
-            spec: spec.to_owned(),
-            hint: " (see `memsnap list`)".to_owned(),
-        }),
-        1 => Ok(matches.remove(0)),
-        count => Err(Error::AmbiguousSnapshot {
-            spec: spec.to_owned(),
-            count,
-        }),
+    let record = match matches.len() {
+        0 => {
+            return Err(Error::SnapshotNotFound {
+                spec: spec.to_owned(),
+                hint: " (see `memsnap list`)".to_owned(),
+            });
+        }
+        1 => matches.remove(0),
+        count => {
+            return Err(Error::AmbiguousSnapshot {
+                spec: spec.to_owned(),
+                count,
+            });
+        }
+    };
+    // Naming an agent is a claim about the snapshot: one tenant never reads, restores or
+    // deletes another's snapshot by id.
+    if let Some(asked) =
+        agent.filter(|a| a.tenant() != record.info.tenant || a.agent() != record.info.agent)
+    {
+        return Err(Error::AgentMismatch {
+            id: record.info.id.clone(),
+            snapshot_agent: format!("{}/{}", record.info.tenant, record.info.agent),
+            asked: asked.to_string(),
+        });
     }
+    Ok(record)
 }
 
 pub(crate) fn load_entries(

@@ -182,7 +182,7 @@ fn write_journal(store: &Store, agent: &AgentId, j: &Journal) -> Result<(), Erro
     fsutil::create_dir_all_durable(&dir).map_err(|e| Error::io(&dir, e))?;
     let bytes =
         serde_json::to_vec_pretty(j).map_err(|e| Error::io(&path, std::io::Error::other(e)))?;
-    fsutil::write_atomic(&path, &bytes).map_err(|e| Error::io(&path, e))
+    fsutil::write_atomic(&path, &bytes, 0o600).map_err(|e| Error::io(&path, e))
 }
 
 fn remove_journal(store: &Store, agent: &AgentId) -> Result<(), Error> {
@@ -308,12 +308,10 @@ pub(crate) fn restore(
             duration_ms: started.elapsed().as_millis() as u64,
         });
     }
-    if req.target.is_some() {
-        for p in [&paths.memdir, &paths.sqlite_dir, &paths.state_dir] {
-            if !fsutil::is_absent_or_empty(p).map_err(|e| Error::io(p, e))? {
-                return Err(Error::TargetNotEmpty { path: p.clone() });
-            }
-        }
+    if let Some(dir) = &req.target
+        && !fsutil::is_absent_or_empty(dir).map_err(|e| Error::io(dir, e))?
+    {
+        return Err(Error::TargetNotEmpty { path: dir.clone() });
     }
 
     let pre_snapshot_id = if req.pre_snapshot && req.target.is_none() {
@@ -354,13 +352,14 @@ pub(crate) fn restore(
     };
     write_journal(store, &agent, &journal)?;
     progress.start("restore", plan.bytes);
-    let staged = stage(store, &journal, &entries, progress);
+    let staged = stage(store, &journal, &entries, progress)
+        .and_then(|()| crate::failpoint::hit("restore:staged"));
     if let Err(e) = staged {
+        // Nothing live was touched: undo the staging now rather than on the next command.
         let _ = cleanup(&journal);
         let _ = remove_journal(store, &agent);
         return Err(e);
     }
-    crate::failpoint::hit("restore:staged")?;
     let journal = Journal {
         phase: Phase::Switching,
         ..journal
@@ -649,6 +648,7 @@ fn state_items(
         items.push(StateItem {
             name: e.path_lossy(),
             json,
+            mode: (e.mode != 0).then_some(e.mode),
         });
     }
     Ok(items)

@@ -262,7 +262,7 @@ fn attempt(
             part: Part::State,
             path: item.name.as_bytes().to_vec(),
             kind: EntryKind::File,
-            mode: 0o600,
+            mode: item.mode.unwrap_or(0),
             mtime_ns: 0,
             size,
             hash,

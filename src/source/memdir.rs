@@ -28,7 +28,7 @@ pub(crate) fn walk(root: &Path) -> Result<Vec<Item>, SourceError> {
     let mut out = Vec::new();
     let walker = walkdir::WalkDir::new(root)
         .follow_links(false)
-        .min_depth(1)
+        .min_depth(0)
         .sort_by_file_name();
     for entry in walker {
         let entry = entry.map_err(|e| SourceError::Io {

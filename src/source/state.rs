@@ -10,6 +10,18 @@ use crate::error::SourceError;
 pub struct StateItem {
     pub name: String,
     pub json: Vec<u8>,
+    /// Permission bits, where the provider has them (the folder provider does); restored as is.
+    pub mode: Option<u32>,
+}
+
+impl StateItem {
+    pub fn new(name: impl Into<String>, json: Vec<u8>) -> Self {
+        Self {
+            name: name.into(),
+            json,
+            mode: None,
+        }
+    }
 }
 
 /// Captures and restores an agent's small JSON state.
@@ -71,10 +83,13 @@ impl StateProvider for FsStateProvider {
             .map(|name| {
                 let path = self.dir.join(&name);
                 let json = std::fs::read(&path).map_err(Self::io(&path))?;
+                let mode = std::fs::metadata(&path)
+                    .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+                    .ok();
                 if serde_json::from_slice::<serde_json::Value>(&json).is_err() {
                     tracing::warn!(path = %path.display(), "state file is not valid JSON; captured as is");
                 }
-                Ok(StateItem { name, json })
+                Ok(StateItem { name, json, mode })
             })
             .collect()
     }
@@ -88,7 +103,8 @@ impl StateProvider for FsStateProvider {
                 });
             }
             let path = self.dir.join(&item.name);
-            crate::fsutil::write_atomic(&path, &item.json).map_err(Self::io(&path))?;
+            crate::fsutil::write_atomic(&path, &item.json, item.mode.unwrap_or(0o600))
+                .map_err(Self::io(&path))?;
         }
         for name in self.names()? {
             if !items.iter().any(|i| i.name == name) {
