@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use redb::{ReadableDatabase, TableDefinition};
 
-use super::chunk_id::ChunkId;
-use super::pack::ChunkLoc;
 use crate::error::{Error, StoreError};
 use crate::lock::{self, Holder, LockGuard, Mode};
 
@@ -60,22 +58,6 @@ impl Index {
         self.db
             .begin_write()
             .map_err(|e| StoreError::index(&self.path, e))
-    }
-
-    pub(crate) fn chunk_loc(
-        &self,
-        tx: &redb::ReadTransaction,
-        id: &ChunkId,
-    ) -> Result<Option<ChunkLoc>, StoreError> {
-        let table = match tx.open_table(CHUNKS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(StoreError::index(&self.path, e)),
-        };
-        let v = table
-            .get(id.0)
-            .map_err(|e| StoreError::index(&self.path, e))?;
-        Ok(v.map(|g| ChunkLoc::decode(&g.value())))
     }
 }
 

@@ -208,6 +208,28 @@ impl ChunkWriter {
     }
 }
 
+/// Order-0 entropy at or above this many bits per byte means Huffman coding cannot save an
+/// eighth, and random data (embeddings) has no long matches either: compressing it would burn
+/// ~half of a first snapshot's CPU for nothing. A byte histogram costs a fraction of a zstd call.
+const MAX_ENTROPY_BITS: f64 = 7.2;
+
+fn may_compress(data: &[u8]) -> bool {
+    let mut hist = [0u32; 256];
+    for &b in data {
+        hist[b as usize] += 1;
+    }
+    let n = data.len() as f64;
+    let entropy: f64 = hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.log2()
+        })
+        .sum();
+    entropy < MAX_ENTROPY_BITS
+}
+
 /// Compresses with zstd when that saves at least 1/8 of the bytes; random float vectors, the
 /// bulk of an agent's memory, save ~8% and are stored raw (cheaper to restore, too).
 fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
@@ -216,7 +238,7 @@ fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
         static CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
             const { std::cell::RefCell::new(None) };
     }
-    if data.len() < 64 {
+    if data.len() < 64 || !may_compress(data) {
         return None;
     }
     let c = CCTX.with(|cell| {
@@ -227,4 +249,31 @@ fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
         slot.as_mut()?.1.compress(data).ok()
     })?;
     (c.len() <= data.len() - data.len() / 8).then_some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_and_sparse_pages_compress_random_floats_do_not() {
+        let text = "The user prefers short answers and works on memsnap. ".repeat(80);
+        assert!(compress(text.as_bytes(), 3).is_some());
+        let mut page = vec![0u8; 4096];
+        page[..100].copy_from_slice(&[7u8; 100]);
+        assert!(compress(&page, 3).is_some());
+        let mut s = 0x1234_5678_u64;
+        let floats: Vec<u8> = (0..1024)
+            .flat_map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (((s >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 0.1).to_le_bytes()
+            })
+            .collect();
+        assert!(
+            !may_compress(&floats),
+            "random float32 vectors should skip zstd"
+        );
+    }
 }
