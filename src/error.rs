@@ -131,6 +131,21 @@ pub enum Error {
         snapshot_agent: String,
         asked: String,
     },
+    #[error("the {first} and the {second} overlap: give three separate folders")]
+    OverlappingParts { first: String, second: String },
+    #[error("cannot restore over {path}: {reason}")]
+    CannotSwitch { path: PathBuf, reason: String },
+    #[error(
+        "{doing} the restore of snapshot {snapshot} failed: {source}. The restore journal {journal} \
+         stays: fix the cause and run any memsnap command to finish it"
+    )]
+    Recovery {
+        snapshot: String,
+        journal: PathBuf,
+        doing: String,
+        #[source]
+        source: Box<Error>,
+    },
     #[error("restore target {path} is not empty: choose an empty or missing folder for --target")]
     TargetNotEmpty { path: PathBuf },
     #[error("the snapshot's {what} does not match its recorded hash after restore staging: {path}")]

@@ -52,7 +52,7 @@ pub(crate) fn acquire(
             path: path.to_path_buf(),
             source,
         })?;
-    let deadline = Instant::now() + timeout;
+    let start = Instant::now();
     loop {
         let attempt = match mode {
             Mode::Shared => file.try_lock_shared(),
@@ -63,7 +63,7 @@ pub(crate) fn acquire(
                 return Ok(LockGuard { _file: file });
             }
             Err(TryLockError::WouldBlock) => {
-                if Instant::now() >= deadline {
+                if start.elapsed() >= timeout {
                     return Err(match holder {
                         Holder::Agent(agent) => Error::AgentBusy {
                             agent,

@@ -195,8 +195,9 @@ fn store_path(cli: &Cli) -> anyhow::Result<PathBuf> {
 }
 
 fn opts(cli: &Cli) -> anyhow::Result<StoreOptions> {
-    if !(cli.lock_timeout.is_finite() && cli.lock_timeout >= 0.0) {
-        anyhow::bail!("--lock-timeout must be a number of seconds >= 0");
+    // A day is more than any wait worth having, and keeps deadline arithmetic far from overflow.
+    if !(0.0..=86_400.0).contains(&cli.lock_timeout) {
+        anyhow::bail!("--lock-timeout must be a number of seconds from 0 to 86400");
     }
     Ok(StoreOptions::default().lock_timeout(Duration::from_secs_f64(cli.lock_timeout)))
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::StoreError;
 use crate::tree::ContentRef;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub(crate) enum Part {
     Memdir,
     Sqlite,
@@ -71,7 +71,7 @@ impl ArtifactEntry {
     }
 }
 
-/// Encodes the entry list: per entry a version byte, a u32 LE length, then bincode 2.
+/// Encodes the entry list: per entry a u32 LE length, then the record (version byte, bincode 2).
 pub(crate) fn encode_entries(entries: &[ArtifactEntry]) -> Result<Vec<u8>, StoreError> {
     let mut out = Vec::new();
     for e in entries {

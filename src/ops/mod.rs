@@ -137,7 +137,7 @@ pub(crate) fn load_entries(
     reader: &mut ChunkReader<'_>,
     record: &SnapshotRecord,
 ) -> Result<Vec<ArtifactEntry>, StoreError> {
-    let mut bytes = Vec::with_capacity(record.manifest.size as usize);
+    let mut bytes = Vec::with_capacity(record.manifest.size.min(1 << 24) as usize);
     tree::walk(reader, &record.manifest, true, &mut |_, is_data, data| {
         let data = data?;
         if is_data {

@@ -119,9 +119,25 @@ pub struct RestoreReport {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Phase {
+    /// Staging folders are being filled; nothing live was touched: roll back.
     Staging,
+    /// Everything is staged and checked; the switch may be part done: finish it.
     Switching,
+    /// The switch is complete; only staging remains to remove. Never redo the switch here: the
+    /// agent may have written since.
+    Switched,
 }
+
+/// A state document carried in the journal (state is small), so that a recovery needs neither
+/// the index nor the state provider's source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct JournalState {
+    name: String,
+    mode: Option<u32>,
+    json_hex: String,
+}
+
+const JOURNAL_VERSION: u32 = 1;
 
 /// The restore journal (`journal/<tenant>/<agent>.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,6 +158,11 @@ struct Journal {
     /// The state goes to the state folder (the default provider); a custom provider's restore
     /// cannot be redone by another process.
     fs_state: bool,
+    /// The snapshot's state documents, checked against their hashes before `Switching`.
+    /// Absent in a journal written before staging finished; recovery then reads the state from
+    /// the store.
+    #[serde(default)]
+    state: Option<Vec<JournalState>>,
 }
 
 impl Journal {
@@ -204,27 +225,49 @@ pub(crate) fn recover(store: &Store, agent: &AgentId) -> Result<Option<String>, 
         what: format!("restore journal {}", path.display()),
         message: e.to_string(),
     })?;
-    match j.phase {
+    if j.version > JOURNAL_VERSION {
+        return Err(StoreError::CorruptRecord {
+            what: format!("restore journal {}", path.display()),
+            message: format!(
+                "version {} is newer than this memsnap: upgrade memsnap",
+                j.version
+            ),
+        }
+        .into());
+    }
+    let context = |source: Error, doing: &str| Error::Recovery {
+        snapshot: j.snapshot_id.clone(),
+        journal: path.clone(),
+        doing: doing.to_owned(),
+        source: Box::new(source),
+    };
+    let done = match j.phase {
         Phase::Staging => {
             tracing::warn!(snapshot = %j.snapshot_id, "rolling back a restore interrupted while staging");
-            cleanup(&j)?;
-            remove_journal(store, agent)?;
-            Ok(Some(format!(
-                "rolled back the interrupted restore of {}",
-                j.snapshot_id
-            )))
+            cleanup(&j).map_err(|e| context(e, "rolling back"))?;
+            "rolled back"
         }
         Phase::Switching => {
             tracing::warn!(snapshot = %j.snapshot_id, "finishing a restore interrupted while switching");
-            switch(store, &j, None)?;
-            cleanup(&j)?;
-            remove_journal(store, agent)?;
-            Ok(Some(format!(
-                "finished the interrupted restore of {}",
-                j.snapshot_id
-            )))
+            switch(store, &j, None).map_err(|e| context(e, "finishing"))?;
+            let j = Journal {
+                phase: Phase::Switched,
+                ..j.clone()
+            };
+            write_journal(store, agent, &j)?;
+            cleanup(&j).map_err(|e| context(e, "cleaning up after"))?;
+            "finished"
         }
-    }
+        Phase::Switched => {
+            cleanup(&j).map_err(|e| context(e, "cleaning up after"))?;
+            "cleaned up after"
+        }
+    };
+    remove_journal(store, agent)?;
+    Ok(Some(format!(
+        "{done} the interrupted restore of {}",
+        j.snapshot_id
+    )))
 }
 
 /// Recovers every agent with a journal whose lock is free (used when a command opens a store).
@@ -252,8 +295,12 @@ pub(crate) fn recover_all(store: &Store) -> Result<Vec<String>, Error> {
             let Ok(_guard) = quick.lock_agent(&agent) else {
                 continue;
             };
-            if let Some(msg) = recover(store, &agent)? {
-                done.push(msg);
+            // One agent's stuck restore must not make the store unusable for every other
+            // agent (nor for `verify`, the tool to diagnose it): report and go on.
+            match recover(store, &agent) {
+                Ok(Some(msg)) => done.push(msg),
+                Ok(None) => {}
+                Err(e) => tracing::error!("{e}"),
             }
         }
     }
@@ -293,6 +340,7 @@ pub(crate) fn restore(
         },
     };
 
+    paths.check_disjoint()?;
     let _agent_lock = store.lock_agent(&agent)?;
     recover(store, &agent)?;
     let state: Arc<dyn StateProvider> = match &req.state {
@@ -318,7 +366,10 @@ pub(crate) fn restore(
         let pre = SnapshotRequest {
             agent: agent.clone(),
             sources: Some(paths.clone()),
-            label: Some(format!("pre-restore of {}", &record.info.id[..8])),
+            label: Some(format!(
+                "pre-restore of {}",
+                record.info.id.get(..8).unwrap_or(&record.info.id)
+            )),
             created_by: Some("memsnap restore".to_owned()),
             state: req.state.clone(),
         };
@@ -349,25 +400,55 @@ pub(crate) fn restore(
             .map(|e| e.path_lossy())
             .collect(),
         fs_state: req.state.is_none(),
+        state: None,
     };
     write_journal(store, &agent, &journal)?;
     progress.start("restore", plan.bytes);
     let staged = stage(store, &journal, &entries, progress)
-        .and_then(|()| crate::failpoint::hit("restore:staged"));
-    if let Err(e) = staged {
-        // Nothing live was touched: undo the staging now rather than on the next command.
-        let _ = cleanup(&journal);
-        let _ = remove_journal(store, &agent);
-        return Err(e);
-    }
+        .and_then(|()| state_items(store, &record, &entries))
+        .and_then(|items| {
+            check_switchable(&journal, &entries)?;
+            crate::failpoint::hit("restore:staged")?;
+            Ok(items)
+        });
+    let items = match staged {
+        Ok(items) => items,
+        Err(e) => {
+            // Nothing live was touched: undo the staging now rather than on the next command;
+            // if that fails, the journal stays so that the next command retries.
+            if cleanup(&journal).is_ok() {
+                let _ = remove_journal(store, &agent);
+            }
+            return Err(e);
+        }
+    };
     let journal = Journal {
         phase: Phase::Switching,
+        state: Some(
+            items
+                .iter()
+                .map(|i| JournalState {
+                    name: i.name.clone(),
+                    mode: i.mode,
+                    json_hex: hex::encode(&i.json),
+                })
+                .collect(),
+        ),
         ..journal
     };
     write_journal(store, &agent, &journal)?;
     crate::failpoint::hit("restore:journal-switching")?;
-    let items = state_items(store, &record, &entries)?;
-    switch(store, &journal, Some((state.as_ref(), &items)))?;
+    switch(store, &journal, Some((state.as_ref(), &items))).map_err(|e| Error::Recovery {
+        snapshot: journal.snapshot_id.clone(),
+        journal: journal_path(store, &agent),
+        doing: "switching to".to_owned(),
+        source: Box::new(e),
+    })?;
+    let journal = Journal {
+        phase: Phase::Switched,
+        ..journal
+    };
+    write_journal(store, &agent, &journal)?;
     cleanup(&journal)?;
     remove_journal(store, &agent)?;
     progress.finish();
@@ -415,7 +496,7 @@ fn plan(
     plan.memdir_entries = snap_mem.len() as u64;
     plan.bytes = entries.iter().map(|e| e.size).sum();
     if paths.memdir.is_dir() {
-        let live = crate::source::memdir::walk(&paths.memdir)?;
+        let live = crate::source::memdir::walk(&paths.memdir, crate::source::memdir::Pass::All)?;
         for item in &live {
             if !snap_mem.contains(item.rel.as_slice()) {
                 plan.memdir_removed
@@ -434,7 +515,10 @@ fn plan(
                         hash_file(&live_path).is_ok_and(|h| h == e.hash)
                     } else {
                         use std::os::unix::fs::MetadataExt;
-                        m.mtime() * 1_000_000_000 + m.mtime_nsec() == e.mtime_ns
+                        m.mtime()
+                            .saturating_mul(1_000_000_000)
+                            .saturating_add(m.mtime_nsec())
+                            == e.mtime_ns
                     }
                 }
                 _ => false,
@@ -507,6 +591,11 @@ fn stage(
         fsutil::create_dir_all_durable(&db_root).map_err(|e| Error::io(&db_root, e))?;
     }
     let mut dirs = Vec::new();
+    // Every entry's parent must be a folder this staging created, so that no crafted or damaged
+    // manifest (a symlink, then a file "through" it) writes outside the staging folder.
+    let mut staged_dirs: std::collections::HashSet<(Part, Vec<u8>)> =
+        std::collections::HashSet::from([(Part::Memdir, Vec::new())]);
+    let mut seen: std::collections::HashSet<(Part, &[u8])> = std::collections::HashSet::new();
     for e in entries {
         let root = match e.part {
             Part::Memdir => &mem_root,
@@ -525,7 +614,37 @@ fn stage(
             }
             .into());
         }
+        let bad = |message: String| -> Error {
+            StoreError::CorruptRecord {
+                what: format!("snapshot {}", j.snapshot_id),
+                message,
+            }
+            .into()
+        };
+        if !seen.insert((e.part, e.path.as_slice())) {
+            return Err(bad(format!("entry {:?} appears twice", e.path_lossy())));
+        }
+        let parent = match e.path.iter().rposition(|b| *b == b'/') {
+            Some(i) => e.path[..i].to_vec(),
+            None => Vec::new(),
+        };
+        let parent_ok = match e.part {
+            // The memdir's entries hang below its root entry ("").
+            Part::Memdir => e.path.is_empty() || staged_dirs.contains(&(e.part, parent)),
+            // Databases sit directly in the sqlite folder.
+            Part::Sqlite => !e.path.contains(&b'/') && !e.path.is_empty(),
+            Part::State => true,
+        };
+        if !parent_ok {
+            return Err(bad(format!(
+                "entry {:?} is not inside a folder of the snapshot",
+                e.path_lossy()
+            )));
+        }
         let path = root.join(rel);
+        if e.kind == EntryKind::Dir {
+            staged_dirs.insert((e.part, e.path.clone()));
+        }
         match &e.kind {
             EntryKind::Dir => {
                 fs::create_dir_all(&path).map_err(|err| Error::io(&path, err))?;
@@ -631,7 +750,7 @@ fn state_items(
     let mut items = Vec::new();
     for e in entries.iter().filter(|e| e.part == Part::State) {
         let Some(content) = &e.content else { continue };
-        let mut json = Vec::with_capacity(e.size as usize);
+        let mut json = Vec::with_capacity(e.size.min(1 << 24) as usize);
         tree::walk(&mut reader, content, true, &mut |_, is_data, data| {
             let data = data?;
             if is_data {
@@ -723,7 +842,7 @@ fn switch(
     // State: small, rewritten whole from the snapshot.
     match state {
         Some((provider, items)) => provider.restore(items)?,
-        None if j.fs_state => {
+        None if j.fs_state && j.state.is_none() => {
             let agent = AgentId::new(&j.tenant, &j.agent)?;
             let index = store.index()?;
             let tx = index.begin_read()?;
@@ -734,6 +853,24 @@ fn switch(
             drop(tx);
             drop(index);
             let items = state_items(store, &record, &entries)?;
+            FsStateProvider::new(&j.state_dir).restore(&items)?;
+        }
+        None if j.fs_state => {
+            let items = j
+                .state
+                .iter()
+                .flatten()
+                .map(|s| {
+                    Ok(StateItem {
+                        name: s.name.clone(),
+                        json: hex::decode(&s.json_hex).map_err(|e| StoreError::CorruptRecord {
+                            what: "restore journal state".into(),
+                            message: e.to_string(),
+                        })?,
+                        mode: s.mode,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
             FsStateProvider::new(&j.state_dir).restore(&items)?;
         }
         None => tracing::warn!(
@@ -760,14 +897,14 @@ fn backup_into(src: &Path, dst: &Path, busy: Duration) -> Result<(), Error> {
     let mut to =
         Connection::open_with_flags(dst, OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(serr(dst))?;
     to.busy_timeout(busy).map_err(serr(dst))?;
-    let deadline = Instant::now() + busy;
+    let start = Instant::now();
     let b = backup::Backup::new(&from, &mut to).map_err(serr(dst))?;
     loop {
         match b.step(-1).map_err(serr(dst))? {
             backup::StepResult::Done => break,
             backup::StepResult::More => {}
             backup::StepResult::Busy | backup::StepResult::Locked => {
-                if Instant::now() >= deadline {
+                if start.elapsed() >= busy {
                     return Err(Error::Sqlite {
                         path: dst.to_path_buf(),
                         source: rusqlite::Error::SqliteFailure(
@@ -785,12 +922,64 @@ fn backup_into(src: &Path, dst: &Path, busy: Duration) -> Result<(), Error> {
     Ok(())
 }
 
+/// Conditions under which the switch would fail, found while a rollback is still possible.
+fn check_switchable(j: &Journal, entries: &[ArtifactEntry]) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(live), Ok(parent)) = (
+        fs::symlink_metadata(&j.memdir),
+        fs::metadata(fsutil::parent_of(&j.memdir)),
+    ) && live.dev() != parent.dev()
+    {
+        return Err(Error::CannotSwitch {
+            path: j.memdir.clone(),
+            reason: "it is a mount point, and restore switches the memdir by renaming it: \
+                     restore with --target into a folder and copy from there"
+                .into(),
+        });
+    }
+    for e in entries.iter().filter(|e| e.part == Part::Sqlite) {
+        let EntryKind::Sqlite { page_size, .. } = e.kind else {
+            continue;
+        };
+        let live = j.sqlite_dir.join(std::ffi::OsStr::from_bytes(&e.path));
+        if let Some((live_page, true)) = sqlite_header(&live)
+            && live_page != page_size
+        {
+            return Err(Error::CannotSwitch {
+                path: live,
+                reason: format!(
+                    "the live database is in WAL mode with {live_page}-byte pages and the \
+                     snapshot's has {page_size}-byte pages; SQLite cannot copy between them. \
+                     Stop the agent, run `PRAGMA journal_mode=DELETE` on it, and restore again"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// (page size, WAL mode) from a database file's header.
+fn sqlite_header(path: &Path) -> Option<(u32, bool)> {
+    use std::io::Read;
+    let mut h = [0u8; 20];
+    fs::File::open(path).ok()?.read_exact(&mut h).ok()?;
+    if &h[..16] != b"SQLite format 3\0" {
+        return None;
+    }
+    let raw = u16::from_be_bytes([h[16], h[17]]);
+    let page = if raw == 1 { 65536 } else { u32::from(raw) };
+    Some((page, h[18] == 2 && h[19] == 2))
+}
+
 /// Removes staging and the moved-aside memdir.
 fn cleanup(j: &Journal) -> Result<(), Error> {
     for p in [j.staged_memdir(), j.old_memdir(), j.staged_sqlite()] {
         if p.symlink_metadata().is_ok() {
             make_writable(&p);
             fsutil::remove_any(&p).map_err(|e| Error::io(&p, e))?;
+            // Durably gone before the journal that names it is deleted.
+            let parent = fsutil::parent_of(&p);
+            fsutil::sync_dir(&parent).map_err(|e| Error::io(&parent, e))?;
         }
     }
     Ok(())
@@ -800,6 +989,7 @@ fn cleanup(j: &Journal) -> Result<(), Error> {
 fn make_writable(root: &Path) {
     for entry in walkdir::WalkDir::new(root)
         .follow_links(false)
+        .follow_root_links(false)
         .into_iter()
         .flatten()
     {

@@ -91,6 +91,7 @@ pub(crate) fn snapshot_locked(
 ) -> Result<SnapshotInfo, Error> {
     let _store_lock = store.lock_store(Mode::Shared)?;
     let sources = resolve_sources(store, req)?;
+    sources.check_disjoint()?;
     let mut excluded = HashSet::new();
     // A filter hit that the index does not confirm (an 8-byte prefix collision) is retried with
     // that id excluded; the data of the failed attempt is unreferenced and pruned later.
@@ -157,7 +158,7 @@ fn attempt(
     };
     let mut absent = Vec::new();
     let memdir_items = if sources.memdir.is_dir() {
-        memdir::walk(&sources.memdir)?
+        memdir::walk(&sources.memdir, memdir::Pass::AllButObjects)?
     } else {
         absent.push(Part::Memdir.name().to_owned());
         Vec::new()
@@ -201,29 +202,11 @@ fn attempt(
     let mut schema_versions = BTreeMap::new();
     let mut bytes_read = 0u64;
 
-    for item in &memdir_items {
-        let (kind, content, hash, size) = match &item.kind {
-            memdir::ItemKind::Dir => (EntryKind::Dir, None, [0u8; 32], 0),
-            memdir::ItemKind::Symlink(t) => {
-                (EntryKind::Symlink { target: t.clone() }, None, [0u8; 32], 0)
-            }
-            memdir::ItemKind::File => {
-                let f = std::fs::File::open(&item.abs).map_err(|e| Error::io(&item.abs, e))?;
-                let (content, hash, size) = store_stream(&mut w, config, f, &item.abs, progress)?;
-                bytes_read += size;
-                (EntryKind::File, Some(content), hash, size)
-            }
-        };
-        entries.push(ArtifactEntry {
-            part: Part::Memdir,
-            path: item.rel.clone(),
-            kind,
-            mode: item.mode,
-            mtime_ns: item.mtime_ns,
-            size,
-            hash,
-            content,
-        });
+    bytes_read += store_memdir(&mut w, config, &memdir_items, &mut entries, progress)?;
+    // Objects last: see memdir::Pass.
+    if sources.memdir.is_dir() {
+        let objects = memdir::walk(&sources.memdir, memdir::Pass::Objects)?;
+        bytes_read += store_memdir(&mut w, config, &objects, &mut entries, progress)?;
     }
 
     for (name, path) in &databases {
@@ -401,6 +384,50 @@ fn attempt(
     tx.commit().map_err(|e| index.err()(e.into()))?;
     progress.finish();
     Ok(Attempt::Done(Box::new(record.info)))
+}
+
+/// Stores memdir items; returns the bytes read. A file that vanished since the listing (the
+/// agent deleted it meanwhile) is left out: the snapshot then shows it deleted.
+fn store_memdir(
+    w: &mut ChunkWriter,
+    config: &StoreConfig,
+    items: &[memdir::Item],
+    entries: &mut Vec<ArtifactEntry>,
+    progress: &dyn Progress,
+) -> Result<u64, Error> {
+    let mut bytes_read = 0;
+    for item in items {
+        let (kind, content, hash, size) = match &item.kind {
+            memdir::ItemKind::Dir => (EntryKind::Dir, None, [0u8; 32], 0),
+            memdir::ItemKind::Symlink(t) => {
+                (EntryKind::Symlink { target: t.clone() }, None, [0u8; 32], 0)
+            }
+            memdir::ItemKind::File => {
+                let f = match std::fs::File::open(&item.abs) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        tracing::debug!(path = %item.abs.display(), "deleted during the snapshot");
+                        continue;
+                    }
+                    Err(e) => return Err(Error::io(&item.abs, e)),
+                };
+                let (content, hash, size) = store_stream(w, config, f, &item.abs, progress)?;
+                bytes_read += size;
+                (EntryKind::File, Some(content), hash, size)
+            }
+        };
+        entries.push(ArtifactEntry {
+            part: Part::Memdir,
+            path: item.rel.clone(),
+            kind,
+            mode: item.mode,
+            mtime_ns: item.mtime_ns,
+            size,
+            hash,
+            content,
+        });
+    }
+    Ok(bytes_read)
 }
 
 /// Chunks a byte stream with FastCDC and stores it as a content tree.

@@ -184,7 +184,7 @@ fn check_chunk(
             message: "the pack file is missing".into(),
         });
     };
-    if loc.offset + loc.stored_len as u64 > size {
+    if loc.offset.saturating_add(loc.stored_len as u64) > size {
         return Err(StoreError::CorruptChunk {
             id: id.hex(),
             pack: path,

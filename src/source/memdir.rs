@@ -24,12 +24,30 @@ pub(crate) struct Item {
     pub size: u64,
 }
 
-pub(crate) fn walk(root: &Path) -> Result<Vec<Item>, SourceError> {
+/// Which part of the memdir a walk lists. A snapshot reads everything but `.git/objects`
+/// first (refs included), and only then lists and reads the objects: git writes objects before
+/// the refs that name them, so every ref captured names objects that the later listing sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pass {
+    AllButObjects,
+    Objects,
+    All,
+}
+
+pub(crate) fn walk(root: &Path, pass: Pass) -> Result<Vec<Item>, SourceError> {
     let mut out = Vec::new();
-    let walker = walkdir::WalkDir::new(root)
+    let objects = root.join(".git").join("objects");
+    let start = match pass {
+        Pass::Objects if !objects.is_dir() => return Ok(out),
+        Pass::Objects => objects.clone(),
+        Pass::AllButObjects | Pass::All => root.to_path_buf(),
+    };
+    let walker = walkdir::WalkDir::new(&start)
         .follow_links(false)
         .min_depth(0)
-        .sort_by_file_name();
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| pass != Pass::AllButObjects || e.path() != objects);
     for entry in walker {
         let entry = entry.map_err(|e| SourceError::Io {
             path: e
@@ -72,7 +90,10 @@ pub(crate) fn walk(root: &Path) -> Result<Vec<Item>, SourceError> {
             kind,
             abs,
             mode: meta.mode() & 0o7777,
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            mtime_ns: meta
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.mtime_nsec()),
         });
     }
     Ok(out)

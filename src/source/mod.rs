@@ -30,6 +30,27 @@ impl SourceSpec {
         }
     }
 
+    /// The three folders must be disjoint: a database inside the memdir would be captured as a
+    /// torn raw file, and restore renames the memdir as a whole.
+    pub(crate) fn check_disjoint(&self) -> Result<(), crate::error::Error> {
+        let parts = [
+            ("memdir", &self.memdir),
+            ("sqlite", &self.sqlite_dir),
+            ("state", &self.state_dir),
+        ];
+        for (i, (a, pa)) in parts.iter().enumerate() {
+            for (b, pb) in &parts[i + 1..] {
+                if pa.starts_with(pb) || pb.starts_with(pa) {
+                    return Err(crate::error::Error::OverlappingParts {
+                        first: format!("{a} {}", pa.display()),
+                        second: format!("{b} {}", pb.display()),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Substitutes `{tenant}` and `{agent}` and makes every path absolute.
     pub fn resolve(&self, agent: &AgentId) -> Self {
         let sub = |p: &Path| {
@@ -38,7 +59,11 @@ impl SourceSpec {
                 .replace("{tenant}", agent.tenant())
                 .replace("{agent}", agent.agent());
             let p = PathBuf::from(s);
-            std::path::absolute(&p).unwrap_or(p)
+            // An existing path is taken through its symlinks, so that a symlinked memdir is
+            // captured (and restored) as the folder it points to.
+            std::fs::canonicalize(&p)
+                .or_else(|_| std::path::absolute(&p))
+                .unwrap_or(p)
         };
         Self {
             memdir: sub(&self.memdir),

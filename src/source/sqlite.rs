@@ -170,7 +170,16 @@ fn read_via_backup(
         let mut dst = Connection::open(&tmp).map_err(err)?;
         {
             let backup = rusqlite::backup::Backup::new(conn, &mut dst).map_err(err)?;
-            backup.step(-1).map_err(err)?;
+            // The source is read inside this connection's open transaction: one step copies
+            // exactly that state, and anything but Done means the copy is incomplete.
+            let step = backup.step(-1).map_err(err)?;
+            if step != rusqlite::backup::StepResult::Done {
+                return Err(SourceError::NotSqlite {
+                    path: path.to_path_buf(),
+                    message: format!("the backup copy did not complete ({step:?})"),
+                }
+                .into());
+            }
         }
         drop(dst);
         let mut f = std::fs::File::open(&tmp).map_err(|e| crate::error::Error::io(&tmp, e))?;
@@ -186,10 +195,17 @@ fn read_via_backup(
                 Err(e) => return Err(crate::error::Error::io(&tmp, e)),
             }
         }
-        Ok(DbMeta {
-            page_count: count,
-            ..meta
-        })
+        if count != meta.page_count {
+            return Err(SourceError::NotSqlite {
+                path: path.to_path_buf(),
+                message: format!(
+                    "the backup copy has {count} pages, the database {}",
+                    meta.page_count
+                ),
+            }
+            .into());
+        }
+        Ok(meta)
     })();
     let _ = std::fs::remove_file(&tmp);
     result

@@ -62,7 +62,10 @@ impl FsStateProvider {
         for entry in rd {
             let entry = entry.map_err(Self::io(&self.dir))?;
             let ft = entry.file_type().map_err(Self::io(&entry.path()))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(name) = entry.file_name().into_string() else {
+                tracing::warn!(path = %entry.path().display(), "skipping a state file whose name is not UTF-8");
+                continue;
+            };
             if ft.is_file() && name.ends_with(".json") && !name.starts_with('.') {
                 names.push(name);
             }

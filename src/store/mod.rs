@@ -49,6 +49,11 @@ impl Store {
             config: StoreConfig::new_default(crate::now_ms()),
             lock_timeout,
         };
+        let created = !root.join(INDEX_FILE).exists();
+        if !created {
+            // The common case, every `snapshot`: no write transaction needed.
+            return Self::open(root, lock_timeout);
+        }
         let index = store.index()?;
         let tx = index.begin_write()?;
         let config = {
@@ -78,6 +83,9 @@ impl Store {
             .map_err(|e| index.err()(e.into()))?;
         tx.commit().map_err(|e| index.err()(e.into()))?;
         drop(index);
+        // The new index file's name must survive a crash, or a later open would take the store
+        // for an empty one.
+        crate::fsutil::sync_dir(root).map_err(|e| Error::io(root, e))?;
         Ok(Self { config, ..store })
     }
 

@@ -251,7 +251,11 @@ pub(crate) fn read_footer(path: &Path) -> Result<Vec<FooterEntry>, StoreError> {
     let entries_offset = u64::from_le_bytes(le8(&trailer[..8]));
     let count = u32::from_le_bytes(le4(&trailer[8..12])) as u64;
     let footer_len = count * ENTRY_LEN as u64;
-    if entries_offset < HEADER_LEN || entries_offset + footer_len + TRAILER_LEN != len {
+    if entries_offset < HEADER_LEN
+        || entries_offset
+            .checked_add(footer_len + TRAILER_LEN)
+            .is_none_or(|end| end != len)
+    {
         return Err(corrupt(
             "footer offsets do not match the file length".into(),
         ));
@@ -267,7 +271,11 @@ pub(crate) fn read_footer(path: &Path) -> Result<Vec<FooterEntry>, StoreError> {
         .map(FooterEntry::decode)
         .collect();
     for e in &entries {
-        if e.offset < HEADER_LEN || e.offset + e.stored_len as u64 > entries_offset {
+        if e.offset < HEADER_LEN
+            || e.offset
+                .checked_add(e.stored_len as u64)
+                .is_none_or(|end| end > entries_offset)
+        {
             return Err(corrupt(format!(
                 "entry {} points outside the data",
                 e.id.hex()
