@@ -14,6 +14,7 @@ use super::{Cli, Out};
 const MARKER: &str = ".memsnap-demo";
 
 pub(crate) fn run(cli: &Cli, dir: &Path, out: &Out) -> anyhow::Result<ExitCode> {
+    let opts = super::opts(cli)?;
     if dir.exists() {
         let empty = std::fs::read_dir(dir)
             .with_context(|| format!("reading {}", dir.display()))?
@@ -55,8 +56,7 @@ pub(crate) fn run(cli: &Cli, dir: &Path, out: &Out) -> anyhow::Result<ExitCode> 
         head0.as_deref().unwrap_or("-")
     ));
 
-    let m =
-        memsnap::Memsnap::create(&store, super::opts(cli)?)?.with_progress(super::progress(cli));
+    let m = memsnap::Memsnap::create(&store, opts)?.with_progress(super::progress(cli));
     let id = AgentId::new("demo", "ana")?;
     let snap = |label: &str| -> anyhow::Result<memsnap::SnapshotInfo> {
         let req = SnapshotRequest::new(id.clone())

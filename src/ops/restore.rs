@@ -340,7 +340,7 @@ pub(crate) fn restore(
         },
     };
 
-    paths.check_disjoint()?;
+    paths.check_disjoint(store.root())?;
     let _agent_lock = store.lock_agent(&agent)?;
     recover(store, &agent)?;
     let state: Arc<dyn StateProvider> = match &req.state {

@@ -91,7 +91,7 @@ pub(crate) fn snapshot_locked(
 ) -> Result<SnapshotInfo, Error> {
     let _store_lock = store.lock_store(Mode::Shared)?;
     let sources = resolve_sources(store, req)?;
-    sources.check_disjoint()?;
+    sources.check_disjoint(store.root())?;
     let mut excluded = HashSet::new();
     // A filter hit that the index does not confirm (an 8-byte prefix collision) is retried with
     // that id excluded; the data of the failed attempt is unreferenced and pruned later.

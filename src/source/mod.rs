@@ -32,11 +32,15 @@ impl SourceSpec {
 
     /// The three folders must be disjoint: a database inside the memdir would be captured as a
     /// torn raw file, and restore renames the memdir as a whole.
-    pub(crate) fn check_disjoint(&self) -> Result<(), crate::error::Error> {
+    /// The store must not be inside any of them either: a snapshot would copy the store into
+    /// itself, and a restore would replace it with that half-written copy.
+    pub(crate) fn check_disjoint(&self, store: &Path) -> Result<(), crate::error::Error> {
+        let store = std::fs::canonicalize(store).unwrap_or_else(|_| store.to_path_buf());
         let parts = [
             ("memdir", &self.memdir),
-            ("sqlite", &self.sqlite_dir),
-            ("state", &self.state_dir),
+            ("sqlite folder", &self.sqlite_dir),
+            ("state folder", &self.state_dir),
+            ("store", &store),
         ];
         for (i, (a, pa)) in parts.iter().enumerate() {
             for (b, pb) in &parts[i + 1..] {

@@ -1,0 +1,1208 @@
+//! End-to-end tests of restore recovery and of the edges of the source folders: journals left in
+//! every phase (by hand and by a real crash), injected errors, one agent's broken journal among
+//! healthy agents, overlapping or symlinked folders, databases whose page size changed, and
+//! option values out of range.
+//!
+//! Every test runs the real `memsnap` binary against a store in a temporary folder and a tiny
+//! sample agent built by `memsnap::sample`, and checks what ends up on disk (files, rows,
+//! journal, staging folders), not only exit codes. The helpers at the top are copied from
+//! tests/cli.rs (its `TestCommand`, `Fixture`, `tree` and `AgentImage`), so that both files read
+//! alike; journal layout: store-format.md, "Restore journal".
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fmt;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+
+use memsnap::sample::{SampleAgent, SampleSpec};
+use serde_json::{Value, json};
+
+const TENANT: &str = "acme";
+const AGENT: &str = "ana";
+/// The token of hand-made journals: it names the staging folders.
+const TOKEN: &str = "0badf00d";
+
+// ---------------------------------------------------------------------------------------------
+// Running the binary (from tests/cli.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// One `memsnap` invocation against one store, with `--store STORE` and `MEMSNAP_LOG=error`
+/// preset and the caller's `MEMSNAP_FAILPOINT` and `MEMSNAP_STORE` removed.
+#[derive(Debug)]
+struct TestCommand {
+    cmd: Command,
+}
+
+impl TestCommand {
+    fn new(store: &Path) -> TestCommand {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_memsnap"));
+        cmd.arg("--store")
+            .arg(store)
+            .env("MEMSNAP_LOG", "error")
+            .env_remove("MEMSNAP_FAILPOINT")
+            .env_remove("MEMSNAP_STORE")
+            .stdin(Stdio::null());
+        // Failpoints abort the process: keep the crash tests from writing core files.
+        // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                let none = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
+                Ok(())
+            });
+        }
+        TestCommand { cmd }
+    }
+
+    fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut TestCommand {
+        self.cmd.arg(arg);
+        self
+    }
+
+    fn args<I, A>(&mut self, args: I) -> &mut TestCommand
+    where
+        I: IntoIterator<Item = A>,
+        A: AsRef<OsStr>,
+    {
+        self.cmd.args(args);
+        self
+    }
+
+    fn env(&mut self, key: &str, value: &str) -> &mut TestCommand {
+        self.cmd.env(key, value);
+        self
+    }
+
+    fn current_dir(&mut self, dir: &Path) -> &mut TestCommand {
+        self.cmd.current_dir(dir);
+        self
+    }
+
+    /// Runs the command to completion, whatever its exit status.
+    fn run(&mut self) -> Outcome {
+        let out = self
+            .cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("the memsnap binary runs");
+        Outcome {
+            cmdline: format!("{:?}", self.cmd),
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs the command and asserts its exit code.
+    fn assert_exit_code(&mut self, code: i32) -> Outcome {
+        let out = self.run();
+        assert_eq!(out.status.code(), Some(code), "unexpected exit code\n{out}");
+        out
+    }
+
+    /// Adds `--json`, runs the command, asserts success and parses stdout.
+    fn json(&mut self) -> Value {
+        self.arg("--json");
+        self.assert_exit_code(0).json()
+    }
+
+    /// Runs the command and asserts that it aborted (what a failpoint without `:error` does).
+    fn assert_crashed(&mut self) -> Outcome {
+        let out = self.run();
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGABRT),
+            "the command was expected to abort\n{out}"
+        );
+        out
+    }
+}
+
+/// A finished run.
+struct Outcome {
+    cmdline: String,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e})\n{self}"))
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "command: {}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.cmdline, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key:?} is not a string in {v:#}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A sample agent and its store (from tests/cli.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// A temporary folder holding a tiny sample agent (`agent/`) and a store path (`store/`, not
+/// created until a command creates it).
+struct Fixture {
+    tmp: tempfile::TempDir,
+    store: PathBuf,
+    agent: SampleAgent,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let agent = SampleAgent::create(&tmp.path().join("agent"), &SampleSpec::tiny())
+            .expect("tiny sample agent");
+        let store = tmp.path().join("store");
+        Fixture { tmp, store, agent }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    fn cmd(&self) -> TestCommand {
+        TestCommand::new(&self.store)
+    }
+
+    /// `snapshot --tenant acme --agent ana --source AGENT --json`.
+    fn snapshot_id(&self) -> String {
+        let v = self
+            .cmd()
+            .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--source"])
+            .arg(self.agent.root())
+            .json();
+        str_of(&v, "id").to_owned()
+    }
+
+    fn list_ids(&self) -> Vec<String> {
+        match self.cmd().arg("list").json() {
+            Value::Array(items) => items.iter().map(|i| str_of(i, "id").to_owned()).collect(),
+            other => panic!("list --json is not an array: {other:#}"),
+        }
+    }
+
+    /// `restore SNAP --json` (plus `extra` args), asserting success.
+    fn restore(&self, snap: &str, extra: &[&str]) -> Value {
+        self.cmd().args(["restore", snap]).args(extra).json()
+    }
+
+    fn journal(&self) -> PathBuf {
+        self.store
+            .join("journal")
+            .join(TENANT)
+            .join(format!("{AGENT}.json"))
+    }
+
+    /// The journal, parsed.
+    fn read_journal(&self) -> Value {
+        let bytes = fs::read(self.journal()).expect("the restore journal exists");
+        serde_json::from_slice(&bytes).expect("the restore journal is JSON")
+    }
+
+    fn write_journal(&self, journal: &Value) {
+        fs::create_dir_all(self.journal().parent().expect("parent")).expect("mkdir journal");
+        fs::write(
+            self.journal(),
+            serde_json::to_vec_pretty(journal).expect("JSON"),
+        )
+        .expect("write journal");
+    }
+
+    /// The database file names of a snapshot (`show --json`, part "sqlite").
+    fn snapshot_databases(&self, id: &str) -> Vec<String> {
+        let show = self.cmd().args(["show", id]).json();
+        let mut dbs: Vec<String> = show["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .filter(|e| e["part"] == "sqlite")
+            .map(|e| str_of(e, "path").to_owned())
+            .collect();
+        dbs.sort();
+        assert!(dbs.contains(&"long_term.sqlite".to_owned()), "{dbs:?}");
+        dbs
+    }
+}
+
+fn assert_no_journal(f: &Fixture, what: &str) {
+    let left = fs::read_to_string(f.journal());
+    assert!(left.is_err(), "{what}: the journal is left: {left:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Comparing folders (from tests/cli.rs)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    Dir {
+        mode: u32,
+        mtime_ns: Option<i64>,
+    },
+    File {
+        mode: u32,
+        mtime_ns: Option<i64>,
+        len: u64,
+        blake3: String,
+    },
+    Symlink {
+        target: PathBuf,
+    },
+}
+
+type Tree = BTreeMap<PathBuf, Node>;
+
+/// Every entry under `root` (the root itself as ""), never following symlinks below the root.
+/// With `mtimes`, files and folders below the root also record their modification time.
+fn tree(root: &Path, mtimes: bool) -> Tree {
+    let mut out = Tree::new();
+    for entry in walkdir::WalkDir::new(root).follow_links(false) {
+        let entry = entry.expect("walk");
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .expect("below root")
+            .to_path_buf();
+        let meta = entry.path().symlink_metadata().expect("metadata");
+        let mtime_ns =
+            (mtimes && entry.depth() > 0).then(|| meta.mtime() * 1_000_000_000 + meta.mtime_nsec());
+        let mode = meta.mode() & 0o7777;
+        let node = if meta.file_type().is_symlink() {
+            Node::Symlink {
+                target: fs::read_link(entry.path()).expect("readlink"),
+            }
+        } else if meta.is_dir() {
+            Node::Dir { mode, mtime_ns }
+        } else {
+            let bytes = fs::read(entry.path()).expect("read file");
+            Node::File {
+                mode,
+                mtime_ns,
+                len: bytes.len() as u64,
+                blake3: blake3::hash(&bytes).to_hex().to_string(),
+            }
+        };
+        out.insert(rel, node);
+    }
+    out
+}
+
+/// Asserts two trees are equal, listing the differing paths (not two huge maps) if not.
+fn assert_same_tree(expected: &Tree, actual: &Tree, what: &str) {
+    if expected == actual {
+        return;
+    }
+    let mut diffs = Vec::new();
+    for (path, e) in expected {
+        match actual.get(path) {
+            None => diffs.push(format!("missing  {}: {e:?}", path.display())),
+            Some(a) if a != e => diffs.push(format!(
+                "differs  {}:\n    expected {e:?}\n    actual   {a:?}",
+                path.display()
+            )),
+            Some(_) => {}
+        }
+    }
+    for (path, a) in actual {
+        if !expected.contains_key(path) {
+            diffs.push(format!("extra    {}: {a:?}", path.display()));
+        }
+    }
+    let n = diffs.len();
+    diffs.truncate(25);
+    panic!("{what}: {n} difference(s)\n{}", diffs.join("\n"));
+}
+
+/// Zeroes the mtimes of the agent root and sqlite/: staging folders were created and removed in
+/// them, which moves their own mtimes and nothing else.
+fn without_staging_parent_mtimes(mut t: Tree) -> Tree {
+    for key in ["", "sqlite"] {
+        if let Some(Node::Dir { mtime_ns, .. }) = t.get_mut(Path::new(key)) {
+            *mtime_ns = None;
+        }
+    }
+    t
+}
+
+/// Everything a restore must bring back, captured from a live agent.
+#[derive(Debug, Clone)]
+struct AgentImage {
+    memdir: Tree,
+    state: Tree,
+    rows: BTreeMap<String, i64>,
+    head: Option<String>,
+}
+
+impl AgentImage {
+    fn capture(agent: &SampleAgent) -> AgentImage {
+        // The trees first: row_counts opens the databases, git is read last.
+        let memdir = tree(&agent.memdir(), true);
+        let state = tree(&agent.state_dir(), false);
+        let rows = agent.row_counts().expect("row counts");
+        let head = agent.git_head().expect("git head");
+        assert!(head.is_some(), "the sample agent has a commit");
+        AgentImage {
+            memdir,
+            state,
+            rows,
+            head,
+        }
+    }
+
+    /// Asserts that `agent` is exactly this image, and that the restore left nothing behind.
+    fn assert_matches(&self, agent: &SampleAgent, what: &str) {
+        assert_no_restore_leftovers(agent);
+        assert_no_side_files(agent);
+        assert_same_tree(
+            &self.memdir,
+            &tree(&agent.memdir(), true),
+            &format!("{what}: memdir"),
+        );
+        assert_same_tree(
+            &self.state,
+            &tree(&agent.state_dir(), false),
+            &format!("{what}: state"),
+        );
+        assert_databases_intact(agent);
+        assert_eq!(
+            agent.row_counts().expect("row counts"),
+            self.rows,
+            "{what}: row counts"
+        );
+        assert_eq!(
+            agent.git_head().expect("git head"),
+            self.head,
+            "{what}: git HEAD"
+        );
+    }
+}
+
+fn databases(agent: &SampleAgent) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = fs::read_dir(agent.sqlite_dir())
+        .expect("read sqlite dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension() == Some(OsStr::new("sqlite")))
+        .collect();
+    out.sort();
+    out
+}
+
+/// (page size, WAL mode) from a database file's header (bytes 16-17, and 18 = 2 for WAL).
+fn db_header(db: &Path) -> (u32, bool) {
+    let mut header = [0u8; 20];
+    fs::File::open(db)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .expect("read database header");
+    let raw = u16::from_be_bytes([header[16], header[17]]);
+    let page = if raw == 1 { 65536 } else { u32::from(raw) };
+    (page, header[18] == 2)
+}
+
+/// No `-journal` next to any database, and no `-wal`/`-shm` next to a rollback-mode one.
+fn assert_no_side_files(agent: &SampleAgent) {
+    for db in databases(agent) {
+        let suffixes: &[&str] = if db_header(&db).1 {
+            &["-journal"]
+        } else {
+            &["-journal", "-wal", "-shm"]
+        };
+        for s in suffixes {
+            let mut side = db.clone().into_os_string();
+            side.push(s);
+            assert!(
+                !Path::new(&side).exists(),
+                "{} was left next to {}",
+                Path::new(&side).display(),
+                db.display()
+            );
+        }
+    }
+}
+
+fn assert_databases_intact(agent: &SampleAgent) {
+    for db in databases(agent) {
+        let c =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+                .expect("open database");
+        let check: String = c
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .expect("integrity_check");
+        assert_eq!(check, "ok", "integrity_check of {}", db.display());
+        c.close().expect("close database");
+    }
+}
+
+/// Entries named `.memsnap-restore-*` directly inside `dir`.
+fn staging_in(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.map(|e| e.expect("entry"))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".memsnap-restore-")
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Staging folders of a restore: next to the memdir and inside the sqlite folder.
+fn restore_leftovers(agent: &SampleAgent) -> Vec<PathBuf> {
+    let mut out = staging_in(agent.root());
+    out.extend(staging_in(&agent.sqlite_dir()));
+    out
+}
+
+fn assert_no_restore_leftovers(agent: &SampleAgent) {
+    let left = restore_leftovers(agent);
+    assert!(left.is_empty(), "restore staging left behind: {left:?}");
+}
+
+/// State documents: name -> (bytes, permission bits).
+type StateDocs = BTreeMap<String, (Vec<u8>, u32)>;
+
+/// The state documents in the state folder.
+fn state_docs(agent: &SampleAgent) -> StateDocs {
+    let mut out = BTreeMap::new();
+    for e in fs::read_dir(agent.state_dir()).expect("read state dir") {
+        let e = e.expect("entry");
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".json") && !name.starts_with('.') {
+            let bytes = fs::read(e.path()).expect("read state file");
+            let mode = e.metadata().expect("metadata").permissions().mode() & 0o7777;
+            out.insert(name, (bytes, mode));
+        }
+    }
+    assert!(!out.is_empty(), "the sample agent has state documents");
+    out
+}
+
+/// The `state` array of a journal: name -> (bytes, mode).
+fn journal_state(journal: &Value) -> BTreeMap<String, (Vec<u8>, Option<u32>)> {
+    let items = journal["state"]
+        .as_array()
+        .unwrap_or_else(|| panic!("the journal has no `state` array: {journal:#}"));
+    items
+        .iter()
+        .map(|s| {
+            let bytes = hex::decode(str_of(s, "json_hex")).expect("json_hex is hex");
+            let mode = s["mode"].as_u64().map(|m| m as u32);
+            (str_of(s, "name").to_owned(), (bytes, mode))
+        })
+        .collect()
+}
+
+/// Creates (or fills) a small rollback-journal database with `rows` rows.
+fn write_database(path: &Path, rows: i64) {
+    let c = rusqlite::Connection::open(path).expect("open database");
+    c.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, body TEXT);")
+        .expect("create table");
+    for i in 0..rows {
+        c.execute("INSERT INTO t(body) VALUES (?1)", [format!("row {i}")])
+            .expect("insert");
+    }
+    c.close().expect("close database");
+}
+
+fn count_rows(path: &Path) -> i64 {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open database");
+    c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .expect("count rows")
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. A journal whose switch is complete is only cleaned up
+// ---------------------------------------------------------------------------------------------
+
+/// A restore that crashed after its journal said `Switched` (everything switched; only the
+/// staging folders were left to remove). The agent has written since: a new database, a new
+/// state document, a new note. The next command must remove the staging folders and the
+/// journal, and must not redo the switch (which would delete all three).
+#[test]
+fn switched_journal_is_cleaned_up_by_the_next_command_without_redoing_the_switch() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let dbs = f.snapshot_databases(&id);
+    let snap_state = state_docs(&f.agent);
+
+    // What the crashed restore left: the moved-aside memdir, the emptied database staging
+    // folder, and the journal as the restore writes it after the switch (state included).
+    let old = f.agent.root().join(format!(".memsnap-restore-{TOKEN}-old"));
+    fs::create_dir_all(old.join("topics")).expect("mkdir old memdir");
+    fs::write(old.join("topics/before-the-restore.md"), "# Old\n").expect("old note");
+    let staged_sqlite = f
+        .agent
+        .sqlite_dir()
+        .join(format!(".memsnap-restore-{TOKEN}"));
+    fs::create_dir(&staged_sqlite).expect("mkdir staged sqlite");
+    let state: Vec<Value> = snap_state
+        .iter()
+        .map(|(name, (bytes, mode))| json!({"name": name, "mode": mode, "json_hex": hex::encode(bytes)}))
+        .collect();
+    f.write_journal(&json!({
+        "version": 1,
+        "phase": "Switched",
+        "snapshot_id": id,
+        "tenant": TENANT,
+        "agent": AGENT,
+        "token": TOKEN,
+        "memdir": f.agent.memdir(),
+        "sqlite_dir": f.agent.sqlite_dir(),
+        "state_dir": f.agent.state_dir(),
+        "has_memdir": true,
+        "databases": dbs,
+        "fs_state": true,
+        "state": state,
+    }));
+
+    // The agent works after the switch.
+    let after_db = f.agent.sqlite_dir().join("after.sqlite");
+    write_database(&after_db, 3);
+    let after_state = f.agent.state_dir().join("after_switch.json");
+    fs::write(&after_state, "{\"written\": \"after the switch\"}\n").expect("state file");
+    fs::write(f.agent.memdir().join("after.md"), "# After\n").expect("note");
+    let image = AgentImage::capture(&f.agent);
+
+    f.list_ids();
+    assert_no_journal(&f, "after `list`");
+    assert!(!old.exists(), "the moved-aside memdir is removed");
+    assert!(
+        !staged_sqlite.exists(),
+        "the database staging folder is removed"
+    );
+    assert!(
+        after_db.exists(),
+        "the switch was redone: after.sqlite gone"
+    );
+    assert_eq!(count_rows(&after_db), 3, "after.sqlite keeps its rows");
+    assert_eq!(
+        fs::read_to_string(&after_state).ok().as_deref(),
+        Some("{\"written\": \"after the switch\"}\n"),
+        "the switch was redone: the new state document is gone or changed"
+    );
+    image.assert_matches(&f.agent, "agent after cleaning up a Switched journal");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A real crash right after the journal says Switching
+// ---------------------------------------------------------------------------------------------
+
+/// Snapshot, change the agent (notes, rows, both state files, one new state file), then crash a
+/// restore right after its journal says `Switching`. Returns the fixture, the snapshot id, the
+/// image of the agent at the snapshot and the state documents at the snapshot.
+fn crash_after_journal_switching() -> (Fixture, String, AgentImage, StateDocs) {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let image = AgentImage::capture(&f.agent);
+    let snap_state = state_docs(&f.agent);
+    f.agent.append_day(11, 0.2).expect("append_day");
+    fs::write(
+        f.agent.state_dir().join("new_state.json"),
+        "{\"created\": \"after the snapshot\"}\n",
+    )
+    .expect("state file");
+    assert_ne!(state_docs(&f.agent), snap_state, "the state changed");
+
+    let out = f
+        .cmd()
+        .env("MEMSNAP_FAILPOINT", "restore:journal-switching")
+        .args(["restore", &id])
+        .assert_crashed();
+    assert!(out.stderr.contains("restore:journal-switching"), "{out}");
+    assert_eq!(
+        f.read_journal()["phase"],
+        "Switching",
+        "the crash left a Switching journal\n{out}"
+    );
+    (f, id, image, snap_state)
+}
+
+#[test]
+fn crash_after_journal_switching_carries_the_state_and_the_next_command_restores_it() {
+    let (f, id, image, snap_state) = crash_after_journal_switching();
+    let journal = f.read_journal();
+    assert_eq!(str_of(&journal, "snapshot_id"), id);
+    let carried = journal_state(&journal);
+    let expected: BTreeMap<String, (Vec<u8>, Option<u32>)> = snap_state
+        .iter()
+        .map(|(n, (b, m))| (n.clone(), (b.clone(), Some(*m))))
+        .collect();
+    assert_eq!(
+        carried, expected,
+        "the journal carries exactly the snapshot's state documents"
+    );
+
+    // The state changes again before the next command runs: recovery must still write the
+    // snapshot's state, not keep (or merge with) what is live.
+    fs::write(
+        f.agent.state_dir().join("extract_cursor.json"),
+        "{\"tampered\": \"after the crash\"}\n",
+    )
+    .expect("tamper with a state file");
+
+    f.list_ids();
+    assert_no_journal(&f, "after `list`");
+    let now: BTreeMap<String, Vec<u8>> = state_docs(&f.agent)
+        .into_iter()
+        .map(|(n, (b, _))| (n, b))
+        .collect();
+    let snap: BTreeMap<String, Vec<u8>> =
+        snap_state.into_iter().map(|(n, (b, _))| (n, b)).collect();
+    assert_eq!(now, snap, "the state is the snapshot's again");
+    image.assert_matches(
+        &f.agent,
+        "agent after a crash at journal-switching and `list`",
+    );
+}
+
+/// Recovery writes the state documents the journal carries (checked against their hashes before
+/// `Switching`), so that it needs neither the index nor the state provider. A marker written into
+/// the journal after the crash must therefore end up in the state folder.
+#[test]
+fn recovery_writes_the_state_documents_carried_in_the_journal() {
+    let (f, _id, _image, snap_state) = crash_after_journal_switching();
+    let marker = b"{\"from\": \"the journal\"}\n";
+    let mut journal = f.read_journal();
+    let mut replaced = false;
+    for s in journal["state"].as_array_mut().expect("state array") {
+        if s["name"] == "extract_cursor.json" {
+            s["json_hex"] = Value::String(hex::encode(marker));
+            replaced = true;
+        }
+    }
+    assert!(
+        replaced,
+        "the journal carries extract_cursor.json: {journal:#}"
+    );
+    f.write_journal(&journal);
+
+    f.list_ids();
+    assert_no_journal(&f, "after `list`");
+    let now = state_docs(&f.agent);
+    assert_eq!(
+        now["extract_cursor.json"].0, marker,
+        "recovery took the state from the journal"
+    );
+    assert_eq!(
+        now.keys().collect::<Vec<_>>(),
+        snap_state.keys().collect::<Vec<_>>(),
+        "the state folder holds the snapshot's documents, no more"
+    );
+    assert_eq!(now["dream_run.json"].0, snap_state["dream_run.json"].0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. An error after staging rolls back at once
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn error_after_staging_fails_the_restore_and_leaves_no_journal_staging_or_change() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    f.agent.append_day(11, 0.2).expect("append_day");
+    let live = tree(f.agent.root(), true);
+    let rows = f.agent.row_counts().expect("rows");
+
+    let out = f
+        .cmd()
+        .env("MEMSNAP_FAILPOINT", "restore:staged:error")
+        .args(["restore", &id])
+        .assert_exit_code(1);
+    assert!(out.stderr.contains("restore:staged"), "{out}");
+    assert_no_journal(&f, "after a failed restore");
+    assert_no_restore_leftovers(&f.agent);
+    assert_same_tree(
+        &without_staging_parent_mtimes(live),
+        &without_staging_parent_mtimes(tree(f.agent.root(), true)),
+        "agent after a restore that failed after staging",
+    );
+    assert_eq!(f.agent.row_counts().expect("rows"), rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. One agent's broken journal
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn broken_journal_of_one_agent_does_not_block_list_verify_or_another_agents_snapshot() {
+    let f = Fixture::new();
+    let first = f.snapshot_id();
+    let broken = f.store.join("journal").join(TENANT).join("xavier.json");
+    fs::create_dir_all(broken.parent().expect("parent")).expect("mkdir journal");
+    fs::write(&broken, "{not json").expect("broken journal");
+
+    let mut runs = vec![
+        f.cmd().args(["list", "--json"]).assert_exit_code(0),
+        f.cmd().args(["verify", "--json"]).assert_exit_code(0),
+    ];
+    let snap = f
+        .cmd()
+        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--json"])
+        .arg("--source")
+        .arg(f.agent.root())
+        .assert_exit_code(0);
+    let second = str_of(&snap.json(), "id").to_owned();
+    runs.push(snap);
+    for out in &runs {
+        assert!(
+            out.stderr.contains("journal") && out.stderr.contains("xavier.json"),
+            "stderr names the broken journal\n{out}"
+        );
+    }
+    assert_eq!(f.list_ids(), vec![first, second]);
+    // Nobody can tell what the broken journal was for: it stays for a human to look at.
+    assert_eq!(
+        fs::read(&broken).ok().as_deref(),
+        Some(&b"{not json"[..]),
+        "the broken journal is left as it was"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Overlapping source folders
+// ---------------------------------------------------------------------------------------------
+
+/// D/m (a note), D/m/db (a database), D/s (a state document), D/q (empty).
+fn overlapping_layout(d: &Path) {
+    fs::create_dir_all(d.join("m/db")).expect("mkdir");
+    fs::create_dir_all(d.join("s")).expect("mkdir");
+    fs::create_dir_all(d.join("q")).expect("mkdir");
+    fs::write(d.join("m/note.md"), "# Note\n").expect("note");
+    write_database(&d.join("m/db/long_term.sqlite"), 2);
+    fs::write(d.join("s/cursor.json"), "{\"at\": 1}\n").expect("state");
+}
+
+/// Runs `snapshot --memdir M --sqlite-dir Q --state-dir S` and checks it is refused as
+/// overlapping and leaves no snapshot and no remembered source.
+fn assert_overlap_refused(store: &Path, memdir: &Path, sqlite: &Path, state: &Path) {
+    let out = TestCommand::new(store)
+        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT])
+        .arg("--memdir")
+        .arg(memdir)
+        .arg("--sqlite-dir")
+        .arg(sqlite)
+        .arg("--state-dir")
+        .arg(state)
+        .assert_exit_code(1);
+    assert!(
+        out.stderr.contains("overlap"),
+        "the message names the overlap\n{out}"
+    );
+    if store.join("index.redb").exists() {
+        let list = TestCommand::new(store).args(["list", "--json"]).run();
+        assert_eq!(list.json(), json!([]), "no snapshot was taken\n{list}");
+        // The refused folders were not remembered as the agent's sources either.
+        TestCommand::new(store)
+            .args(["snapshot", "--tenant", TENANT, "--agent", AGENT])
+            .assert_exit_code(2);
+    }
+}
+
+#[test]
+fn overlapping_source_folders_are_refused_and_nothing_is_snapshotted() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let d = tmp.path().join("d");
+    overlapping_layout(&d);
+    let store = tmp.path().join("store");
+    // The case of the brief: the sqlite folder inside the memdir.
+    assert_overlap_refused(&store, &d.join("m"), &d.join("m/db"), &d.join("s"));
+    // The memdir inside the sqlite folder, and the state folder equal to the memdir.
+    assert_overlap_refused(&store, &d.join("m/db"), &d.join("m"), &d.join("s"));
+    assert_overlap_refused(&store, &d.join("m"), &d.join("q"), &d.join("m"));
+    // Overlap spelled with a relative path and `..`.
+    let out = TestCommand::new(&store)
+        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT])
+        .args([
+            "--memdir",
+            "m",
+            "--sqlite-dir",
+            "q/../m/db",
+            "--state-dir",
+            "s",
+        ])
+        .current_dir(&d)
+        .assert_exit_code(1);
+    assert!(out.stderr.contains("overlap"), "{out}");
+}
+
+/// A store inside the memdir overlaps the memory it snapshots: the snapshot captures the store
+/// while writing it, and a restore over the live agent moves the memdir, store included, aside
+/// and deletes it. Either the snapshot is refused, or the store (every snapshot, the pre-restore
+/// one included) survives the restore.
+#[test]
+fn store_inside_the_memdir_is_refused_or_survives_a_restore() {
+    let f = Fixture::new();
+    let store = f.agent.memdir().join(".memsnap-store");
+    let snap = TestCommand::new(&store)
+        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--json"])
+        .arg("--source")
+        .arg(f.agent.root())
+        .run();
+    match snap.status.code() {
+        Some(1) => {
+            assert!(
+                snap.stderr.contains("store") && snap.stderr.contains("overlap"),
+                "a refusal says the store overlaps the memdir\n{snap}"
+            );
+            return;
+        }
+        Some(0) => {}
+        _ => panic!("snapshot with the store inside the memdir\n{snap}"),
+    }
+    let id = str_of(&snap.json(), "id").to_owned();
+    fs::write(f.agent.memdir().join("inbox.md"), "# Inbox\n").expect("note");
+    let restore = TestCommand::new(&store)
+        .args(["restore", &id, "--json"])
+        .run();
+    let mut expected = vec![id.clone()];
+    match restore.status.code() {
+        Some(0) => expected.push(str_of(&restore.json(), "pre_snapshot_id").to_owned()),
+        Some(1) => assert!(restore.stderr.contains("store"), "{restore}"),
+        _ => panic!("restore with the store inside the memdir\n{restore}"),
+    }
+    let list = TestCommand::new(&store).args(["list", "--json"]).run();
+    let ids: Vec<String> = list
+        .json()
+        .as_array()
+        .expect("list is an array")
+        .iter()
+        .map(|i| str_of(i, "id").to_owned())
+        .collect();
+    for want in &expected {
+        assert!(
+            ids.contains(want),
+            "snapshot {want} was lost by the restore; the store lists {ids:?}\n{restore}"
+        );
+    }
+    TestCommand::new(&store)
+        .args(["verify", "--read-data"])
+        .assert_exit_code(0);
+}
+
+#[test]
+fn overlap_hidden_behind_a_symlink_is_refused_too() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let d = tmp.path().join("d");
+    overlapping_layout(&d);
+    std::os::unix::fs::symlink(d.join("m/db"), d.join("db-link")).expect("symlink");
+    assert_overlap_refused(
+        &tmp.path().join("store"),
+        &d.join("m"),
+        &d.join("db-link"),
+        &d.join("s"),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A memdir that is a symlink
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn symlinked_memdir_is_snapshotted_and_restored_as_the_folder_it_points_to() {
+    let f = Fixture::new();
+    let real = f.path("elsewhere/real-memdir");
+    fs::create_dir_all(real.parent().expect("parent")).expect("mkdir elsewhere");
+    fs::rename(f.agent.memdir(), &real).expect("move the memdir away");
+    std::os::unix::fs::symlink(&real, f.agent.memdir()).expect("symlink the memdir");
+    let before = tree(&real, true);
+    let image = AgentImage::capture(&f.agent);
+    let id = f.snapshot_id();
+
+    // Into a target: a real folder with the same content.
+    let target = f.path("restored");
+    f.cmd()
+        .args(["restore", &id, "--target"])
+        .arg(&target)
+        .json();
+    let meta = fs::symlink_metadata(target.join("memdir")).expect("target memdir");
+    assert!(
+        meta.is_dir() && !meta.file_type().is_symlink(),
+        "the target memdir is a real folder"
+    );
+    assert_same_tree(
+        &before,
+        &tree(&target.join("memdir"), true),
+        "target memdir",
+    );
+    assert_eq!(
+        SampleAgent::open(&target).git_head().expect("git head"),
+        image.head
+    );
+
+    // Over the live agent, changed through the symlink.
+    f.agent.append_day(11, 0.2).expect("append_day");
+    fs::write(f.agent.memdir().join("inbox.md"), "# Inbox\n").expect("note");
+    f.restore(&id, &[]);
+    let link = fs::symlink_metadata(f.agent.memdir()).expect("live memdir");
+    assert!(
+        link.file_type().is_symlink(),
+        "the live memdir is still a symlink"
+    );
+    assert_eq!(fs::read_link(f.agent.memdir()).expect("readlink"), real);
+    assert_same_tree(
+        &before,
+        &tree(&real, true),
+        "the symlink's target after restore",
+    );
+    image.assert_matches(&f.agent, "agent with a symlinked memdir after restore");
+    let left = staging_in(real.parent().expect("parent"));
+    assert!(
+        left.is_empty(),
+        "staging left next to the real memdir: {left:?}"
+    );
+
+    // And again (the restore did not break the layout for the next one).
+    f.agent.append_day(12, 0.2).expect("append_day");
+    f.restore(&id, &[]);
+    assert_same_tree(
+        &before,
+        &tree(&real, true),
+        "the symlink's target, second restore",
+    );
+    assert!(
+        fs::symlink_metadata(f.agent.memdir())
+            .expect("memdir")
+            .file_type()
+            .is_symlink()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A live WAL database whose page size differs from the snapshot's
+// ---------------------------------------------------------------------------------------------
+
+/// Snapshot; the agent works; long_term.sqlite (WAL) is rebuilt with 8192-byte pages.
+fn agent_with_changed_page_size() -> (Fixture, String, AgentImage) {
+    let f = Fixture::new();
+    let long_term = f.agent.sqlite_dir().join("long_term.sqlite");
+    assert_eq!(
+        db_header(&long_term),
+        (4096, true),
+        "sample long_term.sqlite"
+    );
+    let id = f.snapshot_id();
+    let image = AgentImage::capture(&f.agent);
+    // Work after the snapshot, so that a partial switch would show.
+    f.agent.append_day(11, 0.2).expect("append_day");
+    let c = rusqlite::Connection::open(&long_term).expect("open long_term");
+    c.execute_batch(
+        "PRAGMA journal_mode=DELETE; PRAGMA page_size=8192; VACUUM; PRAGMA journal_mode=WAL;",
+    )
+    .expect("change the page size");
+    let page: i64 = c
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .expect("page_size");
+    assert_eq!(page, 8192);
+    c.close().expect("close long_term");
+    assert_eq!(db_header(&long_term), (8192, true), "long_term.sqlite now");
+    (f, id, image)
+}
+
+#[test]
+fn restore_over_a_wal_database_with_another_page_size_is_refused_and_changes_nothing() {
+    let (f, id, _image) = agent_with_changed_page_size();
+    let long_term = f.agent.sqlite_dir().join("long_term.sqlite");
+    let memdir = tree(&f.agent.memdir(), true);
+    let live = tree(f.agent.root(), true);
+    let rows = f.agent.row_counts().expect("rows");
+
+    let out = f.cmd().args(["restore", &id]).assert_exit_code(1);
+    assert!(
+        out.stderr.contains("long_term.sqlite")
+            && out.stderr.contains("8192")
+            && out.stderr.contains("4096")
+            && out.stderr.contains("page"),
+        "the message names the database and both page sizes\n{out}"
+    );
+    assert!(
+        out.stderr.contains("journal_mode=DELETE"),
+        "the message says what to do\n{out}"
+    );
+    assert_no_journal(&f, "after a refused restore");
+    assert_no_restore_leftovers(&f.agent);
+    assert_same_tree(&memdir, &tree(&f.agent.memdir(), true), "live memdir");
+    assert_eq!(f.agent.row_counts().expect("rows"), rows, "row counts");
+    assert_same_tree(
+        &without_staging_parent_mtimes(live),
+        &without_staging_parent_mtimes(tree(f.agent.root(), true)),
+        "the whole live agent",
+    );
+    assert_eq!(db_header(&long_term), (8192, true));
+}
+
+/// The refusal's advice works: after `PRAGMA journal_mode=DELETE` on the live database, the
+/// same restore succeeds and brings the snapshot back.
+#[test]
+fn page_size_refusal_advice_lets_the_restore_succeed() {
+    let (f, id, image) = agent_with_changed_page_size();
+    let long_term = f.agent.sqlite_dir().join("long_term.sqlite");
+    f.cmd().args(["restore", &id]).assert_exit_code(1);
+    let c = rusqlite::Connection::open(&long_term).expect("open long_term");
+    let mode: String = c
+        .query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))
+        .expect("journal_mode");
+    assert_eq!(mode, "delete");
+    c.close().expect("close long_term");
+
+    f.restore(&id, &[]);
+    image.assert_matches(&f.agent, "agent restored after following the advice");
+    assert_eq!(
+        db_header(&long_term).0,
+        4096,
+        "the snapshot's page size is back"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. --lock-timeout out of range
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn lock_timeout_out_of_range_is_refused_with_a_clear_message_and_no_panic() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let source = f.agent.root().to_str().expect("UTF-8 path").to_owned();
+    let commands: [&[&str]; 4] = [
+        &["list"],
+        &["verify"],
+        &["restore", &id, "--dry-run"],
+        &[
+            "snapshot", "--tenant", TENANT, "--agent", AGENT, "--source", &source,
+        ],
+    ];
+    for value in ["1e20", "inf", "NaN", "-1"] {
+        for args in commands {
+            let out = f
+                .cmd()
+                .arg(format!("--lock-timeout={value}"))
+                .args(args)
+                .run();
+            assert!(
+                matches!(out.status.code(), Some(1 | 2)),
+                "--lock-timeout={value}: exit 1 or 2\n{out}"
+            );
+            assert!(!out.stderr.contains("panicked"), "{out}");
+            assert!(
+                out.stderr.contains("lock-timeout"),
+                "the message names the option\n{out}"
+            );
+        }
+    }
+    assert_eq!(f.list_ids(), vec![id], "no refused command took a snapshot");
+
+    let demo = f
+        .cmd()
+        .args(["--lock-timeout", "1e20", "demo", "--dir"])
+        .arg(f.path("demo"))
+        .run();
+    assert_eq!(demo.status.code(), Some(1), "{demo}");
+    assert!(
+        !demo.stderr.contains("panicked") && demo.stderr.contains("lock-timeout"),
+        "{demo}"
+    );
+}
+
+/// An option the command is going to refuse is refused before any work: `demo` must not build
+/// its 20 MiB sample agent first.
+#[test]
+fn lock_timeout_out_of_range_is_refused_before_demo_does_any_work() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("demo");
+    let out = TestCommand::new(&tmp.path().join("store"))
+        .args(["--lock-timeout", "1e20", "demo", "--dir"])
+        .arg(&dir)
+        .run();
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("lock-timeout"), "{out}");
+    assert!(
+        !dir.exists(),
+        "demo created {} before refusing the option\n{out}",
+        dir.display()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. A memdir symlink to a folder outside the memdir
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn memdir_symlink_to_an_outside_folder_is_restored_as_a_link_and_never_followed() {
+    let outside = tempfile::tempdir().expect("outside temp dir");
+    fs::write(outside.path().join("keep.txt"), "keep me\n").expect("outside file");
+    fs::create_dir(outside.path().join("sub")).expect("outside subfolder");
+    fs::write(outside.path().join("sub/inner.txt"), "inner\n").expect("outside file");
+    let outside_before = tree(outside.path(), true);
+
+    let f = Fixture::new();
+    let link = f.agent.memdir().join("link");
+    std::os::unix::fs::symlink(outside.path(), &link).expect("symlink out of the memdir");
+    let id = f.snapshot_id();
+    let show = f.cmd().args(["show", &id]).json();
+    let entries = show["entries"].as_array().expect("entries");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["part"] == "memdir" && e["path"] == "link" && e["kind"] == "symlink"),
+        "the link is recorded as a symlink: {show:#}"
+    );
+    assert!(
+        !entries
+            .iter()
+            .any(|e| str_of(e, "path").starts_with("link/")),
+        "nothing behind the link is captured: {show:#}"
+    );
+
+    let target = f.path("restored");
+    f.cmd()
+        .args(["restore", &id, "--target"])
+        .arg(&target)
+        .json();
+    let restored = target.join("memdir/link");
+    let meta = fs::symlink_metadata(&restored).expect("restored link");
+    assert!(meta.file_type().is_symlink(), "memdir/link is a symlink");
+    assert_eq!(fs::read_link(&restored).expect("readlink"), outside.path());
+    assert_same_tree(
+        &outside_before,
+        &tree(outside.path(), true),
+        "outside folder",
+    );
+
+    // Over the live agent: the live memdir, link included, is moved aside and deleted.
+    fs::write(f.agent.memdir().join("inbox.md"), "# Inbox\n").expect("note");
+    f.restore(&id, &[]);
+    let meta = fs::symlink_metadata(&link).expect("live link");
+    assert!(meta.file_type().is_symlink(), "the live link is a symlink");
+    assert_eq!(fs::read_link(&link).expect("readlink"), outside.path());
+    assert!(!f.agent.memdir().join("inbox.md").exists());
+    assert_no_restore_leftovers(&f.agent);
+    assert_same_tree(
+        &outside_before,
+        &tree(outside.path(), true),
+        "outside folder after a restore over the live agent",
+    );
+}
