@@ -135,6 +135,7 @@ pub trait Snapshotter: Send + Sync {
         snapshot: Option<String>,
         read_data: bool,
     ) -> Result<VerifyReport, Error>;
+    async fn show(&self, snapshot: String) -> Result<SnapshotDetails, Error>;
     async fn delete(&self, snapshot: String) -> Result<SnapshotInfo, Error>;
 }
 
@@ -177,6 +178,11 @@ impl Snapshotter for Memsnap {
     ) -> Result<VerifyReport, Error> {
         let m = self.clone();
         blocking(move || Memsnap::verify(&m, snapshot.as_deref(), None, read_data)).await
+    }
+
+    async fn show(&self, snapshot: String) -> Result<SnapshotDetails, Error> {
+        let m = self.clone();
+        blocking(move || Memsnap::show(&m, &snapshot, None)).await
     }
 
     async fn delete(&self, snapshot: String) -> Result<SnapshotInfo, Error> {

@@ -50,7 +50,14 @@ pub(crate) fn list_databases(dir: &Path) -> Result<Vec<(String, PathBuf)>, Sourc
         let ft = entry.file_type().map_err(io)?;
         let path = entry.path();
         if ft.is_file() && is_database(&path) {
-            out.push((entry.file_name().to_string_lossy().into_owned(), path));
+            // Database names travel through JSON (journal, schema_versions): UTF-8 only.
+            match entry.file_name().into_string() {
+                Ok(name) => out.push((name, path)),
+                Err(_) => tracing::warn!(
+                    path = %path.display(),
+                    "skipping a database whose file name is not UTF-8: rename it to include it"
+                ),
+            }
         }
     }
     out.sort();
