@@ -30,7 +30,9 @@ use crate::names::AgentId;
 use crate::source::SourceSpec;
 use crate::source::state::{FsStateProvider, StateItem, StateProvider};
 use crate::store::Store;
-use crate::store::reader::ChunkReader;
+use crate::store::chunk_id::ChunkId;
+use crate::store::pack::ChunkLoc;
+use crate::store::reader::{ChunkReader, PackFiles};
 use crate::tree;
 
 #[derive(Clone)]
@@ -580,8 +582,20 @@ fn stage(
     entries: &[ArtifactEntry],
     progress: &dyn Progress,
 ) -> Result<(), Error> {
-    let index = store.index()?;
-    let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+    // Resolve every chunk's location, then give the index back to other processes before the
+    // long part: reading and writing the data.
+    let (packs, mut locations) = {
+        let index = store.index()?;
+        let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+        let mut locations = Vec::with_capacity(entries.len());
+        for e in entries {
+            locations.push(match (&e.content, e.part) {
+                (Some(c), Part::Memdir | Part::Sqlite) => reader.resolve(c)?,
+                _ => Vec::new(),
+            });
+        }
+        (reader.packs, locations)
+    };
     let mem_root = j.staged_memdir();
     let db_root = j.staged_sqlite();
     if j.has_memdir {
@@ -591,12 +605,14 @@ fn stage(
         fsutil::create_dir_all_durable(&db_root).map_err(|e| Error::io(&db_root, e))?;
     }
     let mut dirs = Vec::new();
+    let mut locations = locations.iter_mut();
     // Every entry's parent must be a folder this staging created, so that no crafted or damaged
     // manifest (a symlink, then a file "through" it) writes outside the staging folder.
     let mut staged_dirs: std::collections::HashSet<(Part, Vec<u8>)> =
         std::collections::HashSet::from([(Part::Memdir, Vec::new())]);
     let mut seen: std::collections::HashSet<(Part, &[u8])> = std::collections::HashSet::new();
     for e in entries {
+        let chunks = std::mem::take(locations.next().unwrap_or(&mut Vec::new()));
         let root = match e.part {
             Part::Memdir => &mem_root,
             Part::Sqlite => &db_root,
@@ -655,7 +671,7 @@ fn stage(
                     .map_err(|err| Error::io(&path, err))?;
             }
             EntryKind::File | EntryKind::Sqlite { .. } => {
-                write_content(&mut reader, e, &path, progress)?;
+                write_content(&packs, e, &chunks, &path, progress)?;
                 fs::set_permissions(&path, fs::Permissions::from_mode(e.mode))
                     .map_err(|err| Error::io(&path, err))?;
                 if e.mtime_ns != 0 {
@@ -697,38 +713,39 @@ fn sync_tree(root: &Path) -> Result<(), Error> {
     fsutil::sync_dir(&fsutil::parent_of(root)).map_err(|e| Error::io(root, e))
 }
 
+/// Chunks read, decompressed and checked in parallel at a time.
+const READ_BATCH: usize = 256;
+
 fn write_content(
-    reader: &mut ChunkReader<'_>,
+    packs: &PackFiles,
     e: &ArtifactEntry,
+    chunks: &[(ChunkId, ChunkLoc)],
     path: &Path,
     progress: &dyn Progress,
 ) -> Result<(), Error> {
-    let Some(content) = &e.content else {
+    use rayon::prelude::*;
+    if e.content.is_none() {
         return Err(StoreError::CorruptRecord {
             what: format!("entry {}", e.path_lossy()),
             message: "a file without content".into(),
         }
         .into());
-    };
+    }
     let mut f = std::io::BufWriter::with_capacity(
         1 << 20,
         fs::File::create(path).map_err(|err| Error::io(path, err))?,
     );
     let mut hasher = blake3::Hasher::new();
-    let mut write_err = None;
-    tree::walk(reader, content, true, &mut |_, is_data, data| {
-        let data = data?;
-        if is_data {
-            hasher.update(&data);
-            progress.advance(data.len() as u64);
-            if let Err(err) = f.write_all(&data) {
-                write_err.get_or_insert(err);
-            }
+    for batch in chunks.chunks(READ_BATCH) {
+        let data: Vec<Vec<u8>> = batch
+            .par_iter()
+            .map(|(id, loc)| packs.read(id, loc))
+            .collect::<Result<_, _>>()?;
+        for d in &data {
+            hasher.update(d);
+            progress.advance(d.len() as u64);
+            f.write_all(d).map_err(|err| Error::io(path, err))?;
         }
-        Ok(())
-    })?;
-    if let Some(err) = write_err {
-        return Err(Error::io(path, err));
     }
     f.flush().map_err(|err| Error::io(path, err))?;
     if *hasher.finalize().as_bytes() != e.hash {

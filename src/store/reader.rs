@@ -1,10 +1,15 @@
 //! The read side: fetches a chunk by id through the index, decompresses it and checks that its
 //! BLAKE3 hash is its id, so that no damaged byte is ever returned as data.
+//!
+//! [`PackFiles`] reads a chunk whose location is known, from any thread and without the index:
+//! restore resolves every location first, closes the index (other processes take turns on it),
+//! then reads the packs in parallel.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use super::chunk_id::ChunkId;
 use super::index::{CHUNKS, Index};
@@ -15,51 +20,45 @@ use crate::error::StoreError;
 /// could otherwise ask for gigabytes.
 pub(crate) const MAX_CHUNK: u32 = 16 * 1024 * 1024;
 
-pub(crate) struct ChunkReader<'i> {
-    index: &'i Index,
-    /// Opened once: opening a table per lookup was a visible share of a restore.
-    chunks: redb::ReadOnlyTable<[u8; 32], [u8; 33]>,
-    packs_dir: PathBuf,
-    files: HashMap<PackId, File>,
-    dctx: Option<zstd::bulk::Decompressor<'static>>,
+/// Open pack files, shared by reader threads.
+pub(crate) struct PackFiles {
+    dir: PathBuf,
+    files: Mutex<HashMap<PackId, Arc<File>>>,
 }
 
-impl<'i> ChunkReader<'i> {
-    pub(crate) fn new(index: &'i Index, packs_dir: PathBuf) -> Result<Self, StoreError> {
-        let tx = index.begin_read()?;
-        let chunks = tx
-            .open_table(CHUNKS)
-            .map_err(|e| StoreError::index(&index.path, e))?;
-        Ok(Self {
-            chunks,
-            index,
-            packs_dir,
-            files: HashMap::new(),
-            dctx: None,
-        })
+impl PackFiles {
+    pub(crate) fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            files: Mutex::new(HashMap::new()),
+        }
     }
 
-    pub(crate) fn locate(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, StoreError> {
-        let v = self
-            .chunks
-            .get(id.0)
-            .map_err(|e| StoreError::index(&self.index.path, e))?;
-        Ok(v.map(|g| ChunkLoc::decode(&g.value())))
+    pub(crate) fn path(&self, pack: &PackId) -> PathBuf {
+        pack.path(&self.dir)
     }
 
-    pub(crate) fn pack_path(&self, pack: &PackId) -> PathBuf {
-        pack.path(&self.packs_dir)
+    fn file(&self, pack: &PackId) -> Result<Arc<File>, StoreError> {
+        let mut files = self
+            .files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(f) = files.get(pack) {
+            return Ok(f.clone());
+        }
+        let path = self.path(pack);
+        let f = Arc::new(File::open(&path).map_err(|e| StoreError::io(&path, e))?);
+        files.insert(*pack, f.clone());
+        Ok(f)
     }
 
-    pub(crate) fn read(&mut self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
-        let loc = self
-            .locate(id)?
-            .ok_or_else(|| StoreError::MissingChunk { id: id.hex() })?;
-        self.read_at(id, &loc)
-    }
-
-    pub(crate) fn read_at(&mut self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
-        let path = self.pack_path(&loc.pack);
+    /// Reads, decompresses and checks one chunk. Safe to call from many threads.
+    pub(crate) fn read(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
+        thread_local! {
+            static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let path = self.path(&loc.pack);
         let damaged = |message: String| StoreError::CorruptChunk {
             id: id.hex(),
             pack: path.clone(),
@@ -71,12 +70,7 @@ impl<'i> ChunkReader<'i> {
                 loc.raw_len.max(loc.stored_len)
             )));
         }
-        let file = match self.files.entry(loc.pack) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(File::open(&path).map_err(|e| StoreError::io(&path, e))?)
-            }
-        };
+        let file = self.file(&loc.pack)?;
         let mut stored = vec![0u8; loc.stored_len as usize];
         file.read_exact_at(&mut stored, loc.offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -86,15 +80,20 @@ impl<'i> ChunkReader<'i> {
             }
         })?;
         let raw = if loc.flags & FLAG_ZSTD != 0 {
-            if self.dctx.is_none() {
-                let d = zstd::bulk::Decompressor::new().map_err(|e| StoreError::io(&path, e))?;
-                self.dctx = Some(d);
-            }
-            let Some(dctx) = self.dctx.as_mut() else {
-                return Err(damaged("no decompressor".into()));
-            };
-            dctx.decompress(&stored, loc.raw_len as usize)
-                .map_err(|e| damaged(format!("cannot decompress: {e}")))?
+            DCTX.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.is_none() {
+                    *slot = Some(
+                        zstd::bulk::Decompressor::new().map_err(|e| StoreError::io(&path, e))?,
+                    );
+                }
+                match slot.as_mut() {
+                    Some(d) => d
+                        .decompress(&stored, loc.raw_len as usize)
+                        .map_err(|e| damaged(format!("cannot decompress: {e}"))),
+                    None => Err(damaged("no decompressor".into())),
+                }
+            })?
         } else {
             stored
         };
@@ -109,5 +108,73 @@ impl<'i> ChunkReader<'i> {
             return Err(damaged("content does not match its hash".into()));
         }
         Ok(raw)
+    }
+}
+
+/// Reads chunks by id, through the index.
+pub(crate) struct ChunkReader<'i> {
+    index: &'i Index,
+    /// Opened once: opening a table per lookup was a visible share of a restore.
+    chunks: redb::ReadOnlyTable<[u8; 32], [u8; 33]>,
+    pub(crate) packs: PackFiles,
+}
+
+impl<'i> ChunkReader<'i> {
+    pub(crate) fn new(index: &'i Index, packs_dir: PathBuf) -> Result<Self, StoreError> {
+        let tx = index.begin_read()?;
+        let chunks = tx
+            .open_table(CHUNKS)
+            .map_err(|e| StoreError::index(&index.path, e))?;
+        Ok(Self {
+            chunks,
+            index,
+            packs: PackFiles::new(packs_dir),
+        })
+    }
+
+    pub(crate) fn locate(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, StoreError> {
+        let v = self
+            .chunks
+            .get(id.0)
+            .map_err(|e| StoreError::index(&self.index.path, e))?;
+        Ok(v.map(|g| ChunkLoc::decode(&g.value())))
+    }
+
+    pub(crate) fn pack_path(&self, pack: &PackId) -> PathBuf {
+        self.packs.path(pack)
+    }
+
+    pub(crate) fn read(&mut self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
+        let loc = self
+            .locate(id)?
+            .ok_or_else(|| StoreError::MissingChunk { id: id.hex() })?;
+        self.packs.read(id, &loc)
+    }
+
+    pub(crate) fn read_at(&mut self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
+        self.packs.read(id, loc)
+    }
+
+    /// The data chunks of a content tree, in order, with their locations (tree nodes are read).
+    pub(crate) fn resolve(
+        &mut self,
+        content: &crate::tree::ContentRef,
+    ) -> Result<Vec<(ChunkId, ChunkLoc)>, StoreError> {
+        let mut ids = Vec::new();
+        crate::tree::walk(self, content, false, &mut |id, is_data, res| {
+            res?;
+            if is_data {
+                ids.push(*id);
+            }
+            Ok(())
+        })?;
+        ids.into_iter()
+            .map(|id| {
+                let loc = self
+                    .locate(&id)?
+                    .ok_or_else(|| StoreError::MissingChunk { id: id.hex() })?;
+                Ok((id, loc))
+            })
+            .collect()
     }
 }
