@@ -2,280 +2,25 @@
 //! in a temporary folder and a sample agent built by `memsnap::sample`, and checks what ends up on
 //! disk (files, modes, symlinks, rows, git HEAD, journal, staging folders), not only exit codes.
 //!
-//! The helpers at the top follow ripgrep's tests/util.rs: a `TestCommand` that presets the store
-//! and the environment, runs the binary and reports the command line, status, stdout and stderr
-//! whenever an assertion about it fails.
+//! The helpers shared with tests/recovery.rs (`TestCommand`, `Fixture`, `tree`, `AgentImage`...)
+//! are in tests/common/mod.rs.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::ffi::OsStr;
-use std::fmt;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Child;
 
+use common::*;
 use memsnap::sample::{SampleAgent, SampleSpec};
 use serde_json::Value;
 
-const TENANT: &str = "acme";
-const AGENT: &str = "ana";
-
 // ---------------------------------------------------------------------------------------------
-// Running the binary
+// Changing the sample agent
 // ---------------------------------------------------------------------------------------------
-
-/// One `memsnap` invocation against one store, with `--store STORE` and `MEMSNAP_LOG=error`
-/// preset and the caller's `MEMSNAP_FAILPOINT` and `MEMSNAP_STORE` removed.
-#[derive(Debug)]
-struct TestCommand {
-    cmd: Command,
-}
-
-impl TestCommand {
-    fn new(store: &Path) -> TestCommand {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_memsnap"));
-        cmd.arg("--store")
-            .arg(store)
-            .env("MEMSNAP_LOG", "error")
-            .env_remove("MEMSNAP_FAILPOINT")
-            .env_remove("MEMSNAP_STORE")
-            .stdin(Stdio::null());
-        // Failpoints abort the process: keep the crash tests from writing core files.
-        // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                let none = libc::rlimit {
-                    rlim_cur: 0,
-                    rlim_max: 0,
-                };
-                libc::setrlimit(libc::RLIMIT_CORE, &none);
-                Ok(())
-            });
-        }
-        TestCommand { cmd }
-    }
-
-    fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut TestCommand {
-        self.cmd.arg(arg);
-        self
-    }
-
-    fn args<I, A>(&mut self, args: I) -> &mut TestCommand
-    where
-        I: IntoIterator<Item = A>,
-        A: AsRef<OsStr>,
-    {
-        self.cmd.args(args);
-        self
-    }
-
-    fn env(&mut self, key: &str, value: &str) -> &mut TestCommand {
-        self.cmd.env(key, value);
-        self
-    }
-
-    fn current_dir(&mut self, dir: &Path) -> &mut TestCommand {
-        self.cmd.current_dir(dir);
-        self
-    }
-
-    /// Runs the command to completion, whatever its exit status.
-    fn run(&mut self) -> Outcome {
-        let out = self
-            .cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .expect("the memsnap binary runs");
-        Outcome {
-            cmdline: format!("{:?}", self.cmd),
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    /// Starts the command without waiting (for concurrency tests).
-    fn spawn(&mut self) -> Child {
-        self.cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the memsnap binary starts")
-    }
-
-    /// Runs the command and asserts its exit code.
-    fn assert_exit_code(&mut self, code: i32) -> Outcome {
-        let out = self.run();
-        assert_eq!(out.status.code(), Some(code), "unexpected exit code\n{out}");
-        out
-    }
-
-    /// Runs the command, asserts success and returns stdout.
-    fn stdout(&mut self) -> String {
-        self.assert_exit_code(0).stdout
-    }
-
-    /// Adds `--json`, runs the command, asserts success and parses stdout.
-    fn json(&mut self) -> Value {
-        self.arg("--json");
-        self.assert_exit_code(0).json()
-    }
-
-    /// Runs the command and asserts that it aborted (what a failpoint without `:error` does).
-    fn assert_crashed(&mut self) -> Outcome {
-        let out = self.run();
-        assert_eq!(
-            out.status.signal(),
-            Some(libc::SIGABRT),
-            "the command was expected to abort\n{out}"
-        );
-        out
-    }
-}
-
-/// A finished run.
-struct Outcome {
-    cmdline: String,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Outcome {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e})\n{self}"))
-    }
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "command: {}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.cmdline, self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key]
-        .as_str()
-        .unwrap_or_else(|| panic!("{key:?} is not a string in {v:#}"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// A sample agent and its store
-// ---------------------------------------------------------------------------------------------
-
-/// A temporary folder holding a tiny sample agent (`agent/`) and a store path (`store/`, not
-/// created until a command creates it).
-struct Fixture {
-    tmp: tempfile::TempDir,
-    store: PathBuf,
-    agent: SampleAgent,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let agent = SampleAgent::create(&tmp.path().join("agent"), &SampleSpec::tiny())
-            .expect("tiny sample agent");
-        let store = tmp.path().join("store");
-        Fixture { tmp, store, agent }
-    }
-
-    /// A fixture whose memdir also holds symlinks (one dangling), a private file, an executable
-    /// script, an empty file, an empty folder and a file whose name is not UTF-8, so that
-    /// restores have to reproduce more than plain files.
-    fn decorated() -> Fixture {
-        let f = Fixture::new();
-        let memdir = f.agent.memdir();
-        std::os::unix::fs::symlink("topics/rust-async.md", memdir.join("latest-topic.md"))
-            .expect("symlink");
-        std::os::unix::fs::symlink("nowhere/at-all.md", memdir.join("dangling")).expect("symlink");
-        write_mode(
-            &memdir.join("private.md"),
-            b"# Private\n\nonly mine\n",
-            0o600,
-        );
-        fs::write(memdir.join("empty.md"), b"").expect("empty file");
-        fs::create_dir(memdir.join("empty-folder")).expect("empty folder");
-        let latin1 = OsStr::from_bytes(b"caf\xe9-latin1.md");
-        fs::write(memdir.join(latin1), b"# Caf\xe9\n").expect("non-UTF-8 name");
-        fs::create_dir_all(memdir.join("hooks")).expect("mkdir hooks");
-        write_mode(
-            &memdir.join("hooks/run.sh"),
-            b"#!/bin/sh\necho hook\n",
-            0o755,
-        );
-        f
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.tmp.path().join(rel)
-    }
-
-    fn cmd(&self) -> TestCommand {
-        TestCommand::new(&self.store)
-    }
-
-    /// `snapshot --tenant acme --agent ana --source AGENT --json`.
-    fn snapshot(&self) -> Value {
-        self.cmd()
-            .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--source"])
-            .arg(self.agent.root())
-            .json()
-    }
-
-    fn snapshot_id(&self) -> String {
-        let v = self.snapshot();
-        str_of(&v, "id").to_owned()
-    }
-
-    fn list(&self) -> Vec<Value> {
-        match self.cmd().arg("list").json() {
-            Value::Array(items) => items,
-            other => panic!("list --json is not an array: {other:#}"),
-        }
-    }
-
-    fn list_ids(&self) -> Vec<String> {
-        self.list()
-            .iter()
-            .map(|i| str_of(i, "id").to_owned())
-            .collect()
-    }
-
-    /// `restore SNAP --json` (plus `extra` args), asserting success.
-    fn restore(&self, snap: &str, extra: &[&str]) -> Value {
-        self.cmd().args(["restore", snap]).args(extra).json()
-    }
-
-    fn journal(&self) -> PathBuf {
-        self.store
-            .join("journal")
-            .join(TENANT)
-            .join(format!("{AGENT}.json"))
-    }
-
-    fn agent_lock(&self) -> PathBuf {
-        self.store
-            .join("locks")
-            .join("agents")
-            .join(TENANT)
-            .join(format!("{AGENT}.lock"))
-    }
-}
-
-fn write_mode(path: &Path, bytes: &[u8], mode: u32) {
-    fs::write(path, bytes).expect("write file");
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
-}
 
 /// A day of agent work plus changes of every kind: rows added, rewritten and deleted, notes
 /// edited and committed, a note added, a symlink removed, a mode changed, a database created and
@@ -320,220 +65,6 @@ fn change_agent(agent: &SampleAgent) {
         "{\"created\": \"after the snapshot\"}\n",
     )
     .expect("state file");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Comparing folders
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Node {
-    Dir {
-        mode: u32,
-        mtime_ns: Option<i64>,
-    },
-    File {
-        mode: u32,
-        mtime_ns: Option<i64>,
-        len: u64,
-        blake3: String,
-    },
-    Symlink {
-        target: PathBuf,
-    },
-}
-
-type Tree = BTreeMap<PathBuf, Node>;
-
-/// Every entry under `root` (the root itself as ""), never following symlinks. With `mtimes`,
-/// files and folders below the root also record their modification time.
-fn tree(root: &Path, mtimes: bool) -> Tree {
-    let mut out = Tree::new();
-    for entry in walkdir::WalkDir::new(root).follow_links(false) {
-        let entry = entry.expect("walk");
-        let rel = entry
-            .path()
-            .strip_prefix(root)
-            .expect("below root")
-            .to_path_buf();
-        let meta = entry.path().symlink_metadata().expect("metadata");
-        let mtime_ns =
-            (mtimes && entry.depth() > 0).then(|| meta.mtime() * 1_000_000_000 + meta.mtime_nsec());
-        let mode = meta.mode() & 0o7777;
-        let node = if meta.file_type().is_symlink() {
-            Node::Symlink {
-                target: fs::read_link(entry.path()).expect("readlink"),
-            }
-        } else if meta.is_dir() {
-            Node::Dir { mode, mtime_ns }
-        } else {
-            let bytes = fs::read(entry.path()).expect("read file");
-            Node::File {
-                mode,
-                mtime_ns,
-                len: bytes.len() as u64,
-                blake3: blake3::hash(&bytes).to_hex().to_string(),
-            }
-        };
-        out.insert(rel, node);
-    }
-    out
-}
-
-/// Asserts two trees are equal, listing the differing paths (not two huge maps) if not.
-fn assert_same_tree(expected: &Tree, actual: &Tree, what: &str) {
-    if expected == actual {
-        return;
-    }
-    let mut diffs = Vec::new();
-    for (path, e) in expected {
-        match actual.get(path) {
-            None => diffs.push(format!("missing  {}: {e:?}", path.display())),
-            Some(a) if a != e => diffs.push(format!(
-                "differs  {}:\n    expected {e:?}\n    actual   {a:?}",
-                path.display()
-            )),
-            Some(_) => {}
-        }
-    }
-    for (path, a) in actual {
-        if !expected.contains_key(path) {
-            diffs.push(format!("extra    {}: {a:?}", path.display()));
-        }
-    }
-    let n = diffs.len();
-    diffs.truncate(25);
-    panic!("{what}: {n} difference(s)\n{}", diffs.join("\n"));
-}
-
-/// Everything a restore must bring back, captured from a live agent.
-#[derive(Debug, Clone)]
-struct AgentImage {
-    memdir: Tree,
-    state: Tree,
-    rows: BTreeMap<String, i64>,
-    head: Option<String>,
-}
-
-impl AgentImage {
-    fn capture(agent: &SampleAgent) -> AgentImage {
-        // The trees first: row_counts opens the databases, git is read last.
-        let memdir = tree(&agent.memdir(), true);
-        let state = tree(&agent.state_dir(), false);
-        let rows = agent.row_counts().expect("row counts");
-        let head = agent.git_head().expect("git head");
-        assert!(head.is_some(), "the sample agent has a commit");
-        AgentImage {
-            memdir,
-            state,
-            rows,
-            head,
-        }
-    }
-
-    /// Asserts that `agent` is exactly this image, and that the restore left nothing behind.
-    fn assert_matches(&self, agent: &SampleAgent, what: &str) {
-        assert_no_restore_leftovers(agent);
-        assert_no_side_files(agent);
-        assert_same_tree(
-            &self.memdir,
-            &tree(&agent.memdir(), true),
-            &format!("{what}: memdir"),
-        );
-        assert_same_tree(
-            &self.state,
-            &tree(&agent.state_dir(), false),
-            &format!("{what}: state"),
-        );
-        assert_databases_intact(agent);
-        assert_eq!(
-            agent.row_counts().expect("row counts"),
-            self.rows,
-            "{what}: row counts"
-        );
-        assert_eq!(
-            agent.git_head().expect("git head"),
-            self.head,
-            "{what}: git HEAD"
-        );
-    }
-}
-
-fn databases(agent: &SampleAgent) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = fs::read_dir(agent.sqlite_dir())
-        .expect("read sqlite dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension() == Some(OsStr::new("sqlite")))
-        .collect();
-    out.sort();
-    out
-}
-
-/// Byte 18 of a database header: 1 = rollback journal, 2 = WAL.
-fn is_wal(db: &Path) -> bool {
-    let mut header = [0u8; 20];
-    fs::File::open(db)
-        .and_then(|mut f| f.read_exact(&mut header))
-        .expect("read database header");
-    header[18] == 2
-}
-
-/// No `-journal` next to any database, and no `-wal`/`-shm` next to a rollback-mode one.
-fn assert_no_side_files(agent: &SampleAgent) {
-    for db in databases(agent) {
-        let suffixes: &[&str] = if is_wal(&db) {
-            &["-journal"]
-        } else {
-            &["-journal", "-wal", "-shm"]
-        };
-        for s in suffixes {
-            let mut side = db.clone().into_os_string();
-            side.push(s);
-            assert!(
-                !Path::new(&side).exists(),
-                "{} was left next to {}",
-                Path::new(&side).display(),
-                db.display()
-            );
-        }
-    }
-}
-
-fn assert_databases_intact(agent: &SampleAgent) {
-    for db in databases(agent) {
-        let c =
-            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
-                .expect("open database");
-        let check: String = c
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .expect("integrity_check");
-        assert_eq!(check, "ok", "integrity_check of {}", db.display());
-        c.close().expect("close database");
-    }
-}
-
-/// Staging folders of a restore: next to the memdir and inside the sqlite folder.
-fn restore_leftovers(agent: &SampleAgent) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for dir in [agent.root().to_path_buf(), agent.sqlite_dir()] {
-        if let Ok(rd) = fs::read_dir(&dir) {
-            for e in rd {
-                let e = e.expect("entry");
-                if e.file_name()
-                    .to_string_lossy()
-                    .starts_with(".memsnap-restore-")
-                {
-                    out.push(e.path());
-                }
-            }
-        }
-    }
-    out
-}
-
-fn assert_no_restore_leftovers(agent: &SampleAgent) {
-    let left = restore_leftovers(agent);
-    assert!(left.is_empty(), "restore staging left behind: {left:?}");
 }
 
 fn is_absent_or_empty(dir: &Path) -> bool {
@@ -620,11 +151,7 @@ fn restore_into_empty_target_reproduces_the_snapshot_and_leaves_the_agent_alone(
     let target = f.path("restored");
     fs::create_dir(&target).expect("mkdir target");
 
-    let report = f
-        .cmd()
-        .args(["restore", &id, "--target"])
-        .arg(&target)
-        .json();
+    let report = f.restore_into(&id, &target);
     assert_eq!(report["pre_snapshot_id"], Value::Null, "{report:#}");
     let restored = SampleAgent::open(&target);
     image.assert_matches(&restored, "restored into --target");
@@ -642,10 +169,7 @@ fn restore_into_missing_target_creates_it() {
     let id = f.snapshot_id();
     let image = AgentImage::capture(&f.agent);
     let target = f.path("new/deeper/restored");
-    f.cmd()
-        .args(["restore", &id, "--target"])
-        .arg(&target)
-        .json();
+    f.restore_into(&id, &target);
     image.assert_matches(&SampleAgent::open(&target), "restored into a new folder");
 }
 
@@ -913,8 +437,7 @@ fn snapshot_of_an_agent_without_memory_fails() {
     fs::create_dir(&source).expect("mkdir");
     let store = tmp.path().join("store");
     let out = TestCommand::new(&store)
-        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--source"])
-        .arg(&source)
+        .snapshot(&source)
         .assert_exit_code(1);
     assert!(out.stderr.contains("no memory found"), "{out}");
     assert!(
@@ -934,10 +457,7 @@ fn snapshot_of_an_agent_with_only_state_records_the_absent_parts() {
     fs::create_dir_all(source.join("state")).expect("mkdir");
     fs::write(source.join("state/cursor.json"), "{\"last\": 42}\n").expect("write");
     let store = tmp.path().join("store");
-    let snap = TestCommand::new(&store)
-        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--source"])
-        .arg(&source)
-        .json();
+    let snap = TestCommand::new(&store).snapshot(&source).json();
     assert_eq!(
         snap["absent"],
         serde_json::json!(["memdir", "sqlite"]),
@@ -1018,10 +538,7 @@ fn source_templates_expand_tenant_and_agent() {
         .expect("sample agent");
     let store = tmp.path().join("store");
     let template = tmp.path().join("agents/{tenant}/{agent}");
-    let snap = TestCommand::new(&store)
-        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--source"])
-        .arg(&template)
-        .json();
+    let snap = TestCommand::new(&store).snapshot(&template).json();
     assert_eq!(
         str_of(&snap, "memdir"),
         agent.memdir().display().to_string()
@@ -1143,17 +660,6 @@ fn damaged_pack_byte_is_found_by_verify_read_data_and_blocks_restore() {
 // so that recovery is covered at every step of the switch, independently of the failpoints.
 // ---------------------------------------------------------------------------------------------
 
-/// Zeroes the mtimes of the agent root and sqlite/: staging folders were created and removed in
-/// them, which moves their own mtimes and nothing else.
-fn without_staging_parent_mtimes(mut t: Tree) -> Tree {
-    for key in ["", "sqlite"] {
-        if let Some(Node::Dir { mtime_ns, .. }) = t.get_mut(Path::new(key)) {
-            *mtime_ns = None;
-        }
-    }
-    t
-}
-
 #[test]
 fn restore_crashed_after_memdir_switch_is_finished_by_the_next_command() {
     let f = Fixture::decorated();
@@ -1161,11 +667,7 @@ fn restore_crashed_after_memdir_switch_is_finished_by_the_next_command() {
     let image = AgentImage::capture(&f.agent);
     change_agent(&f.agent);
 
-    let out = f
-        .cmd()
-        .env("MEMSNAP_FAILPOINT", "restore:memdir-switched")
-        .args(["restore", &id])
-        .assert_crashed();
+    let out = f.crash_restore(&id, "restore:memdir-switched");
     assert!(out.stderr.contains("restore:memdir-switched"), "{out}");
     let journal = fs::read_to_string(f.journal())
         .unwrap_or_else(|e| panic!("the crash left the journal ({e})\n{out}"));
@@ -1182,6 +684,16 @@ fn restore_crashed_after_memdir_switch_is_finished_by_the_next_command() {
     );
 }
 
+/// Runs `list` over a restore left in its staging phase and checks that it rolled the restore
+/// back: no journal, no staging folders, and the agent as it was (`live`, a [`tree`] of its root
+/// with mtimes).
+fn assert_list_rolls_back(f: &Fixture, live: Tree) {
+    f.cmd().arg("list").json();
+    assert!(!f.journal().exists(), "the next command rolled back");
+    assert_no_restore_leftovers(&f.agent);
+    assert_agent_tree_unchanged(live, &f.agent, "agent after a rolled-back restore");
+}
+
 #[test]
 fn restore_crashed_while_staged_is_rolled_back_by_the_next_command() {
     let f = Fixture::decorated();
@@ -1189,11 +701,7 @@ fn restore_crashed_while_staged_is_rolled_back_by_the_next_command() {
     change_agent(&f.agent);
     let live = tree(f.agent.root(), true);
 
-    let out = f
-        .cmd()
-        .env("MEMSNAP_FAILPOINT", "restore:staged")
-        .args(["restore", &id])
-        .assert_crashed();
+    let out = f.crash_restore(&id, "restore:staged");
     let journal = fs::read_to_string(f.journal())
         .unwrap_or_else(|e| panic!("the crash left the journal ({e})\n{out}"));
     assert!(journal.contains("Staging"), "{journal}");
@@ -1202,14 +710,7 @@ fn restore_crashed_while_staged_is_rolled_back_by_the_next_command() {
         "the crash left staging folders to roll back"
     );
 
-    f.cmd().arg("list").json();
-    assert!(!f.journal().exists(), "the next command rolled back");
-    assert_no_restore_leftovers(&f.agent);
-    assert_same_tree(
-        &without_staging_parent_mtimes(live),
-        &without_staging_parent_mtimes(tree(f.agent.root(), true)),
-        "agent after a rolled-back restore",
-    );
+    assert_list_rolls_back(&f, live);
 }
 
 /// How far a crashed restore got, for [`leave_crashed_restore`].
@@ -1231,18 +732,11 @@ enum CrashedAt {
 /// materialised into the staging folders (through `restore --target`), the journal written, and
 /// the switch steps up to `at` done.
 fn leave_crashed_restore(f: &Fixture, id: &str, at: CrashedAt) {
-    const TOKEN: &str = "0badf00d";
     let scratch = f.path("materialised");
-    f.cmd()
-        .args(["restore", id, "--target"])
-        .arg(&scratch)
-        .json();
-    let staged_memdir = f.agent.root().join(format!(".memsnap-restore-{TOKEN}-new"));
-    let old_memdir = f.agent.root().join(format!(".memsnap-restore-{TOKEN}-old"));
-    let staged_sqlite = f
-        .agent
-        .sqlite_dir()
-        .join(format!(".memsnap-restore-{TOKEN}"));
+    f.restore_into(id, &scratch);
+    let staged_memdir = f.staged_memdir("new");
+    let old_memdir = f.staged_memdir("old");
+    let staged_sqlite = f.staged_sqlite();
     fs::rename(scratch.join("memdir"), &staged_memdir).expect("stage memdir");
     fs::rename(scratch.join("sqlite"), &staged_sqlite).expect("stage databases");
     let mut dbs: Vec<String> = fs::read_dir(&staged_sqlite)
@@ -1257,26 +751,7 @@ fn leave_crashed_restore(f: &Fixture, id: &str, at: CrashedAt) {
     } else {
         "Switching"
     };
-    let journal = serde_json::json!({
-        "version": 1,
-        "phase": phase,
-        "snapshot_id": id,
-        "tenant": TENANT,
-        "agent": AGENT,
-        "token": TOKEN,
-        "memdir": f.agent.memdir(),
-        "sqlite_dir": f.agent.sqlite_dir(),
-        "state_dir": f.agent.state_dir(),
-        "has_memdir": true,
-        "databases": dbs,
-        "fs_state": true,
-    });
-    fs::create_dir_all(f.journal().parent().expect("parent")).expect("mkdir journal");
-    fs::write(
-        f.journal(),
-        serde_json::to_vec_pretty(&journal).expect("JSON"),
-    )
-    .expect("write journal");
+    f.write_journal(&f.hand_made_journal(phase, id, &dbs));
 
     if at >= CrashedAt::MemdirMovedAside {
         fs::rename(f.agent.memdir(), &old_memdir).expect("move memdir aside");
@@ -1339,14 +814,7 @@ fn restore_left_by_a_crash_while_staged_is_rolled_back_by_the_next_command() {
     leave_crashed_restore(&f, &id, CrashedAt::Staged);
     assert!(!restore_leftovers(&f.agent).is_empty());
 
-    f.cmd().arg("list").json();
-    assert!(!f.journal().exists(), "the next command rolled back");
-    assert_no_restore_leftovers(&f.agent);
-    assert_same_tree(
-        &without_staging_parent_mtimes(live),
-        &without_staging_parent_mtimes(tree(f.agent.root(), true)),
-        "agent after a rolled-back restore",
-    );
+    assert_list_rolls_back(&f, live);
 }
 
 #[test]
@@ -1362,10 +830,7 @@ fn restore_left_by_a_crash_while_staged_is_rolled_back_before_a_snapshot() {
     assert_no_restore_leftovers(&f.agent);
     // The snapshot taken after the rollback holds the changed agent.
     let target = f.path("check");
-    f.cmd()
-        .args(["restore", str_of(&snap, "id"), "--target"])
-        .arg(&target)
-        .json();
+    f.restore_into(str_of(&snap, "id"), &target);
     changed.assert_matches(&SampleAgent::open(&target), "snapshot after rollback");
 }
 
@@ -1465,8 +930,7 @@ fn snapshot_of_a_locked_agent_fails_busy_then_succeeds_once_released() {
     let out = f
         .cmd()
         .args(["--lock-timeout", "0.3"])
-        .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--source"])
-        .arg(f.agent.root())
+        .snapshot(f.agent.root())
         .assert_exit_code(1);
     assert!(out.stderr.contains("busy"), "{out}");
     assert!(
@@ -1770,10 +1234,7 @@ fn snapshot_holds_committed_wal_rows_and_no_uncommitted_ones() {
     drop((writer, pending_lt, pending_vec));
 
     let target = f.path("restored");
-    f.cmd()
-        .args(["restore", &id, "--target"])
-        .arg(&target)
-        .json();
+    f.restore_into(&id, &target);
     let restored = SampleAgent::open(&target);
     assert_databases_intact(&restored);
     let mut expected = rows;

@@ -5,481 +5,28 @@
 //!
 //! Every test runs the real `memsnap` binary against a store in a temporary folder and a tiny
 //! sample agent built by `memsnap::sample`, and checks what ends up on disk (files, rows,
-//! journal, staging folders), not only exit codes. The helpers at the top are copied from
-//! tests/cli.rs (its `TestCommand`, `Fixture`, `tree` and `AgentImage`), so that both files read
-//! alike; journal layout: store-format.md, "Restore journal".
+//! journal, staging folders), not only exit codes. The helpers shared with tests/cli.rs
+//! (`TestCommand`, `Fixture`, `tree`, `AgentImage`...) are in tests/common/mod.rs; journal
+//! layout: store-format.md, "Restore journal".
+
+mod common;
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
-use std::fmt;
 use std::fs;
-use std::io::Read;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
-use memsnap::sample::{SampleAgent, SampleSpec};
+use common::*;
+use memsnap::sample::SampleAgent;
 use serde_json::{Value, json};
 
-const TENANT: &str = "acme";
-const AGENT: &str = "ana";
-/// The token of hand-made journals: it names the staging folders.
-const TOKEN: &str = "0badf00d";
-
 // ---------------------------------------------------------------------------------------------
-// Running the binary (from tests/cli.rs)
+// Journals, state documents and small databases
 // ---------------------------------------------------------------------------------------------
-
-/// One `memsnap` invocation against one store, with `--store STORE` and `MEMSNAP_LOG=error`
-/// preset and the caller's `MEMSNAP_FAILPOINT` and `MEMSNAP_STORE` removed.
-#[derive(Debug)]
-struct TestCommand {
-    cmd: Command,
-}
-
-impl TestCommand {
-    fn new(store: &Path) -> TestCommand {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_memsnap"));
-        cmd.arg("--store")
-            .arg(store)
-            .env("MEMSNAP_LOG", "error")
-            .env_remove("MEMSNAP_FAILPOINT")
-            .env_remove("MEMSNAP_STORE")
-            .stdin(Stdio::null());
-        // Failpoints abort the process: keep the crash tests from writing core files.
-        // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                let none = libc::rlimit {
-                    rlim_cur: 0,
-                    rlim_max: 0,
-                };
-                libc::setrlimit(libc::RLIMIT_CORE, &none);
-                Ok(())
-            });
-        }
-        TestCommand { cmd }
-    }
-
-    fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut TestCommand {
-        self.cmd.arg(arg);
-        self
-    }
-
-    fn args<I, A>(&mut self, args: I) -> &mut TestCommand
-    where
-        I: IntoIterator<Item = A>,
-        A: AsRef<OsStr>,
-    {
-        self.cmd.args(args);
-        self
-    }
-
-    fn env(&mut self, key: &str, value: &str) -> &mut TestCommand {
-        self.cmd.env(key, value);
-        self
-    }
-
-    fn current_dir(&mut self, dir: &Path) -> &mut TestCommand {
-        self.cmd.current_dir(dir);
-        self
-    }
-
-    /// Runs the command to completion, whatever its exit status.
-    fn run(&mut self) -> Outcome {
-        let out = self
-            .cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .expect("the memsnap binary runs");
-        Outcome {
-            cmdline: format!("{:?}", self.cmd),
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    /// Runs the command and asserts its exit code.
-    fn assert_exit_code(&mut self, code: i32) -> Outcome {
-        let out = self.run();
-        assert_eq!(out.status.code(), Some(code), "unexpected exit code\n{out}");
-        out
-    }
-
-    /// Adds `--json`, runs the command, asserts success and parses stdout.
-    fn json(&mut self) -> Value {
-        self.arg("--json");
-        self.assert_exit_code(0).json()
-    }
-
-    /// Runs the command and asserts that it aborted (what a failpoint without `:error` does).
-    fn assert_crashed(&mut self) -> Outcome {
-        let out = self.run();
-        assert_eq!(
-            out.status.signal(),
-            Some(libc::SIGABRT),
-            "the command was expected to abort\n{out}"
-        );
-        out
-    }
-}
-
-/// A finished run.
-struct Outcome {
-    cmdline: String,
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Outcome {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e})\n{self}"))
-    }
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "command: {}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.cmdline, self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key]
-        .as_str()
-        .unwrap_or_else(|| panic!("{key:?} is not a string in {v:#}"))
-}
-
-// ---------------------------------------------------------------------------------------------
-// A sample agent and its store (from tests/cli.rs)
-// ---------------------------------------------------------------------------------------------
-
-/// A temporary folder holding a tiny sample agent (`agent/`) and a store path (`store/`, not
-/// created until a command creates it).
-struct Fixture {
-    tmp: tempfile::TempDir,
-    store: PathBuf,
-    agent: SampleAgent,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let agent = SampleAgent::create(&tmp.path().join("agent"), &SampleSpec::tiny())
-            .expect("tiny sample agent");
-        let store = tmp.path().join("store");
-        Fixture { tmp, store, agent }
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.tmp.path().join(rel)
-    }
-
-    fn cmd(&self) -> TestCommand {
-        TestCommand::new(&self.store)
-    }
-
-    /// `snapshot --tenant acme --agent ana --source AGENT --json`.
-    fn snapshot_id(&self) -> String {
-        let v = self
-            .cmd()
-            .args(["snapshot", "--tenant", TENANT, "--agent", AGENT, "--source"])
-            .arg(self.agent.root())
-            .json();
-        str_of(&v, "id").to_owned()
-    }
-
-    fn list_ids(&self) -> Vec<String> {
-        match self.cmd().arg("list").json() {
-            Value::Array(items) => items.iter().map(|i| str_of(i, "id").to_owned()).collect(),
-            other => panic!("list --json is not an array: {other:#}"),
-        }
-    }
-
-    /// `restore SNAP --json` (plus `extra` args), asserting success.
-    fn restore(&self, snap: &str, extra: &[&str]) -> Value {
-        self.cmd().args(["restore", snap]).args(extra).json()
-    }
-
-    fn journal(&self) -> PathBuf {
-        self.store
-            .join("journal")
-            .join(TENANT)
-            .join(format!("{AGENT}.json"))
-    }
-
-    /// The journal, parsed.
-    fn read_journal(&self) -> Value {
-        let bytes = fs::read(self.journal()).expect("the restore journal exists");
-        serde_json::from_slice(&bytes).expect("the restore journal is JSON")
-    }
-
-    fn write_journal(&self, journal: &Value) {
-        fs::create_dir_all(self.journal().parent().expect("parent")).expect("mkdir journal");
-        fs::write(
-            self.journal(),
-            serde_json::to_vec_pretty(journal).expect("JSON"),
-        )
-        .expect("write journal");
-    }
-
-    /// The database file names of a snapshot (`show --json`, part "sqlite").
-    fn snapshot_databases(&self, id: &str) -> Vec<String> {
-        let show = self.cmd().args(["show", id]).json();
-        let mut dbs: Vec<String> = show["entries"]
-            .as_array()
-            .expect("entries")
-            .iter()
-            .filter(|e| e["part"] == "sqlite")
-            .map(|e| str_of(e, "path").to_owned())
-            .collect();
-        dbs.sort();
-        assert!(dbs.contains(&"long_term.sqlite".to_owned()), "{dbs:?}");
-        dbs
-    }
-}
 
 fn assert_no_journal(f: &Fixture, what: &str) {
     let left = fs::read_to_string(f.journal());
     assert!(left.is_err(), "{what}: the journal is left: {left:?}");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Comparing folders (from tests/cli.rs)
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Node {
-    Dir {
-        mode: u32,
-        mtime_ns: Option<i64>,
-    },
-    File {
-        mode: u32,
-        mtime_ns: Option<i64>,
-        len: u64,
-        blake3: String,
-    },
-    Symlink {
-        target: PathBuf,
-    },
-}
-
-type Tree = BTreeMap<PathBuf, Node>;
-
-/// Every entry under `root` (the root itself as ""), never following symlinks below the root.
-/// With `mtimes`, files and folders below the root also record their modification time.
-fn tree(root: &Path, mtimes: bool) -> Tree {
-    let mut out = Tree::new();
-    for entry in walkdir::WalkDir::new(root).follow_links(false) {
-        let entry = entry.expect("walk");
-        let rel = entry
-            .path()
-            .strip_prefix(root)
-            .expect("below root")
-            .to_path_buf();
-        let meta = entry.path().symlink_metadata().expect("metadata");
-        let mtime_ns =
-            (mtimes && entry.depth() > 0).then(|| meta.mtime() * 1_000_000_000 + meta.mtime_nsec());
-        let mode = meta.mode() & 0o7777;
-        let node = if meta.file_type().is_symlink() {
-            Node::Symlink {
-                target: fs::read_link(entry.path()).expect("readlink"),
-            }
-        } else if meta.is_dir() {
-            Node::Dir { mode, mtime_ns }
-        } else {
-            let bytes = fs::read(entry.path()).expect("read file");
-            Node::File {
-                mode,
-                mtime_ns,
-                len: bytes.len() as u64,
-                blake3: blake3::hash(&bytes).to_hex().to_string(),
-            }
-        };
-        out.insert(rel, node);
-    }
-    out
-}
-
-/// Asserts two trees are equal, listing the differing paths (not two huge maps) if not.
-fn assert_same_tree(expected: &Tree, actual: &Tree, what: &str) {
-    if expected == actual {
-        return;
-    }
-    let mut diffs = Vec::new();
-    for (path, e) in expected {
-        match actual.get(path) {
-            None => diffs.push(format!("missing  {}: {e:?}", path.display())),
-            Some(a) if a != e => diffs.push(format!(
-                "differs  {}:\n    expected {e:?}\n    actual   {a:?}",
-                path.display()
-            )),
-            Some(_) => {}
-        }
-    }
-    for (path, a) in actual {
-        if !expected.contains_key(path) {
-            diffs.push(format!("extra    {}: {a:?}", path.display()));
-        }
-    }
-    let n = diffs.len();
-    diffs.truncate(25);
-    panic!("{what}: {n} difference(s)\n{}", diffs.join("\n"));
-}
-
-/// Zeroes the mtimes of the agent root and sqlite/: staging folders were created and removed in
-/// them, which moves their own mtimes and nothing else.
-fn without_staging_parent_mtimes(mut t: Tree) -> Tree {
-    for key in ["", "sqlite"] {
-        if let Some(Node::Dir { mtime_ns, .. }) = t.get_mut(Path::new(key)) {
-            *mtime_ns = None;
-        }
-    }
-    t
-}
-
-/// Everything a restore must bring back, captured from a live agent.
-#[derive(Debug, Clone)]
-struct AgentImage {
-    memdir: Tree,
-    state: Tree,
-    rows: BTreeMap<String, i64>,
-    head: Option<String>,
-}
-
-impl AgentImage {
-    fn capture(agent: &SampleAgent) -> AgentImage {
-        // The trees first: row_counts opens the databases, git is read last.
-        let memdir = tree(&agent.memdir(), true);
-        let state = tree(&agent.state_dir(), false);
-        let rows = agent.row_counts().expect("row counts");
-        let head = agent.git_head().expect("git head");
-        assert!(head.is_some(), "the sample agent has a commit");
-        AgentImage {
-            memdir,
-            state,
-            rows,
-            head,
-        }
-    }
-
-    /// Asserts that `agent` is exactly this image, and that the restore left nothing behind.
-    fn assert_matches(&self, agent: &SampleAgent, what: &str) {
-        assert_no_restore_leftovers(agent);
-        assert_no_side_files(agent);
-        assert_same_tree(
-            &self.memdir,
-            &tree(&agent.memdir(), true),
-            &format!("{what}: memdir"),
-        );
-        assert_same_tree(
-            &self.state,
-            &tree(&agent.state_dir(), false),
-            &format!("{what}: state"),
-        );
-        assert_databases_intact(agent);
-        assert_eq!(
-            agent.row_counts().expect("row counts"),
-            self.rows,
-            "{what}: row counts"
-        );
-        assert_eq!(
-            agent.git_head().expect("git head"),
-            self.head,
-            "{what}: git HEAD"
-        );
-    }
-}
-
-fn databases(agent: &SampleAgent) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = fs::read_dir(agent.sqlite_dir())
-        .expect("read sqlite dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension() == Some(OsStr::new("sqlite")))
-        .collect();
-    out.sort();
-    out
-}
-
-/// (page size, WAL mode) from a database file's header (bytes 16-17, and 18 = 2 for WAL).
-fn db_header(db: &Path) -> (u32, bool) {
-    let mut header = [0u8; 20];
-    fs::File::open(db)
-        .and_then(|mut f| f.read_exact(&mut header))
-        .expect("read database header");
-    let raw = u16::from_be_bytes([header[16], header[17]]);
-    let page = if raw == 1 { 65536 } else { u32::from(raw) };
-    (page, header[18] == 2)
-}
-
-/// No `-journal` next to any database, and no `-wal`/`-shm` next to a rollback-mode one.
-fn assert_no_side_files(agent: &SampleAgent) {
-    for db in databases(agent) {
-        let suffixes: &[&str] = if db_header(&db).1 {
-            &["-journal"]
-        } else {
-            &["-journal", "-wal", "-shm"]
-        };
-        for s in suffixes {
-            let mut side = db.clone().into_os_string();
-            side.push(s);
-            assert!(
-                !Path::new(&side).exists(),
-                "{} was left next to {}",
-                Path::new(&side).display(),
-                db.display()
-            );
-        }
-    }
-}
-
-fn assert_databases_intact(agent: &SampleAgent) {
-    for db in databases(agent) {
-        let c =
-            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
-                .expect("open database");
-        let check: String = c
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .expect("integrity_check");
-        assert_eq!(check, "ok", "integrity_check of {}", db.display());
-        c.close().expect("close database");
-    }
-}
-
-/// Entries named `.memsnap-restore-*` directly inside `dir`.
-fn staging_in(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    rd.map(|e| e.expect("entry"))
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(".memsnap-restore-")
-        })
-        .map(|e| e.path())
-        .collect()
-}
-
-/// Staging folders of a restore: next to the memdir and inside the sqlite folder.
-fn restore_leftovers(agent: &SampleAgent) -> Vec<PathBuf> {
-    let mut out = staging_in(agent.root());
-    out.extend(staging_in(&agent.sqlite_dir()));
-    out
-}
-
-fn assert_no_restore_leftovers(agent: &SampleAgent) {
-    let left = restore_leftovers(agent);
-    assert!(left.is_empty(), "restore staging left behind: {left:?}");
 }
 
 /// State documents: name -> (bytes, permission bits).
@@ -552,33 +99,18 @@ fn switched_journal_is_cleaned_up_by_the_next_command_without_redoing_the_switch
 
     // What the crashed restore left: the moved-aside memdir, the emptied database staging
     // folder, and the journal as the restore writes it after the switch (state included).
-    let old = f.agent.root().join(format!(".memsnap-restore-{TOKEN}-old"));
+    let old = f.staged_memdir("old");
     fs::create_dir_all(old.join("topics")).expect("mkdir old memdir");
     fs::write(old.join("topics/before-the-restore.md"), "# Old\n").expect("old note");
-    let staged_sqlite = f
-        .agent
-        .sqlite_dir()
-        .join(format!(".memsnap-restore-{TOKEN}"));
+    let staged_sqlite = f.staged_sqlite();
     fs::create_dir(&staged_sqlite).expect("mkdir staged sqlite");
     let state: Vec<Value> = snap_state
         .iter()
         .map(|(name, (bytes, mode))| json!({"name": name, "mode": mode, "json_hex": hex::encode(bytes)}))
         .collect();
-    f.write_journal(&json!({
-        "version": 1,
-        "phase": "Switched",
-        "snapshot_id": id,
-        "tenant": TENANT,
-        "agent": AGENT,
-        "token": TOKEN,
-        "memdir": f.agent.memdir(),
-        "sqlite_dir": f.agent.sqlite_dir(),
-        "state_dir": f.agent.state_dir(),
-        "has_memdir": true,
-        "databases": dbs,
-        "fs_state": true,
-        "state": state,
-    }));
+    let mut journal = f.hand_made_journal("Switched", &id, &dbs);
+    journal["state"] = Value::Array(state);
+    f.write_journal(&journal);
 
     // The agent works after the switch.
     let after_db = f.agent.sqlite_dir().join("after.sqlite");
@@ -628,11 +160,7 @@ fn crash_after_journal_switching() -> (Fixture, String, AgentImage, StateDocs) {
     .expect("state file");
     assert_ne!(state_docs(&f.agent), snap_state, "the state changed");
 
-    let out = f
-        .cmd()
-        .env("MEMSNAP_FAILPOINT", "restore:journal-switching")
-        .args(["restore", &id])
-        .assert_crashed();
+    let out = f.crash_restore(&id, "restore:journal-switching");
     assert!(out.stderr.contains("restore:journal-switching"), "{out}");
     assert_eq!(
         f.read_journal()["phase"],
@@ -736,9 +264,9 @@ fn error_after_staging_fails_the_restore_and_leaves_no_journal_staging_or_change
     assert!(out.stderr.contains("restore:staged"), "{out}");
     assert_no_journal(&f, "after a failed restore");
     assert_no_restore_leftovers(&f.agent);
-    assert_same_tree(
-        &without_staging_parent_mtimes(live),
-        &without_staging_parent_mtimes(tree(f.agent.root(), true)),
+    assert_agent_tree_unchanged(
+        live,
+        &f.agent,
         "agent after a restore that failed after staging",
     );
     assert_eq!(f.agent.row_counts().expect("rows"), rows);
@@ -935,10 +463,7 @@ fn symlinked_memdir_is_snapshotted_and_restored_as_the_folder_it_points_to() {
 
     // Into a target: a real folder with the same content.
     let target = f.path("restored");
-    f.cmd()
-        .args(["restore", &id, "--target"])
-        .arg(&target)
-        .json();
+    f.restore_into(&id, &target);
     let meta = fs::symlink_metadata(target.join("memdir")).expect("target memdir");
     assert!(
         meta.is_dir() && !meta.file_type().is_symlink(),
@@ -1047,11 +572,7 @@ fn restore_over_a_wal_database_with_another_page_size_is_refused_and_changes_not
     assert_no_restore_leftovers(&f.agent);
     assert_same_tree(&memdir, &tree(&f.agent.memdir(), true), "live memdir");
     assert_eq!(f.agent.row_counts().expect("rows"), rows, "row counts");
-    assert_same_tree(
-        &without_staging_parent_mtimes(live),
-        &without_staging_parent_mtimes(tree(f.agent.root(), true)),
-        "the whole live agent",
-    );
+    assert_agent_tree_unchanged(live, &f.agent, "the whole live agent");
     assert_eq!(db_header(&long_term), (8192, true));
 }
 
@@ -1178,10 +699,7 @@ fn memdir_symlink_to_an_outside_folder_is_restored_as_a_link_and_never_followed(
     );
 
     let target = f.path("restored");
-    f.cmd()
-        .args(["restore", &id, "--target"])
-        .arg(&target)
-        .json();
+    f.restore_into(&id, &target);
     let restored = target.join("memdir/link");
     let meta = fs::symlink_metadata(&restored).expect("restored link");
     assert!(meta.file_type().is_symlink(), "memdir/link is a symlink");
