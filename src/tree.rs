@@ -176,6 +176,40 @@ pub(crate) fn walk(
     walk_at(reader, &content.root, content.height, read_data, visit)
 }
 
+/// Like [`walk`], but skips every node and data chunk already in `seen` (adding the new ones):
+/// a subtree shared with an earlier walk is visited once.
+pub(crate) fn walk_unseen(
+    reader: &mut ChunkReader<'_>,
+    content: &ContentRef,
+    seen: &mut std::collections::HashSet<ChunkId>,
+    visit: &mut Visitor<'_>,
+) -> Result<(), StoreError> {
+    fn at(
+        reader: &mut ChunkReader<'_>,
+        id: &ChunkId,
+        height: u8,
+        seen: &mut std::collections::HashSet<ChunkId>,
+        visit: &mut Visitor<'_>,
+    ) -> Result<(), StoreError> {
+        if !seen.insert(*id) {
+            return Ok(());
+        }
+        if height == 0 {
+            return visit(id, true, Ok(Vec::new()));
+        }
+        let children = match reader.read(id).and_then(|b| decode_node(&b, height)) {
+            Ok(c) => c,
+            Err(e) => return visit(id, false, Err(e)),
+        };
+        visit(id, false, Ok(Vec::new()))?;
+        for (child, _) in children {
+            at(reader, &child, height - 1, seen, visit)?;
+        }
+        Ok(())
+    }
+    at(reader, &content.root, content.height, seen, visit)
+}
+
 fn walk_at(
     reader: &mut ChunkReader<'_>,
     id: &ChunkId,

@@ -1,10 +1,15 @@
 //! Verify: every chunk a snapshot references is in the index and inside its pack; with
 //! `read_data`, every chunk is also read, decompressed and re-hashed. Each damaged chunk is
-//! reported with the snapshots and artifacts that need it. Each chunk is checked once, however
-//! many snapshots share it.
+//! reported with the snapshots and artifacts that need it.
+//!
+//! Three passes, so that the index is held only while trees are walked: (1) with the index, walk
+//! every snapshot's trees once per distinct node and locate each distinct data chunk; (2)
+//! without it, check those chunks in parallel; (3) only if something is damaged, walk the trees
+//! again to name every snapshot and artifact that needs a damaged chunk.
 
 use std::collections::{HashMap, HashSet};
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::Progress;
@@ -12,8 +17,8 @@ use crate::error::{Error, StoreError};
 use crate::names::AgentId;
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
-use crate::store::pack::{PackId, read_footer};
-use crate::store::reader::ChunkReader;
+use crate::store::pack::{ChunkLoc, PackId, read_footer};
+use crate::store::reader::{ChunkReader, PackFiles};
 use crate::tree;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -52,13 +57,6 @@ pub(crate) fn verify(
     read_data: bool,
     progress: &dyn Progress,
 ) -> Result<VerifyReport, Error> {
-    let index = store.index()?;
-    let tx = index.begin_read()?;
-    let records = match spec {
-        Some(s) => vec![super::resolve(&index, &tx, s, agent)?],
-        None => super::all_records(&index, &tx)?,
-    };
-    let mut reader = ChunkReader::new(&index, store.packs_dir())?;
     let mut report = VerifyReport {
         read_data,
         snapshots_checked: 0,
@@ -68,96 +66,132 @@ pub(crate) fn verify(
         damaged_snapshots: Vec::new(),
         damaged_packs: Vec::new(),
     };
-    let mut good: HashSet<ChunkId> = HashSet::new();
+    // Pass 1.
     let mut bad: HashMap<ChunkId, String> = HashMap::new();
-    let mut pack_sizes: HashMap<PackId, Option<u64>> = HashMap::new();
-    progress.start("verify", records.iter().map(|r| r.info.logical_bytes).sum());
+    let mut manifest_damage: HashMap<String, String> = HashMap::new();
+    let (records, located, packs) = {
+        let index = store.index()?;
+        let tx = index.begin_read()?;
+        let records = match spec {
+            Some(s) => vec![super::resolve(&index, &tx, s, agent)?],
+            None => super::all_records(&index, &tx)?,
+        };
+        let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+        let mut seen: HashSet<ChunkId> = HashSet::new();
+        let mut located: Vec<(ChunkId, ChunkLoc)> = Vec::new();
+        for record in &records {
+            let entries = match super::load_entries(&mut reader, record) {
+                Ok(e) => e,
+                Err(e) => {
+                    manifest_damage.insert(record.info.id.clone(), e.to_string());
+                    continue;
+                }
+            };
+            for content in entries.iter().filter_map(|e| e.content.as_ref()) {
+                let mut data = Vec::new();
+                tree::walk_unseen(&mut reader, content, &mut seen, &mut |cid, is_data, res| {
+                    match (is_data, res) {
+                        (true, _) => data.push(*cid),
+                        (false, Err(e)) => {
+                            bad.insert(*cid, e.to_string());
+                        }
+                        (false, Ok(_)) => {}
+                    }
+                    Ok(())
+                })?;
+                for cid in data {
+                    match reader.locate(&cid)? {
+                        Some(loc) => located.push((cid, loc)),
+                        None => {
+                            bad.insert(cid, StoreError::MissingChunk { id: cid.hex() }.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        (records, located, reader.packs)
+    };
 
-    for record in &records {
-        report.snapshots_checked += 1;
-        let before = report.damaged.len();
-        let id = record.info.id.clone();
-        let entries = match super::load_entries(&mut reader, record) {
-            Ok(e) => e,
+    // Pass 2, without the index.
+    progress.start(
+        "verify",
+        located.iter().map(|(_, l)| l.raw_len as u64).sum(),
+    );
+    let mut pack_sizes: HashMap<PackId, Option<u64>> = HashMap::new();
+    for (_, loc) in &located {
+        pack_sizes.entry(loc.pack).or_insert_with(|| {
+            std::fs::metadata(packs.path(&loc.pack))
+                .ok()
+                .map(|m| m.len())
+        });
+    }
+    let results: Vec<(ChunkId, Result<u64, StoreError>)> = located
+        .par_iter()
+        .map(|(id, loc)| {
+            let r = check_chunk(&packs, id, loc, read_data, &pack_sizes);
+            if let Ok(n) = &r {
+                progress.advance(*n);
+            }
+            (*id, r)
+        })
+        .collect();
+    for (id, r) in results {
+        report.chunks_checked += 1;
+        match r {
+            Ok(n) => report.bytes_checked += n,
             Err(e) => {
+                bad.insert(id, e.to_string());
+            }
+        }
+    }
+    if read_data {
+        let mut ids: Vec<&PackId> = pack_sizes.keys().collect();
+        ids.sort();
+        for pack in ids {
+            let path = packs.path(pack);
+            if let (true, Err(e)) = (path.exists(), read_footer(&path)) {
+                report.damaged_packs.push(e.to_string());
+            }
+        }
+    }
+    report.snapshots_checked = records.len() as u64;
+
+    // Pass 3, only when something is damaged: who needs it.
+    if !bad.is_empty() || !manifest_damage.is_empty() {
+        let index = store.index()?;
+        let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+        for record in &records {
+            let id = &record.info.id;
+            let before = report.damaged.len();
+            if let Some(problem) = manifest_damage.get(id) {
                 report.damaged.push(Damage {
                     snapshot: id.clone(),
                     artifact: "manifest".into(),
                     chunk: String::new(),
-                    problem: e.to_string(),
+                    problem: problem.clone(),
                 });
-                report.damaged_snapshots.push(id);
-                continue;
-            }
-        };
-        for entry in &entries {
-            let Some(content) = &entry.content else {
-                continue;
-            };
-            let artifact = format!("{}/{}", entry.part.name(), entry.path_lossy());
-            let mut data_ids = Vec::new();
-            let mut node_errors = Vec::new();
-            tree::walk(&mut reader, content, false, &mut |cid, is_data, res| {
-                if is_data {
-                    data_ids.push(*cid);
-                } else if let Err(e) = res {
-                    node_errors.push((*cid, e.to_string()));
-                }
-                Ok(())
-            })?;
-            for (cid, problem) in node_errors {
-                report.damaged.push(Damage {
-                    snapshot: id.clone(),
-                    artifact: artifact.clone(),
-                    chunk: cid.hex(),
-                    problem,
-                });
-            }
-            for cid in data_ids {
-                if good.contains(&cid) {
-                    continue;
-                }
-                let problem = match bad.get(&cid) {
-                    Some(p) => Some(p.clone()),
-                    None => {
-                        let r = check_chunk(&mut reader, &cid, read_data, &mut pack_sizes);
-                        report.chunks_checked += 1;
-                        match r {
-                            Ok(n) => {
-                                report.bytes_checked += n;
-                                progress.advance(n);
-                                good.insert(cid);
-                                None
-                            }
-                            Err(e) => {
-                                let p = e.to_string();
-                                bad.insert(cid, p.clone());
-                                Some(p)
-                            }
+            } else {
+                let entries = super::load_entries(&mut reader, record)?;
+                for entry in &entries {
+                    let Some(content) = &entry.content else {
+                        continue;
+                    };
+                    let artifact = format!("{}/{}", entry.part.name(), entry.path_lossy());
+                    tree::walk(&mut reader, content, false, &mut |cid, _, _| {
+                        if let Some(problem) = bad.get(cid) {
+                            report.damaged.push(Damage {
+                                snapshot: id.clone(),
+                                artifact: artifact.clone(),
+                                chunk: cid.hex(),
+                                problem: problem.clone(),
+                            });
                         }
-                    }
-                };
-                if let Some(problem) = problem {
-                    report.damaged.push(Damage {
-                        snapshot: id.clone(),
-                        artifact: artifact.clone(),
-                        chunk: cid.hex(),
-                        problem,
-                    });
+                        Ok(())
+                    })?;
                 }
             }
-        }
-        if report.damaged.len() > before {
-            report.damaged_snapshots.push(id);
-        }
-    }
-    if read_data {
-        let mut packs: Vec<&PackId> = pack_sizes.keys().collect();
-        packs.sort();
-        for pack in packs {
-            let path = reader.pack_path(pack);
-            if let (true, Err(e)) = (path.exists(), read_footer(&path)) {
-                report.damaged_packs.push(e.to_string());
+            if report.damaged.len() > before {
+                report.damaged_snapshots.push(id.clone());
             }
         }
     }
@@ -166,19 +200,14 @@ pub(crate) fn verify(
 }
 
 fn check_chunk(
-    reader: &mut ChunkReader<'_>,
+    packs: &PackFiles,
     id: &ChunkId,
+    loc: &ChunkLoc,
     read_data: bool,
-    pack_sizes: &mut HashMap<PackId, Option<u64>>,
+    pack_sizes: &HashMap<PackId, Option<u64>>,
 ) -> Result<u64, StoreError> {
-    let loc = reader
-        .locate(id)?
-        .ok_or_else(|| StoreError::MissingChunk { id: id.hex() })?;
-    let path = reader.pack_path(&loc.pack);
-    let size = *pack_sizes
-        .entry(loc.pack)
-        .or_insert_with(|| std::fs::metadata(&path).ok().map(|m| m.len()));
-    let Some(size) = size else {
+    let path = packs.path(&loc.pack);
+    let Some(size) = pack_sizes.get(&loc.pack).copied().flatten() else {
         return Err(StoreError::CorruptPack {
             pack: path,
             message: "the pack file is missing".into(),
@@ -192,7 +221,7 @@ fn check_chunk(
         });
     }
     if read_data {
-        reader.read_at(id, &loc)?;
+        packs.read(id, loc)?;
     }
     Ok(loc.raw_len as u64)
 }

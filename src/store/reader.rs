@@ -140,19 +140,11 @@ impl<'i> ChunkReader<'i> {
         Ok(v.map(|g| ChunkLoc::decode(&g.value())))
     }
 
-    pub(crate) fn pack_path(&self, pack: &PackId) -> PathBuf {
-        self.packs.path(pack)
-    }
-
     pub(crate) fn read(&mut self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
         let loc = self
             .locate(id)?
             .ok_or_else(|| StoreError::MissingChunk { id: id.hex() })?;
         self.packs.read(id, &loc)
-    }
-
-    pub(crate) fn read_at(&mut self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
-        self.packs.read(id, loc)
     }
 
     /// The data chunks of a content tree, in order, with their locations (tree nodes are read).
