@@ -861,14 +861,10 @@ fn switch(
         Some((provider, items)) => provider.restore(items)?,
         None if j.fs_state && j.state.is_none() => {
             let agent = AgentId::new(&j.tenant, &j.agent)?;
-            let index = store.index()?;
-            let tx = index.begin_read()?;
-            let record = super::resolve(&index, &tx, &j.snapshot_id, Some(&agent))?;
-            let mut reader = ChunkReader::new(&index, store.packs_dir())?;
-            let entries = super::load_entries(&mut reader, &record)?;
-            drop(reader);
-            drop(tx);
-            drop(index);
+            let (record, entries) = load(
+                store,
+                &RestoreRequest::new(j.snapshot_id.clone()).agent(agent),
+            )?;
             let items = state_items(store, &record, &entries)?;
             FsStateProvider::new(&j.state_dir).restore(&items)?;
         }
@@ -959,7 +955,7 @@ fn check_switchable(j: &Journal, entries: &[ArtifactEntry]) -> Result<(), Error>
             continue;
         };
         let live = j.sqlite_dir.join(std::ffi::OsStr::from_bytes(&e.path));
-        if let Some((live_page, true)) = sqlite_header(&live)
+        if let Some((live_page, true)) = crate::source::sqlite::header(&live)
             && live_page != page_size
         {
             return Err(Error::CannotSwitch {
@@ -973,19 +969,6 @@ fn check_switchable(j: &Journal, entries: &[ArtifactEntry]) -> Result<(), Error>
         }
     }
     Ok(())
-}
-
-/// (page size, WAL mode) from a database file's header.
-fn sqlite_header(path: &Path) -> Option<(u32, bool)> {
-    use std::io::Read;
-    let mut h = [0u8; 20];
-    fs::File::open(path).ok()?.read_exact(&mut h).ok()?;
-    if &h[..16] != b"SQLite format 3\0" {
-        return None;
-    }
-    let raw = u16::from_be_bytes([h[16], h[17]]);
-    let page = if raw == 1 { 65536 } else { u32::from(raw) };
-    Some((page, h[18] == 2 && h[19] == 2))
 }
 
 /// Removes staging and the moved-aside memdir.

@@ -31,11 +31,20 @@ pub(crate) type PageSink<'a> = dyn FnMut(&DbMeta, &[u8]) -> Result<(), crate::er
 
 /// Whether `path` starts with the SQLite header (databases are recognised by content, not name).
 pub(crate) fn is_database(path: &Path) -> bool {
-    let mut head = [0u8; 16];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .is_ok()
-        && &head == MAGIC
+    header(path).is_some()
+}
+
+/// (page size, WAL mode) from a database file's header; `None` if it is not a database.
+pub(crate) fn header(path: &Path) -> Option<(u32, bool)> {
+    let mut h = [0u8; 20];
+    std::fs::File::open(path).ok()?.read_exact(&mut h).ok()?;
+    if &h[..16] != MAGIC {
+        return None;
+    }
+    // Offset 16, big-endian; 1 means 65536. Bytes 18 and 19 are 2 in WAL mode.
+    let raw = u16::from_be_bytes([h[16], h[17]]);
+    let page = if raw == 1 { 65536 } else { u32::from(raw) };
+    Some((page, h[18] == 2 && h[19] == 2))
 }
 
 /// The databases directly inside `dir`, by file name.
