@@ -276,6 +276,48 @@ mod tests {
         )
     }
 
+    /// Reads a finished writer's tree back from its packs, without an index.
+    fn flatten(
+        packs: &crate::store::reader::PackFiles,
+        locs: &std::collections::HashMap<ChunkId, crate::store::pack::ChunkLoc>,
+        id: &ChunkId,
+        height: u8,
+        out: &mut Vec<ChunkId>,
+    ) {
+        if height == 0 {
+            out.push(*id);
+            return;
+        }
+        let loc = locs.get(id).expect("node was written");
+        let node = packs.read(id, loc).expect("node reads back");
+        let children = decode_node(&node, height).expect("node decodes");
+        for (child, _) in children {
+            flatten(packs, locs, &child, height - 1, out);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Any list of chunks comes back from its tree in order, with the sizes adding up.
+        #[test]
+        fn tree_round_trips_any_chunk_list(n in 1usize..3000, salt in 0u8..255) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut w = writer(dir.path());
+            let list = ids(n, salt);
+            let mut t = TreeBuilder::new(16, 64);
+            for id in &list {
+                t.push(&mut w, Put { id: *id, len: 7, hit: false }).expect("push");
+            }
+            let root = t.finish(&mut w).expect("finish");
+            proptest::prop_assert_eq!(root.size, 7 * n as u64);
+            let pending = w.finish().expect("packs");
+            let packs = crate::store::reader::PackFiles::new(dir.path().to_path_buf());
+            let mut out = Vec::new();
+            flatten(&packs, &pending.new_chunks, &root.root, root.height, &mut out);
+            proptest::prop_assert_eq!(out, list);
+        }
+    }
+
     #[test]
     fn one_chunk_is_its_own_root() {
         let dir = tempfile::tempdir().expect("tempdir");
