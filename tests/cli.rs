@@ -1344,6 +1344,35 @@ fn init_creates_an_empty_store() {
     TestCommand::new(&store).arg("init").json();
 }
 
+#[test]
+fn a_folder_holding_other_files_is_never_turned_into_a_store() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let home = tmp.path().join("home");
+    fs::create_dir_all(&home).expect("mkdir");
+    fs::write(home.join("notes.txt"), b"mine").expect("write");
+    for args in [
+        vec!["init"],
+        vec!["snapshot", "--tenant", "acme", "--agent", "ana", "--source"],
+    ] {
+        let mut cmd = TestCommand::new(&home);
+        cmd.args(&args);
+        if args[0] == "snapshot" {
+            cmd.arg(tmp.path());
+        }
+        let out = cmd.assert_exit_code(1);
+        assert!(out.stderr.contains("is not a memsnap store"), "{out}");
+    }
+    let names: Vec<_> = fs::read_dir(&home)
+        .expect("read")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("notes.txt")],
+        "nothing was added"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 15. demo
 // ---------------------------------------------------------------------------------------------

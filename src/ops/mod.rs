@@ -238,3 +238,98 @@ pub(crate) fn delete(
     tx.commit().map_err(|e| index.err()(e.into()))?;
     Ok(record.info)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::snapshot::SnapshotStats;
+    use crate::store::chunk_id::ChunkId;
+    use crate::store::index::encode_record;
+    use crate::tree::ContentRef;
+
+    fn record(id: &str, agent: &str, at: i64) -> SnapshotRecord {
+        SnapshotRecord {
+            info: SnapshotInfo {
+                id: id.to_owned(),
+                tenant: "acme".into(),
+                agent: agent.into(),
+                created_at_ms: at,
+                label: None,
+                created_by: "test".into(),
+                parent: None,
+                git: None,
+                schema_versions: Default::default(),
+                memdir: String::new(),
+                sqlite_dir: String::new(),
+                state_dir: String::new(),
+                absent: Vec::new(),
+                artifacts: 0,
+                logical_bytes: 0,
+                stats: SnapshotStats::default(),
+            },
+            manifest: ContentRef {
+                size: 0,
+                height: 0,
+                root: ChunkId([0; 32]),
+            },
+        }
+    }
+
+    #[test]
+    fn snapshot_specs_resolve_or_name_the_problem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            Store::create_or_open(dir.path(), std::time::Duration::from_secs(1)).expect("store");
+        let index = store.index().expect("index");
+        let tx = index.begin_write().expect("tx");
+        {
+            let mut t = tx.open_table(SNAPSHOTS).expect("table");
+            for (id, agent, at) in [
+                ("aaaaaaaa-1111-4000-8000-000000000001", "ana", 1),
+                ("aaaaaaaa-2222-4000-8000-000000000002", "ana", 2),
+                ("bbbbbbbb-3333-4000-8000-000000000003", "bob", 3),
+            ] {
+                let bytes = encode_record(SNAPSHOT_VERSION, &record(id, agent, at), "test")
+                    .expect("encode");
+                t.insert(id, bytes.as_slice()).expect("insert");
+            }
+        }
+        tx.commit().expect("commit");
+        let tx = index.begin_read().expect("read");
+        let ana = AgentId::new("acme", "ana").expect("name");
+        let id = |spec: &str, agent: Option<&AgentId>| {
+            resolve(&index, &tx, spec, agent).map(|r| r.info.id)
+        };
+
+        assert!(matches!(
+            id("aaaaaaaa", None),
+            Err(Error::AmbiguousSnapshot { count: 2, .. })
+        ));
+        assert_eq!(
+            id("AAAAAAAA-2", None).expect("prefix"),
+            "aaaaaaaa-2222-4000-8000-000000000002"
+        );
+        assert!(matches!(
+            id("aaaa", None),
+            Err(Error::SnapshotSpecTooShort { .. })
+        ));
+        assert!(matches!(
+            id("cccccccc", None),
+            Err(Error::SnapshotNotFound { .. })
+        ));
+        assert!(matches!(id("latest", None), Err(Error::LatestNeedsAgent)));
+        assert_eq!(
+            id("latest", Some(&ana)).expect("latest"),
+            "aaaaaaaa-2222-4000-8000-000000000002"
+        );
+        assert!(matches!(
+            id("bbbbbbbb", Some(&ana)),
+            Err(Error::AgentMismatch { .. })
+        ));
+        let nobody = AgentId::new("acme", "zed").expect("name");
+        assert!(matches!(
+            id("latest", Some(&nobody)),
+            Err(Error::SnapshotNotFound { .. })
+        ));
+    }
+}
