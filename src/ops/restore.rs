@@ -386,7 +386,7 @@ pub(crate) fn restore(
 
     let _store_lock = store.lock_store(Mode::Shared)?;
     let journal = Journal {
-        version: 1,
+        version: JOURNAL_VERSION,
         phase: Phase::Staging,
         snapshot_id: record.info.id.clone(),
         tenant: agent.tenant().to_owned(),

@@ -101,9 +101,13 @@ pub(crate) fn snapshot_locked(
             Attempt::Retry(missing) => excluded.extend(missing),
         }
     }
-    Err(StoreError::CorruptRecord {
-        what: "index".into(),
-        message: "chunks kept disappearing while the snapshot was committed".into(),
+    // Three different prefix collisions in a row cannot happen by chance: something else is
+    // deleting chunks without taking the store lock.
+    Err(StoreError::Index {
+        path: store.root().join(crate::store::INDEX_FILE),
+        message: "chunks the snapshot relies on kept disappearing from the index while it \
+                  committed: is another program deleting chunks without memsnap's store lock?"
+            .into(),
     }
     .into())
 }
