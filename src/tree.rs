@@ -225,13 +225,9 @@ fn walk_at(
         };
         return visit(id, true, data);
     }
-    let node = reader.read(id);
-    let children = match node {
-        Ok(bytes) => decode_node(&bytes, height)?,
-        Err(e) => {
-            visit(id, false, Err(e))?;
-            return Ok(());
-        }
+    let children = match reader.read(id).and_then(|b| decode_node(&b, height)) {
+        Ok(c) => c,
+        Err(e) => return visit(id, false, Err(e)),
     };
     visit(id, false, Ok(Vec::new()))?;
     for (child, _) in children {

@@ -619,11 +619,9 @@ fn stage(
             Part::State => continue,
         };
         let rel = Path::new(std::ffi::OsStr::from_bytes(&e.path));
-        if rel.is_absolute()
-            || rel
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
+        // Checked on the bytes: Path::components() hides "." and doubled slashes, which would let
+        // "a/./x" pass as a new path equal to "a/x".
+        if !is_plain_path(&e.path) {
             return Err(StoreError::CorruptRecord {
                 what: format!("snapshot {}", j.snapshot_id),
                 message: format!("entry path {:?} escapes its folder", e.path_lossy()),
@@ -711,6 +709,15 @@ fn sync_tree(root: &Path) -> Result<(), Error> {
         return Err(Error::io(root, std::io::Error::last_os_error()));
     }
     fsutil::sync_dir(&fsutil::parent_of(root)).map_err(|e| Error::io(root, e))
+}
+
+/// A relative path of plain names: no empty, "." or ".." component. Checked on the bytes, since
+/// Path::components() hides "." and doubled slashes, which would let "a/./x" pass as a path
+/// different from "a/x" that writes to the same place. The empty path is the memdir itself.
+fn is_plain_path(p: &[u8]) -> bool {
+    p.is_empty()
+        || p.split(|b| *b == b'/')
+            .all(|c| !c.is_empty() && c != b"." && c != b"..")
 }
 
 /// Chunks read, decompressed and checked in parallel at a time.
@@ -995,6 +1002,23 @@ fn make_writable(root: &Path) {
     {
         if entry.file_type().is_dir() {
             let _ = fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o700));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_plain_path;
+
+    #[test]
+    fn only_plain_relative_paths_are_staged() {
+        for ok in ["", "a", "a/b", ".git/objects/ab/cd", "a.b/..c"] {
+            assert!(is_plain_path(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "/a", "a/", "a//b", "./a", "a/./x", "a/..", "..", ".", "a/../b",
+        ] {
+            assert!(!is_plain_path(bad.as_bytes()), "{bad}");
         }
     }
 }

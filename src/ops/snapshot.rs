@@ -207,10 +207,21 @@ fn attempt(
     let mut bytes_read = 0u64;
 
     bytes_read += store_memdir(&mut w, config, &memdir_items, &mut entries, progress)?;
-    // Objects last: see memdir::Pass.
+    // Objects last: see memdir::Pass. A repack while they are read (git gc) deletes listed
+    // files and adds new packs, so list again until a listing brings nothing new.
     if sources.memdir.is_dir() {
-        let objects = memdir::walk(&sources.memdir, memdir::Pass::Objects)?;
-        bytes_read += store_memdir(&mut w, config, &objects, &mut entries, progress)?;
+        let mut listed: HashSet<Vec<u8>> = HashSet::new();
+        for _ in 0..8 {
+            let fresh: Vec<memdir::Item> = memdir::walk(&sources.memdir, memdir::Pass::Objects)?
+                .into_iter()
+                .filter(|i| !listed.contains(&i.rel))
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            listed.extend(fresh.iter().map(|i| i.rel.clone()));
+            bytes_read += store_memdir(&mut w, config, &fresh, &mut entries, progress)?;
+        }
     }
 
     for (name, path) in &databases {

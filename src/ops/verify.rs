@@ -66,7 +66,8 @@ pub(crate) fn verify(
         damaged_snapshots: Vec::new(),
         damaged_packs: Vec::new(),
     };
-    // Pass 1.
+    // Pass 1. Prune (which deletes chunks) must not run between the passes.
+    let _store_lock = store.lock_store(crate::lock::Mode::Shared)?;
     let mut bad: HashMap<ChunkId, String> = HashMap::new();
     let mut manifest_damage: HashMap<String, String> = HashMap::new();
     let (records, located, packs) = {
@@ -139,6 +140,9 @@ pub(crate) fn verify(
         report.chunks_checked += 1;
         match r {
             Ok(n) => report.bytes_checked += n,
+            // An I/O failure of this machine (out of file descriptors, a read error) is not
+            // damage in the store: stop rather than report a false verdict either way.
+            Err(e @ StoreError::Io { .. }) => return Err(e.into()),
             Err(e) => {
                 bad.insert(id, e.to_string());
             }
@@ -155,9 +159,12 @@ pub(crate) fn verify(
         }
     }
     report.snapshots_checked = records.len() as u64;
+    drop(packs);
 
     // Pass 3, only when something is damaged: who needs it.
     if !bad.is_empty() || !manifest_damage.is_empty() {
+        let mut attributed: HashSet<ChunkId> = HashSet::new();
+        let mut rows: HashSet<(String, String, ChunkId)> = HashSet::new();
         let index = store.index()?;
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
         for record in &records {
@@ -171,19 +178,38 @@ pub(crate) fn verify(
                     problem: problem.clone(),
                 });
             } else {
-                let entries = super::load_entries(&mut reader, record)?;
+                let entries = match super::load_entries(&mut reader, record) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        report.damaged.push(Damage {
+                            snapshot: id.clone(),
+                            artifact: "manifest".into(),
+                            chunk: String::new(),
+                            problem: e.to_string(),
+                        });
+                        Vec::new()
+                    }
+                };
                 for entry in &entries {
                     let Some(content) = &entry.content else {
                         continue;
                     };
                     let artifact = format!("{}/{}", entry.part.name(), entry.path_lossy());
-                    tree::walk(&mut reader, content, false, &mut |cid, _, _| {
-                        if let Some(problem) = bad.get(cid) {
+                    tree::walk(&mut reader, content, false, &mut |cid, _, res| {
+                        // A node that fails now is damage too, recorded in pass 1 or not.
+                        let problem = match (bad.get(cid), res) {
+                            (Some(p), _) => p.clone(),
+                            (None, Err(e)) => e.to_string(),
+                            (None, Ok(_)) => return Ok(()),
+                        };
+                        attributed.insert(*cid);
+                        // A chunk repeated inside one artifact (zero pages) is one row.
+                        if rows.insert((id.clone(), artifact.clone(), *cid)) {
                             report.damaged.push(Damage {
                                 snapshot: id.clone(),
                                 artifact: artifact.clone(),
                                 chunk: cid.hex(),
-                                problem: problem.clone(),
+                                problem,
                             });
                         }
                         Ok(())
@@ -192,6 +218,17 @@ pub(crate) fn verify(
             }
             if report.damaged.len() > before {
                 report.damaged_snapshots.push(id.clone());
+            }
+        }
+        // Damage that no walk reached again still fails the verdict.
+        for (cid, problem) in &bad {
+            if !attributed.contains(cid) {
+                report.damaged.push(Damage {
+                    snapshot: String::new(),
+                    artifact: "(not attributed)".into(),
+                    chunk: cid.hex(),
+                    problem: problem.clone(),
+                });
             }
         }
     }

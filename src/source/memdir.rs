@@ -34,6 +34,12 @@ pub(crate) enum Pass {
     All,
 }
 
+/// Name order, except that `packed-refs` comes after `refs/`: `git pack-refs` writes
+/// packed-refs before it deletes the loose refs, so reading loose refs first never misses one.
+fn read_order(name: &std::ffi::OsStr) -> (bool, &[u8]) {
+    (name == "packed-refs", name.as_bytes())
+}
+
 pub(crate) fn walk(root: &Path, pass: Pass) -> Result<Vec<Item>, SourceError> {
     let mut out = Vec::new();
     let objects = root.join(".git").join("objects");
@@ -45,7 +51,7 @@ pub(crate) fn walk(root: &Path, pass: Pass) -> Result<Vec<Item>, SourceError> {
     let walker = walkdir::WalkDir::new(&start)
         .follow_links(false)
         .min_depth(0)
-        .sort_by_file_name()
+        .sort_by(|a, b| read_order(a.file_name()).cmp(&read_order(b.file_name())))
         .into_iter()
         .filter_entry(|e| pass != Pass::AllButObjects || e.path() != objects);
     for entry in walker {
@@ -97,4 +103,55 @@ pub(crate) fn walk(root: &Path, pass: Pass) -> Result<Vec<Item>, SourceError> {
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loose_refs_are_read_before_packed_refs_and_objects_last() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let git = dir.path().join(".git");
+        for d in ["refs/heads", "objects/ab"] {
+            std::fs::create_dir_all(git.join(d)).expect("mkdir");
+        }
+        for f in [
+            "packed-refs",
+            "refs/heads/main",
+            "objects/ab/cd",
+            "HEAD",
+            "a.md",
+        ] {
+            let p = if f == "a.md" {
+                dir.path().join(f)
+            } else {
+                git.join(f)
+            };
+            std::fs::write(p, f).expect("write");
+        }
+        let first: Vec<String> = walk(dir.path(), Pass::AllButObjects)
+            .expect("walk")
+            .into_iter()
+            .map(|i| String::from_utf8_lossy(&i.rel).into_owned())
+            .collect();
+        let pos = |name: &str| first.iter().position(|p| p == name).expect(name);
+        assert!(
+            pos(".git/refs/heads/main") < pos(".git/packed-refs"),
+            "{first:?}"
+        );
+        assert!(
+            !first.iter().any(|p| p.starts_with(".git/objects")),
+            "{first:?}"
+        );
+        let objects: Vec<Vec<u8>> = walk(dir.path(), Pass::Objects)
+            .expect("walk")
+            .into_iter()
+            .map(|i| i.rel)
+            .collect();
+        assert!(
+            objects.contains(&b".git/objects/ab/cd".to_vec()),
+            "{objects:?}"
+        );
+    }
 }

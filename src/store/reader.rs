@@ -20,6 +20,8 @@ use crate::error::StoreError;
 /// could otherwise ask for gigabytes.
 pub(crate) const MAX_CHUNK: u32 = 16 * 1024 * 1024;
 
+const MAX_OPEN_PACKS: usize = 128;
+
 /// Open pack files, shared by reader threads.
 pub(crate) struct PackFiles {
     dir: PathBuf,
@@ -48,6 +50,11 @@ impl PackFiles {
         }
         let path = self.path(pack);
         let f = Arc::new(File::open(&path).map_err(|e| StoreError::io(&path, e))?);
+        // Bounded, far below the usual 1024 descriptors: a store has thousands of packs. Readers
+        // holding an Arc keep their file open until they are done with it.
+        if files.len() >= MAX_OPEN_PACKS {
+            files.clear();
+        }
         files.insert(*pack, f.clone());
         Ok(f)
     }
