@@ -3,6 +3,8 @@
 //! unchanged stretch of a file yields the same nodes and deduplicates, and a changed page dirties
 //! one node per level. Nodes are chunks themselves. Format: store-format.md, "Tree nodes".
 
+use std::collections::HashSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
@@ -166,48 +168,39 @@ pub(crate) type Visitor<'a> =
 
 /// Visits a content tree depth-first in order. `visit(id, is_data, bytes)` gets every node and
 /// data chunk; data chunks are read only when `read_data` is set (`bytes` is empty otherwise).
-/// Returns an error at the first unreadable node; a data chunk's read error goes to `visit`.
+/// A node that cannot be read or decoded goes to `visit` as an error, and its subtree is skipped.
 pub(crate) fn walk(
     reader: &mut ChunkReader<'_>,
     content: &ContentRef,
     read_data: bool,
     visit: &mut Visitor<'_>,
 ) -> Result<(), StoreError> {
-    walk_at(reader, &content.root, content.height, read_data, visit)
+    walk_at(
+        reader,
+        &content.root,
+        content.height,
+        read_data,
+        None,
+        visit,
+    )
 }
 
-/// Like [`walk`], but skips every node and data chunk already in `seen` (adding the new ones):
-/// a subtree shared with an earlier walk is visited once.
+/// Like [`walk`] without data, but skips every node and data chunk already in `seen` (adding
+/// the new ones): a subtree shared with an earlier walk is visited once.
 pub(crate) fn walk_unseen(
     reader: &mut ChunkReader<'_>,
     content: &ContentRef,
-    seen: &mut std::collections::HashSet<ChunkId>,
+    seen: &mut HashSet<ChunkId>,
     visit: &mut Visitor<'_>,
 ) -> Result<(), StoreError> {
-    fn at(
-        reader: &mut ChunkReader<'_>,
-        id: &ChunkId,
-        height: u8,
-        seen: &mut std::collections::HashSet<ChunkId>,
-        visit: &mut Visitor<'_>,
-    ) -> Result<(), StoreError> {
-        if !seen.insert(*id) {
-            return Ok(());
-        }
-        if height == 0 {
-            return visit(id, true, Ok(Vec::new()));
-        }
-        let children = match reader.read(id).and_then(|b| decode_node(&b, height)) {
-            Ok(c) => c,
-            Err(e) => return visit(id, false, Err(e)),
-        };
-        visit(id, false, Ok(Vec::new()))?;
-        for (child, _) in children {
-            at(reader, &child, height - 1, seen, visit)?;
-        }
-        Ok(())
-    }
-    at(reader, &content.root, content.height, seen, visit)
+    walk_at(
+        reader,
+        &content.root,
+        content.height,
+        false,
+        Some(seen),
+        visit,
+    )
 }
 
 fn walk_at(
@@ -215,8 +208,14 @@ fn walk_at(
     id: &ChunkId,
     height: u8,
     read_data: bool,
+    mut seen: Option<&mut HashSet<ChunkId>>,
     visit: &mut Visitor<'_>,
 ) -> Result<(), StoreError> {
+    if let Some(seen) = seen.as_deref_mut()
+        && !seen.insert(*id)
+    {
+        return Ok(());
+    }
     if height == 0 {
         let data = if read_data {
             reader.read(id)
@@ -231,7 +230,14 @@ fn walk_at(
     };
     visit(id, false, Ok(Vec::new()))?;
     for (child, _) in children {
-        walk_at(reader, &child, height - 1, read_data, visit)?;
+        walk_at(
+            reader,
+            &child,
+            height - 1,
+            read_data,
+            seen.as_deref_mut(),
+            visit,
+        )?;
     }
     Ok(())
 }
