@@ -13,3 +13,23 @@ pub(crate) struct AgentRecord {
     pub sqlite_dir: PathBuf,
     pub state_dir: PathBuf,
 }
+
+impl From<&crate::source::SourceSpec> for AgentRecord {
+    fn from(s: &crate::source::SourceSpec) -> Self {
+        Self {
+            memdir: s.memdir.clone(),
+            sqlite_dir: s.sqlite_dir.clone(),
+            state_dir: s.state_dir.clone(),
+        }
+    }
+}
+
+impl From<AgentRecord> for crate::source::SourceSpec {
+    fn from(a: AgentRecord) -> Self {
+        Self {
+            memdir: a.memdir,
+            sqlite_dir: a.sqlite_dir,
+            state_dir: a.state_dir,
+        }
+    }
+}

@@ -100,10 +100,23 @@ pub(crate) fn resolve(
         });
     }
     let spec_lc = spec.to_ascii_lowercase();
-    let mut matches: Vec<SnapshotRecord> = all_records(index, tx)?
-        .into_iter()
-        .filter(|r| r.info.id.starts_with(&spec_lc))
-        .collect();
+    // Ids are the table's keys, in order: the ids with this prefix are one range, found without
+    // decoding every snapshot record.
+    let table = tx
+        .open_table(SNAPSHOTS)
+        .map_err(|e| index.err()(e.into()))?;
+    let mut matches: Vec<SnapshotRecord> = Vec::new();
+    for item in table
+        .range(spec_lc.as_str()..)
+        .map_err(|e| index.err()(e.into()))?
+    {
+        let (k, v) = item.map_err(|e| index.err()(e.into()))?;
+        if !k.value().starts_with(&spec_lc) {
+            break;
+        }
+        let what = format!("snapshot record {}", k.value());
+        matches.push(decode_record(SNAPSHOT_VERSION, v.value(), &what)?);
+    }
     let record = match matches.len() {
         0 => {
             return Err(Error::SnapshotNotFound {

@@ -329,11 +329,7 @@ pub(crate) fn restore(
             SourceSpec::from_root(std::path::absolute(dir).map_err(|e| Error::io(dir, e))?)
         }
         None => match super::load_agent(store, &agent)? {
-            Some(a) => SourceSpec {
-                memdir: a.memdir,
-                sqlite_dir: a.sqlite_dir,
-                state_dir: a.state_dir,
-            },
+            Some(a) => a.into(),
             None => SourceSpec {
                 memdir: record.info.memdir.clone().into(),
                 sqlite_dir: record.info.sqlite_dir.clone().into(),
@@ -516,11 +512,7 @@ fn plan(
                     if read_content {
                         hash_file(&live_path).is_ok_and(|h| h == e.hash)
                     } else {
-                        use std::os::unix::fs::MetadataExt;
-                        m.mtime()
-                            .saturating_mul(1_000_000_000)
-                            .saturating_add(m.mtime_nsec())
-                            == e.mtime_ns
+                        crate::source::memdir::mtime_ns(&m) == e.mtime_ns
                     }
                 }
                 _ => false,
@@ -618,16 +610,6 @@ fn stage(
             Part::Sqlite => &db_root,
             Part::State => continue,
         };
-        let rel = Path::new(std::ffi::OsStr::from_bytes(&e.path));
-        // Checked on the bytes: Path::components() hides "." and doubled slashes, which would let
-        // "a/./x" pass as a new path equal to "a/x".
-        if !is_plain_path(&e.path) {
-            return Err(StoreError::CorruptRecord {
-                what: format!("snapshot {}", j.snapshot_id),
-                message: format!("entry path {:?} escapes its folder", e.path_lossy()),
-            }
-            .into());
-        }
         let bad = |message: String| -> Error {
             StoreError::CorruptRecord {
                 what: format!("snapshot {}", j.snapshot_id),
@@ -635,6 +617,12 @@ fn stage(
             }
             .into()
         };
+        if !is_plain_path(&e.path) {
+            return Err(bad(format!(
+                "entry path {:?} escapes its folder",
+                e.path_lossy()
+            )));
+        }
         if !seen.insert((e.part, e.path.as_slice())) {
             return Err(bad(format!("entry {:?} appears twice", e.path_lossy())));
         }
@@ -655,7 +643,7 @@ fn stage(
                 e.path_lossy()
             )));
         }
-        let path = root.join(rel);
+        let path = root.join(std::ffi::OsStr::from_bytes(&e.path));
         if e.kind == EntryKind::Dir {
             staged_dirs.insert((e.part, e.path.clone()));
         }
@@ -799,10 +787,16 @@ fn state_items(
 
 const SIDE_FILES: [&str; 3] = ["-wal", "-shm", "-journal"];
 
-fn side_file(db: &Path, suffix: &str) -> PathBuf {
-    let mut s = db.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
+/// Removes a database's `-wal`, `-shm` and `-journal`: stale next to a database that is renamed
+/// in, they would be replayed into it.
+fn remove_side_files(db: &Path) -> Result<(), Error> {
+    for suffix in SIDE_FILES {
+        let mut s = db.as_os_str().to_owned();
+        s.push(suffix);
+        let p = PathBuf::from(s);
+        fsutil::remove_any(&p).map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(())
 }
 
 /// The switch. Every step can run again after a crash with the same result.
@@ -841,10 +835,7 @@ fn switch(
             backup_into(&staged_db, &live, store.lock_timeout)?;
             fs::remove_file(&staged_db).map_err(|e| Error::io(&staged_db, e))?;
         } else {
-            for s in SIDE_FILES {
-                let p = side_file(&live, s);
-                fsutil::remove_any(&p).map_err(|e| Error::io(&p, e))?;
-            }
+            remove_side_files(&live)?;
             fs::rename(&staged_db, &live).map_err(|e| Error::io(&live, e))?;
         }
         crate::failpoint::hit("restore:database-switched")?;
@@ -853,10 +844,7 @@ fn switch(
     if j.sqlite_dir.is_dir() {
         for (name, path) in crate::source::sqlite::list_databases(&j.sqlite_dir)? {
             if !j.databases.contains(&name) {
-                for s in SIDE_FILES {
-                    let p = side_file(&path, s);
-                    fsutil::remove_any(&p).map_err(|e| Error::io(&p, e))?;
-                }
+                remove_side_files(&path)?;
                 fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             }
         }

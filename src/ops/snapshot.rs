@@ -117,11 +117,7 @@ fn resolve_sources(store: &Store, req: &SnapshotRequest) -> Result<SourceSpec, E
         return Ok(s.resolve(&req.agent));
     }
     match super::load_agent(store, &req.agent)? {
-        Some(rec) => Ok(SourceSpec {
-            memdir: rec.memdir,
-            sqlite_dir: rec.sqlite_dir,
-            state_dir: rec.state_dir,
-        }),
+        Some(rec) => Ok(rec.into()),
         None => Err(Error::NoSource {
             agent: req.agent.to_string(),
         }),
@@ -385,11 +381,7 @@ fn attempt(
         let mut agents = tx.open_table(AGENTS).map_err(|e| index.err()(e.into()))?;
         let agent_rec = index::encode_record(
             AGENT_VERSION,
-            &AgentRecord {
-                memdir: sources.memdir.clone(),
-                sqlite_dir: sources.sqlite_dir.clone(),
-                state_dir: sources.state_dir.clone(),
-            },
+            &AgentRecord::from(sources),
             "agent record: its paths must be UTF-8",
         )?;
         agents
@@ -445,8 +437,65 @@ fn store_memdir(
     Ok(bytes_read)
 }
 
+/// Turns a sequence of chunks into a stored content tree, hashing the whole content on the way:
+/// the one path by which every artifact (file, database, state, manifest) enters the store.
+struct ContentSink<'p> {
+    tree: TreeBuilder,
+    hasher: blake3::Hasher,
+    size: u64,
+    batch: Vec<Vec<u8>>,
+    batch_bytes: usize,
+    progress: &'p dyn Progress,
+}
+
+impl<'p> ContentSink<'p> {
+    fn new(config: &StoreConfig, progress: &'p dyn Progress) -> Self {
+        Self {
+            tree: TreeBuilder::new(config.tree_fanout, config.tree_max_entries),
+            hasher: blake3::Hasher::new(),
+            size: 0,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            progress,
+        }
+    }
+
+    fn push(&mut self, w: &mut ChunkWriter, chunk: Vec<u8>) -> Result<(), Error> {
+        self.hasher.update(&chunk);
+        self.size += chunk.len() as u64;
+        self.batch_bytes += chunk.len();
+        self.batch.push(chunk);
+        if self.batch_bytes >= BATCH_BYTES {
+            self.flush(w)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, w: &mut ChunkWriter) -> Result<(), Error> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.progress.advance(self.batch_bytes as u64);
+        self.batch_bytes = 0;
+        for put in w.put_batch(std::mem::take(&mut self.batch), 0)? {
+            self.tree.push(w, put)?;
+        }
+        Ok(())
+    }
+
+    /// The tree, the BLAKE3 of the whole content and its length. Empty content is one empty
+    /// chunk, so that every content has a root.
+    fn finish(mut self, w: &mut ChunkWriter) -> Result<(ContentRef, [u8; 32], u64), Error> {
+        if self.size == 0 {
+            self.batch.push(Vec::new());
+        }
+        self.flush(w)?;
+        let content = self.tree.finish(w)?;
+        Ok((content, *self.hasher.finalize().as_bytes(), self.size))
+    }
+}
+
 /// Chunks a byte stream with FastCDC and stores it as a content tree.
-/// Returns the tree, the BLAKE3 of the whole stream and its length.
 pub(crate) fn store_stream(
     w: &mut ChunkWriter,
     config: &StoreConfig,
@@ -454,48 +503,15 @@ pub(crate) fn store_stream(
     path: &std::path::Path,
     progress: &dyn Progress,
 ) -> Result<(ContentRef, [u8; 32], u64), Error> {
-    let mut tree = TreeBuilder::new(config.tree_fanout, config.tree_max_entries);
-    let mut hasher = blake3::Hasher::new();
-    let mut size = 0u64;
-    let mut batch: Vec<Vec<u8>> = Vec::new();
-    let mut batch_bytes = 0usize;
+    let mut sink = ContentSink::new(config, progress);
     for chunk in crate::chunk::file_chunker(reader, config) {
         let chunk = chunk.map_err(|e| match e {
             fastcdc::v2020::Error::IoError(io) => Error::io(path, io),
             other => Error::io(path, std::io::Error::other(other.to_string())),
         })?;
-        hasher.update(&chunk.data);
-        size += chunk.data.len() as u64;
-        batch_bytes += chunk.data.len();
-        batch.push(chunk.data);
-        if batch_bytes >= BATCH_BYTES {
-            flush(w, &mut tree, &mut batch, progress, &mut batch_bytes)?;
-        }
+        sink.push(w, chunk.data)?;
     }
-    if size == 0 {
-        batch.push(Vec::new());
-    }
-    flush(w, &mut tree, &mut batch, progress, &mut batch_bytes)?;
-    let content = tree.finish(w)?;
-    Ok((content, *hasher.finalize().as_bytes(), size))
-}
-
-fn flush(
-    w: &mut ChunkWriter,
-    tree: &mut TreeBuilder,
-    batch: &mut Vec<Vec<u8>>,
-    progress: &dyn Progress,
-    batch_bytes: &mut usize,
-) -> Result<(), Error> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    progress.advance(*batch_bytes as u64);
-    *batch_bytes = 0;
-    for put in w.put_batch(std::mem::take(batch), 0)? {
-        tree.push(w, put)?;
-    }
-    Ok(())
+    sink.finish(w)
 }
 
 /// Stores a database page-aligned: each chunk is one page, or as many whole pages as make
@@ -507,34 +523,19 @@ fn store_database(
     path: &std::path::Path,
     progress: &dyn Progress,
 ) -> Result<(ContentRef, [u8; 32], sqlite::DbMeta), Error> {
-    let mut tree = TreeBuilder::new(config.tree_fanout, config.tree_max_entries);
-    let mut hasher = blake3::Hasher::new();
-    let mut size = 0u64;
-    let mut batch: Vec<Vec<u8>> = Vec::new();
-    let mut batch_bytes = 0usize;
+    let mut sink = ContentSink::new(config, progress);
     let mut current: Vec<u8> = Vec::new();
     let mut on_page = |meta: &sqlite::DbMeta, page: &[u8]| -> Result<(), Error> {
-        hasher.update(page);
-        size += page.len() as u64;
         current.extend_from_slice(page);
         if current.len() >= crate::chunk::sqlite_chunk_len(meta.page_size, config) {
-            batch_bytes += current.len();
-            batch.push(std::mem::take(&mut current));
-            if batch_bytes >= BATCH_BYTES {
-                flush(w, &mut tree, &mut batch, progress, &mut batch_bytes)?;
-            }
+            sink.push(w, std::mem::take(&mut current))?;
         }
         Ok(())
     };
     let meta = sqlite::read_pages(path, store.lock_timeout, &store.tmp_dir(), &mut on_page)?;
     if !current.is_empty() {
-        batch_bytes += current.len();
-        batch.push(current);
+        sink.push(w, current)?;
     }
-    if size == 0 {
-        batch.push(Vec::new());
-    }
-    flush(w, &mut tree, &mut batch, progress, &mut batch_bytes)?;
-    let content = tree.finish(w)?;
-    Ok((content, *hasher.finalize().as_bytes(), meta))
+    let (content, hash, _) = sink.finish(w)?;
+    Ok((content, hash, meta))
 }

@@ -34,6 +34,13 @@ pub(crate) enum Pass {
     All,
 }
 
+/// Modification time in ns since the epoch (saturating: dates past 2262 do not overflow).
+pub(crate) fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
+}
+
 /// Name order, except that `packed-refs` comes after `refs/`: `git pack-refs` writes
 /// packed-refs before it deletes the loose refs, so reading loose refs first never misses one.
 fn read_order(name: &std::ffi::OsStr) -> (bool, &[u8]) {
@@ -96,10 +103,7 @@ pub(crate) fn walk(root: &Path, pass: Pass) -> Result<Vec<Item>, SourceError> {
             kind,
             abs,
             mode: meta.mode() & 0o7777,
-            mtime_ns: meta
-                .mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(meta.mtime_nsec()),
+            mtime_ns: mtime_ns(&meta),
         });
     }
     Ok(out)
