@@ -166,8 +166,102 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
     #[error("injected failure at {0} (MEMSNAP_FAILPOINT)")]
     FailPoint(String),
+}
+
+/// Errors of portable bundles: export, import, verify-bundle, encryption and redaction.
+/// A bundle is input from another machine; every refusal names the problem and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BundleError {
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bundle {bundle} is damaged: {what}; nothing was imported or restored (fetch the bundle again)")]
+    Damaged { bundle: PathBuf, what: String },
+    #[error(
+        "bundle {bundle} has no checksum file {sibling}: copy it along with the bundle (the two travel together)"
+    )]
+    MissingChecksum { bundle: PathBuf, sibling: PathBuf },
+    #[error("bundle {bundle} is refused: {entry}: {reason}; nothing was imported or restored")]
+    Hostile {
+        bundle: PathBuf,
+        entry: String,
+        reason: String,
+    },
+    #[error(
+        "bundle {bundle} uses {what} {found}, newer than this memsnap reads ({supported}): upgrade memsnap"
+    )]
+    NewerFormat {
+        bundle: PathBuf,
+        what: String,
+        found: String,
+        supported: String,
+    },
+    #[error("{path} is not a memsnap or nexo-memory-snapshot bundle: {reason}")]
+    NotABundle { path: PathBuf, reason: String },
+    #[error("bundle {bundle} is age-encrypted: pass --identity FILE with a key it was encrypted to")]
+    NeedsIdentity { bundle: PathBuf },
+    #[error(
+        "none of the keys in {identity} can decrypt bundle {bundle}: it was encrypted to other recipients{hint}"
+    )]
+    WrongIdentity {
+        bundle: PathBuf,
+        identity: PathBuf,
+        hint: String,
+    },
+    #[error("cannot use identity file {path}: {message}")]
+    BadIdentity { path: PathBuf, message: String },
+    #[error(
+        "invalid recipient {recipient:?}: {message} (give an age X25519 public key `age1...` or an SSH public key)"
+    )]
+    BadRecipient { recipient: String, message: String },
+    #[error(
+        "bundle {bundle} holds agent {found}, not {asked}: pass the matching --tenant/--agent (nothing was changed)"
+    )]
+    AgentMismatch {
+        bundle: PathBuf,
+        found: String,
+        asked: String,
+    },
+    #[error(
+        "the store already holds a different snapshot with id {id}: the bundle's content does not match it (nothing was imported)"
+    )]
+    SnapshotIdConflict { id: String },
+    #[error("cannot export {path}: {reason}")]
+    NotExportable { path: String, reason: String },
+    #[error("{path} already exists: choose another --out or remove it first")]
+    OutputExists { path: PathBuf },
+    #[error("redaction rules {path}: {message}")]
+    RedactConfig { path: PathBuf, message: String },
+    #[error("redaction of {artifact} failed: {message}; no bundle was written")]
+    Redaction { artifact: String, message: String },
+}
+
+impl BundleError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The bundle itself is bad (damaged or refused), as opposed to a usage or local error.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            Self::Damaged { .. }
+                | Self::MissingChecksum { .. }
+                | Self::Hostile { .. }
+                | Self::NotABundle { .. }
+        )
+    }
 }
 
 impl Error {

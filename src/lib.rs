@@ -4,6 +4,7 @@
 //! The on-disk format is defined in `store-format.md`; the architecture in `README.md`.
 
 mod api;
+mod bundle;
 mod chunk;
 mod error;
 mod failpoint;
@@ -18,7 +19,7 @@ mod store;
 mod tree;
 
 pub use api::{Memsnap, Snapshotter, StoreOptions};
-pub use error::{Error, Result, SourceError, StoreError};
+pub use error::{BundleError, Error, Result, SourceError, StoreError};
 pub use manifest::snapshot::{GitMeta, SnapshotInfo, SnapshotStats};
 pub use names::AgentId;
 pub use ops::restore::{RestorePlan, RestoreReport, RestoreRequest};

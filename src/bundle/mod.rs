@@ -1,0 +1,4 @@
+//! Portable bundles: the `nexo-memory-snapshot-v1` tar.zst format (store-format.md, "Bundles"),
+//! exported from the store, imported into it, verified on their own.
+
+pub(crate) mod redact;

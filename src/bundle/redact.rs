@@ -1,0 +1,1 @@
+//! Secret redaction for exported bundles (being written).
