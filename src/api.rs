@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bundle::export::{ExportReport, ExportRequest};
+use crate::bundle::import::{BundleVerifyReport, ImportReport, ImportRequest};
 use crate::error::Error;
 use crate::manifest::snapshot::SnapshotInfo;
 use crate::names::AgentId;
@@ -118,6 +120,40 @@ impl Memsnap {
     pub fn delete(&self, snapshot: &str, agent: Option<&AgentId>) -> Result<SnapshotInfo, Error> {
         crate::ops::delete(&self.store, snapshot, agent)
     }
+
+    /// Writes a snapshot as a portable bundle (store-format.md, "Bundles").
+    pub fn export(&self, req: &ExportRequest) -> Result<ExportReport, Error> {
+        crate::bundle::export::export(&self.store, req, self.progress.as_ref())
+    }
+
+    /// Adds a bundle's snapshot to the store, deduplicating, after checking all of it.
+    pub fn import(&self, req: &ImportRequest) -> Result<ImportReport, Error> {
+        crate::bundle::import::import(&self.store, req, self.progress.as_ref())
+    }
+
+    /// Restores from a bundle: imports it (checked whole, deduplicated), then restores that
+    /// snapshot with every guarantee of [`Memsnap::restore`]. `restore.snapshot` is ignored.
+    pub fn restore_bundle(
+        &self,
+        import: &ImportRequest,
+        restore: &RestoreRequest,
+    ) -> Result<(ImportReport, RestoreReport), Error> {
+        let mut import = import.clone();
+        if import.agent.is_none() {
+            import.agent = restore.agent.clone();
+        }
+        let imported = self.import(&import)?;
+        let mut req = restore.clone();
+        req.snapshot = imported.snapshot.id.clone();
+        let restored = self.restore(&req)?;
+        Ok((imported, restored))
+    }
+}
+
+/// Checks a bundle file on its own (no store needed): the file against its `.sha256`, the
+/// manifest, its seal and every artifact; inside an encrypted bundle only with `identity`.
+pub fn verify_bundle(bundle: &Path, identity: Option<&Path>) -> Result<BundleVerifyReport, Error> {
+    crate::bundle::import::verify_bundle(bundle, identity)
 }
 
 /// Async snapshot operations, in the spirit of nexo-memory-snapshot's `MemorySnapshotter`.

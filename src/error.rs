@@ -146,6 +146,10 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    #[error(
+        "snapshot {id} came from a bundle and memsnap does not know where agent {agent} lives on this host: pass --source DIR to restore over the agent there, or --target DIR for a new folder"
+    )]
+    UnknownLocation { id: String, agent: String },
     #[error("restore target {path} is not empty: choose an empty or missing folder for --target")]
     TargetNotEmpty { path: PathBuf },
     #[error("the snapshot's {what} does not match its recorded hash after restore staging: {path}")]
@@ -183,7 +187,9 @@ pub enum BundleError {
         #[source]
         source: std::io::Error,
     },
-    #[error("bundle {bundle} is damaged: {what}; nothing was imported or restored (fetch the bundle again)")]
+    #[error(
+        "bundle {bundle} is damaged: {what}; nothing was imported or restored (fetch the bundle again)"
+    )]
     Damaged { bundle: PathBuf, what: String },
     #[error(
         "bundle {bundle} has no checksum file {sibling}: copy it along with the bundle (the two travel together)"
@@ -206,7 +212,9 @@ pub enum BundleError {
     },
     #[error("{path} is not a memsnap or nexo-memory-snapshot bundle: {reason}")]
     NotABundle { path: PathBuf, reason: String },
-    #[error("bundle {bundle} is age-encrypted: pass --identity FILE with a key it was encrypted to")]
+    #[error(
+        "bundle {bundle} is age-encrypted: pass --identity FILE with a key it was encrypted to"
+    )]
     NeedsIdentity { bundle: PathBuf },
     #[error(
         "none of the keys in {identity} can decrypt bundle {bundle}: it was encrypted to other recipients{hint}"

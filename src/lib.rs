@@ -18,7 +18,12 @@ mod source;
 mod store;
 mod tree;
 
-pub use api::{Memsnap, Snapshotter, StoreOptions};
+pub use api::{Memsnap, Snapshotter, StoreOptions, verify_bundle};
+pub use bundle::export::{DEFAULT_LEVEL, ExportReport, ExportRequest};
+pub use bundle::import::{
+    ArtifactCheck, BundleCheck, BundleVerifyReport, CheckStatus, ImportReport, ImportRequest,
+};
+pub use bundle::manifest::RedactionDetail;
 pub use error::{BundleError, Error, Result, SourceError, StoreError};
 pub use manifest::snapshot::{GitMeta, SnapshotInfo, SnapshotStats};
 pub use names::AgentId;

@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use memsnap::{AgentId, Memsnap, RestoreRequest, SnapshotRequest, SourceSpec, StoreOptions};
+use memsnap::{
+    AgentId, ExportRequest, ImportRequest, Memsnap, RestoreRequest, SnapshotRequest, SourceSpec,
+    StoreOptions,
+};
 
 use output::Out;
 
@@ -94,14 +97,26 @@ enum Command {
         #[command(flatten)]
         who: AgentArgs,
     },
-    /// Restore an agent (or a --target folder) to a snapshot.
+    /// Restore an agent (or a --target folder) to a snapshot, or straight from a bundle.
     Restore {
-        snap: String,
+        /// The snapshot (id, unique prefix, or `latest`); not with --bundle.
+        #[arg(required_unless_present = "bundle", conflicts_with = "bundle")]
+        snap: Option<String>,
         #[command(flatten)]
         who: AgentArgs,
-        /// Restore into this empty folder (memdir/, sqlite/, state/) instead of the live agent.
+        /// Restore from this bundle: it is checked whole and imported into the store first.
         #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// age identity file for an encrypted bundle.
+        #[arg(long, requires = "bundle")]
+        identity: Option<PathBuf>,
+        /// Restore into this empty folder (memdir/, sqlite/, state/) instead of the live agent.
+        #[arg(long, conflicts_with = "source")]
         target: Option<PathBuf>,
+        /// The agent's folder (memdir/, sqlite/, state/), when the store does not know it yet
+        /// (a snapshot imported from another host).
+        #[arg(long)]
+        source: Option<PathBuf>,
         /// Print the plan and change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -116,6 +131,45 @@ enum Command {
         who: AgentArgs,
         #[arg(long)]
         read_data: bool,
+    },
+    /// Write a snapshot as a portable bundle (tar.zst + .sha256), readable by
+    /// nexo-memory-snapshot and by memsnap on another host.
+    Export {
+        snap: String,
+        #[command(flatten)]
+        who: AgentArgs,
+        /// The bundle file to write (it must not exist); PATH.sha256 is written beside it.
+        #[arg(long)]
+        out: PathBuf,
+        /// Encrypt the bundle to this age recipient (age1...); repeat for several.
+        #[arg(long = "encrypt-to", value_name = "RECIPIENT")]
+        encrypt_to: Vec<String>,
+        /// Remove secrets (API keys, tokens, private keys, passwords) from the exported copy.
+        #[arg(long)]
+        redact: bool,
+        /// Extra redaction rules (TOML: [[rule]] id = "...", pattern = '...').
+        #[arg(long, requires = "redact", value_name = "FILE")]
+        redact_rules: Option<PathBuf>,
+        /// zstd level (1-22).
+        #[arg(long, default_value_t = memsnap::DEFAULT_LEVEL)]
+        level: i32,
+    },
+    /// Add a bundle's snapshot to the store (checked whole first; stores only what is new).
+    Import {
+        bundle: PathBuf,
+        /// age identity file for an encrypted bundle.
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// Refuse the bundle unless it holds this agent.
+        #[command(flatten)]
+        who: AgentArgs,
+    },
+    /// Check a bundle on its own: file hash, manifest, seal, every artifact.
+    VerifyBundle {
+        bundle: PathBuf,
+        /// age identity file, to check inside an encrypted bundle.
+        #[arg(long)]
+        identity: Option<PathBuf>,
     },
     /// Delete a snapshot record (its unique chunks are freed by a later prune).
     Delete {
@@ -174,8 +228,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             memsnap::Error::InvalidName { .. }
             | memsnap::Error::SnapshotSpecTooShort { .. }
             | memsnap::Error::LatestNeedsAgent
-            | memsnap::Error::NoSource { .. },
+            | memsnap::Error::NoSource { .. }
+            | memsnap::Error::UnknownLocation { .. },
         ) => 2,
+        Some(memsnap::Error::Bundle(b)) if b.is_damage() => 3,
         _ => 1,
     }
 }
@@ -265,12 +321,14 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
         Command::Restore {
             snap,
             who,
+            bundle,
+            identity,
             target,
+            source,
             dry_run,
             no_pre_snapshot,
         } => {
-            let m = open(cli, false)?;
-            let mut req = RestoreRequest::new(snap.clone())
+            let mut req = RestoreRequest::new(snap.clone().unwrap_or_default())
                 .dry_run(*dry_run)
                 .pre_snapshot(!no_pre_snapshot);
             if let Some(a) = who.agent_id()? {
@@ -279,7 +337,24 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
             if let Some(t) = target {
                 req = req.target(t.clone());
             }
-            out.restore(&m.restore(&req)?);
+            if let Some(dir) = source {
+                req = req.sources(SourceSpec::from_root(dir));
+            }
+            match bundle {
+                Some(b) => {
+                    let m = open(cli, true)?;
+                    let mut imp = ImportRequest::new(b.clone());
+                    if let Some(i) = identity {
+                        imp = imp.identity(i.clone());
+                    }
+                    let (imported, restored) = m.restore_bundle(&imp, &req)?;
+                    out.restore_bundle(&imported, &restored);
+                }
+                None => {
+                    let m = open(cli, false)?;
+                    out.restore(&m.restore(&req)?);
+                }
+            }
         }
         Command::Verify {
             snap,
@@ -289,6 +364,52 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
             let m = open(cli, false)?;
             let report = m.verify(snap.as_deref(), who.agent_id()?.as_ref(), *read_data)?;
             out.verify(&report);
+            if !report.ok() {
+                return Ok(ExitCode::from(3));
+            }
+        }
+        Command::Export {
+            snap,
+            who,
+            out: path,
+            encrypt_to,
+            redact,
+            redact_rules,
+            level,
+        } => {
+            let m = open(cli, false)?;
+            let mut req = ExportRequest::new(snap.clone(), path.clone())
+                .redact(*redact)
+                .level(*level);
+            for r in encrypt_to {
+                req = req.encrypt_to(r.clone());
+            }
+            if let Some(r) = redact_rules {
+                req = req.redact_rules(r.clone());
+            }
+            if let Some(a) = who.agent_id()? {
+                req = req.agent(a);
+            }
+            out.export(&m.export(&req)?);
+        }
+        Command::Import {
+            bundle,
+            identity,
+            who,
+        } => {
+            let m = open(cli, true)?;
+            let mut req = ImportRequest::new(bundle.clone());
+            if let Some(i) = identity {
+                req = req.identity(i.clone());
+            }
+            if let Some(a) = who.agent_id()? {
+                req = req.agent(a);
+            }
+            out.import(&m.import(&req)?);
+        }
+        Command::VerifyBundle { bundle, identity } => {
+            let report = memsnap::verify_bundle(bundle, identity.as_deref())?;
+            out.verify_bundle(&report);
             if !report.ok() {
                 return Ok(ExitCode::from(3));
             }

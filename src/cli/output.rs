@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-use memsnap::{RestoreReport, SnapshotDetails, SnapshotInfo, VerifyReport};
+use memsnap::{
+    BundleVerifyReport, CheckStatus, ExportReport, ImportReport, RestoreReport, SnapshotDetails,
+    SnapshotInfo, VerifyReport,
+};
 
 pub(crate) struct Out {
     json: bool,
@@ -220,6 +223,151 @@ impl Out {
             }
             println!("{:.2} s", r.duration_ms as f64 / 1000.0);
         }
+    }
+
+    pub(crate) fn export(&self, r: &ExportReport) {
+        if self.emit(r) {
+            return;
+        }
+        println!(
+            "exported snapshot {} of {}/{} to {}",
+            r.snapshot_id,
+            r.tenant,
+            r.agent,
+            r.bundle.display()
+        );
+        println!(
+            "  {} artifacts, {} → {} in {:.2} s",
+            r.artifacts,
+            bytes(r.logical_bytes),
+            bytes(r.bundle_bytes),
+            r.duration_ms as f64 / 1000.0
+        );
+        println!("  sha256 {} ({})", r.sha256, r.sha256_file.display());
+        if !r.encrypted_to.is_empty() {
+            println!("  encrypted with age to {}", r.encrypted_to.join(", "));
+        }
+        if let Some(d) = &r.redaction {
+            let total: u64 = d.per_rule.values().sum();
+            println!("  redacted {total} secret(s)");
+            for (rule, n) in &d.per_rule {
+                println!("    {rule}: {n}");
+            }
+            for (artifact, rules) in &d.per_artifact {
+                let list: Vec<String> = rules.iter().map(|(r, n)| format!("{r} {n}")).collect();
+                println!("    in {artifact}: {}", list.join(", "));
+            }
+            if d.git_excluded {
+                println!(
+                    "  the memdir's .git folder (history) was left out: history cannot be redacted in place"
+                );
+            }
+        }
+    }
+
+    pub(crate) fn import(&self, r: &ImportReport) {
+        if self.emit(r) {
+            return;
+        }
+        let i = &r.snapshot;
+        if r.already_present {
+            println!(
+                "snapshot {} of {}/{} is already in the store",
+                i.id, i.tenant, i.agent
+            );
+            return;
+        }
+        println!(
+            "imported snapshot {} of {}/{} (written by {}{})",
+            i.id,
+            i.tenant,
+            i.agent,
+            r.written_by,
+            if r.encrypted { ", encrypted" } else { "" }
+        );
+        println!(
+            "  {} artifacts, {}; stored {} new in {:.2} s",
+            i.artifacts,
+            bytes(i.logical_bytes),
+            bytes(i.stats.new_stored_bytes),
+            r.duration_ms as f64 / 1000.0
+        );
+    }
+
+    pub(crate) fn restore_bundle(&self, i: &ImportReport, r: &RestoreReport) {
+        #[derive(serde::Serialize)]
+        struct J<'a> {
+            import: &'a ImportReport,
+            restore: &'a RestoreReport,
+        }
+        if self.emit(&J {
+            import: i,
+            restore: r,
+        }) {
+            return;
+        }
+        self.import(i);
+        self.restore(r);
+    }
+
+    pub(crate) fn verify_bundle(&self, r: &BundleVerifyReport) {
+        #[derive(serde::Serialize)]
+        struct J<'a> {
+            ok: bool,
+            complete: bool,
+            #[serde(flatten)]
+            report: &'a BundleVerifyReport,
+        }
+        if self.emit(&J {
+            ok: r.ok(),
+            complete: r.complete(),
+            report: r,
+        }) {
+            return;
+        }
+        let mark = |s: CheckStatus| match s {
+            CheckStatus::Ok => "ok        ",
+            CheckStatus::Failed => "FAILED    ",
+            CheckStatus::NotChecked => "not checked",
+        };
+        println!(
+            "bundle {}{}",
+            r.bundle.display(),
+            if r.encrypted { " (age-encrypted)" } else { "" }
+        );
+        if let (Some(id), Some(t), Some(a)) = (&r.snapshot_id, &r.tenant, &r.agent) {
+            println!(
+                "  snapshot {id} of {t}/{a}, written by {}",
+                r.written_by.as_deref().unwrap_or("?")
+            );
+        }
+        for c in &r.checks {
+            println!("  {} {}: {}", mark(c.status), c.name, c.detail);
+        }
+        let bad: Vec<_> = r
+            .artifacts
+            .iter()
+            .filter(|a| a.status == CheckStatus::Failed)
+            .collect();
+        if !r.artifacts.is_empty() {
+            println!(
+                "  {} artifacts: {} ok, {} failed",
+                r.artifacts.len(),
+                r.artifacts.len() - bad.len(),
+                bad.len()
+            );
+        }
+        for a in bad {
+            println!("  FAILED     {}: {}", a.path, a.detail);
+        }
+        println!(
+            "{}",
+            match (r.ok(), r.complete()) {
+                (true, true) => "bundle ok",
+                (true, false) => "no damage found in what could be checked",
+                (false, _) => "bundle DAMAGED",
+            }
+        );
     }
 
     pub(crate) fn verify(&self, r: &VerifyReport) {

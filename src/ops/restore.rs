@@ -44,6 +44,8 @@ pub struct RestoreRequest {
     pub agent: Option<AgentId>,
     /// Restore into this folder (layout as `--source`) instead of the agent's live paths.
     pub target: Option<PathBuf>,
+    /// The agent's live paths, when the store does not know them (an imported snapshot).
+    pub sources: Option<SourceSpec>,
     pub dry_run: bool,
     pub pre_snapshot: bool,
     /// State restore; `None` writes the state folder.
@@ -56,6 +58,7 @@ impl RestoreRequest {
             snapshot: snapshot.into(),
             agent: None,
             target: None,
+            sources: None,
             dry_run: false,
             pre_snapshot: true,
             state: None,
@@ -69,6 +72,11 @@ impl RestoreRequest {
 
     pub fn target(mut self, dir: impl Into<PathBuf>) -> Self {
         self.target = Some(dir.into());
+        self
+    }
+
+    pub fn sources(mut self, s: SourceSpec) -> Self {
+        self.sources = Some(s);
         self
     }
 
@@ -328,9 +336,17 @@ pub(crate) fn restore(
         Some(dir) => {
             SourceSpec::from_root(std::path::absolute(dir).map_err(|e| Error::io(dir, e))?)
         }
-        None => match super::load_agent(store, &agent)? {
-            Some(a) => a.into(),
-            None => SourceSpec {
+        None => match (&req.sources, super::load_agent(store, &agent)?) {
+            (Some(s), _) => s.resolve(&agent),
+            (None, Some(a)) => a.into(),
+            // An imported snapshot records no paths of this host.
+            (None, None) if record.info.memdir.is_empty() => {
+                return Err(Error::UnknownLocation {
+                    id: record.info.id.clone(),
+                    agent: agent.to_string(),
+                });
+            }
+            (None, None) => SourceSpec {
                 memdir: record.info.memdir.clone().into(),
                 sqlite_dir: record.info.sqlite_dir.clone().into(),
                 state_dir: record.info.state_dir.clone().into(),

@@ -21,7 +21,7 @@ use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::config::StoreConfig;
 use crate::store::index::{self, AGENTS, CHUNKS, PACKS, SNAPSHOTS};
-use crate::store::writer::{ChunkWriter, KnownFilter};
+use crate::store::writer::{ChunkWriter, KnownFilter, Pending};
 use crate::tree::{ContentRef, TreeBuilder};
 
 /// Chunks handed to the hashing/compression pool at a time.
@@ -124,6 +124,20 @@ fn resolve_sources(store: &Store, req: &SnapshotRequest) -> Result<SourceSpec, E
     }
 }
 
+/// The 8-byte prefixes of every stored chunk, for the writer's filter.
+pub(crate) fn known_prefixes(store: &Store) -> Result<Vec<u64>, Error> {
+    let index = store.index()?;
+    let tx = index.begin_read()?;
+    let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
+    let mut prefixes =
+        Vec::with_capacity(chunks.len().map_err(|e| index.err()(e.into()))? as usize);
+    for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
+        let (k, _) = item.map_err(|e| index.err()(e.into()))?;
+        prefixes.push(ChunkId(k.value()).prefix());
+    }
+    Ok(prefixes)
+}
+
 enum Attempt {
     Done(Box<SnapshotInfo>),
     Retry(Vec<ChunkId>),
@@ -137,19 +151,11 @@ fn attempt(
     progress: &dyn Progress,
 ) -> Result<Attempt, Error> {
     let started = Instant::now();
-    let (prefixes, parent) = {
+    let prefixes = known_prefixes(store)?;
+    let parent = {
         let index = store.index()?;
         let tx = index.begin_read()?;
-        let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
-        let mut prefixes =
-            Vec::with_capacity(chunks.len().map_err(|e| index.err()(e.into()))? as usize);
-        for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
-            let (k, _) = item.map_err(|e| index.err()(e.into()))?;
-            prefixes.push(ChunkId(k.value()).prefix());
-        }
-        drop(chunks);
-        let parent = super::latest_of(&index, &tx, &req.agent)?.map(|r| r.info.id);
-        (prefixes, parent)
+        super::latest_of(&index, &tx, &req.agent)?.map(|r| r.info.id)
     };
 
     let state: Arc<dyn StateProvider> = match &req.state {
@@ -321,8 +327,66 @@ fn attempt(
     };
     let record = SnapshotRecord { info, manifest };
 
+    let agent_rec = AgentRecord::from(sources);
+    match commit(store, &pending, &record, Some((&req.agent, &agent_rec)))? {
+        Commit::Done => {}
+        Commit::Missing(missing) => return Ok(Attempt::Retry(missing)),
+        Commit::Exists(_) => {
+            pending.abandon();
+            return Err(StoreError::Index {
+                path: store.root().join(crate::store::INDEX_FILE),
+                message: format!(
+                    "a snapshot with the new id {} already exists",
+                    record.info.id
+                ),
+            }
+            .into());
+        }
+    }
+    progress.finish();
+    Ok(Attempt::Done(Box::new(record.info)))
+}
+
+pub(crate) enum Commit {
+    Done,
+    /// Filter hits the index does not hold (prefix collisions): redo with these excluded.
+    Missing(Vec<ChunkId>),
+    /// A snapshot with this id is already committed; nothing was written.
+    Exists(Box<SnapshotRecord>),
+}
+
+/// Commits a written snapshot in one index transaction: its new chunks, packs, record and (for
+/// a snapshot of live sources) the agent record. Store-format.md, "Write ordering": the packs in
+/// `pending` are durable before this runs.
+pub(crate) fn commit(
+    store: &Store,
+    pending: &Pending,
+    record: &SnapshotRecord,
+    agent: Option<(&AgentId, &AgentRecord)>,
+) -> Result<Commit, Error> {
     let index = store.index()?;
     let tx = index.begin_write()?;
+    {
+        let snaps = tx
+            .open_table(SNAPSHOTS)
+            .map_err(|e| index.err()(e.into()))?;
+        let existing = snaps
+            .get(record.info.id.as_str())
+            .map_err(|e| index.err()(e.into()))?
+            .map(|g| {
+                index::decode_record::<SnapshotRecord>(
+                    SNAPSHOT_VERSION,
+                    g.value(),
+                    &format!("snapshot record {}", record.info.id),
+                )
+            })
+            .transpose()?;
+        if let Some(existing) = existing {
+            drop(snaps);
+            tx.abort().map_err(|e| index.err()(e.into()))?;
+            return Ok(Commit::Exists(Box::new(existing)));
+        }
+    }
     {
         let mut chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
         let mut missing = Vec::new();
@@ -342,7 +406,7 @@ fn attempt(
                 count = missing.len(),
                 "chunk prefix collision; retrying the snapshot"
             );
-            return Ok(Attempt::Retry(missing));
+            return Ok(Commit::Missing(missing));
         }
         for (id, loc) in &pending.new_chunks {
             // Another process may have committed the same chunk meanwhile: keep its copy.
@@ -363,7 +427,7 @@ fn attempt(
                 &crate::store::index::PackRecord {
                     size: *size,
                     chunks: *count,
-                    created_at_ms: record.info.created_at_ms,
+                    created_at_ms: crate::now_ms(),
                 },
                 "pack record",
             )?;
@@ -374,23 +438,21 @@ fn attempt(
         let mut snaps = tx
             .open_table(SNAPSHOTS)
             .map_err(|e| index.err()(e.into()))?;
-        let bytes = index::encode_record(SNAPSHOT_VERSION, &record, "snapshot record")?;
+        let bytes = index::encode_record(SNAPSHOT_VERSION, record, "snapshot record")?;
         snaps
             .insert(record.info.id.as_str(), bytes.as_slice())
             .map_err(|e| index.err()(e.into()))?;
-        let mut agents = tx.open_table(AGENTS).map_err(|e| index.err()(e.into()))?;
-        let agent_rec = index::encode_record(
-            AGENT_VERSION,
-            &AgentRecord::from(sources),
-            "agent record: its paths must be UTF-8",
-        )?;
-        agents
-            .insert(req.agent.key().as_str(), agent_rec.as_slice())
-            .map_err(|e| index.err()(e.into()))?;
+        if let Some((agent, rec)) = agent {
+            let mut agents = tx.open_table(AGENTS).map_err(|e| index.err()(e.into()))?;
+            let agent_rec =
+                index::encode_record(AGENT_VERSION, rec, "agent record: its paths must be UTF-8")?;
+            agents
+                .insert(agent.key().as_str(), agent_rec.as_slice())
+                .map_err(|e| index.err()(e.into()))?;
+        }
     }
     tx.commit().map_err(|e| index.err()(e.into()))?;
-    progress.finish();
-    Ok(Attempt::Done(Box::new(record.info)))
+    Ok(Commit::Done)
 }
 
 /// Stores memdir items; returns the bytes read. A file that vanished since the listing (the
@@ -510,6 +572,36 @@ pub(crate) fn store_stream(
             other => Error::io(path, std::io::Error::other(other.to_string())),
         })?;
         sink.push(w, chunk.data)?;
+    }
+    sink.finish(w)
+}
+
+/// Stores a database image read as a byte stream (an imported bundle's) exactly as a snapshot of
+/// the live database would: the same page-aligned chunks, so an import deduplicates.
+pub(crate) fn store_pages(
+    w: &mut ChunkWriter,
+    config: &StoreConfig,
+    mut reader: impl Read,
+    page_size: u32,
+    path: &std::path::Path,
+    progress: &dyn Progress,
+) -> Result<(ContentRef, [u8; 32], u64), Error> {
+    let mut sink = ContentSink::new(config, progress);
+    let len = crate::chunk::sqlite_chunk_len(page_size, config);
+    loop {
+        let mut chunk = Vec::with_capacity(len);
+        (&mut reader)
+            .take(len as u64)
+            .read_to_end(&mut chunk)
+            .map_err(|e| Error::io(path, e))?;
+        if chunk.is_empty() {
+            break;
+        }
+        let short = chunk.len() < len;
+        sink.push(w, chunk)?;
+        if short {
+            break;
+        }
     }
     sink.finish(w)
 }

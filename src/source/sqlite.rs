@@ -38,12 +38,20 @@ pub(crate) fn is_database(path: &Path) -> bool {
 pub(crate) fn header(path: &Path) -> Option<(u32, bool)> {
     let mut h = [0u8; 20];
     std::fs::File::open(path).ok()?.read_exact(&mut h).ok()?;
-    if &h[..16] != MAGIC {
+    parse_header(&h)
+}
+
+/// Page size and WAL flag from a database's first 20 bytes; `None` unless a valid header.
+pub(crate) fn parse_header(h: &[u8]) -> Option<(u32, bool)> {
+    if h.len() < 20 || &h[..16] != MAGIC {
         return None;
     }
     // Offset 16, big-endian; 1 means 65536. Bytes 18 and 19 are 2 in WAL mode.
     let raw = u16::from_be_bytes([h[16], h[17]]);
     let page = if raw == 1 { 65536 } else { u32::from(raw) };
+    if !(512..=65536).contains(&page) || !page.is_power_of_two() {
+        return None;
+    }
     Some((page, h[18] == 2 && h[19] == 2))
 }
 

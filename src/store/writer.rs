@@ -56,6 +56,7 @@ pub(crate) struct WriteStats {
 
 /// What a finished writer hands to the commit: everything here is durable on disk.
 pub(crate) struct Pending {
+    pub packs_dir: PathBuf,
     pub new_chunks: HashMap<ChunkId, ChunkLoc>,
     /// (pack, size in bytes, chunk count)
     pub packs: Vec<(PackId, u64, u32)>,
@@ -189,6 +190,19 @@ impl ChunkWriter {
         Ok(())
     }
 
+    /// Deletes the packs written so far: what they were written for will not be committed, and
+    /// nothing else can reference chunks that no index entry names.
+    pub(crate) fn abandon(mut self) {
+        if let Some(p) = self.pack.take() {
+            let path = p.path.clone();
+            drop(p);
+            let _ = std::fs::remove_file(path);
+        }
+        for (id, _, _) in &self.done {
+            let _ = std::fs::remove_file(id.path(&self.packs_dir));
+        }
+    }
+
     /// Closes the open pack and makes every pack written and its directory entry durable.
     pub(crate) fn finish(mut self) -> Result<Pending, StoreError> {
         self.close_pack()?;
@@ -200,11 +214,21 @@ impl ChunkWriter {
                 .map_err(|e| StoreError::io(&self.packs_dir, e))?;
         }
         Ok(Pending {
+            packs_dir: self.packs_dir.clone(),
             new_chunks: self.new_chunks,
             packs: self.done,
             confirm: self.confirm,
             stats: self.stats,
         })
+    }
+}
+
+impl Pending {
+    /// Deletes the packs of a commit that will not happen (see [`ChunkWriter::abandon`]).
+    pub(crate) fn abandon(&self) {
+        for (id, _, _) in &self.packs {
+            let _ = std::fs::remove_file(id.path(&self.packs_dir));
+        }
     }
 }
 

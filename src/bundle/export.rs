@@ -1,0 +1,646 @@
+//! Export: a stored snapshot → one `tar.zst` bundle (+ `.sha256`), optionally redacted and
+//! age-encrypted. Memory stays bounded: artifacts stream from the packs, twice (the manifest,
+//! which comes first, needs every artifact's SHA-256, so a first pass hashes them).
+
+use std::fs;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::io::{HashWriter, StoredReader, sha256_of};
+use super::manifest::{
+    ArtifactMeta, BUNDLE_FORMAT, BundleGit, BundleManifest, EXT_VERSION, EncryptionMeta, EntryMeta,
+    KNOWN_DATABASES, KNOWN_STATE, MANIFEST_ENTRY, MANIFEST_VERSION, MemsnapSection,
+    RedactionDetail, RedactionReport, SchemaVersions, SourcePaths, ToolVersions, bundle_path, seal,
+};
+use super::redact::{Counts, Redactor, SecretScanner};
+use crate::error::{BundleError, Error};
+use crate::fsutil;
+use crate::lock::Mode;
+use crate::manifest::artifact::{EntryKind, Part};
+use crate::names::AgentId;
+use crate::ops::Progress;
+use crate::store::Store;
+use crate::store::chunk_id::ChunkId;
+use crate::store::pack::ChunkLoc;
+use crate::store::reader::{ChunkReader, PackFiles};
+
+/// Default zstd level: level 3 keeps up with two cores' reads; the old tool's 19 took ~100×.
+pub const DEFAULT_LEVEL: i32 = 3;
+/// A text artifact is redacted in memory; one larger than this is refused rather than shipped.
+const MAX_REDACT_BYTES: u64 = 256 << 20;
+
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ExportRequest {
+    /// A snapshot id, a unique prefix of at least 8 characters, or `latest`.
+    pub snapshot: String,
+    pub agent: Option<AgentId>,
+    pub out: PathBuf,
+    /// age X25519 recipients (`age1...`); empty: not encrypted.
+    pub recipients: Vec<String>,
+    pub redact: bool,
+    /// Extra redaction rules (TOML), on top of the built-in ones.
+    pub redact_rules: Option<PathBuf>,
+    pub level: i32,
+}
+
+impl ExportRequest {
+    pub fn new(snapshot: impl Into<String>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            snapshot: snapshot.into(),
+            agent: None,
+            out: out.into(),
+            recipients: Vec::new(),
+            redact: false,
+            redact_rules: None,
+            level: DEFAULT_LEVEL,
+        }
+    }
+
+    pub fn agent(mut self, a: AgentId) -> Self {
+        self.agent = Some(a);
+        self
+    }
+
+    pub fn encrypt_to(mut self, recipient: impl Into<String>) -> Self {
+        self.recipients.push(recipient.into());
+        self
+    }
+
+    pub fn redact(mut self, yes: bool) -> Self {
+        self.redact = yes;
+        self
+    }
+
+    pub fn redact_rules(mut self, path: impl Into<PathBuf>) -> Self {
+        self.redact_rules = Some(path.into());
+        self
+    }
+
+    pub fn level(mut self, level: i32) -> Self {
+        self.level = level;
+        self
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    pub bundle: PathBuf,
+    pub sha256_file: PathBuf,
+    /// SHA-256 of the bundle file (also in `sha256_file`).
+    pub sha256: String,
+    pub snapshot_id: String,
+    pub tenant: String,
+    pub agent: String,
+    pub artifacts: u64,
+    /// Bytes of the artifacts, before compression.
+    pub logical_bytes: u64,
+    pub bundle_bytes: u64,
+    /// Fingerprints (last 8 characters) of the recipients; empty when not encrypted.
+    pub encrypted_to: Vec<String>,
+    pub redaction: Option<RedactionDetail>,
+    pub duration_ms: u64,
+}
+
+enum Source {
+    Stored(Vec<(ChunkId, ChunkLoc)>),
+    /// A redacted copy in the export's scratch folder.
+    File(PathBuf),
+}
+
+struct Item {
+    meta: ArtifactMeta,
+    /// Part of nexo's `artifacts` (else memsnap's `extra_artifacts`).
+    nexo: bool,
+    rank: u8,
+    source: Source,
+}
+
+impl Item {
+    fn reader<'p>(&self, packs: &'p PackFiles) -> io::Result<Box<dyn Read + 'p>> {
+        Ok(match &self.source {
+            Source::Stored(chunks) => Box::new(StoredReader::new(packs, chunks.clone())),
+            Source::File(p) => Box::new(io::BufReader::new(fs::File::open(p)?)),
+        })
+    }
+}
+
+/// Removes the export's scratch folder and any unfinished bundle, whatever happens.
+struct Scratch {
+    dir: PathBuf,
+    tmp_bundle: Option<PathBuf>,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fsutil::remove_any(&self.dir);
+        if let Some(t) = &self.tmp_bundle {
+            let _ = fs::remove_file(t);
+        }
+    }
+}
+
+pub(crate) fn sibling_sha256(bundle: &Path) -> PathBuf {
+    let mut s = bundle.as_os_str().to_owned();
+    s.push(".sha256");
+    PathBuf::from(s)
+}
+
+pub(crate) fn export(
+    store: &Store,
+    req: &ExportRequest,
+    progress: &dyn Progress,
+) -> Result<ExportReport, Error> {
+    let started = Instant::now();
+    let recipients = super::crypt::parse_recipients(&req.recipients)?;
+    if !(1..=22).contains(&req.level) {
+        return Err(BundleError::NotExportable {
+            path: req.out.display().to_string(),
+            reason: format!("zstd level {} is not between 1 and 22", req.level),
+        }
+        .into());
+    }
+    let redactor = match (req.redact, &req.redact_rules) {
+        (false, _) => None,
+        (true, None) => Some(Redactor::builtin()),
+        (true, Some(p)) => Some(Redactor::with_rules_file(p)?),
+    };
+    if fs::symlink_metadata(&req.out).is_ok() {
+        return Err(BundleError::OutputExists {
+            path: req.out.clone(),
+        }
+        .into());
+    }
+    let out_dir = fsutil::parent_of(&req.out);
+    if !out_dir.is_dir() {
+        return Err(BundleError::io(
+            &out_dir,
+            io::Error::new(io::ErrorKind::NotFound, "the --out folder does not exist"),
+        )
+        .into());
+    }
+
+    // Shared: prune (exclusive) must not remove chunks while they are read.
+    let _store_lock = store.lock_store(Mode::Shared)?;
+    let index = store.index()?;
+    let (record, entries, resolved) = {
+        let tx = index.begin_read()?;
+        let record = crate::ops::resolve(&index, &tx, &req.snapshot, req.agent.as_ref())?;
+        let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+        let entries = crate::ops::load_entries(&mut reader, &record)?;
+        let mut resolved = Vec::with_capacity(entries.len());
+        for e in &entries {
+            resolved.push(match &e.content {
+                Some(c) => Some(reader.resolve(c)?),
+                None => None,
+            });
+        }
+        (record, entries, resolved)
+    };
+    let packs = PackFiles::new(store.packs_dir());
+    let mut scratch = Scratch {
+        dir: store
+            .tmp_dir()
+            .join(format!("export-{:016x}", rand::random::<u64>())),
+        tmp_bundle: None,
+    };
+    fsutil::create_dir_all_durable(&scratch.dir).map_err(|e| Error::io(&scratch.dir, e))?;
+
+    let mut detail = redactor.as_ref().map(|r| RedactionDetail {
+        rules: r.rule_ids(),
+        ..Default::default()
+    });
+    let mut metas = Vec::with_capacity(entries.len());
+    let mut items = Vec::new();
+    for (e, chunks) in entries.iter().zip(resolved) {
+        let path = String::from_utf8(e.path.clone()).map_err(|_| BundleError::NotExportable {
+            path: e.path_lossy(),
+            reason: "its name is not UTF-8, which the bundle manifest (JSON) cannot carry".into(),
+        })?;
+        if let Some(d) = detail.as_mut()
+            && e.part == Part::Memdir
+            && (path == ".git" || path.starts_with(".git/"))
+        {
+            d.git_excluded = true;
+            continue;
+        }
+        let part = e.part.name();
+        let (target, wal) = match &e.kind {
+            EntryKind::Symlink { target } => (
+                Some(String::from_utf8(target.clone()).map_err(|_| {
+                    BundleError::NotExportable {
+                        path: path.clone(),
+                        reason: "its symlink target is not UTF-8".into(),
+                    }
+                })?),
+                None,
+            ),
+            EntryKind::Sqlite { wal, .. } => (None, Some(*wal)),
+            _ => (None, None),
+        };
+        let is_db = matches!(e.kind, EntryKind::Sqlite { .. });
+        let mut bundle_at = None;
+        if let Some(chunks) = chunks {
+            let (bp, kind) = bundle_path(part, &path, is_db);
+            let source = match &redactor {
+                None => Source::Stored(chunks),
+                Some(r) => {
+                    let counts =
+                        redact_one(r, &packs, chunks, is_db, &bp, &scratch.dir, items.len())?;
+                    if let Some(d) = detail.as_mut() {
+                        add_counts(d, &bp, &counts.1);
+                    }
+                    counts.0
+                }
+            };
+            items.push(Item {
+                meta: ArtifactMeta {
+                    path_in_bundle: bp.clone(),
+                    kind: kind
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| if is_db { "sqlite" } else { "state" }.to_owned()),
+                    size_bytes: 0,
+                    sha256: String::new(),
+                },
+                nexo: kind.is_some(),
+                rank: rank(part, &path),
+                source,
+            });
+            bundle_at = Some(bp);
+        }
+        metas.push(EntryMeta {
+            part: part.to_owned(),
+            path,
+            kind: e.kind_name().to_owned(),
+            mode: e.mode,
+            mtime_ns: e.mtime_ns,
+            target,
+            wal,
+            bundle_path: bundle_at,
+        });
+    }
+    items.sort_by(|a, b| (a.rank, &a.meta.path_in_bundle).cmp(&(b.rank, &b.meta.path_in_bundle)));
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        items = items.len(),
+        "export: planned"
+    );
+
+    // Pass 1: the digests the manifest needs. Under --redact every artifact is scanned once
+    // more as it will be shipped: the report never claims a redaction that did not happen.
+    let total: u64 = items.iter().map(size_of).sum();
+    progress.start("export: checksums", total);
+    items
+        .par_iter_mut()
+        .try_for_each(|item| -> Result<(), Error> {
+            let mut scanner = redactor.as_ref().map(SecretScanner::new);
+            let r = item
+                .reader(&packs)
+                .map_err(|e| Error::io(&item.meta.path_in_bundle, e))?;
+            let (sha, size) = sha256_of(r, |b| {
+                progress.advance(b.len() as u64);
+                if let Some(s) = scanner.as_mut() {
+                    s.feed(b);
+                }
+            })
+            .map_err(|e| Error::io(&item.meta.path_in_bundle, e))?;
+            if let Some(rule) = scanner.and_then(|s| s.finish()) {
+                return Err(BundleError::Redaction {
+                    artifact: item.meta.path_in_bundle.clone(),
+                    message: format!("rule {rule} still matches after redaction"),
+                }
+                .into());
+            }
+            item.meta.sha256 = sha;
+            item.meta.size_bytes = size;
+            Ok(())
+        })?;
+    progress.finish();
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "export: artifacts hashed"
+    );
+
+    let mut label = record.info.label.clone();
+    let mut git = record
+        .info
+        .git
+        .as_ref()
+        .map(|g| BundleGit {
+            head_oid: g.head_oid.clone(),
+            head_subject: g.head_subject.clone(),
+            head_author: g.head_author.clone(),
+            head_ts_ms: g.head_ts_ms,
+        })
+        .unwrap_or_default();
+    if let (Some(r), Some(d)) = (&redactor, detail.as_mut()) {
+        let mut counts = Counts::new();
+        for s in [
+            label.as_mut(),
+            Some(&mut git.head_subject),
+            Some(&mut git.head_author),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *s = String::from_utf8_lossy(&r.redact(s.as_bytes(), &mut counts)).into_owned();
+        }
+        add_counts(d, MANIFEST_ENTRY, &counts);
+    }
+
+    let artifacts: Vec<ArtifactMeta> = items
+        .iter()
+        .filter(|i| i.nexo)
+        .map(|i| i.meta.clone())
+        .collect();
+    let extra: Vec<ArtifactMeta> = items
+        .iter()
+        .filter(|i| !i.nexo)
+        .map(|i| i.meta.clone())
+        .collect();
+    let info = &record.info;
+    let manifest = BundleManifest {
+        manifest_version: MANIFEST_VERSION,
+        bundle_format: BUNDLE_FORMAT.into(),
+        snapshot_id: info.id.clone(),
+        agent_id: info.agent.clone(),
+        tenant: info.tenant.clone(),
+        label,
+        created_at_ms: info.created_at_ms,
+        created_by: info.created_by.clone(),
+        schema_versions: SchemaVersions::NEXO,
+        git,
+        bundle_sha256: seal(&artifacts),
+        artifacts,
+        redactions: detail.as_ref().map(|d| RedactionReport {
+            policy: if req.redact_rules.is_some() {
+                "memsnap:builtin+rules-file".into()
+            } else {
+                "memsnap:builtin".into()
+            },
+            rules_applied: d.per_rule.keys().cloned().collect(),
+            matches_redacted: u32::try_from(d.per_rule.values().sum::<u64>()).unwrap_or(u32::MAX),
+            artifacts_touched: d.per_artifact.keys().cloned().collect(),
+        }),
+        encryption: (!recipients.is_empty()).then(|| EncryptionMeta {
+            scheme: "age".into(),
+            recipients_fingerprint: recipients.iter().map(super::crypt::fingerprint).collect(),
+        }),
+        tool_versions: ToolVersions::memsnap(),
+        memsnap: Some(MemsnapSection {
+            version: EXT_VERSION,
+            tool: format!("memsnap {}", env!("CARGO_PKG_VERSION")),
+            parent: info.parent.clone(),
+            absent: info.absent.clone(),
+            schema_versions: info.schema_versions.clone(),
+            source: Some(SourcePaths {
+                memdir: info.memdir.clone(),
+                sqlite_dir: info.sqlite_dir.clone(),
+                state_dir: info.state_dir.clone(),
+            }),
+            extra_sha256: seal(&extra),
+            extra_artifacts: extra,
+            entries: metas,
+            redaction: detail.clone(),
+        }),
+    };
+    let manifest_json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| Error::io(&req.out, io::Error::other(e)))?;
+
+    // Pass 2: write under a temporary name; the bundle and its .sha256 appear only when whole.
+    let tmp = fsutil::tmp_name(&req.out);
+    scratch.tmp_bundle = Some(tmp.clone());
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
+    progress.start("export: writing", total);
+    let (file, sha256, bundle_bytes) = write_bundle(
+        file,
+        &recipients,
+        req.level,
+        &manifest_json,
+        &items,
+        &packs,
+        progress,
+    )
+    .map_err(|e| Error::io(&tmp, e))?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "export: written"
+    );
+    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    drop(file);
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "export: synced"
+    );
+    let sibling = sibling_sha256(&req.out);
+    fsutil::write_atomic(&sibling, sha256.as_bytes(), 0o644).map_err(|e| Error::io(&sibling, e))?;
+    crate::failpoint::hit("export:before-rename")?;
+    fs::rename(&tmp, &req.out).map_err(|e| Error::io(&req.out, e))?;
+    scratch.tmp_bundle = None;
+    fsutil::sync_dir(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    progress.finish();
+
+    Ok(ExportReport {
+        bundle: req.out.clone(),
+        sha256_file: sibling,
+        sha256,
+        snapshot_id: info.id.clone(),
+        tenant: info.tenant.clone(),
+        agent: info.agent.clone(),
+        artifacts: items.len() as u64,
+        logical_bytes: items.iter().map(|i| i.meta.size_bytes).sum(),
+        bundle_bytes,
+        encrypted_to: manifest
+            .encryption
+            .map(|e| e.recipients_fingerprint)
+            .unwrap_or_default(),
+        redaction: detail,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Bundle order, as nexo-memory-snapshot writes it: databases, state, memory files, git.
+fn rank(part: &str, path: &str) -> u8 {
+    match part {
+        "sqlite" => path
+            .strip_suffix(".sqlite")
+            .and_then(|s| KNOWN_DATABASES.iter().position(|k| *k == s))
+            .map(|i| i as u8)
+            .unwrap_or(4),
+        "state" => path
+            .strip_suffix(".json")
+            .and_then(|s| KNOWN_STATE.iter().position(|(k, _)| *k == s))
+            .map(|i| 5 + i as u8)
+            .unwrap_or(7),
+        _ if path.starts_with(".git/") => 9,
+        _ => 8,
+    }
+}
+
+fn size_of(item: &Item) -> u64 {
+    match &item.source {
+        Source::Stored(chunks) => chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum(),
+        Source::File(p) => fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+    }
+}
+
+fn add_counts(d: &mut RedactionDetail, artifact: &str, counts: &Counts) {
+    let counts: Counts = counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    if counts.is_empty() {
+        return;
+    }
+    for (rule, n) in &counts {
+        *d.per_rule.entry(rule.clone()).or_default() += n;
+    }
+    let slot = d.per_artifact.entry(artifact.to_owned()).or_default();
+    for (rule, n) in counts {
+        *slot.entry(rule).or_default() += n;
+    }
+}
+
+/// Redacts one artifact into the scratch folder (databases always: their free pages may hold
+/// deleted secrets, which only a rewrite clears); returns its source and the match counts.
+fn redact_one(
+    r: &Redactor,
+    packs: &PackFiles,
+    chunks: Vec<(ChunkId, ChunkLoc)>,
+    is_db: bool,
+    bundle_path: &str,
+    scratch: &Path,
+    n: usize,
+) -> Result<(Source, Counts), Error> {
+    let mut counts = Counts::new();
+    let tmp = scratch.join(format!("{n}"));
+    if is_db {
+        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        io::copy(&mut StoredReader::new(packs, chunks), &mut f).map_err(|e| Error::io(&tmp, e))?;
+        drop(f);
+        r.redact_database(&tmp, &mut counts)?;
+        return Ok((Source::File(tmp), counts));
+    }
+    let size: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum();
+    if size > MAX_REDACT_BYTES {
+        return Err(BundleError::Redaction {
+            artifact: bundle_path.to_owned(),
+            message: format!(
+                "{size} bytes is more than the {MAX_REDACT_BYTES} bytes memsnap redacts in memory"
+            ),
+        }
+        .into());
+    }
+    let mut data = Vec::with_capacity(size as usize);
+    StoredReader::new(packs, chunks.clone())
+        .read_to_end(&mut data)
+        .map_err(|e| Error::io(bundle_path, e))?;
+    match r.redact(&data, &mut counts) {
+        std::borrow::Cow::Borrowed(_) => Ok((Source::Stored(chunks), counts)),
+        std::borrow::Cow::Owned(v) => {
+            fs::write(&tmp, v).map_err(|e| Error::io(&tmp, e))?;
+            Ok((Source::File(tmp), counts))
+        }
+    }
+}
+
+/// The byte sink under the compressor: the file, through age when encrypting.
+enum Sink {
+    Plain(HashWriter<BufWriter<fs::File>>),
+    Age(age::stream::StreamWriter<HashWriter<BufWriter<fs::File>>>),
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sink::Plain(w) => w.write(buf),
+            Sink::Age(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sink::Plain(w) => w.flush(),
+            Sink::Age(w) => w.flush(),
+        }
+    }
+}
+
+fn header(size: u64) -> tar::Header {
+    // As nexo-memory-snapshot writes them: GNU headers, mode 0600, mtime 0, no owner.
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o600);
+    h.set_mtime(0);
+    h.set_size(size);
+    h
+}
+
+fn write_bundle(
+    file: fs::File,
+    recipients: &[age::x25519::Recipient],
+    level: i32,
+    manifest: &[u8],
+    items: &[Item],
+    packs: &PackFiles,
+    progress: &dyn Progress,
+) -> io::Result<(fs::File, String, u64)> {
+    let hashed = HashWriter::new(BufWriter::with_capacity(1 << 20, file));
+    let sink = if recipients.is_empty() {
+        Sink::Plain(hashed)
+    } else {
+        let enc =
+            age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+                .map_err(|e| io::Error::other(format!("age: {e}")))?;
+        Sink::Age(enc.wrap_output(hashed)?)
+    };
+    let mut zenc = zstd::stream::write::Encoder::new(sink, level)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    if threads > 1 {
+        zenc.multithread(threads)?;
+    }
+    zenc.include_checksum(true)?;
+    let mut tar = tar::Builder::new(zenc);
+    tar.append_data(&mut header(manifest.len() as u64), MANIFEST_ENTRY, manifest)?;
+    for item in items {
+        let r = item.reader(packs)?;
+        let r = ProgressRead { inner: r, progress };
+        tar.append_data(
+            &mut header(item.meta.size_bytes),
+            &item.meta.path_in_bundle,
+            r.take(item.meta.size_bytes),
+        )?;
+    }
+    let sink = tar.into_inner()?.finish()?;
+    let hashed = match sink {
+        Sink::Plain(h) => h,
+        Sink::Age(w) => w.finish()?,
+    };
+    let (buf, sha, bytes) = hashed.finish();
+    let file = buf.into_inner().map_err(|e| e.into_error())?;
+    Ok((file, sha, bytes))
+}
+
+struct ProgressRead<'p, R> {
+    inner: R,
+    progress: &'p dyn Progress,
+}
+
+impl<R: Read> Read for ProgressRead<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.advance(n as u64);
+        Ok(n)
+    }
+}

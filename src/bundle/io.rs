@@ -1,0 +1,188 @@
+//! Stream adapters shared by export and import: SHA-256 while reading or writing, a hard cap on
+//! how much a (possibly hostile) stream may yield, and a reader over a stored artifact.
+
+use std::cell::Cell;
+use std::io::{self, Read, Write};
+use std::rc::Rc;
+
+use sha2::{Digest, Sha256};
+
+use crate::store::chunk_id::ChunkId;
+use crate::store::pack::ChunkLoc;
+use crate::store::reader::PackFiles;
+
+pub(crate) struct HashWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    pub(crate) bytes: u64,
+}
+
+impl<W: Write> HashWriter<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    pub(crate) fn finish(self) -> (W, String, u64) {
+        (self.inner, hex::encode(self.hasher.finalize()), self.bytes)
+    }
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// SHA-256 of everything read through it. Shared state so that the hash of the raw bundle file
+/// can be taken after the decompressor and tar reader that own the reader are done.
+pub(crate) struct HashReader<R> {
+    inner: R,
+    state: Rc<HashState>,
+}
+
+#[derive(Default)]
+pub(crate) struct HashState {
+    hasher: std::cell::RefCell<Sha256>,
+    pub(crate) bytes: Cell<u64>,
+}
+
+impl HashState {
+    pub(crate) fn hex(&self) -> String {
+        hex::encode(self.hasher.borrow().clone().finalize())
+    }
+}
+
+impl<R: Read> HashReader<R> {
+    pub(crate) fn new(inner: R) -> (Self, Rc<HashState>) {
+        let state = Rc::new(HashState::default());
+        (
+            Self {
+                inner,
+                state: state.clone(),
+            },
+            state,
+        )
+    }
+}
+
+impl<R: Read> Read for HashReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.state.hasher.borrow_mut().update(&buf[..n]);
+        self.state.bytes.set(self.state.bytes.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// Fails once more than the limit has been read: a decompression bomb stops at the limit, not
+/// at the disk's end. The limit can be raised once the manifest says how much is coming.
+pub(crate) struct LimitReader<R> {
+    inner: R,
+    pub(crate) limit: Rc<Cell<u64>>,
+    read: u64,
+}
+
+pub(crate) const LIMIT_MSG: &str = "memsnap-bundle-size-limit";
+
+impl<R: Read> LimitReader<R> {
+    pub(crate) fn new(inner: R, limit: u64) -> (Self, Rc<Cell<u64>>) {
+        let limit = Rc::new(Cell::new(limit));
+        (
+            Self {
+                inner,
+                limit: limit.clone(),
+                read: 0,
+            },
+            limit,
+        )
+    }
+}
+
+impl<R: Read> Read for LimitReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.limit.get().saturating_sub(self.read);
+        if left == 0 {
+            // One byte more tells a stream that ends exactly at the limit from one that goes on.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(io::Error::other(LIMIT_MSG)),
+            };
+        }
+        let want = buf.len().min(left.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads a stored artifact chunk by chunk (each chunk checked against its id by the pack reader).
+pub(crate) struct StoredReader<'p> {
+    packs: &'p PackFiles,
+    chunks: std::vec::IntoIter<(ChunkId, ChunkLoc)>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl<'p> StoredReader<'p> {
+    pub(crate) fn new(packs: &'p PackFiles, chunks: Vec<(ChunkId, ChunkLoc)>) -> Self {
+        Self {
+            packs,
+            chunks: chunks.into_iter(),
+            current: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for StoredReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            let Some((id, loc)) = self.chunks.next() else {
+                return Ok(0);
+            };
+            self.current = self
+                .packs
+                .read(&id, &loc)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            self.pos = 0;
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// SHA-256 and length of a stream, fed to `also` on the way (e.g. a secret scanner).
+pub(crate) fn sha256_of(
+    mut r: impl Read,
+    mut also: impl FnMut(&[u8]),
+) -> io::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n_total = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+        also(&buf[..n]);
+        n_total += n as u64;
+    }
+    Ok((hex::encode(h.finalize()), n_total))
+}

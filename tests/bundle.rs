@@ -1,0 +1,623 @@
+//! Portable bundles end to end: export → import → restore round trips, deduplication on import,
+//! the nexo-memory-snapshot 0.1.5 fixtures (plain and age), and the bundle layout checked field
+//! by field against the fixtures. Hostile bundles are in tests/bundle_hostile.rs.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use memsnap::sample::SampleAgent;
+use serde_json::Value;
+
+/// The bundles nexo-memory-snapshot 0.1.5 wrote (copied from ../shared/fixtures; read-only).
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nexo-memory-snapshot-0.1.5")
+}
+
+/// A fixture bundle copied (with its .sha256) into `dir`: the originals are read-only.
+fn fixture_bundle(case: &str, dir: &Path) -> PathBuf {
+    let src = fixtures().join(case);
+    let mut bundle = None;
+    for e in fs::read_dir(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display())) {
+        let p = e.expect("entry").path();
+        let name = p.file_name().expect("name").to_string_lossy().into_owned();
+        let dst = dir.join(&name);
+        fs::copy(&p, &dst).expect("copy fixture");
+        let mut perm = fs::metadata(&dst).expect("meta").permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perm.set_readonly(false);
+        fs::set_permissions(&dst, perm).expect("chmod");
+        if name.ends_with(".tar.zst") || name.ends_with(".tar.zst.age") {
+            bundle = Some(dst);
+        }
+    }
+    bundle.expect("a bundle in the fixture folder")
+}
+
+fn decompressed(bundle: &Path) -> Vec<u8> {
+    let f = fs::File::open(bundle).expect("open bundle");
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(f)
+        .expect("zstd")
+        .read_to_end(&mut out)
+        .expect("decompress");
+    out
+}
+
+/// (path, header, bytes) of every tar entry.
+fn tar_entries(plain: &[u8]) -> Vec<(String, tar::Header, Vec<u8>)> {
+    let mut a = tar::Archive::new(plain);
+    let mut out = Vec::new();
+    for e in a.entries().expect("entries") {
+        let mut e = e.expect("entry");
+        let path = String::from_utf8(e.path_bytes().into_owned()).expect("utf-8 path");
+        let header = e.header().clone();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).expect("read entry");
+        out.push((path, header, data));
+    }
+    out
+}
+
+fn manifest_of(plain: &[u8]) -> Value {
+    let entries = tar_entries(plain);
+    assert_eq!(entries[0].0, "manifest.json", "the manifest comes first");
+    serde_json::from_slice(&entries[0].2).expect("manifest JSON")
+}
+
+fn git_head(memdir: &Path) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(memdir)
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .expect("git");
+    assert!(
+        out.status.success(),
+        "git rev-parse in {}",
+        memdir.display()
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn count(db: &Path, table: &str) -> i64 {
+    let c = rusqlite::Connection::open(db).expect("open db");
+    let ok: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity");
+    assert_eq!(ok, "ok", "{}", db.display());
+    c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+        .expect("count")
+}
+
+fn export(f: &Fixture, snap: &str, out: &Path, extra: &[&str]) -> Value {
+    f.cmd()
+        .args(["export", snap, "--out"])
+        .arg(out)
+        .args(extra)
+        .json()
+}
+
+/// Every file below `dir` (relative path → bytes): what a store holds, to show nothing changed.
+/// `index.redb` is left out: redb rewrites its header on every open, whatever happens next; the
+/// index's content is compared through `list` instead.
+fn files_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    if !dir.exists() {
+        return out;
+    }
+    for e in walkdir::WalkDir::new(dir) {
+        let e = e.expect("walk");
+        if e.file_type().is_file() && e.file_name() != "index.redb" {
+            let rel = e
+                .path()
+                .strip_prefix(dir)
+                .expect("rel")
+                .to_string_lossy()
+                .into_owned();
+            out.insert(rel, fs::read(e.path()).expect("read"));
+        }
+    }
+    out
+}
+
+/// Names the files that differ, not their bytes.
+fn assert_same_files(
+    before: &std::collections::BTreeMap<String, Vec<u8>>,
+    after: &std::collections::BTreeMap<String, Vec<u8>>,
+    what: &str,
+) {
+    let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    let differ: Vec<&String> = names
+        .into_iter()
+        .filter(|n| before.get(*n) != after.get(*n))
+        .collect();
+    assert!(differ.is_empty(), "{what} changed the store: {differ:?}");
+}
+
+#[test]
+fn export_import_restore_round_trip_on_a_second_store() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let image = AgentImage::capture(&f.agent);
+    let bundle = f.path("out/ana.tar.zst");
+    fs::create_dir_all(f.path("out")).expect("mkdir");
+    let rep = export(&f, &id, &bundle, &[]);
+    assert_eq!(str_of(&rep, "snapshot_id"), id);
+    let sha = fs::read_to_string(f.path("out/ana.tar.zst.sha256")).expect("sibling");
+    assert_eq!(sha.len(), 64, "hex digest without newline: {sha:?}");
+    assert_eq!(sha, str_of(&rep, "sha256"));
+
+    // verify-bundle: every check ok.
+    let v = TestCommand::new(&f.path("unused-store"))
+        .args(["verify-bundle"])
+        .arg(&bundle)
+        .json();
+    assert_eq!(v["ok"], true, "{v:#}");
+    assert_eq!(v["complete"], true, "{v:#}");
+    assert!(
+        !f.path("unused-store").exists(),
+        "verify-bundle needs no store"
+    );
+
+    // Import into a second store: same id, tenant, agent, label, time.
+    let store2 = f.path("store2");
+    let imp = TestCommand::new(&store2).arg("import").arg(&bundle).json();
+    assert_eq!(imp["snapshot"]["id"], id.as_str());
+    assert_eq!(imp["already_present"], false);
+    let orig = f.cmd().args(["show", &id]).json();
+    let copy = TestCommand::new(&store2).args(["show", &id]).json();
+    for k in [
+        "id",
+        "tenant",
+        "agent",
+        "label",
+        "created_at_ms",
+        "created_by",
+        "git",
+        "schema_versions",
+    ] {
+        assert_eq!(
+            orig["info"][k], copy["info"][k],
+            "field {k}\n{orig:#}\n{copy:#}"
+        );
+    }
+    // Identical entries (kind, mode, size, hash), so the content is the same snapshot.
+    assert_eq!(orig["entries"], copy["entries"]);
+
+    // Restore from the second store into a fresh folder: identical files and rows.
+    let target = f.path("restored");
+    TestCommand::new(&store2)
+        .args(["restore", &id, "--target"])
+        .arg(&target)
+        .json();
+    let restored = SampleAgent::open(&target);
+    assert_same_tree(&image.memdir, &tree(&restored.memdir(), true), "memdir");
+    assert_same_tree(&image.state, &tree(&restored.state_dir(), false), "state");
+    assert_eq!(restored.row_counts().expect("rows"), image.rows);
+    assert_eq!(restored.git_head().expect("head"), image.head);
+    TestCommand::new(&store2)
+        .args(["verify", "--read-data"])
+        .json();
+
+    // Importing again is a no-op, in either store.
+    let again = TestCommand::new(&store2).arg("import").arg(&bundle).json();
+    assert_eq!(again["already_present"], true);
+    let here = f.cmd().arg("import").arg(&bundle).json();
+    assert_eq!(here["already_present"], true);
+    assert_eq!(f.list_ids(), vec![id.clone()]);
+}
+
+#[test]
+fn importing_a_bundle_of_a_known_agent_stores_only_the_difference() {
+    let f = Fixture::new();
+    let first = f.snapshot_id();
+    f.agent.update_day(7, 0.02).expect("update day");
+    f.agent.append_day(8, 0.02).expect("append day");
+    let second = f.snapshot_id();
+    fs::create_dir_all(f.path("out")).expect("mkdir");
+    let b1 = f.path("out/first.tar.zst");
+    let b2 = f.path("out/second.tar.zst");
+    export(&f, &first, &b1, &[]);
+    export(&f, &second, &b2, &[]);
+
+    let store2 = f.path("store2");
+    let i1 = TestCommand::new(&store2).arg("import").arg(&b1).json();
+    let i2 = TestCommand::new(&store2).arg("import").arg(&b2).json();
+    let logical = i2["snapshot"]["logical_bytes"].as_u64().expect("logical");
+    let new1 = i1["snapshot"]["stats"]["new_raw_bytes"]
+        .as_u64()
+        .expect("new");
+    let new2 = i2["snapshot"]["stats"]["new_raw_bytes"]
+        .as_u64()
+        .expect("new");
+    // The second bundle is whole, but only its changed pages and files are new to the store.
+    assert!(
+        new1 > logical / 2,
+        "first import stores the data: {new1} of {logical}"
+    );
+    assert!(
+        new2 < logical / 5,
+        "second import stored {new2} new bytes of {logical}: it should store the difference"
+    );
+    // And the original store, which has both, gains nothing but can re-import nothing.
+    let again = f.cmd().arg("import").arg(&b2).json();
+    assert_eq!(again["already_present"], true);
+}
+
+#[test]
+fn restore_from_a_bundle_replaces_the_live_agent_with_a_pre_restore_snapshot() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let image = AgentImage::capture(&f.agent);
+    fs::create_dir_all(f.path("out")).expect("mkdir");
+    let bundle = f.path("out/b.tar.zst");
+    export(&f, &id, &bundle, &[]);
+    f.agent.append_day(3, 0.05).expect("append");
+    fs::write(f.agent.memdir().join("new-note.md"), "# new\n").expect("write");
+
+    // A store that never saw the agent: it must be told where the agent lives.
+    let store2 = f.path("store2");
+    let out = TestCommand::new(&store2)
+        .args(["restore", "--bundle"])
+        .arg(&bundle)
+        .assert_exit_code(2);
+    assert!(out.stderr.contains("--source"), "{out}");
+    let r = TestCommand::new(&store2)
+        .args(["restore", "--bundle"])
+        .arg(&bundle)
+        .arg("--source")
+        .arg(f.agent.root())
+        .json();
+    assert_eq!(r["import"]["snapshot"]["id"], id.as_str());
+    let pre = r["restore"]["pre_snapshot_id"]
+        .as_str()
+        .expect("pre-restore snapshot")
+        .to_owned();
+    image.assert_matches(&f.agent, "restore --bundle");
+    // The pre-restore snapshot holds the state before: the new note.
+    let show = TestCommand::new(&store2).args(["show", &pre]).json();
+    assert!(
+        show["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .any(|e| e["path"] == "new-note.md"),
+        "{show:#}"
+    );
+
+    // The original store knows the agent: no --source needed; the tenant/agent check holds.
+    let out = f
+        .cmd()
+        .args(["restore", "--bundle"])
+        .arg(&bundle)
+        .args(["--tenant", "acme", "--agent", "bob"])
+        .run();
+    assert_ne!(out.status.code(), Some(0), "{out}");
+    assert!(
+        out.stderr.contains("acme/ana") && out.stderr.contains("bob"),
+        "{out}"
+    );
+    f.cmd().args(["restore", "--bundle"]).arg(&bundle).json();
+    image.assert_matches(&f.agent, "restore --bundle into a known agent");
+}
+
+#[test]
+fn the_three_fixture_bundles_import_and_restore_with_the_expected_content() {
+    let f = Fixture::new();
+    let dir = f.path("fixtures");
+    fs::create_dir_all(&dir).expect("mkdir");
+    let cases = [
+        (
+            "01-plain",
+            None,
+            "3cb7e362047b493d2fd82fe5b5057c158c777c1c",
+            50,
+        ),
+        (
+            "03-age",
+            Some("test-identity.txt"),
+            "3cb7e362047b493d2fd82fe5b5057c158c777c1c",
+            50,
+        ),
+        (
+            "04-plain-after-change",
+            None,
+            "9668754d6c364db87b8485bc32f7c85d816a925c",
+            51,
+        ),
+    ];
+    for (case, identity, head, memories) in cases {
+        let d = dir.join(case);
+        fs::create_dir_all(&d).expect("mkdir");
+        let bundle = fixture_bundle(case, &d);
+        let mut cmd = f.cmd();
+        cmd.arg("import").arg(&bundle);
+        if let Some(i) = identity {
+            cmd.arg("--identity").arg(d.join(i));
+        }
+        let imp = cmd.json();
+        assert_eq!(imp["written_by"], "nexo-memory-snapshot", "{imp:#}");
+        assert_eq!(imp["snapshot"]["tenant"], "default");
+        assert_eq!(imp["snapshot"]["agent"], "ana");
+        assert_eq!(imp["snapshot"]["git"]["head_oid"], head);
+        let id = str_of(&imp["snapshot"], "id").to_owned();
+        let target = f.path(&format!("restored-{case}"));
+        f.restore_into(&id, &target);
+        assert_eq!(git_head(&target.join("memdir")), head, "{case}");
+        let sq = target.join("sqlite");
+        assert_eq!(
+            count(&sq.join("long_term.sqlite"), "memories"),
+            memories,
+            "{case}"
+        );
+        assert_eq!(
+            count(&sq.join("vector.sqlite"), "embeddings"),
+            200,
+            "{case}"
+        );
+        assert_eq!(count(&sq.join("concepts.sqlite"), "concepts"), 10, "{case}");
+        assert_eq!(
+            count(&sq.join("concepts.sqlite"), "concept_links"),
+            15,
+            "{case}"
+        );
+        assert_eq!(
+            count(&sq.join("compactions.sqlite"), "compactions"),
+            3,
+            "{case}"
+        );
+        for s in ["extract_cursor.json", "dream_run.json"] {
+            let bytes = fs::read(target.join("state").join(s)).expect("state file");
+            serde_json::from_slice::<Value>(&bytes).expect("state JSON");
+        }
+        assert!(target.join("memdir/MEMORY.md").is_file());
+        assert!(target.join("memdir/topics/tools.md").is_file());
+    }
+    // 01 and 03 hold the same content: the second import stored (almost) nothing new.
+    f.cmd().args(["verify", "--read-data"]).json();
+    assert_eq!(f.list().len(), 3);
+}
+
+#[test]
+fn the_age_fixture_fails_cleanly_without_its_identity() {
+    let f = Fixture::new();
+    f.snapshot();
+    let before = files_of(&f.store);
+    let listed = f.list();
+    let d = f.path("age");
+    fs::create_dir_all(&d).expect("mkdir");
+    let bundle = fixture_bundle("03-age", &d);
+
+    let out = f.cmd().arg("import").arg(&bundle).run();
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("--identity"), "{out}");
+
+    let other = d.join("other-identity.txt");
+    fs::write(
+        &other,
+        "AGE-SECRET-KEY-1GQ9778VQXMMJVE8SK7J6VT8UJ4HDQAJUVSFCWCM02D8GEWQ72PVQ2Y5J33\n",
+    )
+    .expect("write identity");
+    let out = f
+        .cmd()
+        .arg("import")
+        .arg(&bundle)
+        .arg("--identity")
+        .arg(&other)
+        .run();
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(out.stderr.contains("none of the keys"), "{out}");
+    assert_same_files(&before, &files_of(&f.store), "a refused import");
+    assert_eq!(f.list(), listed);
+
+    // verify-bundle without the identity checks what it can and says what it could not.
+    let v = TestCommand::new(&f.store)
+        .arg("verify-bundle")
+        .arg(&bundle)
+        .json();
+    assert_eq!(v["ok"], true, "{v:#}");
+    assert_eq!(v["complete"], false, "{v:#}");
+    let with = TestCommand::new(&f.store)
+        .arg("verify-bundle")
+        .arg(&bundle)
+        .arg("--identity")
+        .arg(d.join("test-identity.txt"))
+        .json();
+    assert_eq!(with["complete"], true, "{with:#}");
+    assert_eq!(
+        with["artifacts"].as_array().expect("artifacts").len(),
+        44,
+        "{with:#}"
+    );
+}
+
+#[test]
+fn an_exported_bundle_has_the_fixture_layout_field_by_field() {
+    let f = Fixture::new();
+    let snap = f
+        .cmd()
+        .snapshot(f.agent.root())
+        .args(["--label", "ref"])
+        .json();
+    let id = str_of(&snap, "id").to_owned();
+    fs::create_dir_all(f.path("out")).expect("mkdir");
+    let bundle = f.path("out/b.tar.zst");
+    export(&f, &id, &bundle, &[]);
+    let ours = decompressed(&bundle);
+    let d = f.path("fx");
+    fs::create_dir_all(&d).expect("mkdir");
+    let theirs = decompressed(&fixture_bundle("01-plain", &d));
+
+    let (mo, mt) = (manifest_of(&ours), manifest_of(&theirs));
+    let keys = |v: &Value| -> BTreeSet<String> {
+        v.as_object().expect("object").keys().cloned().collect()
+    };
+    // Every field the old tool writes, with the same JSON type; ours adds only `memsnap`.
+    let mut expected = keys(&mt);
+    expected.insert("memsnap".into());
+    assert_eq!(keys(&mo), expected);
+    for k in keys(&mt) {
+        let ty = |v: &Value| match v {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        assert_eq!(ty(&mo[&k]), ty(&mt[&k]), "type of {k}");
+        if let Value::Object(o) = &mt[&k] {
+            assert_eq!(keys(&mo[&k]), o.keys().cloned().collect(), "fields of {k}");
+        }
+    }
+    assert_eq!(mo["manifest_version"], mt["manifest_version"]);
+    assert_eq!(mo["bundle_format"], mt["bundle_format"]);
+    assert_eq!(mo["schema_versions"], mt["schema_versions"]);
+    assert_eq!(keys(&mo["artifacts"][0]), keys(&mt["artifacts"][0]));
+    let kinds_t: BTreeSet<&str> = mt["artifacts"]
+        .as_array()
+        .expect("a")
+        .iter()
+        .map(|a| a["kind"].as_str().expect("kind"))
+        .collect();
+    for a in mo["artifacts"].as_array().expect("artifacts") {
+        let kind = a["kind"].as_str().expect("kind");
+        assert!(
+            kinds_t.contains(kind),
+            "kind {kind} is one the old tool writes"
+        );
+    }
+
+    // Entries: manifest first, then in the old tool's order; GNU headers, mode 0600, mtime 0,
+    // regular files, sizes and digests as the manifest says; the seal over the digests.
+    let entries = tar_entries(&ours);
+    let rank = |p: &str| {
+        ["sqlite/", "state/", "memory_files/", "git/"]
+            .iter()
+            .position(|pre| p.starts_with(pre))
+            .expect("known prefix")
+    };
+    let ranks: Vec<usize> = entries[1..].iter().map(|(p, _, _)| rank(p)).collect();
+    assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "order {ranks:?}");
+    let (_, th, _) = &tar_entries(&theirs)[1];
+    for (path, h, data) in &entries {
+        assert!(h.as_gnu().is_some(), "{path}: GNU header");
+        assert_eq!(h.mode().expect("mode"), 0o600, "{path}");
+        assert_eq!(
+            h.mtime().expect("mtime"),
+            th.mtime().expect("mtime"),
+            "{path}"
+        );
+        assert_eq!(h.entry_type(), tar::EntryType::Regular, "{path}");
+        // Owner fields (uid, gid, uname, gname) as the old tool leaves them.
+        assert_eq!(
+            h.as_bytes()[108..124],
+            th.as_bytes()[108..124],
+            "{path}: uid/gid"
+        );
+        assert_eq!(
+            h.as_bytes()[265..329],
+            th.as_bytes()[265..329],
+            "{path}: uname/gname"
+        );
+        assert_eq!(
+            h.as_bytes()[257..265],
+            th.as_bytes()[257..265],
+            "{path}: GNU magic"
+        );
+        if path == "manifest.json" {
+            continue;
+        }
+        let a = mo["artifacts"]
+            .as_array()
+            .expect("artifacts")
+            .iter()
+            .chain(mo["memsnap"]["extra_artifacts"].as_array().expect("extra"))
+            .find(|a| a["path_in_bundle"] == path.as_str())
+            .unwrap_or_else(|| panic!("{path} is in the manifest"));
+        assert_eq!(a["size_bytes"].as_u64(), Some(data.len() as u64), "{path}");
+        use sha2::Digest;
+        assert_eq!(
+            a["sha256"],
+            hex::encode(sha2::Sha256::digest(data)),
+            "{path}"
+        );
+    }
+    let mut concat = String::new();
+    for a in mo["artifacts"].as_array().expect("artifacts") {
+        concat.push_str(a["sha256"].as_str().expect("sha"));
+    }
+    use sha2::Digest;
+    assert_eq!(
+        mo["bundle_sha256"],
+        hex::encode(sha2::Sha256::digest(concat.as_bytes()))
+    );
+    // The sibling holds the file's digest, no newline, as the fixtures'.
+    let sib = fs::read(f.path("out/b.tar.zst.sha256")).expect("sibling");
+    assert_eq!(
+        sib,
+        hex::encode(sha2::Sha256::digest(fs::read(&bundle).expect("bundle"))).into_bytes()
+    );
+}
+
+#[test]
+fn export_refuses_bad_recipients_and_existing_files_before_writing() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    fs::create_dir_all(f.path("out")).expect("mkdir");
+    let out = f.path("out/b.tar.zst.age");
+    let o = f
+        .cmd()
+        .args(["export", &id, "--out"])
+        .arg(&out)
+        .args(["--encrypt-to", "age1notarealkey"])
+        .run();
+    assert_eq!(o.status.code(), Some(1), "{o}");
+    assert!(o.stderr.contains("invalid recipient"), "{o}");
+    assert_eq!(
+        fs::read_dir(f.path("out")).expect("ls").count(),
+        0,
+        "nothing written"
+    );
+
+    fs::write(&out, b"precious").expect("write");
+    let o = f.cmd().args(["export", &id, "--out"]).arg(&out).run();
+    assert_eq!(o.status.code(), Some(1), "{o}");
+    assert!(o.stderr.contains("already exists"), "{o}");
+    assert_eq!(fs::read(&out).expect("read"), b"precious");
+}
+
+#[test]
+fn an_encrypted_export_imports_with_its_identity_only() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let d = f.path("keys");
+    fs::create_dir_all(&d).expect("mkdir");
+    // The fixture's throwaway key pair.
+    let identity = fixture_bundle("03-age", &d).with_file_name("test-identity.txt");
+    let recipient = "age1dlaac65wd8367dddxt8l4epq7muv6gx6nfkqzxmjgl9mm20sd9msy5s5ad";
+    let bundle = f.path("out/b.tar.zst.age");
+    fs::create_dir_all(f.path("out")).expect("mkdir");
+    let rep = export(&f, &id, &bundle, &["--encrypt-to", recipient]);
+    assert_eq!(rep["encrypted_to"][0], &recipient[recipient.len() - 8..]);
+    let head = fs::read(&bundle).expect("read");
+    assert!(head.starts_with(b"age-encryption.org/v1"), "age file");
+
+    let store2 = f.path("store2");
+    let o = TestCommand::new(&store2).arg("import").arg(&bundle).run();
+    assert_eq!(o.status.code(), Some(1), "{o}");
+    let imp = TestCommand::new(&store2)
+        .arg("import")
+        .arg(&bundle)
+        .arg("--identity")
+        .arg(&identity)
+        .json();
+    assert_eq!(imp["encrypted"], true);
+    assert_eq!(imp["snapshot"]["id"], id.as_str());
+}
