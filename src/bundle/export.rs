@@ -6,6 +6,7 @@ use std::fs;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -33,6 +34,10 @@ use crate::store::reader::{ChunkReader, PackFiles};
 pub const DEFAULT_LEVEL: i32 = 3;
 /// A text artifact is redacted in memory; one larger than this is refused rather than shipped.
 const MAX_REDACT_BYTES: u64 = 256 << 20;
+/// The report's key for secrets found in file names and symlink targets.
+const NAMES: &str = "(file names and link targets)";
+/// Artifacts above this size are hashed one at a time, each with parallel reads.
+const LARGE: u64 = 8 << 20;
 
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -122,9 +127,13 @@ struct Item {
 }
 
 impl Item {
-    fn reader<'p>(&self, packs: &'p PackFiles) -> io::Result<Box<dyn Read + 'p>> {
+    /// `verify`: check each chunk's BLAKE3 (the first pass does; the second reads the same
+    /// immutable chunks again).
+    fn reader(&self, packs: &Arc<PackFiles>, verify: bool) -> io::Result<Box<dyn Read>> {
         Ok(match &self.source {
-            Source::Stored(chunks) => Box::new(StoredReader::new(packs, chunks.clone())),
+            Source::Stored(chunks) => {
+                Box::new(StoredReader::new(packs.clone(), chunks.clone(), verify))
+            }
             Source::File(p) => Box::new(io::BufReader::new(fs::File::open(p)?)),
         })
     }
@@ -202,7 +211,7 @@ pub(crate) fn export(
         }
         (record, entries, resolved)
     };
-    let packs = PackFiles::new(store.packs_dir());
+    let packs = Arc::new(PackFiles::new(store.packs_dir()));
     let mut scratch = Scratch {
         dir: store
             .tmp_dir()
@@ -229,15 +238,34 @@ pub(crate) fn export(
             d.git_excluded = true;
             continue;
         }
+        // Names and link targets can hold secrets too: a redacted export renames them.
+        let (path, target_redacted) = match (&redactor, detail.as_mut()) {
+            (Some(r), Some(d)) => {
+                let mut counts = Counts::new();
+                let p =
+                    String::from_utf8_lossy(&r.redact(path.as_bytes(), &mut counts)).into_owned();
+                let t = match &e.kind {
+                    EntryKind::Symlink { target } => {
+                        Some(r.redact(target, &mut counts).into_owned())
+                    }
+                    _ => None,
+                };
+                add_counts(d, NAMES, &counts);
+                (p, t)
+            }
+            _ => (path, None),
+        };
         let part = e.part.name();
         let (target, wal) = match &e.kind {
             EntryKind::Symlink { target } => (
-                Some(String::from_utf8(target.clone()).map_err(|_| {
-                    BundleError::NotExportable {
-                        path: path.clone(),
-                        reason: "its symlink target is not UTF-8".into(),
-                    }
-                })?),
+                Some(
+                    String::from_utf8(target_redacted.unwrap_or_else(|| target.clone())).map_err(
+                        |_| BundleError::NotExportable {
+                            path: path.clone(),
+                            reason: "its symlink target is not UTF-8".into(),
+                        },
+                    )?,
+                ),
                 None,
             ),
             EntryKind::Sqlite { wal, .. } => (None, Some(*wal)),
@@ -285,6 +313,21 @@ pub(crate) fn export(
         });
     }
     items.sort_by(|a, b| (a.rank, &a.meta.path_in_bundle).cmp(&(b.rank, &b.meta.path_in_bundle)));
+    if redactor.is_some() {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(m) = metas
+            .iter()
+            .find(|m| !seen.insert((m.part.as_str(), m.path.as_str())))
+        {
+            return Err(BundleError::Redaction {
+                artifact: m.path.clone(),
+                message: "two names differ only in the secrets they hold, and are the same once \
+                          redacted; rename one"
+                    .into(),
+            }
+            .into());
+        }
+    }
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         items = items.len(),
@@ -295,31 +338,37 @@ pub(crate) fn export(
     // more as it will be shipped: the report never claims a redaction that did not happen.
     let total: u64 = items.iter().map(size_of).sum();
     progress.start("export: checksums", total);
-    items
-        .par_iter_mut()
-        .try_for_each(|item| -> Result<(), Error> {
-            let mut scanner = redactor.as_ref().map(SecretScanner::new);
-            let r = item
-                .reader(&packs)
-                .map_err(|e| Error::io(&item.meta.path_in_bundle, e))?;
-            let (sha, size) = sha256_of(r, |b| {
-                progress.advance(b.len() as u64);
-                if let Some(s) = scanner.as_mut() {
-                    s.feed(b);
-                }
-            })
+    let hash_item = |item: &mut Item| -> Result<(), Error> {
+        let mut scanner = redactor.as_ref().map(SecretScanner::new);
+        let r = item
+            .reader(&packs, true)
             .map_err(|e| Error::io(&item.meta.path_in_bundle, e))?;
-            if let Some(rule) = scanner.and_then(|s| s.finish()) {
-                return Err(BundleError::Redaction {
-                    artifact: item.meta.path_in_bundle.clone(),
-                    message: format!("rule {rule} still matches after redaction"),
-                }
-                .into());
+        let (sha, size) = sha256_of(r, |b| {
+            progress.advance(b.len() as u64);
+            if let Some(s) = scanner.as_mut() {
+                s.feed(b);
             }
-            item.meta.sha256 = sha;
-            item.meta.size_bytes = size;
-            Ok(())
-        })?;
+        })
+        .map_err(|e| Error::io(&item.meta.path_in_bundle, e))?;
+        if let Some(rule) = scanner.and_then(|s| s.finish()) {
+            return Err(BundleError::Redaction {
+                artifact: item.meta.path_in_bundle.clone(),
+                message: format!("rule {rule} still matches after redaction"),
+            }
+            .into());
+        }
+        item.meta.sha256 = sha;
+        item.meta.size_bytes = size;
+        Ok(())
+    };
+    // Large artifacts one at a time (their reads are parallel behind the hashing thread),
+    // then the many small ones in parallel.
+    let (large, small): (Vec<&mut Item>, Vec<&mut Item>) =
+        items.iter_mut().partition(|i| size_of(i) > LARGE);
+    for item in large {
+        hash_item(item)?;
+    }
+    small.into_par_iter().try_for_each(hash_item)?;
     progress.finish();
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -411,6 +460,15 @@ pub(crate) fn export(
     };
     let manifest_json = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| Error::io(&req.out, io::Error::other(e)))?;
+    // The last guard: whatever the manifest carries (names, labels, git subjects, the report),
+    // no rule may match in it.
+    if let Some(rule) = redactor.as_ref().and_then(|r| r.find_any(&manifest_json)) {
+        return Err(BundleError::Redaction {
+            artifact: MANIFEST_ENTRY.into(),
+            message: format!("rule {rule} still matches in the manifest"),
+        }
+        .into());
+    }
 
     // Pass 2: write under a temporary name; the bundle and its .sha256 appear only when whole.
     let tmp = fsutil::tmp_name(&req.out);
@@ -516,7 +574,7 @@ fn add_counts(d: &mut RedactionDetail, artifact: &str, counts: &Counts) {
 /// deleted secrets, which only a rewrite clears); returns its source and the match counts.
 fn redact_one(
     r: &Redactor,
-    packs: &PackFiles,
+    packs: &Arc<PackFiles>,
     chunks: Vec<(ChunkId, ChunkLoc)>,
     is_db: bool,
     bundle_path: &str,
@@ -527,7 +585,8 @@ fn redact_one(
     let tmp = scratch.join(format!("{n}"));
     if is_db {
         let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        io::copy(&mut StoredReader::new(packs, chunks), &mut f).map_err(|e| Error::io(&tmp, e))?;
+        io::copy(&mut StoredReader::new(packs.clone(), chunks, true), &mut f)
+            .map_err(|e| Error::io(&tmp, e))?;
         drop(f);
         r.redact_database(&tmp, &mut counts)?;
         return Ok((Source::File(tmp), counts));
@@ -543,7 +602,7 @@ fn redact_one(
         .into());
     }
     let mut data = Vec::with_capacity(size as usize);
-    StoredReader::new(packs, chunks.clone())
+    StoredReader::new(packs.clone(), chunks.clone(), true)
         .read_to_end(&mut data)
         .map_err(|e| Error::io(bundle_path, e))?;
     match r.redact(&data, &mut counts) {
@@ -593,7 +652,7 @@ fn write_bundle(
     level: i32,
     manifest: &[u8],
     items: &[Item],
-    packs: &PackFiles,
+    packs: &Arc<PackFiles>,
     progress: &dyn Progress,
 ) -> io::Result<(fs::File, String, u64)> {
     let hashed = HashWriter::new(BufWriter::with_capacity(1 << 20, file));
@@ -614,7 +673,7 @@ fn write_bundle(
     let mut tar = tar::Builder::new(zenc);
     tar.append_data(&mut header(manifest.len() as u64), MANIFEST_ENTRY, manifest)?;
     for item in items {
-        let r = item.reader(packs)?;
+        let r = item.reader(packs, false)?;
         let r = ProgressRead { inner: r, progress };
         tar.append_data(
             &mut header(item.meta.size_bytes),

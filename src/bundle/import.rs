@@ -219,7 +219,8 @@ fn plan(m: &BundleManifest, bundle: &Path) -> Result<Vec<Planned>, BundleError> 
                     part,
                     path: e.path.clone(),
                     kind,
-                    mode: e.mode & 0o7777,
+                    // A bundle never creates setuid or setgid files.
+                    mode: e.mode & 0o1777,
                     mtime_ns: e.mtime_ns,
                     bundle_path: e.bundle_path.clone(),
                 });
@@ -344,13 +345,43 @@ trait Sink {
     ) -> Result<(), Error>;
 }
 
-struct NullSink;
+/// Checks a database artifact's first 100 bytes: its header, page size and WAL flag.
+fn db_header(
+    r: &mut dyn Read,
+    a: &ArtifactMeta,
+    bundle: &Path,
+) -> Result<([u8; 100], u32, bool), Error> {
+    let mut head = [0u8; 100];
+    let got = read_full(r, &mut head).map_err(|e| Error::io(&a.path_in_bundle, e))?;
+    let meta = (got == 100)
+        .then(|| crate::source::sqlite::parse_header(&head))
+        .flatten()
+        .filter(|(page, _)| a.size_bytes.is_multiple_of(u64::from(*page)));
+    match meta {
+        Some((page, wal)) => Ok((head, page, wal)),
+        None => Err(BundleError::Damaged {
+            bundle: bundle.to_path_buf(),
+            what: format!(
+                "{} is not a SQLite database (no valid header, or not whole pages)",
+                a.path_in_bundle
+            ),
+        }
+        .into()),
+    }
+}
 
-impl Sink for NullSink {
-    fn artifact(&mut self, _: &ArtifactMeta, _: &Planned, r: &mut dyn Read) -> Result<(), Error> {
+struct NullSink<'a> {
+    bundle: &'a Path,
+}
+
+impl Sink for NullSink<'_> {
+    fn artifact(&mut self, a: &ArtifactMeta, t: &Planned, r: &mut dyn Read) -> Result<(), Error> {
+        if matches!(t.kind, EntryKind::Sqlite { .. }) {
+            db_header(r, a, self.bundle)?;
+        }
         io::copy(r, &mut io::sink())
             .map(|_| ())
-            .map_err(|e| Error::io("<bundle>", e))
+            .map_err(|e| Error::io(&a.path_in_bundle, e))
     }
 }
 
@@ -368,19 +399,7 @@ impl Sink for StoreSink<'_> {
         let path = Path::new(&a.path_in_bundle);
         let (content, hash, size, kind) = match &t.kind {
             EntryKind::Sqlite { wal, .. } => {
-                let mut head = [0u8; 100];
-                let got = read_full(r, &mut head).map_err(|e| Error::io(path, e))?;
-                let meta = (got == 100)
-                    .then(|| crate::source::sqlite::parse_header(&head))
-                    .flatten()
-                    .filter(|(page, _)| a.size_bytes.is_multiple_of(u64::from(*page)));
-                let Some((page_size, header_wal)) = meta else {
-                    return Err(BundleError::Damaged {
-                        bundle: self.bundle.to_path_buf(),
-                        what: format!("{} is not a SQLite database", a.path_in_bundle),
-                    }
-                    .into());
-                };
+                let (head, page_size, header_wal) = db_header(r, a, self.bundle)?;
                 let user_version = i32::from_be_bytes([head[60], head[61], head[62], head[63]]);
                 let chained = io::Cursor::new(head).chain(r);
                 let (c, h, s) =
@@ -583,11 +602,7 @@ fn read_pass(
         .into());
     }
     let planned = plan(&manifest, bundle)?;
-    let seal_ok = seal(&manifest.artifacts) == manifest.bundle_sha256
-        && manifest
-            .memsnap
-            .as_ref()
-            .is_none_or(|x| seal(&x.extra_artifacts) == x.extra_sha256);
+    let seal_ok = seal(&manifest.artifacts) == manifest.bundle_sha256;
     report.check(
         "manifest seal",
         if seal_ok {
@@ -601,6 +616,23 @@ fn read_pass(
             "bundle_sha256 does not match the artifact digests: the manifest was altered"
         },
     );
+    if let Some(x) = &manifest.memsnap {
+        let ok = seal(&x.extra_artifacts) == x.extra_sha256;
+        report.check(
+            "memsnap seal",
+            if ok {
+                CheckStatus::Ok
+            } else {
+                CheckStatus::Failed
+            },
+            if ok {
+                "memsnap.extra_sha256 matches the extra artifact digests"
+            } else {
+                "memsnap.extra_sha256 does not match the extra artifact digests: the manifest \
+                 was altered"
+            },
+        );
+    }
     let sv = manifest.schema_versions;
     let newer: Vec<String> = [
         ("long_term", sv.long_term),
@@ -627,7 +659,10 @@ fn read_pass(
         },
     );
 
-    let declared: u64 = manifest.all_artifacts().map(|a| a.size_bytes).sum();
+    // Hostile sizes may add up past u64: saturate, and the limit refuses them.
+    let declared = manifest
+        .all_artifacts()
+        .fold(0u64, |acc, a| acc.saturating_add(a.size_bytes));
     if declared > max_bytes {
         return Err(hostile(
             MANIFEST_ENTRY,
@@ -636,11 +671,16 @@ fn read_pass(
         .into());
     }
     let count = manifest.all_artifacts().count() as u64;
-    let overhead: u64 = manifest
-        .all_artifacts()
-        .map(|a| ENTRY_OVERHEAD + a.path_in_bundle.len() as u64)
-        .sum();
-    limit.set(limit.get() + declared + overhead + count * 512);
+    let overhead = manifest.all_artifacts().fold(0u64, |acc, a| {
+        acc.saturating_add(ENTRY_OVERHEAD + a.path_in_bundle.len() as u64)
+    });
+    limit.set(
+        limit
+            .get()
+            .saturating_add(declared)
+            .saturating_add(overhead)
+            .saturating_add(count.saturating_mul(512)),
+    );
 
     let by_path: HashMap<&str, &ArtifactMeta> = manifest
         .all_artifacts()
@@ -677,8 +717,10 @@ fn read_pass(
         if !seen.insert(name.clone()) {
             return Err(hostile(&name, "appears twice in the archive".into()).into());
         }
-        let size = entry.header().size().map_err(io_err)?;
-        if size != a.size_bytes {
+        // The entry's size (a PAX record may override the header's) and the header's own.
+        let size = entry.size();
+        let header_size = entry.header().size().map_err(io_err)?;
+        if size != a.size_bytes || header_size != size {
             return Err(hostile(
                 &name,
                 format!(
@@ -845,7 +887,7 @@ pub(crate) fn verify_bundle(
         encrypted,
         None,
         DEFAULT_MAX_BYTES,
-        &mut NullSink,
+        &mut NullSink { bundle },
         &mut report,
         expected.as_deref(),
     );
@@ -872,12 +914,17 @@ fn explain(bundle: &Path, expected: Option<&str>, e: Error) -> Error {
     if !matches!(b, BundleError::Damaged { .. } | BundleError::Hostile { .. }) {
         return e;
     }
+    let cause = match b {
+        BundleError::Damaged { what, .. } => what.clone(),
+        BundleError::Hostile { entry, reason, .. } => format!("{entry}: {reason}"),
+        _ => b.to_string(),
+    };
     match (expected, file_sha256(bundle)) {
         (Some(exp), Ok(actual)) if exp != actual => BundleError::Damaged {
             bundle: bundle.to_path_buf(),
             what: format!(
-                "its SHA-256 does not match the .sha256 file (the bundle changed after it was \
-                 written); then: {b}"
+                "its SHA-256 does not match the .sha256 file (it changed after it was written), \
+                 and reading it failed: {cause}"
             ),
         }
         .into(),

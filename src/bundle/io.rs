@@ -4,7 +4,9 @@
 use std::cell::Cell;
 use std::io::{self, Read, Write};
 use std::rc::Rc;
+use std::sync::{Arc, mpsc};
 
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::store::chunk_id::ChunkId;
@@ -127,36 +129,115 @@ impl<R: Read> Read for LimitReader<R> {
     }
 }
 
-/// Reads a stored artifact chunk by chunk (each chunk checked against its id by the pack reader).
-pub(crate) struct StoredReader<'p> {
-    packs: &'p PackFiles,
-    chunks: std::vec::IntoIter<(ChunkId, ChunkLoc)>,
+/// Reads a stored artifact in order while a helper thread reads, checks and decompresses the
+/// chunks ahead of it (a bounded queue of batches), so that the consumer's hashing or
+/// compression overlaps the pack reads.
+pub(crate) struct StoredReader {
+    rx: mpsc::Receiver<Result<Vec<u8>, String>>,
     current: Vec<u8>,
     pos: usize,
 }
 
-impl<'p> StoredReader<'p> {
-    pub(crate) fn new(packs: &'p PackFiles, chunks: Vec<(ChunkId, ChunkLoc)>) -> Self {
+/// Bytes per batch the reader thread sends, and batches in flight.
+const PREFETCH_BATCH: usize = 4 << 20;
+const PREFETCH_DEPTH: usize = 4;
+/// Reader threads of their own: a prefetch must never wait for a pool whose threads are
+/// blocked consuming it.
+fn prefetch_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .thread_name(|i| format!("memsnap-prefetch-{i}"))
+            .build()
+            .unwrap_or_else(|_| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .build()
+                    .expect("a one-thread pool")
+            })
+    })
+}
+
+/// Artifacts up to this size are read on the caller's thread.
+const SMALL: u64 = 1 << 20;
+
+impl StoredReader {
+    pub(crate) fn new(
+        packs: Arc<PackFiles>,
+        chunks: Vec<(ChunkId, ChunkLoc)>,
+        verify: bool,
+    ) -> Self {
+        let (tx, rx) = mpsc::sync_channel(PREFETCH_DEPTH);
+        let size: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum();
+        if size <= SMALL {
+            // Not worth a thread: read it all now (the first `read` reports any error).
+            let mut all = Vec::with_capacity(size as usize);
+            let mut err = None;
+            for (id, loc) in &chunks {
+                match packs.read_checked(id, loc, verify) {
+                    Ok(d) => all.extend_from_slice(&d),
+                    Err(e) => {
+                        err = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(match err {
+                Some(e) => Err(e),
+                None => Ok(all),
+            });
+            drop(tx);
+            return Self {
+                rx,
+                current: Vec::new(),
+                pos: 0,
+            };
+        }
+        std::thread::spawn(move || {
+            let mut start = 0;
+            while start < chunks.len() {
+                // A batch of about PREFETCH_BATCH bytes, read and decompressed in parallel.
+                let mut end = start;
+                let mut bytes = 0usize;
+                while end < chunks.len() && bytes < PREFETCH_BATCH {
+                    bytes += chunks[end].1.raw_len as usize;
+                    end += 1;
+                }
+                let parts: Result<Vec<Vec<u8>>, _> = prefetch_pool().install(|| {
+                    chunks[start..end]
+                        .par_iter()
+                        .map(|(id, loc)| packs.read_checked(id, loc, verify))
+                        .collect()
+                });
+                let msg = parts.map(|p| p.concat()).map_err(|e| e.to_string());
+                let failed = msg.is_err();
+                // A send fails only when the reader was dropped: stop reading.
+                if tx.send(msg).is_err() || failed {
+                    return;
+                }
+                start = end;
+            }
+        });
         Self {
-            packs,
-            chunks: chunks.into_iter(),
+            rx,
             current: Vec::new(),
             pos: 0,
         }
     }
 }
 
-impl Read for StoredReader<'_> {
+impl Read for StoredReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.current.len() {
-            let Some((id, loc)) = self.chunks.next() else {
-                return Ok(0);
-            };
-            self.current = self
-                .packs
-                .read(&id, &loc)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            self.pos = 0;
+            match self.rx.recv() {
+                Ok(Ok(batch)) => {
+                    self.current = batch;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(io::Error::other(e)),
+                Err(_) => return Ok(0),
+            }
         }
         let n = buf.len().min(self.current.len() - self.pos);
         buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
