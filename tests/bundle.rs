@@ -212,6 +212,38 @@ fn export_import_restore_round_trip_on_a_second_store() {
 }
 
 #[test]
+fn a_recompressed_export_holds_the_same_snapshot() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    fs::create_dir_all(f.path("out")).expect("mkdir");
+    let framed = f.path("out/framed.tar.zst");
+    let whole = f.path("out/whole.tar.zst");
+    export(&f, &id, &framed, &[]);
+    export(&f, &id, &whole, &["--level", "9"]);
+    // Same tar stream byte for byte, whichever zstd framing carries it.
+    assert_eq!(decompressed(&framed), decompressed(&whole));
+    for b in [&framed, &whole] {
+        let v = TestCommand::new(&f.store)
+            .arg("verify-bundle")
+            .arg(b)
+            .json();
+        assert_eq!(v["ok"], true, "{v:#}");
+    }
+    let imp = TestCommand::new(&f.path("store2"))
+        .arg("import")
+        .arg(&whole)
+        .json();
+    assert_eq!(imp["snapshot"]["id"], id.as_str());
+    let o = f
+        .cmd()
+        .args(["export", &id, "--level", "23", "--out"])
+        .arg(f.path("out/x"))
+        .run();
+    assert_eq!(o.status.code(), Some(1), "{o}");
+    assert!(o.stderr.contains("between 1 and 22"), "{o}");
+}
+
+#[test]
 fn importing_a_bundle_of_a_known_agent_stores_only_the_difference() {
     let f = Fixture::new();
     let first = f.snapshot_id();

@@ -12,6 +12,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use super::frames::FrameWriter;
 use super::io::{HashWriter, StoredReader, sha256_of};
 use super::manifest::{
     ArtifactMeta, BUNDLE_FORMAT, BundleGit, BundleManifest, EXT_VERSION, EncryptionMeta, EntryMeta,
@@ -30,7 +31,8 @@ use crate::store::chunk_id::ChunkId;
 use crate::store::pack::ChunkLoc;
 use crate::store::reader::{ChunkReader, PackFiles};
 
-/// Default zstd level: level 3 keeps up with two cores' reads; the old tool's 19 took ~100×.
+/// zstd level for what export compresses itself (tar headers, small files, redacted copies,
+/// and everything under `--level`); the old tool's 19 took ~100× longer.
 pub const DEFAULT_LEVEL: i32 = 3;
 /// A text artifact is redacted in memory; one larger than this is refused rather than shipped.
 const MAX_REDACT_BYTES: u64 = 256 << 20;
@@ -51,7 +53,9 @@ pub struct ExportRequest {
     pub redact: bool,
     /// Extra redaction rules (TOML), on top of the built-in ones.
     pub redact_rules: Option<PathBuf>,
-    pub level: i32,
+    /// Recompress the whole stream at this zstd level (smaller, much slower). `None` reuses
+    /// the store's compression of each chunk (see `frames.rs`).
+    pub level: Option<i32>,
 }
 
 impl ExportRequest {
@@ -63,7 +67,7 @@ impl ExportRequest {
             recipients: Vec::new(),
             redact: false,
             redact_rules: None,
-            level: DEFAULT_LEVEL,
+            level: None,
         }
     }
 
@@ -88,7 +92,7 @@ impl ExportRequest {
     }
 
     pub fn level(mut self, level: i32) -> Self {
-        self.level = level;
+        self.level = Some(level);
         self
     }
 }
@@ -167,10 +171,10 @@ pub(crate) fn export(
 ) -> Result<ExportReport, Error> {
     let started = Instant::now();
     let recipients = super::crypt::parse_recipients(&req.recipients)?;
-    if !(1..=22).contains(&req.level) {
+    if let Some(level) = req.level.filter(|l| !(1..=22).contains(l)) {
         return Err(BundleError::NotExportable {
             path: req.out.display().to_string(),
-            reason: format!("zstd level {} is not between 1 and 22", req.level),
+            reason: format!("zstd level {level} is not between 1 and 22"),
         }
         .into());
     }
@@ -480,15 +484,18 @@ pub(crate) fn export(
         .open(&tmp)
         .map_err(|e| Error::io(&tmp, e))?;
     progress.start("export: writing", total);
-    let (file, sha256, bundle_bytes) = write_bundle(
-        file,
-        &recipients,
-        req.level,
-        &manifest_json,
-        &items,
-        &packs,
-        progress,
-    )
+    let (file, sha256, bundle_bytes) = match req.level {
+        Some(level) => write_bundle(
+            file,
+            &recipients,
+            level,
+            &manifest_json,
+            &items,
+            &packs,
+            progress,
+        ),
+        None => write_frames(file, &recipients, &manifest_json, &items, &packs, progress),
+    }
     .map_err(|e| Error::io(&tmp, e))?;
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -646,6 +653,110 @@ fn header(size: u64) -> tar::Header {
     h
 }
 
+/// The sink under the compressor, plain or through age.
+fn open_sink(file: fs::File, recipients: &[age::x25519::Recipient]) -> io::Result<Sink> {
+    let hashed = HashWriter::new(BufWriter::with_capacity(1 << 20, file));
+    if recipients.is_empty() {
+        return Ok(Sink::Plain(hashed));
+    }
+    let enc = age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+        .map_err(|e| io::Error::other(format!("age: {e}")))?;
+    Ok(Sink::Age(enc.wrap_output(hashed)?))
+}
+
+fn close_sink(sink: Sink) -> io::Result<(fs::File, String, u64)> {
+    let hashed = match sink {
+        Sink::Plain(h) => h,
+        Sink::Age(w) => w.finish()?,
+    };
+    let (buf, sha, bytes) = hashed.finish();
+    let file = buf.into_inner().map_err(|e| e.into_error())?;
+    Ok((file, sha, bytes))
+}
+
+/// A tar header (with GNU long-name records when the path needs them) for `size` bytes.
+fn header_bytes(path: &str, size: u64) -> io::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    // No data follows here, so the builder writes the header records only.
+    b.append_data(&mut header(size), path, io::empty())?;
+    Ok(std::mem::take(b.get_mut()))
+}
+
+fn padding(size: u64) -> &'static [u8] {
+    const ZEROS: [u8; 512] = [0; 512];
+    &ZEROS[..((512 - size % 512) % 512) as usize]
+}
+
+/// Below this size a chunk the store kept raw is gathered with the compressible bytes: tiny
+/// chunks are raw because they are tiny, not because they are random.
+const RAW_FRAME_MIN: usize = 4096;
+
+/// The default writer: tar records framed by [`FrameWriter`], stored chunks copied as they
+/// are in the packs (checked by pass 1; the store is immutable under the shared lock).
+fn write_frames(
+    file: fs::File,
+    recipients: &[age::x25519::Recipient],
+    manifest: &[u8],
+    items: &[Item],
+    packs: &Arc<PackFiles>,
+    progress: &dyn Progress,
+) -> io::Result<(fs::File, String, u64)> {
+    let mut fw = FrameWriter::new(open_sink(file, recipients)?, DEFAULT_LEVEL);
+    let len = manifest.len() as u64;
+    fw.data(&header_bytes(MANIFEST_ENTRY, len)?)?;
+    fw.data(manifest)?;
+    fw.data(padding(len))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for item in items {
+        let size = item.meta.size_bytes;
+        fw.data(&header_bytes(&item.meta.path_in_bundle, size)?)?;
+        match &item.source {
+            Source::Stored(chunks) => {
+                for batch in super::io::stored_chunks(packs.clone(), chunks.clone()) {
+                    for (compressed, bytes) in batch.map_err(io::Error::other)? {
+                        match compressed {
+                            true => fw.frame(&bytes)?,
+                            false if bytes.len() >= RAW_FRAME_MIN => fw.incompressible(&bytes)?,
+                            false => fw.data(&bytes)?,
+                        }
+                        progress.advance(bytes.len() as u64);
+                    }
+                }
+                let raw: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum();
+                if raw != size {
+                    return Err(io::Error::other(format!(
+                        "{}: the store holds {raw} bytes, the first pass read {size}",
+                        item.meta.path_in_bundle
+                    )));
+                }
+            }
+            Source::File(p) => {
+                let mut f = fs::File::open(p)?;
+                let mut written = 0u64;
+                loop {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    fw.data(&buf[..n])?;
+                    written += n as u64;
+                    progress.advance(n as u64);
+                }
+                if written != size {
+                    return Err(io::Error::other(format!(
+                        "{}: {written} bytes, the first pass read {size}",
+                        item.meta.path_in_bundle
+                    )));
+                }
+            }
+        }
+        fw.data(padding(size))?;
+    }
+    // The end of the archive: two zero records.
+    fw.data(&[0u8; 1024])?;
+    close_sink(fw.finish()?)
+}
+
 fn write_bundle(
     file: fs::File,
     recipients: &[age::x25519::Recipient],
@@ -655,15 +766,7 @@ fn write_bundle(
     packs: &Arc<PackFiles>,
     progress: &dyn Progress,
 ) -> io::Result<(fs::File, String, u64)> {
-    let hashed = HashWriter::new(BufWriter::with_capacity(1 << 20, file));
-    let sink = if recipients.is_empty() {
-        Sink::Plain(hashed)
-    } else {
-        let enc =
-            age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
-                .map_err(|e| io::Error::other(format!("age: {e}")))?;
-        Sink::Age(enc.wrap_output(hashed)?)
-    };
+    let sink = open_sink(file, recipients)?;
     let mut zenc = zstd::stream::write::Encoder::new(sink, level)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
     if threads > 1 {
@@ -681,14 +784,7 @@ fn write_bundle(
             r.take(item.meta.size_bytes),
         )?;
     }
-    let sink = tar.into_inner()?.finish()?;
-    let hashed = match sink {
-        Sink::Plain(h) => h,
-        Sink::Age(w) => w.finish()?,
-    };
-    let (buf, sha, bytes) = hashed.finish();
-    let file = buf.into_inner().map_err(|e| e.into_error())?;
-    Ok((file, sha, bytes))
+    close_sink(tar.into_inner()?.finish()?)
 }
 
 struct ProgressRead<'p, R> {

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::store::chunk_id::ChunkId;
-use crate::store::pack::ChunkLoc;
+use crate::store::pack::{ChunkLoc, FLAG_ZSTD};
 use crate::store::reader::PackFiles;
 
 pub(crate) struct HashWriter<W> {
@@ -244,6 +244,44 @@ impl Read for StoredReader {
         self.pos += n;
         Ok(n)
     }
+}
+
+/// A stored chunk for the frame writer: its bytes as stored, and whether they are a zstd frame.
+pub(crate) type StoredChunk = (bool, Vec<u8>);
+
+/// The chunks of a stored artifact as the packs hold them (not decompressed), read ahead on a
+/// thread of their own.
+pub(crate) fn stored_chunks(
+    packs: Arc<PackFiles>,
+    chunks: Vec<(ChunkId, ChunkLoc)>,
+) -> mpsc::Receiver<Result<Vec<StoredChunk>, String>> {
+    let (tx, rx) = mpsc::sync_channel(PREFETCH_DEPTH);
+    std::thread::spawn(move || {
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        for (_, loc) in chunks {
+            match packs.read_stored(&loc) {
+                Ok(b) => {
+                    bytes += b.len();
+                    batch.push((loc.flags & FLAG_ZSTD != 0, b));
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            }
+            if bytes >= PREFETCH_BATCH {
+                bytes = 0;
+                if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
+                    return;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let _ = tx.send(Ok(batch));
+        }
+    });
+    rx
 }
 
 /// SHA-256 and length of a stream, fed to `also` on the way (e.g. a secret scanner).

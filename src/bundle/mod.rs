@@ -3,6 +3,7 @@
 
 pub(crate) mod crypt;
 pub(crate) mod export;
+pub(crate) mod frames;
 pub(crate) mod import;
 pub(crate) mod io;
 pub(crate) mod manifest;

@@ -150,9 +150,10 @@ enum Command {
         /// Extra redaction rules (TOML: [[rule]] id = "...", pattern = '...').
         #[arg(long, requires = "redact", value_name = "FILE")]
         redact_rules: Option<PathBuf>,
-        /// zstd level (1-22).
-        #[arg(long, default_value_t = memsnap::DEFAULT_LEVEL)]
-        level: i32,
+        /// Recompress the whole bundle at this zstd level (1-22): a few percent smaller, several
+        /// times slower. By default each chunk keeps the store's compression.
+        #[arg(long)]
+        level: Option<i32>,
     },
     /// Add a bundle's snapshot to the store (checked whole first; stores only what is new).
     Import {
@@ -378,9 +379,10 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
             level,
         } => {
             let m = open(cli, false)?;
-            let mut req = ExportRequest::new(snap.clone(), path.clone())
-                .redact(*redact)
-                .level(*level);
+            let mut req = ExportRequest::new(snap.clone(), path.clone()).redact(*redact);
+            if let Some(l) = level {
+                req = req.level(*l);
+            }
             for r in encrypt_to {
                 req = req.encrypt_to(r.clone());
             }

@@ -64,6 +64,23 @@ impl PackFiles {
         self.read_checked(id, loc, true)
     }
 
+    /// A chunk's bytes as stored (a zstd frame when `loc.flags` has the zstd bit), unchecked:
+    /// for copying a chunk that a first pass has already read and checked.
+    pub(crate) fn read_stored(&self, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
+        let path = self.path(&loc.pack);
+        if loc.stored_len > MAX_CHUNK {
+            return Err(StoreError::CorruptPack {
+                pack: path,
+                message: format!("the index claims a {}-byte chunk", loc.stored_len),
+            });
+        }
+        let file = self.file(&loc.pack)?;
+        let mut stored = vec![0u8; loc.stored_len as usize];
+        file.read_exact_at(&mut stored, loc.offset)
+            .map_err(|e| StoreError::io(&path, e))?;
+        Ok(stored)
+    }
+
     /// Like [`PackFiles::read`]; without `verify` the BLAKE3 check is skipped (for a second
     /// read of chunks a first pass already checked).
     pub(crate) fn read_checked(
