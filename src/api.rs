@@ -173,6 +173,8 @@ pub trait Snapshotter: Send + Sync {
     ) -> Result<VerifyReport, Error>;
     async fn show(&self, snapshot: String) -> Result<SnapshotDetails, Error>;
     async fn delete(&self, snapshot: String) -> Result<SnapshotInfo, Error>;
+    async fn export(&self, req: ExportRequest) -> Result<ExportReport, Error>;
+    async fn import(&self, req: ImportRequest) -> Result<ImportReport, Error>;
 }
 
 async fn blocking<T: Send + 'static>(
@@ -224,5 +226,15 @@ impl Snapshotter for Memsnap {
     async fn delete(&self, snapshot: String) -> Result<SnapshotInfo, Error> {
         let m = self.clone();
         blocking(move || Memsnap::delete(&m, &snapshot, None)).await
+    }
+
+    async fn export(&self, req: ExportRequest) -> Result<ExportReport, Error> {
+        let m = self.clone();
+        blocking(move || Memsnap::export(&m, &req)).await
+    }
+
+    async fn import(&self, req: ImportRequest) -> Result<ImportReport, Error> {
+        let m = self.clone();
+        blocking(move || Memsnap::import(&m, &req)).await
     }
 }

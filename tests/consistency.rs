@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use memsnap::sample::{SampleAgent, SampleSpec};
 use memsnap::{
-    AgentId, Memsnap, RestoreRequest, SnapshotRequest, Snapshotter, SourceError, SourceSpec,
-    StateItem, StateProvider, StoreOptions,
+    AgentId, ExportRequest, ImportRequest, Memsnap, RestoreRequest, SnapshotRequest, Snapshotter,
+    SourceError, SourceSpec, StateItem, StateProvider, StoreOptions,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -821,6 +821,18 @@ async fn snapshotter_async_api_runs_off_the_runtime() -> Result<()> {
         .await?;
     ensure!(SampleAgent::open(&target).row_counts()? == sample.row_counts()?);
     ensure!(SampleAgent::open(&target).git_head()? == sample.git_head()?);
+    // A bundle out and back in, through the trait too.
+    let bundle = tmp.path().join("async.tar.zst");
+    let exported = snap
+        .export(ExportRequest::new(info.id.as_str(), &bundle))
+        .await?;
+    ensure!(exported.snapshot_id == info.id);
+    let other: Arc<dyn Snapshotter> = Arc::new(Memsnap::create(
+        tmp.path().join("store2"),
+        StoreOptions::default(),
+    )?);
+    let imported = other.import(ImportRequest::new(&bundle)).await?;
+    ensure!(imported.snapshot.id == info.id && !imported.already_present);
     let deleted = snap.delete(info.id.clone()).await?;
     ensure!(deleted.id == info.id);
     ensure!(
