@@ -2,6 +2,8 @@
 //! deterministically (memsnap::sample), then runs the snapshot steps of a day in an agent's life
 //! through the `memsnap` binary and, when `restic` is on the PATH (`apt-get install restic`), the
 //! same steps with restic, printing time, peak RSS and store growth side by side.
+//! Then bundles: export, export --level 3 and `tar | zstd -3 -T0` (needs the zstd CLI) of the
+//! same agent, verify-bundle, import into a fresh store and again.
 //! Results are written down by hand in benches/RESULTS.md.
 
 use std::path::{Path, PathBuf};
@@ -328,7 +330,56 @@ fn bench_size(base: &Path, size: u64, have_restic: bool) {
         }
         println!("{line}");
     }
+    bench_bundles(&dir, &agent_dir, &dir.join("memsnap-store"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Export of the last snapshot (default framing and `--level 3`) against `tar | zstd -3 -T0` of
+/// the same agent folder, then verify-bundle, an import into a fresh store and a re-import.
+fn bench_bundles(dir: &Path, agent_dir: &Path, store: &Path) {
+    let memsnap = |store: &Path| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_memsnap"));
+        c.args(["-q", "--store"]).arg(store);
+        c
+    };
+    let framed = dir.join("framed.tar.zst");
+    let whole = dir.join("whole.tar.zst");
+    let reference = dir.join("reference.tar.zst");
+    let fresh = dir.join("import-store");
+    let mut rows: Vec<(&str, (f64, f64, f64), u64)> = Vec::new();
+    let latest = ["latest", "--tenant", "bench", "--agent", "a", "--out"];
+    let mut c = memsnap(store);
+    c.arg("export").args(latest).arg(&framed);
+    rows.push(("export", run(&mut c), du(&framed)));
+    let mut c = memsnap(store);
+    c.arg("export")
+        .args(latest)
+        .arg(&whole)
+        .args(["--level", "3"]);
+    rows.push(("export --level 3", run(&mut c), du(&whole)));
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(format!(
+        "tar cf - -C '{}' . | zstd -3 -T0 -q -o '{}'",
+        agent_dir.display(),
+        reference.display()
+    ));
+    rows.push(("tar | zstd -3 -T0", run(&mut c), du(&reference)));
+    let mut c = memsnap(store);
+    c.arg("verify-bundle").arg(&framed);
+    rows.push(("verify-bundle", run(&mut c), 0));
+    let mut c = memsnap(&fresh);
+    c.arg("import").arg(&framed);
+    rows.push(("import (fresh store)", run(&mut c), du(&fresh)));
+    let mut c = memsnap(&fresh);
+    c.arg("import").arg(&framed);
+    rows.push(("import again", run(&mut c), 0));
+    println!("\n| bundle step | wall s | cpu s | RSS MiB | bytes |\n|---|---|---|---|---|");
+    for (name, (wall, cpu, rss), bytes) in rows {
+        println!(
+            "| {name} | {wall:.2} | {cpu:.2} | {rss:.0} | {} |",
+            if bytes > 0 { human(bytes) } else { "-".into() }
+        );
+    }
 }
 
 fn human(n: u64) -> String {

@@ -651,3 +651,37 @@ fn an_encrypted_export_imports_with_its_identity_only() {
     assert_eq!(imp["encrypted"], true);
     assert_eq!(imp["snapshot"]["id"], id.as_str());
 }
+
+#[test]
+fn an_export_killed_before_its_rename_leaves_no_bundle() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    fs::create_dir_all(f.path("out")).expect("mkdir");
+    let bundle = f.path("out/b.tar.zst");
+    f.cmd()
+        .env("MEMSNAP_FAILPOINT", "export:before-rename")
+        .args(["export", &id, "--redact", "--out"])
+        .arg(&bundle)
+        .assert_crashed();
+    let scratch = |f: &Fixture| -> Vec<String> {
+        fs::read_dir(f.store.join("tmp"))
+            .expect("store tmp")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("export-"))
+            .collect()
+    };
+    assert_eq!(
+        scratch(&f).len(),
+        1,
+        "the killed export's redaction scratch folder"
+    );
+    // Whole or absent: never a bundle under its name that is not complete.
+    assert!(!bundle.exists(), "a bundle appeared before it was complete");
+    // The next export writes it (a leftover temporary file is hidden and does not block it).
+    export(&f, &id, &bundle, &[]);
+    let v = TestCommand::new(&f.store)
+        .arg("verify-bundle")
+        .arg(&bundle)
+        .json();
+    assert_eq!(v["ok"], true, "{v:#}");
+}

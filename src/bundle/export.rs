@@ -158,6 +158,30 @@ impl Drop for Scratch {
     }
 }
 
+/// Removes the scratch folders of exports whose process is gone (killed before its guard ran):
+/// redacted database copies can be large. A live process's folder is left alone.
+fn sweep_scratch(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("export-")
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = fsutil::remove_any(&e.path());
+        }
+    }
+}
+
 pub(crate) fn sibling_sha256(bundle: &Path) -> PathBuf {
     let mut s = bundle.as_os_str().to_owned();
     s.push(".sha256");
@@ -216,10 +240,13 @@ pub(crate) fn export(
         (record, entries, resolved)
     };
     let packs = Arc::new(PackFiles::new(store.packs_dir()));
+    sweep_scratch(&store.tmp_dir());
     let mut scratch = Scratch {
-        dir: store
-            .tmp_dir()
-            .join(format!("export-{:016x}", rand::random::<u64>())),
+        dir: store.tmp_dir().join(format!(
+            "export-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        )),
         tmp_bundle: None,
     };
     fsutil::create_dir_all_durable(&scratch.dir).map_err(|e| Error::io(&scratch.dir, e))?;
