@@ -685,3 +685,28 @@ fn an_export_killed_before_its_rename_leaves_no_bundle() {
         .json();
     assert_eq!(v["ok"], true, "{v:#}");
 }
+
+#[test]
+fn symlinks_modes_empty_files_and_non_utf8_names_survive_a_bundle() {
+    let f = Fixture::decorated();
+    let id = f.snapshot_id();
+    let image = AgentImage::capture(&f.agent);
+    fs::create_dir_all(f.path("out")).expect("mkdir");
+    let bundle = f.path("out/decorated.tar.zst");
+    export(&f, &id, &bundle, &[]);
+    let store2 = f.path("store2");
+    let imp = TestCommand::new(&store2).arg("import").arg(&bundle).json();
+    assert_eq!(imp["snapshot"]["id"], id.as_str());
+    // The same entries as the original snapshot: kinds, modes, sizes, hashes, link targets.
+    let orig = f.cmd().args(["show", &id]).json();
+    let copy = TestCommand::new(&store2).args(["show", &id]).json();
+    assert_eq!(orig["entries"], copy["entries"]);
+    let target = f.path("restored");
+    TestCommand::new(&store2)
+        .args(["restore", &id, "--target"])
+        .arg(&target)
+        .json();
+    let restored = SampleAgent::open(&target);
+    assert_same_tree(&image.memdir, &tree(&restored.memdir(), true), "memdir");
+    assert_eq!(restored.row_counts().expect("rows"), image.rows);
+}

@@ -17,7 +17,8 @@ use super::io::{HashWriter, StoredReader, sha256_of};
 use super::manifest::{
     ArtifactMeta, BUNDLE_FORMAT, BundleGit, BundleManifest, EXT_VERSION, EncryptionMeta, EntryMeta,
     KNOWN_DATABASES, KNOWN_STATE, MANIFEST_ENTRY, MANIFEST_VERSION, MemsnapSection,
-    RedactionDetail, RedactionReport, SchemaVersions, SourcePaths, ToolVersions, bundle_path, seal,
+    RedactionDetail, RedactionReport, SchemaVersions, SourcePaths, ToolVersions, bundle_path,
+    escape, seal,
 };
 use super::redact::{Counts, Redactor, SecretScanner};
 use crate::error::{BundleError, Error};
@@ -258,10 +259,21 @@ pub(crate) fn export(
     let mut metas = Vec::with_capacity(entries.len());
     let mut items = Vec::new();
     for (e, chunks) in entries.iter().zip(resolved) {
-        let path = String::from_utf8(e.path.clone()).map_err(|_| BundleError::NotExportable {
-            path: e.path_lossy(),
-            reason: "its name is not UTF-8, which the bundle manifest (JSON) cannot carry".into(),
-        })?;
+        // A name that is not UTF-8 travels %-escaped (the manifest is JSON); so does its
+        // symlink target, if either is not UTF-8.
+        let target_bytes = match &e.kind {
+            EntryKind::Symlink { target } => Some(target.clone()),
+            _ => None,
+        };
+        let escaped = std::str::from_utf8(&e.path).is_err()
+            || target_bytes
+                .as_ref()
+                .is_some_and(|t| std::str::from_utf8(t).is_err());
+        let text = |b: &[u8]| match escaped {
+            true => escape(b),
+            false => String::from_utf8_lossy(b).into_owned(),
+        };
+        let path = text(&e.path);
         if let Some(d) = detail.as_mut()
             && e.part == Part::Memdir
             && (path == ".git" || path.starts_with(".git/"))
@@ -270,37 +282,24 @@ pub(crate) fn export(
             continue;
         }
         // Names and link targets can hold secrets too: a redacted export renames them.
-        let (path, target_redacted) = match (&redactor, detail.as_mut()) {
+        let mut target = target_bytes.as_deref().map(text);
+        let path = match (&redactor, detail.as_mut()) {
             (Some(r), Some(d)) => {
                 let mut counts = Counts::new();
-                let p =
-                    String::from_utf8_lossy(&r.redact(path.as_bytes(), &mut counts)).into_owned();
-                let t = match &e.kind {
-                    EntryKind::Symlink { target } => {
-                        Some(r.redact(target, &mut counts).into_owned())
-                    }
-                    _ => None,
+                let mut redact = |s: &str| {
+                    String::from_utf8_lossy(&r.redact(s.as_bytes(), &mut counts)).into_owned()
                 };
+                let p = redact(&path);
+                target = target.as_deref().map(&mut redact);
                 add_counts(d, NAMES, &counts);
-                (p, t)
+                p
             }
-            _ => (path, None),
+            _ => path,
         };
         let part = e.part.name();
-        let (target, wal) = match &e.kind {
-            EntryKind::Symlink { target } => (
-                Some(
-                    String::from_utf8(target_redacted.unwrap_or_else(|| target.clone())).map_err(
-                        |_| BundleError::NotExportable {
-                            path: path.clone(),
-                            reason: "its symlink target is not UTF-8".into(),
-                        },
-                    )?,
-                ),
-                None,
-            ),
-            EntryKind::Sqlite { wal, .. } => (None, Some(*wal)),
-            _ => (None, None),
+        let wal = match &e.kind {
+            EntryKind::Sqlite { wal, .. } => Some(*wal),
+            _ => None,
         };
         let is_db = matches!(e.kind, EntryKind::Sqlite { .. });
         let mut bundle_at = None;
@@ -340,6 +339,7 @@ pub(crate) fn export(
             mtime_ns: e.mtime_ns,
             target,
             wal,
+            escaped,
             bundle_path: bundle_at,
         });
     }

@@ -19,7 +19,7 @@ use super::export::sibling_sha256;
 use super::io::{HashReader, LIMIT_MSG, LimitReader, sha256_of};
 use super::manifest::{
     ArtifactMeta, BundleManifest, MANIFEST_ENTRY, MAX_MANIFEST_BYTES, NEXO_SCHEMA, bundle_path,
-    check_rel_path, seal,
+    check_rel_bytes, check_rel_path, seal, unescape,
 };
 use crate::error::{BundleError, Error};
 use crate::lock::Mode;
@@ -157,7 +157,10 @@ impl BundleVerifyReport {
 #[derive(Clone)]
 struct Planned {
     part: Part,
-    path: String,
+    /// Raw bytes (unescaped).
+    path: Vec<u8>,
+    /// The name as the manifest gives it, for messages.
+    name: String,
     kind: EntryKind,
     mode: u32,
     mtime_ns: i64,
@@ -186,16 +189,17 @@ fn plan(m: &BundleManifest, bundle: &Path) -> Result<Vec<Planned>, BundleError> 
                     "state" => Part::State,
                     _ => return Err(hostile(&e.path, "unknown part")),
                 };
+                let raw = |s: &str| -> Result<Vec<u8>, BundleError> {
+                    match e.escaped {
+                        true => unescape(s).ok_or_else(|| hostile(&e.path, "a malformed %-escape")),
+                        false => Ok(s.as_bytes().to_vec()),
+                    }
+                };
                 let kind = match (e.kind.as_str(), part) {
                     ("file", Part::Memdir | Part::State) => EntryKind::File,
                     ("dir", Part::Memdir) => EntryKind::Dir,
                     ("symlink", Part::Memdir) => EntryKind::Symlink {
-                        target: e
-                            .target
-                            .clone()
-                            .filter(|t| !t.is_empty() && !t.contains('\0'))
-                            .ok_or_else(|| hostile(&e.path, "symlink without a valid target"))?
-                            .into_bytes(),
+                        target: raw(e.target.as_deref().unwrap_or(""))?,
                     },
                     // Page size and user version come from the bytes when they arrive.
                     ("sqlite", Part::Sqlite) => EntryKind::Sqlite {
@@ -215,9 +219,15 @@ fn plan(m: &BundleManifest, bundle: &Path) -> Result<Vec<Planned>, BundleError> 
                         "its bundle path does not follow the layout",
                     ));
                 }
+                if let EntryKind::Symlink { target } = &kind
+                    && (target.is_empty() || target.contains(&0))
+                {
+                    return Err(hostile(&e.path, "symlink without a valid target"));
+                }
                 planned.push(Planned {
                     part,
-                    path: e.path.clone(),
+                    path: raw(&e.path)?,
+                    name: e.path.clone(),
                     kind,
                     // A bundle never creates setuid or setgid files.
                     mode: e.mode & 0o1777,
@@ -260,7 +270,8 @@ fn plan(m: &BundleManifest, bundle: &Path) -> Result<Vec<Planned>, BundleError> 
                 }
                 planned.push(Planned {
                     part,
-                    path,
+                    name: path.clone(),
+                    path: path.into_bytes(),
                     kind,
                     mode,
                     mtime_ns,
@@ -269,7 +280,8 @@ fn plan(m: &BundleManifest, bundle: &Path) -> Result<Vec<Planned>, BundleError> 
             }
             planned.extend(dirs.into_iter().map(|d| Planned {
                 part: Part::Memdir,
-                path: d,
+                path: d.clone().into_bytes(),
+                name: d,
                 kind: EntryKind::Dir,
                 mode: 0o755,
                 mtime_ns,
@@ -278,22 +290,22 @@ fn plan(m: &BundleManifest, bundle: &Path) -> Result<Vec<Planned>, BundleError> 
         }
     }
 
-    let mut keys = BTreeMap::new();
+    let mut keys: BTreeMap<(Part, &[u8]), &EntryKind> = BTreeMap::new();
     let mut used = HashSet::new();
     for p in &planned {
         // The memdir's own folder is the one entry with an empty path.
         let root = p.path.is_empty() && p.part == Part::Memdir && p.kind == EntryKind::Dir;
         if !root {
-            check_rel_path(&p.path).map_err(|r| hostile(&p.path, &r))?;
+            check_rel_bytes(&p.path).map_err(|r| hostile(&p.name, &r))?;
         }
-        if p.part != Part::Memdir && p.path.contains('/') {
+        if p.part != Part::Memdir && p.path.contains(&b'/') {
             return Err(hostile(
-                &p.path,
+                &p.name,
                 "databases and state documents have no folders",
             ));
         }
-        if keys.insert((p.part, p.path.as_str()), &p.kind).is_some() {
-            return Err(hostile(&p.path, "listed twice"));
+        if keys.insert((p.part, p.path.as_slice()), &p.kind).is_some() {
+            return Err(hostile(&p.name, "listed twice"));
         }
         if let Some(bp) = &p.bundle_path {
             if !artifacts.contains_key(bp.as_str()) {
@@ -313,25 +325,26 @@ fn plan(m: &BundleManifest, bundle: &Path) -> Result<Vec<Planned>, BundleError> 
     // Restore writes each path under its parent: a parent that is a symlink or a file would
     // send the write elsewhere.
     for p in planned.iter().filter(|p| p.part == Part::Memdir) {
-        let mut cur = p.path.as_str();
-        if m.memsnap.is_some() && !cur.is_empty() && !keys.contains_key(&(Part::Memdir, "")) {
-            return Err(hostile(&p.path, "the memdir folder itself is not listed"));
+        let mut cur = p.path.as_slice();
+        if m.memsnap.is_some() && !cur.is_empty() && !keys.contains_key(&(Part::Memdir, &b""[..])) {
+            return Err(hostile(&p.name, "the memdir folder itself is not listed"));
         }
-        while let Some((parent, _)) = cur.rsplit_once('/') {
+        while let Some(slash) = cur.iter().rposition(|b| *b == b'/') {
+            let parent = &cur[..slash];
             match keys.get(&(Part::Memdir, parent)) {
                 Some(EntryKind::Dir) => {}
                 Some(_) => {
-                    return Err(hostile(&p.path, "lies under a symlink or a file"));
+                    return Err(hostile(&p.name, "lies under a symlink or a file"));
                 }
                 None if m.memsnap.is_some() => {
-                    return Err(hostile(&p.path, "its folder is not listed"));
+                    return Err(hostile(&p.name, "its folder is not listed"));
                 }
                 None => {}
             }
             cur = parent;
         }
     }
-    planned.sort_by(|a, b| (a.part, a.path.as_bytes()).cmp(&(b.part, b.path.as_bytes())));
+    planned.sort_by(|a, b| (a.part, &a.path).cmp(&(b.part, &b.path)));
     Ok(planned)
 }
 
@@ -1131,7 +1144,8 @@ fn build_record(
                     what: format!("artifact {bp} was not read"),
                 })?;
                 if let EntryKind::Sqlite { user_version, .. } = &kind {
-                    let stem = p.path.rsplit_once('.').map(|(s, _)| s).unwrap_or(&p.path);
+                    let name = String::from_utf8_lossy(&p.path);
+                    let stem = name.rsplit_once('.').map(|(s, _)| s).unwrap_or(&name);
                     schema_versions.insert(stem.to_owned(), *user_version);
                 }
                 (kind, s, h, Some(c))
@@ -1140,7 +1154,7 @@ fn build_record(
         };
         entries.push(ArtifactEntry {
             part: p.part,
-            path: p.path.clone().into_bytes(),
+            path: p.path.clone(),
             kind,
             mode: p.mode,
             mtime_ns: p.mtime_ns,

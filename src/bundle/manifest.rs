@@ -168,6 +168,10 @@ pub(crate) struct EntryMeta {
     pub target: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal: Option<bool>,
+    /// `path` and `target` are %-escaped bytes (not UTF-8 on the exporting host; see
+    /// [`escape`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub escaped: bool,
     /// The artifact holding the content, for files and databases.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle_path: Option<String>,
@@ -219,6 +223,49 @@ pub(crate) fn bundle_path(part: &str, path: &str, is_db: bool) -> (String, Optio
             Some(rel) => (format!("git/{rel}"), Some("git_bundle")),
             None => (format!("memory_files/{path}"), Some("memory_file")),
         },
+    }
+}
+
+/// Bytes that are not UTF-8 as a string: `%` and each byte of an invalid sequence become `%XX`.
+pub(crate) fn escape(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '%' => out.push_str("%25"),
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The inverse of [`escape`]; `None` for a malformed escape.
+pub(crate) fn unescape(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// [`check_rel_path`] on raw bytes (an unescaped name).
+pub(crate) fn check_rel_bytes(path: &[u8]) -> Result<(), String> {
+    match std::str::from_utf8(path) {
+        Ok(s) => check_rel_path(s),
+        Err(_) => check_rel_path(&String::from_utf8_lossy(path)),
     }
 }
 
@@ -454,6 +501,30 @@ mod tests {
         ] {
             assert!(check_rel_path(good).is_ok(), "{good:?}");
         }
+    }
+
+    #[test]
+    fn escapes_round_trip_and_leave_utf8_alone() {
+        for raw in [
+            &b"caf\xe9-latin1.md"[..],
+            b"100%.md",
+            b"plain/name.md",
+            b"\xff\xfe%",
+            "r\u{e9}sum\u{e9}.md".as_bytes(),
+        ] {
+            let e = escape(raw);
+            assert_eq!(unescape(&e).as_deref(), Some(raw), "{e}");
+        }
+        assert_eq!(
+            escape("r\u{e9}sum\u{e9}.md".as_bytes()),
+            "r\u{e9}sum\u{e9}.md"
+        );
+        assert_eq!(escape(b"caf\xe9"), "caf%E9");
+        for bad in ["%", "%4", "%zz", "a%g0"] {
+            assert_eq!(unescape(bad), None, "{bad}");
+        }
+        // Escapes are checked after decoding: %2F%2E%2E cannot smuggle a `..`.
+        assert!(check_rel_bytes(&unescape("a%2F%2E%2E%2Fb").unwrap_or_default()).is_err());
     }
 
     #[test]
