@@ -225,8 +225,10 @@ pub(crate) fn export(
 
     // Shared: prune (exclusive) must not remove chunks while they are read.
     let _store_lock = store.lock_store(Mode::Shared)?;
-    let index = store.index()?;
+    // The index only while chunk locations are resolved: holding it would make every other
+    // process's snapshot wait for the whole export.
     let (record, entries, resolved) = {
+        let index = store.index()?;
         let tx = index.begin_read()?;
         let record = crate::ops::resolve(&index, &tx, &req.snapshot, req.agent.as_ref())?;
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
