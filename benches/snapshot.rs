@@ -363,7 +363,7 @@ fn bench_bundles(dir: &Path, agent_dir: &Path, store: &Path) {
         agent_dir.display(),
         reference.display()
     ));
-    rows.push(("tar | zstd -3 -T0", run(&mut c), du(&reference)));
+    rows.push(("tar + zstd -3 -T0", run(&mut c), du(&reference)));
     let mut c = memsnap(store);
     c.arg("verify-bundle").arg(&framed);
     rows.push(("verify-bundle", run(&mut c), 0));
