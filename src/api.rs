@@ -11,6 +11,8 @@ use crate::bundle::import::{BundleVerifyReport, ImportReport, ImportRequest};
 use crate::error::Error;
 use crate::manifest::snapshot::SnapshotInfo;
 use crate::names::AgentId;
+use crate::ops::forget::{ForgetReport, ForgetRequest};
+use crate::ops::prune::{PruneReport, PruneRequest};
 use crate::ops::restore::{RestoreReport, RestoreRequest};
 use crate::ops::snapshot::SnapshotRequest;
 use crate::ops::verify::VerifyReport;
@@ -119,6 +121,25 @@ impl Memsnap {
 
     pub fn delete(&self, snapshot: &str, agent: Option<&AgentId>) -> Result<SnapshotInfo, Error> {
         crate::ops::delete(&self.store, snapshot, agent)
+    }
+
+    /// Pinned snapshots are never forgotten nor deleted.
+    pub fn pin(&self, snapshot: &str, agent: Option<&AgentId>) -> Result<SnapshotInfo, Error> {
+        crate::ops::forget::set_pin(&self.store, snapshot, agent, true)
+    }
+
+    pub fn unpin(&self, snapshot: &str, agent: Option<&AgentId>) -> Result<SnapshotInfo, Error> {
+        crate::ops::forget::set_pin(&self.store, snapshot, agent, false)
+    }
+
+    /// Removes snapshot records by a retention policy (their data goes with the next prune).
+    pub fn forget(&self, req: &ForgetRequest) -> Result<ForgetReport, Error> {
+        crate::ops::forget::forget(&self.store, req)
+    }
+
+    /// Frees the space of chunks no snapshot references (store-format.md, "Garbage collection").
+    pub fn prune(&self, req: &PruneRequest) -> Result<PruneReport, Error> {
+        crate::ops::prune::prune(&self.store, req, self.progress.as_ref())
     }
 
     /// Writes a snapshot as a portable bundle (store-format.md, "Bundles").

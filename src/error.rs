@@ -150,6 +150,12 @@ pub enum Error {
         "snapshot {id} came from a bundle and memsnap does not know where agent {agent} lives on this host: pass --source DIR to restore over the agent there, or --target DIR for a new folder"
     )]
     UnknownLocation { id: String, agent: String },
+    #[error("snapshot {id} is pinned: `memsnap unpin {id}` first if it really should go")]
+    Pinned { id: String },
+    #[error(
+        "forget needs a policy: give at least one --keep-* option, --policy FILE, or a policy.toml in the store"
+    )]
+    EmptyPolicy,
     #[error("restore target {path} is not empty: choose an empty or missing folder for --target")]
     TargetNotEmpty { path: PathBuf },
     #[error("the snapshot's {what} does not match its recorded hash after restore staging: {path}")]

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use memsnap::{
-    AgentId, ExportRequest, ImportRequest, Memsnap, RestoreRequest, SnapshotRequest, SourceSpec,
-    StoreOptions,
+    AgentId, ExportRequest, ForgetRequest, ImportRequest, Memsnap, PruneRequest, RestoreRequest,
+    RetentionPolicy, SnapshotRequest, SourceSpec, StoreOptions,
 };
 
 use output::Out;
@@ -58,6 +58,80 @@ impl AgentArgs {
             _ => Ok(None),
         }
     }
+}
+
+#[derive(Args, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct KeepArgs {
+    #[arg(long)]
+    keep_last: Option<u32>,
+    #[arg(long)]
+    keep_hourly: Option<u32>,
+    #[arg(long)]
+    keep_daily: Option<u32>,
+    #[arg(long)]
+    keep_weekly: Option<u32>,
+    #[arg(long)]
+    keep_monthly: Option<u32>,
+    #[arg(long)]
+    keep_yearly: Option<u32>,
+    /// Keep what was taken within this long before the agent's newest snapshot (1y2m3w4d5h).
+    #[arg(long)]
+    keep_within: Option<String>,
+    /// Keep snapshots with this label (repeatable).
+    #[arg(long = "keep-label")]
+    #[serde(default)]
+    keep_label: Vec<String>,
+}
+
+impl KeepArgs {
+    fn is_empty(&self) -> bool {
+        self.keep_last.is_none()
+            && self.keep_hourly.is_none()
+            && self.keep_daily.is_none()
+            && self.keep_weekly.is_none()
+            && self.keep_monthly.is_none()
+            && self.keep_yearly.is_none()
+            && self.keep_within.is_none()
+            && self.keep_label.is_empty()
+    }
+
+    fn policy(&self) -> anyhow::Result<RetentionPolicy> {
+        let mut p = RetentionPolicy::default();
+        if let Some(n) = self.keep_last {
+            p = p.keep_last(n);
+        }
+        if let Some(n) = self.keep_hourly {
+            p = p.keep_hourly(n);
+        }
+        if let Some(n) = self.keep_daily {
+            p = p.keep_daily(n);
+        }
+        if let Some(n) = self.keep_weekly {
+            p = p.keep_weekly(n);
+        }
+        if let Some(n) = self.keep_monthly {
+            p = p.keep_monthly(n);
+        }
+        if let Some(n) = self.keep_yearly {
+            p = p.keep_yearly(n);
+        }
+        if let Some(d) = &self.keep_within {
+            let ms = memsnap::parse_duration(d)
+                .map_err(|e| anyhow::anyhow!("--keep-within {d:?}: {e}"))?;
+            p = p.keep_within(ms);
+        }
+        for l in &self.keep_label {
+            p = p.keep_label(l.clone());
+        }
+        Ok(p)
+    }
+}
+
+fn read_policy(path: &std::path::Path) -> anyhow::Result<KeepArgs> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read policy {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("policy {}: {e}", path.display()))
 }
 
 #[derive(Subcommand)]
@@ -172,6 +246,44 @@ enum Command {
         #[arg(long)]
         identity: Option<PathBuf>,
     },
+    /// Pin a snapshot: forget and delete leave it alone.
+    Pin {
+        snap: String,
+        #[command(flatten)]
+        who: AgentArgs,
+    },
+    /// Unpin a snapshot.
+    Unpin {
+        snap: String,
+        #[command(flatten)]
+        who: AgentArgs,
+    },
+    /// Remove snapshot records by a retention policy (restic's rules; buckets in UTC). The newest
+    /// snapshot of each agent and pinned ones always stay. Space is freed by `prune`.
+    Forget {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// A TOML policy file (keys as the options: keep-last = 7, keep-within = "30d", ...);
+        /// default: policy.toml in the store, when no --keep-* option is given.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Print the plan (what goes, what stays and why) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Free the space of chunks no snapshot references.
+    Prune {
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rewrite a pack when more than this percent of it is unused.
+        #[arg(long, default_value_t = 10.0)]
+        max_unused: f64,
+    },
     /// Delete a snapshot record (its unique chunks are freed by a later prune).
     Delete {
         snap: String,
@@ -230,7 +342,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             | memsnap::Error::SnapshotSpecTooShort { .. }
             | memsnap::Error::LatestNeedsAgent
             | memsnap::Error::NoSource { .. }
-            | memsnap::Error::UnknownLocation { .. },
+            | memsnap::Error::UnknownLocation { .. }
+            | memsnap::Error::EmptyPolicy,
         ) => 2,
         Some(memsnap::Error::Bundle(b)) if b.is_damage() => 3,
         _ => 1,
@@ -415,6 +528,53 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
             if !report.ok() {
                 return Ok(ExitCode::from(3));
             }
+        }
+        Command::Pin { snap, who } => {
+            let m = open(cli, false)?;
+            let info = m.pin(snap, who.agent_id()?.as_ref())?;
+            out.pinned(&info, true);
+        }
+        Command::Unpin { snap, who } => {
+            let m = open(cli, false)?;
+            let info = m.unpin(snap, who.agent_id()?.as_ref())?;
+            out.pinned(&info, false);
+        }
+        Command::Forget {
+            tenant,
+            agent,
+            keep,
+            policy,
+            dry_run,
+        } => {
+            let m = open(cli, false)?;
+            let keep = match (policy, keep.is_empty()) {
+                (Some(p), _) => read_policy(p)?,
+                (None, true) if m.path().join("policy.toml").is_file() => {
+                    read_policy(&m.path().join("policy.toml"))?
+                }
+                _ => keep.clone(),
+            };
+            let mut req = ForgetRequest::new(keep.policy()?).dry_run(*dry_run);
+            if let Some(t) = tenant {
+                req = req.tenant(t.clone());
+            }
+            if let Some(a) = agent {
+                req = req.agent(a.clone());
+            }
+            out.forget(&m.forget(&req)?);
+        }
+        Command::Prune {
+            dry_run,
+            max_unused,
+        } => {
+            if !(0.0..=100.0).contains(max_unused) {
+                anyhow::bail!("--max-unused must be a percentage from 0 to 100");
+            }
+            let m = open(cli, false)?;
+            let req = PruneRequest::default()
+                .dry_run(*dry_run)
+                .max_unused_percent(*max_unused);
+            out.prune(&m.prune(&req)?);
         }
         Command::Delete { snap, who } => {
             let m = open(cli, false)?;

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use memsnap::{
-    BundleVerifyReport, CheckStatus, ExportReport, ImportReport, RestoreReport, SnapshotDetails,
-    SnapshotInfo, VerifyReport,
+    BundleVerifyReport, CheckStatus, ExportReport, ForgetReport, ImportReport, PruneReport,
+    RestoreReport, SnapshotDetails, SnapshotInfo, VerifyReport,
 };
 
 pub(crate) struct Out {
@@ -367,6 +367,76 @@ impl Out {
                 (true, false) => "no damage found in what could be checked",
                 (false, _) => "bundle DAMAGED",
             }
+        );
+    }
+
+    pub(crate) fn pinned(&self, i: &SnapshotInfo, pinned: bool) {
+        if self.emit(&serde_json::json!({ "id": i.id, "pinned": pinned })) {
+            return;
+        }
+        println!(
+            "{} snapshot {} of {}/{}",
+            if pinned { "pinned" } else { "unpinned" },
+            i.id,
+            i.tenant,
+            i.agent
+        );
+    }
+
+    pub(crate) fn forget(&self, r: &ForgetReport) {
+        if self.emit(r) {
+            return;
+        }
+        for g in &r.groups {
+            println!("{}/{}:", g.tenant, g.agent);
+            for d in &g.decisions {
+                let short = d.id.get(..8).unwrap_or(&d.id);
+                if d.keep {
+                    println!(
+                        "  keep    {short}  {}  ({})",
+                        utc(d.created_at_ms),
+                        d.reasons.join(", ")
+                    );
+                } else {
+                    println!("  forget  {short}  {}", utc(d.created_at_ms));
+                }
+            }
+        }
+        println!(
+            "{} {} snapshot(s), kept {}{}",
+            if r.dry_run { "would forget" } else { "forgot" },
+            r.forgotten,
+            r.kept,
+            if r.dry_run {
+                " (--dry-run: nothing changed)"
+            } else {
+                "; run `memsnap prune` to free their space"
+            }
+        );
+    }
+
+    pub(crate) fn prune(&self, r: &PruneReport) {
+        if self.emit(r) {
+            return;
+        }
+        println!(
+            "{} snapshots, {} chunks of which {} unused, in {} packs",
+            r.snapshots, r.chunks, r.chunks_unused, r.packs
+        );
+        println!(
+            "  packs: {} deleted, {} rewritten ({} copied into {} new), {} orphaned files",
+            r.packs_deleted,
+            r.packs_rewritten,
+            bytes(r.bytes_copied),
+            r.packs_written,
+            r.packs_orphaned
+        );
+        println!(
+            "{} {} of {}; {} unused left below the threshold",
+            if r.dry_run { "would free" } else { "freed" },
+            bytes(r.bytes_freed),
+            bytes(r.bytes_before),
+            bytes(r.bytes_unused_after)
         );
     }
 

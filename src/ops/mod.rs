@@ -1,6 +1,9 @@
 //! The operations on a store, one file each; shared lookups live here.
 
+pub(crate) mod forget;
+pub(crate) mod prune;
 pub(crate) mod restore;
+pub(crate) mod retention;
 pub(crate) mod snapshot;
 pub(crate) mod verify;
 
@@ -239,6 +242,14 @@ pub(crate) fn delete(
     let owner = AgentId::new(&record.info.tenant, &record.info.agent)?;
     let _agent = store.lock_agent(&owner)?;
     let index = store.index()?;
+    {
+        let tx = index.begin_read()?;
+        if forget::pinned(&index, &tx)?.contains(&record.info.id) {
+            return Err(Error::Pinned {
+                id: record.info.id.clone(),
+            });
+        }
+    }
     let tx = index.begin_write()?;
     {
         let mut table = tx

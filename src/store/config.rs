@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 
 /// The on-disk format version this build writes and reads (store-format.md, "Version changes").
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// 2 added the `pins` table; a format-1 store is read as one without pins, and raised to 2 by its
+/// first pin.
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StoreConfig {

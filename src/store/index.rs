@@ -15,6 +15,8 @@ pub(crate) const CHUNKS: TableDefinition<[u8; 32], [u8; 33]> = TableDefinition::
 pub(crate) const PACKS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("packs");
 pub(crate) const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 pub(crate) const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
+/// Pinned snapshot id → when it was pinned (ms). Format 2; absent in a format-1 store.
+pub(crate) const PINS: TableDefinition<&str, i64> = TableDefinition::new("pins");
 
 /// Index sessions are short (a lookup, a commit) except for restore and verify, which read
 /// chunk locations while they run; a waiter gives up only after this long.

@@ -81,6 +81,8 @@ impl Store {
             .map_err(|e| index.err()(e.into()))?;
         tx.open_table(index::AGENTS)
             .map_err(|e| index.err()(e.into()))?;
+        tx.open_table(index::PINS)
+            .map_err(|e| index.err()(e.into()))?;
         tx.commit().map_err(|e| index.err()(e.into()))?;
         drop(index);
         // The new index file's name must survive a crash, or a later open would take the store

@@ -1,0 +1,326 @@
+//! Prune: free the space of chunks no snapshot references (store-format.md, "Garbage
+//! collection"). Under the exclusive store lock: mark every chunk reachable from a snapshot,
+//! plan per pack, copy the live chunks of mostly-dead packs into new packs (fsynced), switch the
+//! index in one transaction, then delete the old pack files. A crash before the commit leaves
+//! the new packs unreferenced; after it, the old ones: either way the next prune deletes packs
+//! the index does not name, and no kept snapshot ever lost a chunk.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use redb::ReadableTable;
+use serde::Serialize;
+
+use super::Progress;
+use crate::error::{Error, StoreError};
+use crate::lock::Mode;
+use crate::store::Store;
+use crate::store::chunk_id::ChunkId;
+use crate::store::index::{self, CHUNKS, PACKS, PackRecord};
+use crate::store::pack::{ChunkLoc, PackId, PackWriter};
+use crate::store::reader::{ChunkReader, PackFiles};
+use crate::tree;
+
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct PruneRequest {
+    pub dry_run: bool,
+    /// A pack is rewritten when more than this share (percent) of its chunk bytes is unused.
+    pub max_unused_percent: f64,
+}
+
+impl Default for PruneRequest {
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            max_unused_percent: 10.0,
+        }
+    }
+}
+
+impl PruneRequest {
+    pub fn dry_run(mut self, yes: bool) -> Self {
+        self.dry_run = yes;
+        self
+    }
+
+    pub fn max_unused_percent(mut self, p: f64) -> Self {
+        self.max_unused_percent = p;
+        self
+    }
+}
+
+/// The plan, and after execution what was done (the same numbers unless `dry_run`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub snapshots: u64,
+    pub chunks: u64,
+    pub chunks_unused: u64,
+    pub packs: u64,
+    /// Packs holding only unused chunks: deleted.
+    pub packs_deleted: u64,
+    /// Packs above the unused threshold: their live chunks copied into new packs.
+    pub packs_rewritten: u64,
+    /// Pack files the index does not name (left by a crash or a failed import): deleted.
+    pub packs_orphaned: u64,
+    pub packs_written: u64,
+    pub bytes_before: u64,
+    /// Bytes of live chunks copied.
+    pub bytes_copied: u64,
+    pub bytes_freed: u64,
+    /// Unused chunk bytes left in packs below the threshold.
+    pub bytes_unused_after: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Default)]
+struct PackUse {
+    size: u64,
+    live: Vec<(ChunkId, ChunkLoc)>,
+    live_bytes: u64,
+    dead_bytes: u64,
+}
+
+pub(crate) fn prune(
+    store: &Store,
+    req: &PruneRequest,
+    progress: &dyn Progress,
+) -> Result<PruneReport, Error> {
+    let started = Instant::now();
+    // No snapshot, import, export, restore or verify runs meanwhile: they hold it shared.
+    let _lock = store.lock_store(Mode::Exclusive)?;
+    let mut report = PruneReport {
+        dry_run: req.dry_run,
+        ..Default::default()
+    };
+
+    // Mark: every chunk reachable from a snapshot record.
+    let (live, dead, mut packs) = {
+        let index = store.index()?;
+        let tx = index.begin_read()?;
+        let records = super::all_records(&index, &tx)?;
+        report.snapshots = records.len() as u64;
+        let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+        let mut live: HashSet<ChunkId> = HashSet::new();
+        let mut damaged = None;
+        for r in &records {
+            let mut visit = |id: &ChunkId, _: bool, res: Result<Vec<u8>, StoreError>| {
+                if let Err(e) = res {
+                    damaged.get_or_insert(format!(
+                        "chunk {} of snapshot {}: {e}",
+                        id.hex(),
+                        r.info.id
+                    ));
+                }
+                Ok(())
+            };
+            tree::walk_unseen(&mut reader, &r.manifest, &mut live, &mut visit)?;
+            let entries = super::load_entries(&mut reader, r)?;
+            for e in entries.iter().filter_map(|e| e.content.as_ref()) {
+                tree::walk_unseen(&mut reader, e, &mut live, &mut visit)?;
+            }
+        }
+        if let Some(d) = damaged {
+            // Marking through a damaged tree would miss what lies below it: deleting then could
+            // lose live chunks.
+            return Err(StoreError::Index {
+                path: store.root().join(crate::store::INDEX_FILE),
+                message: format!(
+                    "prune refuses a damaged store ({d}); run `memsnap verify --read-data`"
+                ),
+            }
+            .into());
+        }
+        let mut packs: HashMap<PackId, PackUse> = HashMap::new();
+        let table = tx.open_table(PACKS).map_err(|e| index.err()(e.into()))?;
+        for item in table.iter().map_err(|e| index.err()(e.into()))? {
+            let (k, v) = item.map_err(|e| index.err()(e.into()))?;
+            let rec: PackRecord = index::decode_record(1, v.value(), "pack record")?;
+            packs.entry(PackId(k.value())).or_default().size = rec.size;
+        }
+        let mut dead = Vec::new();
+        let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
+        for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
+            let (k, v) = item.map_err(|e| index.err()(e.into()))?;
+            let id = ChunkId(k.value());
+            let loc = ChunkLoc::decode(&v.value());
+            let usage = packs.entry(loc.pack).or_default();
+            if live.contains(&id) {
+                usage.live_bytes += u64::from(loc.stored_len);
+                usage.live.push((id, loc));
+            } else {
+                usage.dead_bytes += u64::from(loc.stored_len);
+                dead.push(id);
+            }
+        }
+        report.chunks = live.len() as u64 + dead.len() as u64;
+        (live, dead, packs)
+    };
+    report.chunks_unused = dead.len() as u64;
+    drop(live);
+
+    // Plan per pack; pack files the index does not name are garbage (invariant I5).
+    let on_disk = pack_files(store)?;
+    let orphans: Vec<_> = on_disk
+        .iter()
+        .filter(|(id, _)| !packs.contains_key(id))
+        .cloned()
+        .collect();
+    report.packs = packs.len() as u64;
+    report.bytes_before = packs.values().map(|p| p.size).sum::<u64>()
+        + orphans.iter().map(|(_, size)| size).sum::<u64>();
+    report.packs_orphaned = orphans.len() as u64;
+    report.bytes_freed = orphans.iter().map(|(_, size)| size).sum();
+    let threshold = req.max_unused_percent.clamp(0.0, 100.0) / 100.0;
+    let mut delete: Vec<PackId> = Vec::new();
+    let mut rewrite: Vec<PackId> = Vec::new();
+    for (id, u) in &packs {
+        let data = u.live_bytes + u.dead_bytes;
+        if u.live.is_empty() {
+            delete.push(*id);
+            report.bytes_freed += u.size;
+        } else if data > 0 && u.dead_bytes as f64 / data as f64 > threshold {
+            rewrite.push(*id);
+            report.bytes_copied += u.live_bytes;
+            report.bytes_freed += u.size.saturating_sub(u.live_bytes);
+        } else {
+            report.bytes_unused_after += u.dead_bytes;
+        }
+    }
+    report.packs_deleted = delete.len() as u64;
+    report.packs_rewritten = rewrite.len() as u64;
+    if req.dry_run {
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+
+    // Copy the live chunks of the packs to rewrite, checked, as they are stored.
+    rewrite.sort();
+    let files = PackFiles::new(store.packs_dir());
+    let mut moved: Vec<(ChunkId, ChunkLoc)> = Vec::new();
+    let mut written: Vec<(PackId, u64, u32)> = Vec::new();
+    let mut writer: Option<PackWriter> = None;
+    let mut dirs = std::collections::BTreeSet::new();
+    progress.start("prune", report.bytes_copied);
+    for id in &rewrite {
+        let Some(u) = packs.get_mut(id) else { continue };
+        u.live.sort_by_key(|(_, l)| l.offset);
+        for (chunk, loc) in &u.live {
+            files.read(chunk, loc)?;
+            let stored = files.read_stored(loc)?;
+            if writer.is_none() {
+                let w = PackWriter::create(&store.packs_dir())?;
+                dirs.insert(crate::fsutil::parent_of(&w.path));
+                writer = Some(w);
+            }
+            let Some(w) = writer.as_mut() else { continue };
+            let new = w.append(*chunk, loc.raw_len, loc.flags, &stored)?;
+            moved.push((*chunk, new));
+            progress.advance(stored.len() as u64);
+            if w.len() >= store.config.pack_target_size
+                && let Some(w) = writer.take()
+            {
+                let (pid, _, size, count) = w.finish()?;
+                written.push((pid, size, count));
+            }
+        }
+    }
+    if let Some(w) = writer.take() {
+        let (pid, _, size, count) = w.finish()?;
+        written.push((pid, size, count));
+    }
+    for d in &dirs {
+        crate::fsutil::sync_dir(d).map_err(|e| StoreError::io(d, e))?;
+    }
+    crate::fsutil::sync_dir(&store.packs_dir())
+        .map_err(|e| StoreError::io(store.packs_dir(), e))?;
+    report.packs_written = written.len() as u64;
+    crate::failpoint::hit("prune:before-commit")?;
+
+    // Switch: one transaction moves the live chunks and drops the dead ones with their packs.
+    {
+        let index = store.index()?;
+        let tx = index.begin_write()?;
+        {
+            let mut chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
+            for id in &dead {
+                chunks.remove(id.0).map_err(|e| index.err()(e.into()))?;
+            }
+            for (id, loc) in &moved {
+                chunks
+                    .insert(id.0, loc.encode())
+                    .map_err(|e| index.err()(e.into()))?;
+            }
+            let mut table = tx.open_table(PACKS).map_err(|e| index.err()(e.into()))?;
+            for id in delete.iter().chain(&rewrite) {
+                table.remove(id.0).map_err(|e| index.err()(e.into()))?;
+            }
+            for (id, size, count) in &written {
+                let rec = index::encode_record(
+                    1,
+                    &PackRecord {
+                        size: *size,
+                        chunks: *count,
+                        created_at_ms: crate::now_ms(),
+                    },
+                    "pack record",
+                )?;
+                table
+                    .insert(id.0, rec.as_slice())
+                    .map_err(|e| index.err()(e.into()))?;
+            }
+        }
+        tx.commit().map_err(|e| index.err()(e.into()))?;
+    }
+    crate::failpoint::hit("prune:before-delete")?;
+
+    // The old files are unreferenced now; a crash here leaves them for the next prune.
+    let mut touched = std::collections::BTreeSet::new();
+    for id in delete
+        .iter()
+        .chain(&rewrite)
+        .chain(orphans.iter().map(|(id, _)| id))
+    {
+        let path = id.path(&store.packs_dir());
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::io(&path, e).into()),
+        }
+        touched.insert(crate::fsutil::parent_of(&path));
+    }
+    for d in &touched {
+        crate::fsutil::sync_dir(d).map_err(|e| StoreError::io(d, e))?;
+    }
+    progress.finish();
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// Every `packs/<xx>/<id>.pack` file and its size.
+fn pack_files(store: &Store) -> Result<Vec<(PackId, u64)>, Error> {
+    let mut out = Vec::new();
+    let root = store.packs_dir();
+    let Ok(dirs) = std::fs::read_dir(&root) else {
+        return Ok(out);
+    };
+    for d in dirs.flatten() {
+        let Ok(files) = std::fs::read_dir(d.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let Some(hex_id) = name.strip_suffix(".pack") else {
+                continue;
+            };
+            let mut id = [0u8; 16];
+            if hex::decode_to_slice(hex_id, &mut id).is_err() {
+                continue;
+            }
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            out.push((PackId(id), size));
+        }
+    }
+    Ok(out)
+}

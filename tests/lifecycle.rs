@@ -1,0 +1,334 @@
+//! Lifecycle end to end: pins, forget (the policy's golden results are unit tests in
+//! src/ops/retention.rs), prune reclaiming space with every kept snapshot still restoring
+//! identically, a prune killed at each of its steps and finished by the next, prune racing
+//! snapshots, and a store written by memsnap 0.1 (format 1) still working.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use memsnap::sample::SampleAgent;
+
+/// Disk space of the store's pack files (allocated blocks).
+fn packs_bytes(store: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    walkdir::WalkDir::new(store.join("packs"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.metadata().map(|m| m.blocks() * 512).unwrap_or(0))
+        .sum()
+}
+
+fn pack_count(store: &Path) -> usize {
+    walkdir::WalkDir::new(store.join("packs"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .count()
+}
+
+/// Two snapshots of very different content; returns (old id, image of the new state, new id).
+fn history(f: &Fixture) -> (String, AgentImage, String) {
+    let old = f.snapshot_id();
+    f.agent.update_day(11, 0.6).expect("update day");
+    f.agent.vacuum_vectors().expect("vacuum");
+    let image = AgentImage::capture(&f.agent);
+    let new = f.snapshot_id();
+    (old, image, new)
+}
+
+fn restore_matches(f: &Fixture, id: &str, image: &AgentImage, what: &str) {
+    let target = f.path(&format!("check-{id}-{}", rand_suffix()));
+    f.restore_into(id, &target);
+    let r = SampleAgent::open(&target);
+    assert_same_tree(
+        &image.memdir,
+        &tree(&r.memdir(), true),
+        &format!("{what}: memdir"),
+    );
+    assert_eq!(r.row_counts().expect("rows"), image.rows, "{what}: rows");
+    assert_eq!(r.git_head().expect("head"), image.head, "{what}: HEAD");
+    fs::remove_dir_all(&target).expect("clean up");
+}
+
+fn rand_suffix() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+#[test]
+fn prune_reclaims_the_space_of_forgotten_snapshots_and_keeps_the_rest_intact() {
+    let f = Fixture::new();
+    let (old, image, new) = history(&f);
+    let before = packs_bytes(&f.store);
+
+    // Nothing is unused yet: a prune changes nothing.
+    let p = f.cmd().arg("prune").json();
+    assert_eq!(p["chunks_unused"], 0, "{p:#}");
+    assert_eq!(
+        p["packs_deleted"].as_u64().unwrap_or(0) + p["packs_rewritten"].as_u64().unwrap_or(0),
+        0
+    );
+
+    let fg = f.cmd().args(["forget", "--keep-last", "1"]).json();
+    assert_eq!(fg["forgotten"], 1, "{fg:#}");
+    assert_eq!(f.list_ids(), vec![new.clone()]);
+
+    let plan = f
+        .cmd()
+        .args(["prune", "--dry-run", "--max-unused", "0"])
+        .json();
+    assert_eq!(plan["dry_run"], true);
+    assert!(plan["chunks_unused"].as_u64().unwrap_or(0) > 0, "{plan:#}");
+    assert_eq!(packs_bytes(&f.store), before, "a dry run changes nothing");
+
+    let done = f.cmd().args(["prune", "--max-unused", "0"]).json();
+    let after = packs_bytes(&f.store);
+    let planned = plan["bytes_freed"].as_u64().expect("bytes_freed");
+    assert_eq!(
+        done["bytes_freed"], plan["bytes_freed"],
+        "plan and execution agree"
+    );
+    assert!(
+        before - after >= planned * 9 / 10 && planned > 0,
+        "prune freed {} bytes on disk, planned {planned}",
+        before - after
+    );
+    assert!(
+        after < before * 3 / 4,
+        "the forgotten snapshot's data is gone: {before} -> {after}"
+    );
+    f.cmd().args(["verify", "--read-data"]).json();
+    restore_matches(&f, &new, &image, "after prune");
+    let again = f.cmd().args(["prune", "--max-unused", "0"]).json();
+    assert_eq!(again["chunks_unused"], 0, "{again:#}");
+    assert!(f.cmd().args(["show", &old]).run().status.code() != Some(0));
+}
+
+#[test]
+fn a_prune_killed_at_each_step_is_finished_by_the_next_with_nothing_lost() {
+    for point in ["prune:before-commit", "prune:before-delete"] {
+        let f = Fixture::new();
+        let (old, _, new) = history(&f);
+        let image = AgentImage::capture(&f.agent);
+        // A third snapshot shares most chunks with the second: rewriting packs must keep them.
+        f.agent.append_day(12, 0.05).expect("append");
+        let third_image = AgentImage::capture(&f.agent);
+        let third = f.snapshot_id();
+        f.cmd().args(["delete", &old]).json();
+        let packs_before = pack_count(&f.store);
+
+        f.cmd()
+            .env("MEMSNAP_FAILPOINT", point)
+            .args(["prune", "--max-unused", "0"])
+            .assert_crashed();
+        // Whatever the crash left, every kept snapshot is whole and restores identically.
+        f.cmd().args(["verify", "--read-data"]).json();
+        restore_matches(&f, &new, &image, point);
+        restore_matches(&f, &third, &third_image, point);
+
+        // The next prune finishes: orphans (new packs before the commit, old ones after) go.
+        let done = f.cmd().args(["prune", "--max-unused", "0"]).json();
+        assert!(
+            done["packs_orphaned"].as_u64().unwrap_or(0) > 0,
+            "{point}: the crash left orphan packs to collect\n{done:#}"
+        );
+        let again = f
+            .cmd()
+            .args(["prune", "--max-unused", "0", "--dry-run"])
+            .json();
+        assert_eq!(again["packs_orphaned"], 0, "{point}: {again:#}");
+        assert_eq!(again["chunks_unused"], 0, "{point}: {again:#}");
+        assert!(pack_count(&f.store) <= packs_before + 1, "{point}");
+        f.cmd().args(["verify", "--read-data"]).json();
+        restore_matches(&f, &new, &image, &format!("{point}, after the next prune"));
+        restore_matches(
+            &f,
+            &third,
+            &third_image,
+            &format!("{point}, after the next prune"),
+        );
+    }
+}
+
+#[test]
+fn snapshots_racing_a_prune_wait_for_it_and_complete() {
+    let f = Fixture::new();
+    let (old, _, _) = history(&f);
+    f.cmd().args(["delete", &old]).json();
+    for round in 0..4 {
+        f.agent.append_day(100 + round, 0.02).expect("append");
+        let image = AgentImage::capture(&f.agent);
+        let mut prune = f.cmd();
+        prune.args(["prune", "--max-unused", "0"]);
+        let mut snap = f.cmd();
+        snap.snapshot(f.agent.root()).arg("--json");
+        let p = prune.spawn();
+        let s = snap.spawn();
+        let (p, s) = (
+            p.wait_with_output().expect("prune"),
+            s.wait_with_output().expect("snapshot"),
+        );
+        assert!(
+            p.status.success(),
+            "round {round}: prune: {}",
+            String::from_utf8_lossy(&p.stderr)
+        );
+        assert!(
+            s.status.success(),
+            "round {round}: snapshot: {}",
+            String::from_utf8_lossy(&s.stderr)
+        );
+        let id: serde_json::Value = serde_json::from_slice(&s.stdout).expect("snapshot JSON");
+        f.cmd().args(["verify", "--read-data"]).json();
+        restore_matches(&f, str_of(&id, "id"), &image, &format!("round {round}"));
+    }
+}
+
+#[test]
+fn pinned_snapshots_survive_forget_and_delete_until_unpinned() {
+    let f = Fixture::new();
+    let first = f.snapshot_id();
+    f.agent.append_day(1, 0.01).expect("append");
+    let second = f.snapshot_id();
+    f.agent.append_day(2, 0.01).expect("append");
+    let third = f.snapshot_id();
+    f.cmd().args(["pin", &first]).json();
+
+    let plan = f
+        .cmd()
+        .args(["forget", "--keep-last", "1", "--dry-run"])
+        .json();
+    assert_eq!(plan["forgotten"], 1, "{plan:#}");
+    let decisions = plan["groups"][0]["decisions"]
+        .as_array()
+        .expect("decisions");
+    let reasons = |id: &str| -> Vec<String> {
+        decisions
+            .iter()
+            .find(|d| d["id"] == id)
+            .map(|d| {
+                d["reasons"]
+                    .as_array()
+                    .expect("reasons")
+                    .iter()
+                    .map(|r| r.as_str().unwrap_or("").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(reasons(&first).contains(&"pinned".to_owned()), "{plan:#}");
+    assert!(reasons(&third).contains(&"newest".to_owned()), "{plan:#}");
+    assert!(reasons(&second).is_empty(), "{plan:#}");
+    assert_eq!(f.list_ids().len(), 3, "a dry run forgets nothing");
+
+    f.cmd().args(["forget", "--keep-last", "1"]).json();
+    assert_eq!(f.list_ids(), vec![first.clone(), third.clone()]);
+
+    let o = f.cmd().args(["delete", &first]).run();
+    assert_eq!(o.status.code(), Some(1), "{o}");
+    assert!(
+        o.stderr.contains("pinned") && o.stderr.contains("unpin"),
+        "{o}"
+    );
+    f.cmd().args(["unpin", &first]).json();
+    f.cmd().args(["delete", &first]).json();
+    assert_eq!(f.list_ids(), vec![third.clone()]);
+
+    // The newest snapshot of an agent is never forgotten, whatever the policy.
+    f.cmd()
+        .args(["forget", "--keep-label", "nothing-has-this"])
+        .json();
+    assert_eq!(f.list_ids(), vec![third]);
+}
+
+#[test]
+fn forget_refuses_no_policy_and_reads_a_policy_file() {
+    let f = Fixture::new();
+    f.snapshot_id();
+    f.agent.append_day(1, 0.01).expect("append");
+    f.snapshot_id();
+    let o = f.cmd().arg("forget").run();
+    assert_eq!(o.status.code(), Some(2), "{o}");
+    assert!(o.stderr.contains("--keep"), "{o}");
+    let o = f.cmd().args(["forget", "--keep-within", "3x"]).run();
+    assert_ne!(o.status.code(), Some(0), "{o}");
+
+    fs::write(f.store.join("policy.toml"), "keep-last = 1\n").expect("policy");
+    let r = f.cmd().args(["forget", "--dry-run"]).json();
+    assert_eq!(r["forgotten"], 1, "{r:#}");
+    let file = f.path("bad-policy.toml");
+    fs::write(&file, "keep-everything = true\n").expect("policy");
+    let o = f.cmd().arg("forget").arg("--policy").arg(&file).run();
+    assert_ne!(o.status.code(), Some(0), "{o}");
+    assert!(o.stderr.contains("keep-everything"), "{o}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in walkdir::WalkDir::new(from) {
+        let e = e.expect("walk");
+        let rel = e.path().strip_prefix(from).expect("rel");
+        let dst = to.join(rel);
+        if e.file_type().is_dir() {
+            fs::create_dir_all(&dst).expect("mkdir");
+        } else {
+            fs::copy(e.path(), &dst).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn a_store_written_by_memsnap_0_1_still_lists_verifies_restores_pins_and_prunes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store: PathBuf = tmp.path().join("store");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1"),
+        &store,
+    );
+    fs::remove_file(store.join("README.md")).expect("readme");
+    let cmd = || TestCommand::new(&store);
+    let list = match cmd().arg("list").json() {
+        serde_json::Value::Array(a) => a,
+        other => panic!("{other:#}"),
+    };
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["label"], "v1");
+    assert_eq!(list[1]["label"], "v1-second");
+    let (first, second) = (
+        str_of(&list[0], "id").to_owned(),
+        str_of(&list[1], "id").to_owned(),
+    );
+    cmd().args(["verify", "--read-data"]).json();
+    let target = tmp.path().join("restored");
+    cmd()
+        .args(["restore", &second, "--target"])
+        .arg(&target)
+        .json();
+    let r = SampleAgent::open(&target);
+    let memory = fs::read_to_string(r.memdir().join("MEMORY.md")).expect("MEMORY.md");
+    assert!(memory.ends_with("# a note\n"), "{memory}");
+    assert!(r.row_counts().expect("rows").values().all(|n| *n > 0));
+
+    // Pins need format 2: the first pin raises the store to it; everything still reads.
+    cmd().args(["pin", &first]).json();
+    cmd().args(["forget", "--keep-last", "1"]).json();
+    assert_eq!(
+        cmd().arg("list").json().as_array().map(|a| a.len()),
+        Some(2)
+    );
+    cmd().args(["unpin", &first]).json();
+    cmd().args(["forget", "--keep-last", "1"]).json();
+    cmd().args(["prune", "--max-unused", "0"]).json();
+    cmd().args(["verify", "--read-data"]).json();
+    let again = tmp.path().join("again");
+    cmd()
+        .args(["restore", &second, "--target"])
+        .arg(&again)
+        .json();
+    assert_eq!(
+        SampleAgent::open(&again).row_counts().expect("rows"),
+        r.row_counts().expect("rows")
+    );
+}
