@@ -17,7 +17,7 @@ use crate::lock::Mode;
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::index::{self, CHUNKS, PACKS, PackRecord};
-use crate::store::pack::{ChunkLoc, PackId, PackWriter};
+use crate::store::pack::{ChunkLoc, ENTRY_LEN, HEADER_LEN, PackId, PackWriter, TRAILER_LEN};
 use crate::store::reader::{ChunkReader, PackFiles};
 use crate::tree;
 
@@ -77,9 +77,20 @@ pub struct PruneReport {
 #[derive(Default)]
 struct PackUse {
     size: u64,
+    /// Chunks the pack file holds (its footer), live or not, indexed or not.
+    count: u32,
     live: Vec<(ChunkId, ChunkLoc)>,
     live_bytes: u64,
-    dead_bytes: u64,
+}
+
+impl PackUse {
+    /// Chunk bytes no snapshot uses: counted from the file's size, not from index entries, so
+    /// that chunks an earlier prune dropped from the index (leaving their pack below the
+    /// threshold) still count against the pack.
+    fn unused(&self) -> u64 {
+        let overhead = HEADER_LEN + u64::from(self.count) * ENTRY_LEN as u64 + TRAILER_LEN;
+        self.size.saturating_sub(overhead + self.live_bytes)
+    }
 }
 
 pub(crate) fn prune(
@@ -137,7 +148,9 @@ pub(crate) fn prune(
         for item in table.iter().map_err(|e| index.err()(e.into()))? {
             let (k, v) = item.map_err(|e| index.err()(e.into()))?;
             let rec: PackRecord = index::decode_record(1, v.value(), "pack record")?;
-            packs.entry(PackId(k.value())).or_default().size = rec.size;
+            let u = packs.entry(PackId(k.value())).or_default();
+            u.size = rec.size;
+            u.count = rec.chunks;
         }
         let mut dead = Vec::new();
         let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
@@ -145,12 +158,11 @@ pub(crate) fn prune(
             let (k, v) = item.map_err(|e| index.err()(e.into()))?;
             let id = ChunkId(k.value());
             let loc = ChunkLoc::decode(&v.value());
-            let usage = packs.entry(loc.pack).or_default();
             if live.contains(&id) {
+                let usage = packs.entry(loc.pack).or_default();
                 usage.live_bytes += u64::from(loc.stored_len);
                 usage.live.push((id, loc));
             } else {
-                usage.dead_bytes += u64::from(loc.stored_len);
                 dead.push(id);
             }
         }
@@ -176,16 +188,16 @@ pub(crate) fn prune(
     let mut delete: Vec<PackId> = Vec::new();
     let mut rewrite: Vec<PackId> = Vec::new();
     for (id, u) in &packs {
-        let data = u.live_bytes + u.dead_bytes;
+        let data = u.live_bytes + u.unused();
         if u.live.is_empty() {
             delete.push(*id);
             report.bytes_freed += u.size;
-        } else if data > 0 && u.dead_bytes as f64 / data as f64 > threshold {
+        } else if data > 0 && u.unused() as f64 / data as f64 > threshold {
             rewrite.push(*id);
             report.bytes_copied += u.live_bytes;
             report.bytes_freed += u.size.saturating_sub(u.live_bytes);
         } else {
-            report.bytes_unused_after += u.dead_bytes;
+            report.bytes_unused_after += u.unused();
         }
     }
     report.packs_deleted = delete.len() as u64;
