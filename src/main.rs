@@ -6,5 +6,11 @@ mod cli;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of stdout goes away (`| head`) instead
+    // of panicking on the failed write. Rust sets SIGPIPE to ignored before main.
+    // SAFETY: restoring a signal's default disposition, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     cli::main()
 }
