@@ -4,17 +4,20 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::bundle::export::{ExportReport, ExportRequest};
 use crate::bundle::import::{BundleVerifyReport, ImportReport, ImportRequest};
 use crate::error::Error;
+use crate::events::{Event, EventPublisher, NoEvents};
 use crate::manifest::snapshot::SnapshotInfo;
+use crate::metrics::{Metrics, Op};
 use crate::names::AgentId;
 use crate::ops::forget::{ForgetReport, ForgetRequest};
 use crate::ops::prune::{PruneReport, PruneRequest};
 use crate::ops::restore::{RestoreReport, RestoreRequest};
 use crate::ops::snapshot::SnapshotRequest;
+use crate::ops::stats::StatsReport;
 use crate::ops::verify::VerifyReport;
 use crate::ops::{NoProgress, Progress, SnapshotDetails};
 use crate::store::Store;
@@ -47,6 +50,8 @@ impl StoreOptions {
 pub struct Memsnap {
     store: Store,
     progress: Arc<dyn Progress>,
+    events: Arc<dyn EventPublisher>,
+    metrics: Metrics,
 }
 
 impl Memsnap {
@@ -69,7 +74,45 @@ impl Memsnap {
         Ok(Self {
             store,
             progress: Arc::new(NoProgress),
+            events: Arc::new(NoEvents),
+            metrics: Metrics::new(),
         })
+    }
+
+    /// Tells `p` of every successful snapshot, restore, delete, forget, prune, import and export
+    /// (dry runs excepted).
+    pub fn with_events(mut self, p: Arc<dyn EventPublisher>) -> Self {
+        self.events = p;
+        self
+    }
+
+    /// Records into `m` instead of a registry of this handle's own (clones share theirs anyway).
+    pub fn with_metrics(mut self, m: Metrics) -> Self {
+        self.metrics = m;
+        self
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// This handle's metrics in the Prometheus text format, for a `/metrics` endpoint.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.text()
+    }
+
+    /// Snapshot counts, sizes and ratios, per agent (matching `tenant` and `agent`) and for the
+    /// whole store. Walks every snapshot's trees; holds the store lock shared.
+    pub fn stats(&self, tenant: Option<&str>, agent: Option<&str>) -> Result<StatsReport, Error> {
+        crate::ops::stats::stats(&self.store, tenant, agent)
+    }
+
+    /// Runs `f`, counting it in the metrics as `op` with its outcome and duration.
+    fn tracked<T>(&self, op: Op, f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+        let started = Instant::now();
+        let res = f();
+        self.metrics.record(op, res.is_ok(), started.elapsed());
+        res
     }
 
     /// Reports progress of long operations to `p` (the CLI draws a bar).
@@ -83,11 +126,23 @@ impl Memsnap {
     }
 
     pub fn snapshot(&self, req: &SnapshotRequest) -> Result<SnapshotInfo, Error> {
-        crate::ops::snapshot::snapshot(&self.store, req, self.progress.as_ref())
+        let info = self.tracked(Op::Snapshot, || {
+            crate::ops::snapshot::snapshot(&self.store, req, self.progress.as_ref())
+        })?;
+        self.metrics
+            .add_bytes(info.stats.bytes_read, info.stats.new_stored_bytes);
+        self.events.publish(&Event::created(&info));
+        Ok(info)
     }
 
     pub fn restore(&self, req: &RestoreRequest) -> Result<RestoreReport, Error> {
-        crate::ops::restore::restore(&self.store, req, self.progress.as_ref())
+        let report = self.tracked(Op::Restore, || {
+            crate::ops::restore::restore(&self.store, req, self.progress.as_ref())
+        })?;
+        if let Some(e) = Event::restored(&report, req.target.as_deref()) {
+            self.events.publish(&e);
+        }
+        Ok(report)
     }
 
     /// Snapshots, oldest first; `None` matches every tenant or agent.
@@ -101,6 +156,18 @@ impl Memsnap {
 
     pub fn show(&self, snapshot: &str, agent: Option<&AgentId>) -> Result<SnapshotDetails, Error> {
         crate::ops::show(&self.store, snapshot, agent)
+    }
+
+    /// What changed from snapshot `a` to snapshot `b`: artifacts, database rows and schemas,
+    /// git commits, notes (with unified diffs when `patch`) and state JSON fields.
+    pub fn diff(
+        &self,
+        a: &str,
+        b: &str,
+        agent: Option<&AgentId>,
+        patch: bool,
+    ) -> Result<crate::ops::diff::DiffReport, Error> {
+        crate::ops::diff::diff(&self.store, a, b, agent, patch)
     }
 
     /// Verifies one snapshot, or all with `None`.
@@ -120,7 +187,11 @@ impl Memsnap {
     }
 
     pub fn delete(&self, snapshot: &str, agent: Option<&AgentId>) -> Result<SnapshotInfo, Error> {
-        crate::ops::delete(&self.store, snapshot, agent)
+        let info = self.tracked(Op::Delete, || {
+            crate::ops::delete(&self.store, snapshot, agent)
+        })?;
+        self.events.publish(&Event::deleted(&info));
+        Ok(info)
     }
 
     /// Pinned snapshots are never forgotten nor deleted.
@@ -134,22 +205,40 @@ impl Memsnap {
 
     /// Removes snapshot records by a retention policy (their data goes with the next prune).
     pub fn forget(&self, req: &ForgetRequest) -> Result<ForgetReport, Error> {
-        crate::ops::forget::forget(&self.store, req)
+        let report = self.tracked(Op::Forget, || crate::ops::forget::forget(&self.store, req))?;
+        for e in Event::forgotten(&report) {
+            self.events.publish(&e);
+        }
+        Ok(report)
     }
 
     /// Frees the space of chunks no snapshot references (store-format.md, "Garbage collection").
     pub fn prune(&self, req: &PruneRequest) -> Result<PruneReport, Error> {
-        crate::ops::prune::prune(&self.store, req, self.progress.as_ref())
+        let report = self.tracked(Op::Prune, || {
+            crate::ops::prune::prune(&self.store, req, self.progress.as_ref())
+        })?;
+        if let Some(e) = Event::pruned(&report) {
+            self.events.publish(&e);
+        }
+        Ok(report)
     }
 
     /// Writes a snapshot as a portable bundle (store-format.md, "Bundles").
     pub fn export(&self, req: &ExportRequest) -> Result<ExportReport, Error> {
-        crate::bundle::export::export(&self.store, req, self.progress.as_ref())
+        let report = self.tracked(Op::Export, || {
+            crate::bundle::export::export(&self.store, req, self.progress.as_ref())
+        })?;
+        self.events.publish(&Event::exported(&report));
+        Ok(report)
     }
 
     /// Adds a bundle's snapshot to the store, deduplicating, after checking all of it.
     pub fn import(&self, req: &ImportRequest) -> Result<ImportReport, Error> {
-        crate::bundle::import::import(&self.store, req, self.progress.as_ref())
+        let report = self.tracked(Op::Import, || {
+            crate::bundle::import::import(&self.store, req, self.progress.as_ref())
+        })?;
+        self.events.publish(&Event::imported(&report));
+        Ok(report)
     }
 
     /// Restores from a bundle: imports it (checked whole, deduplicated), then restores that

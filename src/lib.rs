@@ -7,10 +7,12 @@ mod api;
 mod bundle;
 mod chunk;
 mod error;
+mod events;
 mod failpoint;
 mod fsutil;
 mod lock;
 mod manifest;
+mod metrics;
 mod names;
 mod ops;
 pub mod sample;
@@ -25,13 +27,20 @@ pub use bundle::import::{
 };
 pub use bundle::manifest::RedactionDetail;
 pub use error::{BundleError, Error, Result, SourceError, StoreError};
+pub use events::{Event, EventPublisher, JsonLinesPublisher, NoEvents};
 pub use manifest::snapshot::{GitMeta, SnapshotInfo, SnapshotStats};
+pub use metrics::Metrics;
 pub use names::AgentId;
+pub use ops::diff::{
+    ArtifactChange, CommitInfo, DatabaseDiff, DiffReport, DiffSide, DiffSummary, FieldChange,
+    FileStat, GitDiff, NoteChange, NotesDiff, SchemaChange, StateDiff, TableDiff,
+};
 pub use ops::forget::{ForgetGroup, ForgetReport, ForgetRequest};
 pub use ops::prune::{PruneReport, PruneRequest};
 pub use ops::restore::{RestorePlan, RestoreReport, RestoreRequest};
 pub use ops::retention::{Decision, RetentionPolicy, parse_duration};
 pub use ops::snapshot::SnapshotRequest;
+pub use ops::stats::{AgentStats, StatsReport, StoreStats};
 pub use ops::verify::{Damage, VerifyReport};
 pub use ops::{ArtifactInfo, NoProgress, Progress, SnapshotDetails};
 pub use source::SourceSpec;

@@ -62,7 +62,6 @@ fn rand_suffix() -> String {
 fn prune_reclaims_the_space_of_forgotten_snapshots_and_keeps_the_rest_intact() {
     let f = Fixture::new();
     let (old, image, new) = history(&f);
-    let before = packs_bytes(&f.store);
 
     // Nothing is unused yet: a prune changes nothing.
     let p = f.cmd().arg("prune").json();

@@ -39,6 +39,9 @@ pub(crate) struct Cli {
     /// Seconds to wait for an agent another process is working on.
     #[arg(long, global = true, default_value_t = 30.0)]
     lock_timeout: f64,
+    /// Append one JSON line per lifecycle event (created, restored, deleted, ...) to FILE.
+    #[arg(long, global = true, env = "MEMSNAP_EVENTS", value_name = "FILE")]
+    events: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -164,6 +167,29 @@ enum Command {
         tenant: Option<String>,
         #[arg(long)]
         agent: Option<String>,
+    },
+    /// What changed between two snapshots: artifacts, database rows and schemas, git commits,
+    /// notes and state fields.
+    Diff {
+        /// The older snapshot (id, unique prefix, or `latest`).
+        a: String,
+        /// The newer snapshot.
+        b: String,
+        #[command(flatten)]
+        who: AgentArgs,
+        /// Show a unified diff of each changed note.
+        #[arg(long)]
+        patch: bool,
+    },
+    /// Sizes, deduplication and compression, per agent and for the whole store.
+    Stats {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        /// Print the Prometheus text exposition format instead (store gauges and counters).
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
     },
     /// Show one snapshot and its artifacts.
     Show {
@@ -387,7 +413,11 @@ fn open(cli: &Cli, create: bool) -> anyhow::Result<Memsnap> {
     } else {
         Memsnap::open(&path, opts(cli)?)?
     };
-    Ok(m.with_progress(progress(cli)))
+    let m = m.with_progress(progress(cli));
+    Ok(match &cli.events {
+        Some(p) => m.with_events(Arc::new(memsnap::JsonLinesPublisher::new(p))),
+        None => m,
+    })
 }
 
 fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
@@ -427,6 +457,27 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
         Command::List { tenant, agent } => {
             let m = open(cli, false)?;
             out.list(&m.list(tenant.as_deref(), agent.as_deref())?);
+        }
+        Command::Diff { a, b, who, patch } => {
+            let m = open(cli, false)?;
+            out.diff(&m.diff(a, b, who.agent_id()?.as_ref(), *patch)?);
+        }
+        Command::Stats {
+            tenant,
+            agent,
+            prometheus,
+        } => {
+            let m = open(cli, false)?;
+            let report = m.stats(tenant.as_deref(), agent.as_deref())?;
+            if *prometheus {
+                // One short-lived process: its own counters are zero; the store gauges are not.
+                print!(
+                    "# memsnap stats: store gauges; operation counters are this process's (zero)\n{}",
+                    m.metrics().text_with_store(&report)
+                );
+            } else {
+                out.stats(&report);
+            }
         }
         Command::Show { snap, who } => {
             let m = open(cli, false)?;

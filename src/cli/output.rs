@@ -486,9 +486,152 @@ impl Out {
         }
     }
 
+    pub(crate) fn diff(&self, r: &memsnap::DiffReport) {
+        if self.emit(r) {
+            return;
+        }
+        let short = |s: &str| s.chars().take(8).collect::<String>();
+        println!(
+            "diff {} ({} UTC) -> {} ({} UTC)",
+            short(&r.a.id),
+            utc(r.a.created_at_ms),
+            short(&r.b.id),
+            utc(r.b.created_at_ms)
+        );
+        if r.identical {
+            println!("no change");
+            return;
+        }
+        let s = &r.summary;
+        println!(
+            "artifacts: {} added, {} removed, {} changed, {} unchanged; {} of new data",
+            s.artifacts_added,
+            s.artifacts_removed,
+            s.artifacts_changed,
+            s.artifacts_unchanged,
+            bytes(s.bytes_changed)
+        );
+        if !r.databases.is_empty() {
+            println!("\ndatabases ({} differ):", r.databases.len());
+            for d in &r.databases {
+                println!("  {} ({})", d.name, d.change);
+                for t in &d.tables {
+                    println!(
+                        "    {}: +{} -{} ~{} rows",
+                        t.name, t.rows_added, t.rows_removed, t.rows_changed
+                    );
+                }
+                for c in &d.schema_changes {
+                    println!("    schema: {} {} {}", c.kind, c.name, c.change);
+                }
+            }
+        }
+        if let Some(g) = &r.git {
+            let head = |h: &Option<String>| h.as_deref().map(short).unwrap_or("-".into());
+            println!(
+                "\ngit: {} -> {}: {} commits, {} files changed, +{} -{}",
+                head(&g.a_head),
+                head(&g.b_head),
+                g.commits.len(),
+                g.files_changed,
+                g.insertions,
+                g.deletions
+            );
+            for c in &g.commits {
+                println!("  {} {}", short(&c.oid), c.subject);
+            }
+            if let Some(n) = &g.note {
+                println!("  ({n})");
+            }
+        }
+        let n = &r.notes;
+        if !(n.added.is_empty() && n.removed.is_empty() && n.changed.is_empty()) {
+            println!(
+                "\nnotes: {} added, {} removed, {} changed",
+                n.added.len(),
+                n.removed.len(),
+                n.changed.len()
+            );
+            n.added.iter().for_each(|p| println!("  + {p}"));
+            n.removed.iter().for_each(|p| println!("  - {p}"));
+            for c in &n.changed {
+                println!("  ~ {}", c.path);
+                if let Some(p) = &c.patch {
+                    for l in p.lines() {
+                        println!("    {l}");
+                    }
+                }
+            }
+            if let Some(note) = &n.note {
+                println!("  ({note})");
+            }
+        }
+        if !r.state.is_empty() {
+            println!("\nstate: {} files differ", r.state.len());
+            let show = |v: &Option<serde_json::Value>| match v {
+                Some(v) => v.to_string(),
+                None => "(absent)".into(),
+            };
+            for st in &r.state {
+                println!("  {} ({})", st.name, st.change);
+                for f in &st.fields {
+                    println!("    {}: {} -> {}", f.path, show(&f.old), show(&f.new));
+                }
+                if let Some(note) = &st.note {
+                    println!("    ({note})");
+                }
+            }
+        }
+    }
+
     pub(crate) fn line(&self, s: &str) {
         if !self.json && !self.quiet {
             println!("{s}");
+        }
+    }
+
+    pub(crate) fn stats(&self, r: &memsnap::StatsReport) {
+        if self.emit(r) {
+            return;
+        }
+        let ratio = |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}x"));
+        let s = &r.store;
+        println!(
+            "store: {} snapshots of {} agents, {} logical ({} newest), {} stored in {} packs",
+            s.snapshots,
+            s.agents,
+            bytes(s.logical_bytes),
+            bytes(s.latest_logical_bytes),
+            bytes(s.stored_bytes),
+            s.packs
+        );
+        println!(
+            "       {} chunks ({} unused, {}; prune --max-unused 0 frees {}), dedup {}, compression {}",
+            s.chunks,
+            s.chunks_unused,
+            bytes(s.unused_bytes),
+            bytes(s.reclaimable_bytes),
+            ratio(s.dedup_ratio),
+            ratio(s.compression_ratio)
+        );
+        if r.agents.is_empty() {
+            return;
+        }
+        println!(
+            "{:<24}  {:>5}  {:>10}  {:>10}  {:>10}  {:>7}  {:>7}",
+            "AGENT", "SNAPS", "LOGICAL", "NEWEST", "STORED", "DEDUP", "COMPR"
+        );
+        for a in &r.agents {
+            println!(
+                "{:<24}  {:>5}  {:>10}  {:>10}  {:>10}  {:>7}  {:>7}",
+                format!("{}/{}", a.tenant, a.agent),
+                a.snapshots,
+                bytes(a.logical_bytes),
+                bytes(a.latest_logical_bytes),
+                bytes(a.stored_bytes),
+                ratio(a.dedup_ratio),
+                ratio(a.compression_ratio)
+            );
         }
     }
 }

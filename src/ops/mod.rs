@@ -1,10 +1,12 @@
 //! The operations on a store, one file each; shared lookups live here.
 
+pub(crate) mod diff;
 pub(crate) mod forget;
 pub(crate) mod prune;
 pub(crate) mod restore;
 pub(crate) mod retention;
 pub(crate) mod snapshot;
+pub(crate) mod stats;
 pub(crate) mod verify;
 
 use redb::ReadableTable;
