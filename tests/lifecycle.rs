@@ -121,7 +121,11 @@ fn prune_reclaims_the_space_of_forgotten_snapshots_and_keeps_the_rest_intact() {
 
 #[test]
 fn a_prune_killed_at_each_step_is_finished_by_the_next_with_nothing_lost() {
-    for point in ["prune:before-commit", "prune:before-delete"] {
+    for point in [
+        "prune:mid-rewrite",
+        "prune:before-commit",
+        "prune:before-delete",
+    ] {
         let f = Fixture::new();
         let (old, _, new) = history(&f);
         let image = AgentImage::capture(&f.agent);

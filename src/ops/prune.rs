@@ -229,6 +229,10 @@ pub(crate) fn prune(
             let Some(w) = writer.as_mut() else { continue };
             let new = w.append(*chunk, loc.raw_len, loc.flags, &stored)?;
             moved.push((*chunk, new));
+            if moved.len() == 1 {
+                // A crash here leaves a new pack without its footer.
+                crate::failpoint::hit("prune:mid-rewrite")?;
+            }
             progress.advance(stored.len() as u64);
             if w.len() >= store.config.pack_target_size
                 && let Some(w) = writer.take()
