@@ -185,12 +185,22 @@ pub(crate) fn walk(
     )
 }
 
+/// What [`walk_unseen`] has visited: (id, is a tree node). A data chunk whose bytes happen to
+/// equal a tree node's has the same id; keyed by id alone, meeting it first as data would hide
+/// the node's whole subtree from a later walk (and prune would free it).
+pub(crate) type Seen = HashSet<(ChunkId, bool)>;
+
+/// The ids in a [`Seen`] set, nodes and data alike.
+pub(crate) fn seen_ids(seen: &Seen) -> HashSet<ChunkId> {
+    seen.iter().map(|(id, _)| *id).collect()
+}
+
 /// Like [`walk`] without data, but skips every node and data chunk already in `seen` (adding
 /// the new ones): a subtree shared with an earlier walk is visited once.
 pub(crate) fn walk_unseen(
     reader: &mut ChunkReader<'_>,
     content: &ContentRef,
-    seen: &mut HashSet<ChunkId>,
+    seen: &mut Seen,
     visit: &mut Visitor<'_>,
 ) -> Result<(), StoreError> {
     walk_at(
@@ -208,11 +218,11 @@ fn walk_at(
     id: &ChunkId,
     height: u8,
     read_data: bool,
-    mut seen: Option<&mut HashSet<ChunkId>>,
+    mut seen: Option<&mut Seen>,
     visit: &mut Visitor<'_>,
 ) -> Result<(), StoreError> {
     if let Some(seen) = seen.as_deref_mut()
-        && !seen.insert(*id)
+        && !seen.insert((*id, height > 0))
     {
         return Ok(());
     }

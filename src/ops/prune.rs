@@ -17,7 +17,9 @@ use crate::lock::Mode;
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::index::{self, CHUNKS, PACKS, PackRecord};
-use crate::store::pack::{ChunkLoc, ENTRY_LEN, HEADER_LEN, PackId, PackWriter, TRAILER_LEN};
+use crate::store::pack::{
+    ChunkLoc, ENTRY_LEN, FLAG_TREE, HEADER_LEN, PackId, PackWriter, TRAILER_LEN,
+};
 use crate::store::reader::{ChunkReader, PackFiles};
 use crate::tree;
 
@@ -107,13 +109,13 @@ pub(crate) fn prune(
     };
 
     // Mark: every chunk reachable from a snapshot record.
-    let (live, dead, mut packs) = {
+    let (live, dead, mut packs, demote) = {
         let index = store.index()?;
         let tx = index.begin_read()?;
         let records = super::all_records(&index, &tx)?;
         report.snapshots = records.len() as u64;
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
-        let mut live: HashSet<ChunkId> = HashSet::new();
+        let mut seen = tree::Seen::new();
         let mut damaged = None;
         for r in &records {
             let mut visit = |id: &ChunkId, _: bool, res: Result<Vec<u8>, StoreError>| {
@@ -126,12 +128,21 @@ pub(crate) fn prune(
                 }
                 Ok(())
             };
-            tree::walk_unseen(&mut reader, &r.manifest, &mut live, &mut visit)?;
+            tree::walk_unseen(&mut reader, &r.manifest, &mut seen, &mut visit)?;
             let entries = super::load_entries(&mut reader, r)?;
             for e in entries.iter().filter_map(|e| e.content.as_ref()) {
-                tree::walk_unseen(&mut reader, e, &mut live, &mut visit)?;
+                tree::walk_unseen(&mut reader, e, &mut seen, &mut visit)?;
             }
         }
+        let live = tree::seen_ids(&seen);
+        // Ids reached only as data: if their entry says "tree node", the subtree below it may
+        // be freed now, so the entry must stop saying so (I3).
+        let data_only: HashSet<ChunkId> = seen
+            .iter()
+            .filter(|(id, is_node)| !is_node && !seen.contains(&(*id, true)))
+            .map(|(id, _)| *id)
+            .collect();
+        drop(seen);
         if let Some(d) = damaged {
             // Marking through a damaged tree would miss what lies below it: deleting then could
             // lose live chunks.
@@ -153,12 +164,16 @@ pub(crate) fn prune(
             u.count = rec.chunks;
         }
         let mut dead = Vec::new();
+        let mut demote = Vec::new();
         let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
         for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
             let (k, v) = item.map_err(|e| index.err()(e.into()))?;
             let id = ChunkId(k.value());
             let loc = ChunkLoc::decode(&v.value());
             if live.contains(&id) {
+                if loc.flags & FLAG_TREE != 0 && data_only.contains(&id) {
+                    demote.push((id, loc));
+                }
                 let usage = packs.entry(loc.pack).or_default();
                 usage.live_bytes += u64::from(loc.stored_len);
                 usage.live.push((id, loc));
@@ -167,7 +182,7 @@ pub(crate) fn prune(
             }
         }
         report.chunks = live.len() as u64 + dead.len() as u64;
-        (live, dead, packs)
+        (live, dead, packs, demote)
     };
     report.chunks_unused = dead.len() as u64;
     drop(live);
@@ -268,6 +283,20 @@ pub(crate) fn prune(
                     .insert(id.0, loc.encode())
                     .map_err(|e| index.err()(e.into()))?;
             }
+            for (id, loc) in &demote {
+                // Moved meanwhile? The moved entry carries the same flags: demote that one.
+                let current = moved
+                    .iter()
+                    .find(|(m, _)| m == id)
+                    .map_or(*loc, |(_, l)| *l);
+                let data = ChunkLoc {
+                    flags: current.flags & !FLAG_TREE,
+                    ..current
+                };
+                chunks
+                    .insert(id.0, data.encode())
+                    .map_err(|e| index.err()(e.into()))?;
+            }
             let mut table = tx.open_table(PACKS).map_err(|e| index.err()(e.into()))?;
             for id in delete.iter().chain(&rewrite) {
                 table.remove(id.0).map_err(|e| index.err()(e.into()))?;
@@ -339,4 +368,110 @@ fn pack_files(store: &Store) -> Result<Vec<(PackId, u64)>, Error> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Memsnap, StoreOptions};
+    use crate::names::AgentId;
+    use crate::ops::restore::RestoreRequest;
+    use crate::ops::snapshot::SnapshotRequest;
+    use crate::source::SourceSpec;
+
+    /// A file whose bytes equal a tree node of another file has the node's id. Regression: the
+    /// mark phase met that id first as the file's data chunk and skipped the node's subtree, so
+    /// prune freed chunks a kept snapshot needed.
+    #[test]
+    fn a_file_equal_to_a_tree_node_does_not_hide_the_nodes_subtree() -> Result<(), Error> {
+        let tmp = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+        let agent_dir = tmp.path().join("agent");
+        let memdir = agent_dir.join("memdir");
+        std::fs::create_dir_all(&memdir).map_err(|e| Error::io(&memdir, e))?;
+        // Text that does not repeat, so FastCDC cuts it into many chunks under a tree node.
+        let mut text = String::new();
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        while text.len() < 400_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            text.push_str(&format!("{x:016x} "));
+        }
+        std::fs::write(memdir.join("b"), &text).map_err(|e| Error::io("b", e))?;
+        let m = Memsnap::create(tmp.path().join("store"), StoreOptions::default())?;
+        let id = AgentId::new("acme", "ana")?;
+        let req = SnapshotRequest::new(id.clone()).sources(SourceSpec::from_root(&agent_dir));
+        let first = m.snapshot(&req)?;
+
+        // b's root node, read from the store.
+        let store = Store::open(&tmp.path().join("store"), std::time::Duration::from_secs(5))?;
+        let node = {
+            let index = store.index()?;
+            let tx = index.begin_read()?;
+            let record = crate::ops::resolve(&index, &tx, &first.id, None)?;
+            let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+            let entries = crate::ops::load_entries(&mut reader, &record)?;
+            let b = entries
+                .iter()
+                .find(|e| e.path == b"b")
+                .and_then(|e| e.content)
+                .ok_or_else(|| Error::io("b", std::io::Error::other("no content")))?;
+            assert!(b.height >= 1, "b is a tree");
+            reader.read(&b.root)?
+        };
+        // `a` sorts before `b`: the walk meets the id as a's data first.
+        std::fs::write(memdir.join("a"), &node).map_err(|e| Error::io("a", e))?;
+        let second = m.snapshot(&req)?;
+        m.delete(&first.id, None)?;
+        m.prune(&PruneRequest::default().max_unused_percent(0.0))?;
+
+        let report = m.verify(None, None, true)?;
+        assert!(report.ok(), "{report:?}");
+        let target = tmp.path().join("restored");
+        m.restore(
+            &RestoreRequest::new(second.id.as_str())
+                .target(&target)
+                .pre_snapshot(false),
+        )?;
+        let back =
+            std::fs::read_to_string(target.join("memdir/b")).map_err(|e| Error::io("b", e))?;
+        assert_eq!(back, text);
+
+        // Now only `a` uses the id, as data: prune frees b's chunks and the entry must stop
+        // claiming a subtree (I3), or a later snapshot of b would trust it for b's children.
+        std::fs::remove_file(memdir.join("b")).map_err(|e| Error::io("b", e))?;
+        let third = m.snapshot(&req)?;
+        m.delete(&second.id, None)?;
+        m.prune(&PruneRequest::default().max_unused_percent(0.0))?;
+        {
+            let index = store.index()?;
+            let tx = index.begin_read()?;
+            let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
+            let id = ChunkId::of(&node);
+            let loc = chunks
+                .get(id.0)
+                .map_err(|e| index.err()(e.into()))?
+                .map(|g| ChunkLoc::decode(&g.value()))
+                .ok_or_else(|| Error::io("a", std::io::Error::other("a's chunk is gone")))?;
+            assert_eq!(
+                loc.flags & FLAG_TREE,
+                0,
+                "a data-only chunk is not a tree node"
+            );
+        }
+        std::fs::write(memdir.join("b"), &text).map_err(|e| Error::io("b", e))?;
+        let fourth = m.snapshot(&req)?;
+        assert!(m.verify(None, None, true)?.ok());
+        let again = tmp.path().join("again");
+        m.restore(
+            &RestoreRequest::new(fourth.id.as_str())
+                .target(&again)
+                .pre_snapshot(false),
+        )?;
+        let back =
+            std::fs::read_to_string(again.join("memdir/b")).map_err(|e| Error::io("b", e))?;
+        assert_eq!(back, text);
+        assert_ne!(third.id, fourth.id);
+        Ok(())
+    }
 }

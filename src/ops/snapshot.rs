@@ -21,6 +21,7 @@ use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::config::StoreConfig;
 use crate::store::index::{self, AGENTS, CHUNKS, PACKS, SNAPSHOTS};
+use crate::store::pack::{ChunkLoc, FLAG_TREE};
 use crate::store::writer::{ChunkWriter, KnownFilter, Pending};
 use crate::tree::{ContentRef, TreeBuilder};
 
@@ -391,12 +392,16 @@ pub(crate) fn commit(
         let mut chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
         let mut missing = Vec::new();
         for id in &pending.confirm {
-            if chunks
+            let entry = chunks
                 .get(id.0)
                 .map_err(|e| index.err()(e.into()))?
-                .is_none()
-            {
-                missing.push(*id);
+                .map(|g| ChunkLoc::decode(&g.value()));
+            // A node hit stands for its subtree (I3) only if the entry is a tree node.
+            let is_tree = |l: &ChunkLoc| l.flags & FLAG_TREE != 0;
+            match entry {
+                None => missing.push(*id),
+                Some(l) if pending.node_hits.contains(id) && !is_tree(&l) => missing.push(*id),
+                Some(_) => {}
             }
         }
         if !missing.is_empty() {
@@ -409,12 +414,18 @@ pub(crate) fn commit(
             return Ok(Commit::Missing(missing));
         }
         for (id, loc) in &pending.new_chunks {
-            // Another process may have committed the same chunk meanwhile: keep its copy.
-            if chunks
+            // Another process may have committed the same chunk meanwhile: keep its copy, unless
+            // it holds the same bytes as a data chunk and ours is the tree node (I3 needs the
+            // node's entry to say so).
+            let existing = chunks
                 .get(id.0)
                 .map_err(|e| index.err()(e.into()))?
-                .is_none()
-            {
+                .map(|g| ChunkLoc::decode(&g.value()));
+            let replace = match existing {
+                None => true,
+                Some(e) => loc.flags & FLAG_TREE != 0 && e.flags & FLAG_TREE == 0,
+            };
+            if replace {
                 chunks
                     .insert(id.0, loc.encode())
                     .map_err(|e| index.err()(e.into()))?;

@@ -124,7 +124,7 @@ pub(crate) fn stats(
         let mut reached: Vec<(AgentStats, HashSet<ChunkId>)> = Vec::new();
         let mut unreadable = 0u64;
         for ((t, a), recs) in &by_agent {
-            let mut seen: HashSet<ChunkId> = HashSet::new();
+            let mut seen = tree::Seen::new();
             let mut visit = |_: &ChunkId, _: bool, res: Result<Vec<u8>, StoreError>| {
                 if res.is_err() {
                     unreadable += 1;
@@ -151,7 +151,7 @@ pub(crate) fn stats(
                     latest_logical_bytes: newest.info.logical_bytes,
                     ..Default::default()
                 },
-                seen,
+                tree::seen_ids(&seen),
             ));
         }
         s.unreadable_nodes = unreadable;

@@ -78,7 +78,7 @@ pub(crate) fn verify(
             None => super::all_records(&index, &tx)?,
         };
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
-        let mut seen: HashSet<ChunkId> = HashSet::new();
+        let mut seen = crate::tree::Seen::new();
         let mut located: Vec<(ChunkId, ChunkLoc)> = Vec::new();
         for record in &records {
             let entries = match super::load_entries(&mut reader, record) {

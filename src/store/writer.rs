@@ -61,6 +61,7 @@ pub(crate) struct Pending {
     /// (pack, size in bytes, chunk count)
     pub packs: Vec<(PackId, u64, u32)>,
     pub confirm: Vec<ChunkId>,
+    pub node_hits: HashSet<ChunkId>,
     pub stats: WriteStats,
 }
 
@@ -75,6 +76,9 @@ pub(crate) struct ChunkWriter {
     dirs: BTreeSet<PathBuf>,
     /// Filter hits that no confirmed tree node covers: looked up one by one at commit.
     pub(crate) confirm: Vec<ChunkId>,
+    /// Tree nodes among the filter hits: at commit their index entry must be a tree node (a
+    /// data chunk with the same bytes proves nothing about a subtree).
+    pub(crate) node_hits: HashSet<ChunkId>,
     pub(crate) stats: WriteStats,
 }
 
@@ -99,6 +103,7 @@ impl ChunkWriter {
             done: Vec::new(),
             dirs: BTreeSet::new(),
             confirm: Vec::new(),
+            node_hits: HashSet::new(),
             stats: WriteStats::default(),
         }
     }
@@ -150,10 +155,14 @@ impl ChunkWriter {
 
     pub(crate) fn put_tree_node(&mut self, node: Vec<u8>) -> Result<Put, StoreError> {
         let mut v = self.put_batch(vec![node], FLAG_TREE)?;
-        v.pop().ok_or_else(|| StoreError::CorruptRecord {
+        let put = v.pop().ok_or_else(|| StoreError::CorruptRecord {
             what: "tree node".into(),
             message: "writer returned no result".into(),
-        })
+        })?;
+        if put.hit {
+            self.node_hits.insert(put.id);
+        }
+        Ok(put)
     }
 
     fn append(
@@ -218,6 +227,7 @@ impl ChunkWriter {
             new_chunks: self.new_chunks,
             packs: self.done,
             confirm: self.confirm,
+            node_hits: self.node_hits,
             stats: self.stats,
         })
     }
