@@ -348,3 +348,26 @@ fn a_store_written_by_memsnap_0_1_still_lists_verifies_restores_pins_and_prunes(
         r.row_counts().expect("rows")
     );
 }
+
+#[test]
+fn delete_and_forget_finish_an_interrupted_restore_before_touching_records() {
+    let f = Fixture::new();
+    let first = f.snapshot_id();
+    let image = AgentImage::capture(&f.agent);
+    f.agent.append_day(5, 0.05).expect("append");
+    let second = f.snapshot_id();
+    f.crash_restore(&first, "restore:memdir-switched");
+    assert!(f.journal().exists(), "the crashed restore left its journal");
+    // Deleting the snapshot that restore needs must not strand it: the restore is finished
+    // first, under the agent lock, and the record goes afterwards.
+    f.cmd().args(["delete", &first]).json();
+    assert!(!f.journal().exists(), "delete finished the restore");
+    image.assert_matches(&f.agent, "restore finished by delete");
+    f.cmd().args(["prune", "--max-unused", "0"]).json();
+    f.cmd().args(["verify", "--read-data"]).json();
+
+    // The same for forget.
+    f.crash_restore(&second, "restore:memdir-switched");
+    f.cmd().args(["forget", "--keep-last", "1"]).json();
+    assert!(!f.journal().exists(), "forget finished the restore");
+}

@@ -152,6 +152,8 @@ pub(crate) fn forget(store: &Store, req: &ForgetRequest) -> Result<ForgetReport,
         let id = AgentId::new(&tenant, &agent)?;
         // A snapshot of this agent committing meanwhile would change what "newest" means.
         let _agent = store.lock_agent(&id)?;
+        // An interrupted restore of this agent may still need its snapshot: finish it first.
+        super::restore::recover(store, &id)?;
         let index = store.index()?;
         let pins = {
             let tx = index.begin_read()?;

@@ -243,6 +243,8 @@ pub(crate) fn delete(
     };
     let owner = AgentId::new(&record.info.tenant, &record.info.agent)?;
     let _agent = store.lock_agent(&owner)?;
+    // An interrupted restore of this agent may still need the snapshot: finish it first.
+    restore::recover(store, &owner)?;
     let index = store.index()?;
     {
         let tx = index.begin_read()?;

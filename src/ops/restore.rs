@@ -259,6 +259,9 @@ pub(crate) fn recover(store: &Store, agent: &AgentId) -> Result<Option<String>, 
         }
         Phase::Switching => {
             tracing::warn!(snapshot = %j.snapshot_id, "finishing a restore interrupted while switching");
+            // An old journal without `state` makes the switch read the snapshot from the
+            // store: keep prune from freeing it meanwhile.
+            let _store = store.lock_store(Mode::Shared)?;
             switch(store, &j, None).map_err(|e| context(e, "finishing"))?;
             let j = Journal {
                 phase: Phase::Switched,
