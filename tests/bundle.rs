@@ -6,7 +6,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -37,37 +36,6 @@ fn fixture_bundle(case: &str, dir: &Path) -> PathBuf {
         }
     }
     bundle.expect("a bundle in the fixture folder")
-}
-
-fn decompressed(bundle: &Path) -> Vec<u8> {
-    let f = fs::File::open(bundle).expect("open bundle");
-    let mut out = Vec::new();
-    zstd::stream::read::Decoder::new(f)
-        .expect("zstd")
-        .read_to_end(&mut out)
-        .expect("decompress");
-    out
-}
-
-/// (path, header, bytes) of every tar entry.
-fn tar_entries(plain: &[u8]) -> Vec<(String, tar::Header, Vec<u8>)> {
-    let mut a = tar::Archive::new(plain);
-    let mut out = Vec::new();
-    for e in a.entries().expect("entries") {
-        let mut e = e.expect("entry");
-        let path = String::from_utf8(e.path_bytes().into_owned()).expect("utf-8 path");
-        let header = e.header().clone();
-        let mut data = Vec::new();
-        e.read_to_end(&mut data).expect("read entry");
-        out.push((path, header, data));
-    }
-    out
-}
-
-fn manifest_of(plain: &[u8]) -> Value {
-    let entries = tar_entries(plain);
-    assert_eq!(entries[0].0, "manifest.json", "the manifest comes first");
-    serde_json::from_slice(&entries[0].2).expect("manifest JSON")
 }
 
 fn git_head(memdir: &Path) -> String {
@@ -101,29 +69,6 @@ fn export(f: &Fixture, snap: &str, out: &Path, extra: &[&str]) -> Value {
         .arg(out)
         .args(extra)
         .json()
-}
-
-/// Every file below `dir` (relative path → bytes): what a store holds, to show nothing changed.
-/// `index.redb` is left out: redb rewrites its header on every open, whatever happens next; the
-/// index's content is compared through `list` instead.
-fn files_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut out = std::collections::BTreeMap::new();
-    if !dir.exists() {
-        return out;
-    }
-    for e in walkdir::WalkDir::new(dir) {
-        let e = e.expect("walk");
-        if e.file_type().is_file() && e.file_name() != "index.redb" {
-            let rel = e
-                .path()
-                .strip_prefix(dir)
-                .expect("rel")
-                .to_string_lossy()
-                .into_owned();
-            out.insert(rel, fs::read(e.path()).expect("read"));
-        }
-    }
-    out
 }
 
 /// Names the files that differ, not their bytes.
@@ -418,7 +363,7 @@ fn the_three_fixture_bundles_import_and_restore_with_the_expected_content() {
 fn the_age_fixture_fails_cleanly_without_its_identity() {
     let f = Fixture::new();
     f.snapshot();
-    let before = files_of(&f.store);
+    let before = store_files(&f.store);
     let listed = f.list();
     let d = f.path("age");
     fs::create_dir_all(&d).expect("mkdir");
@@ -443,7 +388,7 @@ fn the_age_fixture_fails_cleanly_without_its_identity() {
         .run();
     assert_eq!(out.status.code(), Some(1), "{out}");
     assert!(out.stderr.contains("none of the keys"), "{out}");
-    assert_same_files(&before, &files_of(&f.store), "a refused import");
+    assert_same_files(&before, &store_files(&f.store), "a refused import");
     assert_eq!(f.list(), listed);
 
     // verify-bundle without the identity checks what it can and says what it could not.

@@ -455,7 +455,7 @@ impl World {
     /// Captures what must not change.
     fn before(&self) -> Before {
         Before {
-            files: files_of(&self.f.store),
+            files: store_files(&self.f.store),
             list: self.f.list(),
         }
     }
@@ -468,30 +468,8 @@ struct Before {
     list: Vec<Value>,
 }
 
-/// Every file below `dir` (relative path → bytes), but `index.redb`, which redb rewrites on every
-/// open; the index's content is compared through `list` instead (as in tests/bundle.rs).
-fn files_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    if !dir.exists() {
-        return out;
-    }
-    for e in walkdir::WalkDir::new(dir) {
-        let e = e.expect("walk");
-        if e.file_type().is_file() && e.file_name() != "index.redb" {
-            let rel = e
-                .path()
-                .strip_prefix(dir)
-                .expect("rel")
-                .to_string_lossy()
-                .into_owned();
-            out.insert(rel, fs::read(e.path()).expect("read"));
-        }
-    }
-    out
-}
-
 fn assert_store_unchanged(w: &World, before: &Before, what: &str) {
-    let after = files_of(&w.f.store);
+    let after = store_files(&w.f.store);
     let differ: Vec<&String> = before
         .files
         .keys()

@@ -15,9 +15,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::*;
 use memsnap::sample::SampleAgent;
@@ -381,29 +379,6 @@ impl Planted {
     }
 }
 
-fn git(memdir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(memdir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_AUTHOR_NAME", "sample-agent")
-        .env("GIT_AUTHOR_EMAIL", "agent@example.invalid")
-        .env("GIT_COMMITTER_NAME", "sample-agent")
-        .env("GIT_COMMITTER_EMAIL", "agent@example.invalid")
-        .env("GIT_CEILING_DIRECTORIES", memdir.parent().expect("parent"))
-        .env_remove("GIT_DIR")
-        .env_remove("GIT_WORK_TREE")
-        .env_remove("GIT_INDEX_FILE")
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Plants one secret of each rule in each kind of artifact of `f`'s agent (see [`Planted`]).
 fn plant(f: &Fixture) -> Planted {
     let live = secrets(1);
@@ -522,36 +497,6 @@ fn snapshot_label(f: &Fixture, p: &Planted) -> String {
 // Reading bundles (as tests/bundle.rs does)
 // ---------------------------------------------------------------------------------------------
 
-fn decompressed(bundle: &Path) -> Vec<u8> {
-    let f = fs::File::open(bundle).expect("open bundle");
-    let mut out = Vec::new();
-    zstd::stream::read::Decoder::new(f)
-        .expect("zstd")
-        .read_to_end(&mut out)
-        .expect("decompress");
-    out
-}
-
-/// (path, bytes) of every tar entry.
-fn tar_entries(plain: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let mut a = tar::Archive::new(plain);
-    let mut out = Vec::new();
-    for e in a.entries().expect("entries") {
-        let mut e = e.expect("entry");
-        let path = String::from_utf8(e.path_bytes().into_owned()).expect("utf-8 path");
-        let mut data = Vec::new();
-        e.read_to_end(&mut data).expect("read entry");
-        out.push((path, data));
-    }
-    out
-}
-
-fn manifest_of(plain: &[u8]) -> Value {
-    let entries = tar_entries(plain);
-    assert_eq!(entries[0].0, "manifest.json", "the manifest comes first");
-    serde_json::from_slice(&entries[0].1).expect("manifest JSON")
-}
-
 /// `export SNAP --out OUT EXTRA --json`, asserting success; the whole outcome.
 fn export(f: &Fixture, snap: &str, out: &Path, extra: &[&str]) -> Outcome {
     f.cmd()
@@ -560,23 +505,6 @@ fn export(f: &Fixture, snap: &str, out: &Path, extra: &[&str]) -> Outcome {
         .args(extra)
         .arg("--json")
         .assert_exit_code(0)
-}
-
-/// Every file below `dir` (relative path -> bytes), `index.redb` left out (redb rewrites its
-/// header on every open; the index is compared through `list`).
-fn files_of(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    for e in walkdir::WalkDir::new(dir) {
-        let e = e.expect("walk");
-        if e.file_type().is_file() && e.file_name() != "index.redb" {
-            let rel = e.path().strip_prefix(dir).expect("rel");
-            out.insert(
-                rel.to_string_lossy().into_owned(),
-                fs::read(e.path()).expect("read"),
-            );
-        }
-    }
-    out
 }
 
 fn query_i64(c: &rusqlite::Connection, sql: &str) -> i64 {
@@ -677,7 +605,7 @@ fn a_redacted_export_holds_no_secret_and_restores_with_markers_in_their_place() 
     let id = snapshot_label(&f, &p);
     let image = AgentImage::capture(&f.agent);
     let live_before = tree(f.agent.root(), true);
-    let store_before = files_of(&f.store);
+    let store_before = store_files(&f.store);
     let listed = f.list();
     fs::create_dir_all(f.path("out")).expect("mkdir");
 
@@ -698,7 +626,7 @@ fn a_redacted_export_holds_no_secret_and_restores_with_markers_in_their_place() 
         &f.agent,
         "the live agent after export --redact",
     );
-    let store_after = files_of(&f.store);
+    let store_after = store_files(&f.store);
     let changed: Vec<&String> = store_before
         .keys()
         .chain(store_after.keys())
@@ -730,7 +658,7 @@ fn a_redacted_export_holds_no_secret_and_restores_with_markers_in_their_place() 
 
     // 2. No history: no git/ entry, the report and the manifest say so, and so does stdout.
     let entries = tar_entries(&plain);
-    let paths: Vec<&str> = entries.iter().map(|(p, _)| p.as_str()).collect();
+    let paths: Vec<&str> = entries.iter().map(|(p, _, _)| p.as_str()).collect();
     assert!(
         !paths.iter().any(|p| p.starts_with("git/")),
         "git entries: {paths:?}"
@@ -952,7 +880,10 @@ fn a_control_export_without_redact_holds_every_secret() {
         "deleted secrets in the plain bundle: {found:?}"
     );
     // Per artifact, as planted: the note, the state (the PEM key as JSON escapes), the databases.
-    let entries: BTreeMap<String, Vec<u8>> = tar_entries(&plain).into_iter().collect();
+    let entries: BTreeMap<String, Vec<u8>> = tar_entries(&plain)
+        .into_iter()
+        .map(|(p, _, d)| (p, d))
+        .collect();
     let has_all = |path: &str| {
         let data = entries
             .get(path)
@@ -1062,7 +993,10 @@ fn a_rules_file_adds_rules_and_a_bad_one_writes_nothing() {
         "memsnap:builtin+rules-file"
     );
     assert_eq!(manifest["redactions"]["matches_redacted"], 2);
-    let entries: BTreeMap<String, Vec<u8>> = tar_entries(&plain).into_iter().collect();
+    let entries: BTreeMap<String, Vec<u8>> = tar_entries(&plain)
+        .into_iter()
+        .map(|(p, _, d)| (p, d))
+        .collect();
     let shipped =
         String::from_utf8(entries["memory_files/topics/internal-api.md"].clone()).expect("utf-8");
     assert_eq!(

@@ -1102,29 +1102,24 @@ fn attempt(
 
 /// Import is all or nothing: the first failed check is the error.
 fn first_failure(bundle: &Path, report: &BundleVerifyReport) -> Result<(), Error> {
-    if let Some(a) = report
+    let artifacts = report
         .artifacts
         .iter()
-        .find(|a| a.status == CheckStatus::Failed)
-    {
-        return Err(BundleError::Damaged {
-            bundle: bundle.to_path_buf(),
-            what: format!("artifact {}: {}", a.path, a.detail),
-        }
-        .into());
-    }
-    if let Some(c) = report
+        .filter(|a| a.status == CheckStatus::Failed)
+        .map(|a| format!("artifact {}: {}", a.path, a.detail));
+    let checks = report
         .checks
         .iter()
-        .find(|c| c.status == CheckStatus::Failed)
-    {
-        return Err(BundleError::Damaged {
+        .filter(|c| c.status == CheckStatus::Failed)
+        .map(|c| format!("{}: {}", c.name, c.detail));
+    match artifacts.chain(checks).next() {
+        Some(what) => Err(BundleError::Damaged {
             bundle: bundle.to_path_buf(),
-            what: format!("{}: {}", c.name, c.detail),
+            what,
         }
-        .into());
+        .into()),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn build_record(

@@ -344,7 +344,7 @@ pub(crate) fn prune(
 }
 
 /// Every `packs/<xx>/<id>.pack` file and its size.
-fn pack_files(store: &Store) -> Result<Vec<(PackId, u64)>, Error> {
+pub(crate) fn pack_files(store: &Store) -> Result<Vec<(PackId, u64)>, Error> {
     let mut out = Vec::new();
     let root = store.packs_dir();
     let Ok(dirs) = std::fs::read_dir(&root) else {

@@ -221,39 +221,14 @@ pub(crate) fn stats(
             s.reclaimable_bytes += size.saturating_sub(live);
         }
     }
-    for (id, size) in pack_files(store) {
+    for (id, size) in super::prune::pack_files(store)? {
         s.pack_files += 1;
         s.stored_bytes += size;
-        if !packs.contains_key(&id) {
+        if !packs.contains_key(&id.0) {
             s.reclaimable_bytes += size;
         }
     }
     s.dedup_ratio = ratio(s.logical_bytes, s.referenced_raw_bytes);
     s.compression_ratio = ratio(s.referenced_raw_bytes, s.referenced_stored_bytes);
     Ok(report)
-}
-
-/// Every `packs/<xx>/<id>.pack` file and its size.
-fn pack_files(store: &Store) -> Vec<([u8; 16], u64)> {
-    let mut out = Vec::new();
-    let Ok(dirs) = std::fs::read_dir(store.packs_dir()) else {
-        return out;
-    };
-    for d in dirs.flatten() {
-        let Ok(files) = std::fs::read_dir(d.path()) else {
-            continue;
-        };
-        for f in files.flatten() {
-            let name = f.file_name().to_string_lossy().into_owned();
-            let Some(hex_id) = name.strip_suffix(".pack") else {
-                continue;
-            };
-            let mut id = [0u8; 16];
-            if hex::decode_to_slice(hex_id, &mut id).is_err() {
-                continue;
-            }
-            out.push((id, f.metadata().map(|m| m.len()).unwrap_or(0)));
-        }
-    }
-    out
 }

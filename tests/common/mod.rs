@@ -613,3 +613,92 @@ pub fn assert_no_restore_leftovers(agent: &SampleAgent) {
     let left = restore_leftovers(agent);
     assert!(left.is_empty(), "restore staging left behind: {left:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Git, stores and bundles
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `git ARGS` in `dir` with a fixed identity and no user or system config (commits made by
+/// tests), asserting success.
+pub fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(["-c", "commit.gpgsign=false"])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "sample-agent")
+        .env("GIT_AUTHOR_EMAIL", "agent@example.invalid")
+        .env("GIT_COMMITTER_NAME", "sample-agent")
+        .env("GIT_COMMITTER_EMAIL", "agent@example.invalid")
+        .env("GIT_CEILING_DIRECTORIES", parent_dir(dir))
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env_remove("GIT_INDEX_FILE")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn parent_dir(p: &Path) -> PathBuf {
+    p.parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// Every file below `dir` (relative path → bytes), but `index.redb`, which redb rewrites on
+/// every open whatever happens next; compare the index's content through `list` instead.
+pub fn store_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    if !dir.exists() {
+        return out;
+    }
+    for e in walkdir::WalkDir::new(dir) {
+        let e = e.expect("walk");
+        if e.file_type().is_file() && e.file_name() != "index.redb" {
+            let rel = e.path().strip_prefix(dir).expect("rel");
+            out.insert(
+                rel.to_string_lossy().into_owned(),
+                fs::read(e.path()).expect("read"),
+            );
+        }
+    }
+    out
+}
+
+/// A bundle's whole decompressed stream (plain bundles).
+pub fn decompressed(bundle: &Path) -> Vec<u8> {
+    let f = fs::File::open(bundle).expect("open bundle");
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(f)
+        .expect("zstd")
+        .read_to_end(&mut out)
+        .expect("decompress");
+    out
+}
+
+/// (path, header, bytes) of every entry of a tar stream.
+pub fn tar_entries(plain: &[u8]) -> Vec<(String, tar::Header, Vec<u8>)> {
+    let mut a = tar::Archive::new(plain);
+    let mut out = Vec::new();
+    for e in a.entries().expect("entries") {
+        let mut e = e.expect("entry");
+        let path = String::from_utf8(e.path_bytes().into_owned()).expect("utf-8 path");
+        let header = e.header().clone();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).expect("read entry");
+        out.push((path, header, data));
+    }
+    out
+}
+
+/// The manifest of a decompressed bundle, asserting it comes first.
+pub fn manifest_of(plain: &[u8]) -> Value {
+    let entries = tar_entries(plain);
+    assert_eq!(entries[0].0, "manifest.json", "the manifest comes first");
+    serde_json::from_slice(&entries[0].2).expect("manifest JSON")
+}
