@@ -477,6 +477,12 @@ fn file_sha256(bundle: &Path) -> Result<String, BundleError> {
 
 /// The kind of file at `bundle`, from its first bytes.
 fn sniff(bundle: &Path) -> Result<bool, BundleError> {
+    if !bundle.is_file() {
+        return Err(BundleError::io(
+            bundle,
+            io::Error::new(io::ErrorKind::NotFound, "no such bundle file"),
+        ));
+    }
     let mut f = fs::File::open(bundle).map_err(|e| BundleError::io(bundle, e))?;
     let mut head = [0u8; 32];
     let n = read_full(&mut f, &mut head).map_err(|e| BundleError::io(bundle, e))?;
@@ -855,13 +861,6 @@ pub(crate) fn verify_bundle(
     bundle: &Path,
     identity: Option<&Path>,
 ) -> Result<BundleVerifyReport, Error> {
-    if !bundle.is_file() {
-        return Err(BundleError::io(
-            bundle,
-            io::Error::new(io::ErrorKind::NotFound, "no such bundle file"),
-        )
-        .into());
-    }
     let encrypted = sniff(bundle)?;
     let expected = read_sibling(bundle)?;
     let mut report = new_report(bundle, encrypted);
@@ -952,13 +951,6 @@ pub(crate) fn import(
 ) -> Result<ImportReport, Error> {
     let started = Instant::now();
     let bundle = req.bundle.as_path();
-    if !bundle.is_file() {
-        return Err(BundleError::io(
-            bundle,
-            io::Error::new(io::ErrorKind::NotFound, "no such bundle file"),
-        )
-        .into());
-    }
     let encrypted = sniff(bundle)?;
     let Some(expected) = read_sibling(bundle)? else {
         return Err(BundleError::MissingChecksum {
