@@ -1,12 +1,16 @@
-//! `memsnap demo`: builds a sample agent and walks through snapshot, change, snapshot, verify
-//! and restore, printing what each step did and cost.
+//! `memsnap demo`: builds a sample agent and walks through snapshot, change, snapshot, diff,
+//! verify, restore, export and import of a bundle, forget and prune, printing what each step did
+//! and cost.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use memsnap::sample::{SampleAgent, SampleSpec};
-use memsnap::{AgentId, RestoreRequest, SnapshotRequest, SourceSpec};
+use memsnap::{
+    AgentId, ExportRequest, ForgetRequest, ImportRequest, PruneRequest, RestoreRequest,
+    RetentionPolicy, SnapshotRequest, SourceSpec,
+};
 
 use super::output::bytes;
 use super::{Cli, Out};
@@ -95,7 +99,31 @@ pub(crate) fn run(cli: &Cli, dir: &Path, out: &Out) -> anyhow::Result<ExitCode> 
     out.line("5. unchanged re-snapshot: costs almost nothing");
     snap("unchanged")?;
 
-    out.line("6. verify --read-data: every chunk re-read and re-hashed");
+    out.line("6. diff of the first two snapshots: what the day really changed");
+    let d = m.diff(&first.id, &second.id, Some(&id), false)?;
+    for db in &d.databases {
+        for t in &db.tables {
+            out.line(&format!(
+                "     {}.{}: +{} -{} ~{} rows",
+                db.name, t.name, t.rows_added, t.rows_removed, t.rows_changed
+            ));
+        }
+    }
+    if let Some(g) = &d.git {
+        out.line(&format!(
+            "     git: {} commit(s), {} file(s), +{} -{} lines",
+            g.commits.len(),
+            g.files_changed,
+            g.insertions,
+            g.deletions
+        ));
+    }
+    out.line(&format!(
+        "     {} of new chunk data",
+        bytes(d.summary.bytes_changed)
+    ));
+
+    out.line("7. verify --read-data: every chunk re-read and re-hashed");
     let report = m.verify(None, None, true)?;
     out.line(&format!(
         "     {} snapshots, {} chunks, {}: {}",
@@ -110,7 +138,7 @@ pub(crate) fn run(cli: &Cli, dir: &Path, out: &Out) -> anyhow::Result<ExitCode> 
     ));
 
     out.line(&format!(
-        "7. restore the agent to the first snapshot {}",
+        "8. restore the agent to the first snapshot {}",
         first.id
     ));
     let restored = m.restore(&RestoreRequest::new(first.id.clone()).agent(id.clone()))?;
@@ -128,6 +156,39 @@ pub(crate) fn run(cli: &Cli, dir: &Path, out: &Out) -> anyhow::Result<ExitCode> 
         ));
     }
 
+    out.line("9. export the second snapshot as a portable bundle, check it, import it elsewhere");
+    let bundle = dir.join(format!("{}.tar.zst", second.id));
+    let exported = m.export(&ExportRequest::new(second.id.as_str(), &bundle).agent(id.clone()))?;
+    let checked = memsnap::verify_bundle(&bundle, None)?;
+    out.line(&format!(
+        "     {}: {} in {:.2} s; verify-bundle: {}",
+        bundle.display(),
+        bytes(exported.bundle_bytes),
+        exported.duration_ms as f64 / 1000.0,
+        if checked.ok() { "ok" } else { "DAMAGED" }
+    ));
+    let other = memsnap::Memsnap::create(dir.join("other-store"), super::opts(cli)?)?;
+    let imported = other.import(&ImportRequest::new(&bundle))?;
+    out.line(&format!(
+        "     imported into {}: {} stored",
+        dir.join("other-store").display(),
+        bytes(imported.snapshot.stats.new_stored_bytes)
+    ));
+
+    out.line("10. forget all but the newest two snapshots of the agent, then prune");
+    let forgot = m.forget(&ForgetRequest::new(RetentionPolicy::default().keep_last(2)))?;
+    let pruned = m.prune(&PruneRequest::default())?;
+    let stats = m.stats(None, None)?;
+    out.line(&format!(
+        "     forgot {}, kept {}; prune freed {}; the store holds {} for {} of snapshots",
+        forgot.forgotten,
+        forgot.kept,
+        bytes(pruned.bytes_freed),
+        bytes(stats.store.stored_bytes),
+        bytes(stats.store.logical_bytes)
+    ));
+    let after_gc = m.verify(None, None, true)?;
+
     out.line("");
     out.line(&format!(
         "second snapshot stored {} for {} of memory; try: memsnap --store {} list",
@@ -143,13 +204,15 @@ pub(crate) fn run(cli: &Cli, dir: &Path, out: &Out) -> anyhow::Result<ExitCode> 
                 "agent_dir": agent_dir,
                 "first": first.id,
                 "second": second.id,
-                "verify_ok": report.ok(),
+                "verify_ok": report.ok() && after_gc.ok(),
+                "bundle": bundle,
+                "bundle_ok": checked.ok(),
                 "restored_equal": same,
                 "pre_restore_snapshot": restored.pre_snapshot_id,
             })
         );
     }
-    if !(same && report.ok()) {
+    if !(same && report.ok() && after_gc.ok() && checked.ok()) {
         anyhow::bail!("the demo found a problem (see above)");
     }
     Ok(ExitCode::SUCCESS)
