@@ -655,3 +655,33 @@ fn symlinks_modes_empty_files_and_non_utf8_names_survive_a_bundle() {
     assert_same_tree(&image.memdir, &tree(&restored.memdir(), true), "memdir");
     assert_eq!(restored.row_counts().expect("rows"), image.rows);
 }
+
+#[test]
+fn an_import_killed_before_its_commit_leaves_no_snapshot_and_prune_collects_its_packs() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    fs::create_dir_all(f.path("out")).expect("mkdir");
+    let bundle = f.path("out/b.tar.zst");
+    export(&f, &id, &bundle, &[]);
+    let store2 = f.path("store2");
+    TestCommand::new(&store2).arg("init").json();
+    TestCommand::new(&store2)
+        .env("MEMSNAP_FAILPOINT", "import:before-commit")
+        .arg("import")
+        .arg(&bundle)
+        .assert_crashed();
+    // Never half visible: no snapshot, and what the import wrote is unreferenced.
+    let list = TestCommand::new(&store2).arg("list").json();
+    assert_eq!(list, serde_json::json!([]), "{list:#}");
+    let plan = TestCommand::new(&store2)
+        .args(["prune", "--dry-run"])
+        .json();
+    assert!(plan["packs_orphaned"].as_u64().unwrap_or(0) > 0, "{plan:#}");
+    TestCommand::new(&store2).arg("prune").json();
+    // The next import works from scratch.
+    let imp = TestCommand::new(&store2).arg("import").arg(&bundle).json();
+    assert_eq!(imp["snapshot"]["id"], id.as_str());
+    TestCommand::new(&store2)
+        .args(["verify", "--read-data"])
+        .json();
+}
