@@ -18,6 +18,7 @@ mod ops;
 pub mod sample;
 mod source;
 mod store;
+mod time;
 mod tree;
 
 pub use api::{Memsnap, Snapshotter, StoreOptions, verify_bundle};
@@ -45,6 +46,7 @@ pub use ops::verify::{Damage, VerifyReport};
 pub use ops::{ArtifactInfo, NoProgress, Progress, SnapshotDetails};
 pub use source::SourceSpec;
 pub use source::state::{FsStateProvider, StateItem, StateProvider};
+pub use time::format_utc;
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {

@@ -17,9 +17,7 @@ use crate::lock::Mode;
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::index::{self, CHUNKS, PACKS, PackRecord};
-use crate::store::pack::{
-    ChunkLoc, ENTRY_LEN, FLAG_TREE, HEADER_LEN, PackId, PackWriter, TRAILER_LEN,
-};
+use crate::store::pack::{ChunkLoc, FLAG_TREE, PackId, PackWriter, unused_bytes};
 use crate::store::reader::{ChunkReader, PackFiles};
 use crate::tree;
 
@@ -86,12 +84,8 @@ struct PackUse {
 }
 
 impl PackUse {
-    /// Chunk bytes no snapshot uses: counted from the file's size, not from index entries, so
-    /// that chunks an earlier prune dropped from the index (leaving their pack below the
-    /// threshold) still count against the pack.
     fn unused(&self) -> u64 {
-        let overhead = HEADER_LEN + u64::from(self.count) * ENTRY_LEN as u64 + TRAILER_LEN;
-        self.size.saturating_sub(overhead + self.live_bytes)
+        unused_bytes(self.size, self.count, self.live_bytes)
     }
 }
 

@@ -19,7 +19,7 @@ use crate::manifest::snapshot::SnapshotRecord;
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::index::{CHUNKS, PACKS};
-use crate::store::pack::{ChunkLoc, ENTRY_LEN, HEADER_LEN, TRAILER_LEN};
+use crate::store::pack::{ChunkLoc, unused_bytes};
 use crate::store::reader::ChunkReader;
 use crate::tree;
 
@@ -213,8 +213,7 @@ pub(crate) fn stats(
     // The index is closed: measure the pack files.
     let s = &mut report.store;
     for &(size, count, live) in packs.values() {
-        let overhead = HEADER_LEN + u64::from(count) * ENTRY_LEN as u64 + TRAILER_LEN;
-        let unused = size.saturating_sub(overhead + live);
+        let unused = unused_bytes(size, count, live);
         s.unused_bytes += unused;
         if unused > 0 {
             // A pack without a live chunk is deleted whole, else rewritten without the unused.

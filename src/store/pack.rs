@@ -18,6 +18,14 @@ pub(crate) const HEADER_LEN: u64 = 16;
 pub(crate) const ENTRY_LEN: usize = 49;
 pub(crate) const TRAILER_LEN: u64 = 56;
 
+/// Chunk bytes of a pack of `size` bytes holding `count` chunks that no snapshot uses, given the
+/// bytes of its live chunks. Counted from the file, not from index entries: a prune that keeps a
+/// pack drops its unused entries, and the bytes must still count against the pack.
+pub(crate) fn unused_bytes(size: u64, count: u32, live: u64) -> u64 {
+    let overhead = HEADER_LEN + u64::from(count) * ENTRY_LEN as u64 + TRAILER_LEN;
+    size.saturating_sub(overhead + live)
+}
+
 /// Chunk flag: stored bytes are one zstd frame.
 pub(crate) const FLAG_ZSTD: u8 = 1;
 /// Chunk flag: the chunk is a tree node (store-format.md, "Tree nodes").
