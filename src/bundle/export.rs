@@ -129,6 +129,12 @@ struct Item {
     nexo: bool,
     rank: u8,
     source: Source,
+    /// Bytes to ship.
+    size: u64,
+    /// The final SHA-256 and length when redaction already had the bytes in hand.
+    digest: Option<(String, u64)>,
+    /// Redaction already scanned the final bytes for secrets.
+    scanned: bool,
 }
 
 impl Item {
@@ -307,16 +313,21 @@ pub(crate) fn export(
         let mut bundle_at = None;
         if let Some(chunks) = chunks {
             let (bp, kind) = bundle_path(part, &path, is_db);
-            let source = match &redactor {
-                None => Source::Stored(chunks),
-                Some(r) => {
-                    let counts =
-                        redact_one(r, &packs, chunks, is_db, &bp, &scratch.dir, items.len())?;
-                    if let Some(d) = detail.as_mut() {
-                        add_counts(d, &bp, &counts.1);
-                    }
-                    counts.0
-                }
+            let red = match &redactor {
+                None => Redacted {
+                    source: Source::Stored(chunks),
+                    counts: Counts::new(),
+                    digest: None,
+                    scanned: false,
+                },
+                Some(r) => redact_one(r, &packs, chunks, is_db, &bp, &scratch.dir, items.len())?,
+            };
+            if let Some(d) = detail.as_mut() {
+                add_counts(d, &bp, &red.counts);
+            }
+            let size = match &red.source {
+                Source::Stored(chunks) => chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum(),
+                Source::File(p) => fs::metadata(p).map_err(|e| Error::io(p, e))?.len(),
             };
             items.push(Item {
                 meta: ArtifactMeta {
@@ -329,7 +340,10 @@ pub(crate) fn export(
                 },
                 nexo: kind.is_some(),
                 rank: rank(part, &path),
-                source,
+                source: red.source,
+                size,
+                digest: red.digest,
+                scanned: red.scanned,
             });
             bundle_at = Some(bp);
         }
@@ -369,10 +383,19 @@ pub(crate) fn export(
 
     // Pass 1: the digests the manifest needs. Under --redact every artifact is scanned once
     // more as it will be shipped: the report never claims a redaction that did not happen.
-    let total: u64 = items.iter().map(size_of).sum();
+    let total: u64 = items.iter().map(|i| i.size).sum();
     progress.start("export: checksums", total);
     let hash_item = |item: &mut Item| -> Result<(), Error> {
-        let mut scanner = redactor.as_ref().map(SecretScanner::new);
+        if let Some((sha, size)) = item.digest.take() {
+            progress.advance(size);
+            item.meta.sha256 = sha;
+            item.meta.size_bytes = size;
+            return Ok(());
+        }
+        let mut scanner = redactor
+            .as_ref()
+            .filter(|_| !item.scanned)
+            .map(SecretScanner::new);
         let r = item
             .reader(&packs, true)
             .map_err(|e| Error::io(&item.meta.path_in_bundle, e))?;
@@ -397,7 +420,7 @@ pub(crate) fn export(
     // Large artifacts one at a time (their reads are parallel behind the hashing thread),
     // then the many small ones in parallel.
     let (large, small): (Vec<&mut Item>, Vec<&mut Item>) =
-        items.iter_mut().partition(|i| size_of(i) > LARGE);
+        items.iter_mut().partition(|i| i.size > LARGE);
     for item in large {
         hash_item(item)?;
     }
@@ -581,13 +604,6 @@ fn rank(part: &str, path: &str) -> u8 {
     }
 }
 
-fn size_of(item: &Item) -> u64 {
-    match &item.source {
-        Source::Stored(chunks) => chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum(),
-        Source::File(p) => fs::metadata(p).map(|m| m.len()).unwrap_or(0),
-    }
-}
-
 fn add_counts(d: &mut RedactionDetail, artifact: &str, counts: &Counts) {
     let counts: Counts = counts
         .iter()
@@ -606,8 +622,18 @@ fn add_counts(d: &mut RedactionDetail, artifact: &str, counts: &Counts) {
     }
 }
 
+/// One artifact as a redacted export ships it.
+struct Redacted {
+    source: Source,
+    counts: Counts,
+    digest: Option<(String, u64)>,
+    scanned: bool,
+}
+
 /// Redacts one artifact into the scratch folder (databases always: their free pages may hold
-/// deleted secrets, which only a rewrite clears); returns its source and the match counts.
+/// deleted secrets, which only a rewrite clears). The result has been scanned for secrets as it
+/// will ship (`redact_database` scans the file it leaves); a text artifact's digest is taken here,
+/// while its bytes are in memory.
 fn redact_one(
     r: &Redactor,
     packs: &Arc<PackFiles>,
@@ -616,7 +642,7 @@ fn redact_one(
     bundle_path: &str,
     scratch: &Path,
     n: usize,
-) -> Result<(Source, Counts), Error> {
+) -> Result<Redacted, Error> {
     let mut counts = Counts::new();
     let tmp = scratch.join(format!("{n}"));
     if is_db {
@@ -625,7 +651,12 @@ fn redact_one(
             .map_err(|e| Error::io(&tmp, e))?;
         drop(f);
         r.redact_database(&tmp, &mut counts)?;
-        return Ok((Source::File(tmp), counts));
+        return Ok(Redacted {
+            source: Source::File(tmp),
+            counts,
+            digest: None,
+            scanned: true,
+        });
     }
     let size: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum();
     if size > MAX_REDACT_BYTES {
@@ -641,13 +672,34 @@ fn redact_one(
     StoredReader::new(packs.clone(), chunks.clone(), true)
         .read_to_end(&mut data)
         .map_err(|e| Error::io(bundle_path, e))?;
-    match r.redact(&data, &mut counts) {
-        std::borrow::Cow::Borrowed(_) => Ok((Source::Stored(chunks), counts)),
+    let (source, shipped) = match r.redact(&data, &mut counts) {
+        std::borrow::Cow::Borrowed(_) => (
+            Source::Stored(chunks),
+            std::borrow::Cow::Borrowed(&data[..]),
+        ),
         std::borrow::Cow::Owned(v) => {
-            fs::write(&tmp, v).map_err(|e| Error::io(&tmp, e))?;
-            Ok((Source::File(tmp), counts))
+            fs::write(&tmp, &v).map_err(|e| Error::io(&tmp, e))?;
+            (Source::File(tmp), std::borrow::Cow::Owned(v))
         }
+    };
+    if let Some(rule) = r.find_any(&shipped) {
+        return Err(BundleError::Redaction {
+            artifact: bundle_path.to_owned(),
+            message: format!("rule {rule} still matches after redaction"),
+        }
+        .into());
     }
+    use sha2::Digest;
+    let digest = (
+        hex::encode(sha2::Sha256::digest(&shipped)),
+        shipped.len() as u64,
+    );
+    Ok(Redacted {
+        source,
+        counts,
+        digest: Some(digest),
+        scanned: true,
+    })
 }
 
 /// The byte sink under the compressor: the file, through age when encrypting.
@@ -750,13 +802,6 @@ fn write_frames(
                         }
                         progress.advance(bytes.len() as u64);
                     }
-                }
-                let raw: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum();
-                if raw != size {
-                    return Err(io::Error::other(format!(
-                        "{}: the store holds {raw} bytes, the first pass read {size}",
-                        item.meta.path_in_bundle
-                    )));
                 }
             }
             Source::File(p) => {

@@ -129,15 +129,6 @@ impl<R: Read> Read for LimitReader<R> {
     }
 }
 
-/// Reads a stored artifact in order while a helper thread reads, checks and decompresses the
-/// chunks ahead of it (a bounded queue of batches), so that the consumer's hashing or
-/// compression overlaps the pack reads.
-pub(crate) struct StoredReader {
-    rx: mpsc::Receiver<Result<Vec<u8>, String>>,
-    current: Vec<u8>,
-    pos: usize,
-}
-
 /// Bytes per batch the reader thread sends, and batches in flight.
 const PREFETCH_BATCH: usize = 4 << 20;
 const PREFETCH_DEPTH: usize = 4;
@@ -162,65 +153,68 @@ fn prefetch_pool() -> &'static rayon::ThreadPool {
 /// Artifacts up to this size are read on the caller's thread.
 const SMALL: u64 = 1 << 20;
 
+/// A stored artifact's chunks, read in order in batches of about [`PREFETCH_BATCH`] bytes by
+/// `read` (which gets one batch of chunk locations and returns their items), on a thread of its
+/// own ahead of the consumer, or at once on the caller's thread when the artifact is small.
+fn read_ahead<T: Send + 'static>(
+    chunks: Vec<(ChunkId, ChunkLoc)>,
+    read: impl Fn(&[(ChunkId, ChunkLoc)]) -> Result<Vec<T>, String> + Send + 'static,
+) -> mpsc::Receiver<Result<Vec<T>, String>> {
+    let (tx, rx) = mpsc::sync_channel(PREFETCH_DEPTH);
+    let size: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum();
+    if size <= SMALL {
+        // Not worth a thread: one batch, which the channel holds (the first `recv` gets it).
+        let _ = tx.send(read(&chunks));
+        return rx;
+    }
+    std::thread::spawn(move || {
+        let mut start = 0;
+        while start < chunks.len() {
+            let mut end = start;
+            let mut bytes = 0usize;
+            while end < chunks.len() && bytes < PREFETCH_BATCH {
+                bytes += chunks[end].1.raw_len as usize;
+                end += 1;
+            }
+            let batch = read(&chunks[start..end]);
+            let failed = batch.is_err();
+            // A send fails only when the consumer was dropped: stop reading.
+            if tx.send(batch).is_err() || failed {
+                return;
+            }
+            start = end;
+        }
+    });
+    rx
+}
+
+/// Reads a stored artifact in order, its chunks read, checked and decompressed ahead of the
+/// consumer (in parallel within a batch), so that hashing or compression overlaps the reads.
+pub(crate) struct StoredReader {
+    rx: mpsc::Receiver<Result<Vec<Vec<u8>>, String>>,
+    parts: std::vec::IntoIter<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
 impl StoredReader {
     pub(crate) fn new(
         packs: Arc<PackFiles>,
         chunks: Vec<(ChunkId, ChunkLoc)>,
         verify: bool,
     ) -> Self {
-        let (tx, rx) = mpsc::sync_channel(PREFETCH_DEPTH);
-        let size: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum();
-        if size <= SMALL {
-            // Not worth a thread: read it all now (the first `read` reports any error).
-            let mut all = Vec::with_capacity(size as usize);
-            let mut err = None;
-            for (id, loc) in &chunks {
-                match packs.read_checked(id, loc, verify) {
-                    Ok(d) => all.extend_from_slice(&d),
-                    Err(e) => {
-                        err = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-            let _ = tx.send(match err {
-                Some(e) => Err(e),
-                None => Ok(all),
-            });
-            drop(tx);
-            return Self {
-                rx,
-                current: Vec::new(),
-                pos: 0,
-            };
-        }
-        std::thread::spawn(move || {
-            let mut start = 0;
-            while start < chunks.len() {
-                // A batch of about PREFETCH_BATCH bytes, read and decompressed in parallel.
-                let mut end = start;
-                let mut bytes = 0usize;
-                while end < chunks.len() && bytes < PREFETCH_BATCH {
-                    bytes += chunks[end].1.raw_len as usize;
-                    end += 1;
-                }
-                let parts: Result<Vec<Vec<u8>>, _> = prefetch_pool().install(|| {
-                    chunks[start..end]
-                        .par_iter()
-                        .map(|(id, loc)| packs.read_checked(id, loc, verify))
-                        .collect()
-                });
-                let msg = parts.map(|p| p.concat()).map_err(|e| e.to_string());
-                let failed = msg.is_err();
-                // A send fails only when the reader was dropped: stop reading.
-                if tx.send(msg).is_err() || failed {
-                    return;
-                }
-                start = end;
-            }
+        let rx = read_ahead(chunks, move |batch| {
+            prefetch_pool().install(|| {
+                batch
+                    .par_iter()
+                    .map(|(id, loc)| packs.read_checked(id, loc, verify))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())
+            })
         });
         Self {
             rx,
+            parts: Vec::new().into_iter(),
             current: Vec::new(),
             pos: 0,
         }
@@ -230,11 +224,13 @@ impl StoredReader {
 impl Read for StoredReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.pos == self.current.len() {
+            if let Some(next) = self.parts.next() {
+                self.current = next;
+                self.pos = 0;
+                continue;
+            }
             match self.rx.recv() {
-                Ok(Ok(batch)) => {
-                    self.current = batch;
-                    self.pos = 0;
-                }
+                Ok(Ok(batch)) => self.parts = batch.into_iter(),
                 Ok(Err(e)) => return Err(io::Error::other(e)),
                 Err(_) => return Ok(0),
             }
@@ -249,39 +245,22 @@ impl Read for StoredReader {
 /// A stored chunk for the frame writer: its bytes as stored, and whether they are a zstd frame.
 pub(crate) type StoredChunk = (bool, Vec<u8>);
 
-/// The chunks of a stored artifact as the packs hold them (not decompressed), read ahead on a
-/// thread of their own.
+/// The chunks of a stored artifact as the packs hold them (not decompressed), read ahead.
 pub(crate) fn stored_chunks(
     packs: Arc<PackFiles>,
     chunks: Vec<(ChunkId, ChunkLoc)>,
 ) -> mpsc::Receiver<Result<Vec<StoredChunk>, String>> {
-    let (tx, rx) = mpsc::sync_channel(PREFETCH_DEPTH);
-    std::thread::spawn(move || {
-        let mut batch = Vec::new();
-        let mut bytes = 0usize;
-        for (_, loc) in chunks {
-            match packs.read_stored(&loc) {
-                Ok(b) => {
-                    bytes += b.len();
-                    batch.push((loc.flags & FLAG_ZSTD != 0, b));
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
-            }
-            if bytes >= PREFETCH_BATCH {
-                bytes = 0;
-                if tx.send(Ok(std::mem::take(&mut batch))).is_err() {
-                    return;
-                }
-            }
-        }
-        if !batch.is_empty() {
-            let _ = tx.send(Ok(batch));
-        }
-    });
-    rx
+    read_ahead(chunks, move |batch| {
+        batch
+            .iter()
+            .map(|(_, loc)| {
+                packs
+                    .read_stored(loc)
+                    .map(|b| (loc.flags & FLAG_ZSTD != 0, b))
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    })
 }
 
 /// SHA-256 and length of a stream, fed to `also` on the way (e.g. a secret scanner).
@@ -290,7 +269,8 @@ pub(crate) fn sha256_of(
     mut also: impl FnMut(&[u8]),
 ) -> io::Result<(String, u64)> {
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
+    // Small enough that thousands of small artifacts do not each zero a large buffer.
+    let mut buf = vec![0u8; 256 << 10];
     let mut n_total = 0u64;
     loop {
         let n = match r.read(&mut buf) {
