@@ -685,3 +685,97 @@ fn an_import_killed_before_its_commit_leaves_no_snapshot_and_prune_collects_its_
         .args(["verify", "--read-data"])
         .json();
 }
+
+#[test]
+fn bundle_usage_errors_are_refused_before_anything_changes() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let live = tree(f.agent.root(), true);
+    let before = store_files(&f.store);
+    let listed = f.list();
+    // --identity without --bundle would otherwise be dropped silently by a live restore.
+    let o = f
+        .cmd()
+        .args(["restore", &id, "--identity", "key.txt"])
+        .run();
+    assert_eq!(o.status.code(), Some(2), "{o}");
+    assert!(o.stderr.contains("--identity goes with --bundle"), "{o}");
+    // Half an agent spec (--agent without --tenant) is a usage error, not ignored.
+    let o = f
+        .cmd()
+        .args(["export", &id, "--agent", "bob", "--out", "x"])
+        .run();
+    assert_eq!(o.status.code(), Some(2), "{o}");
+    // A dry run cannot import: refused, pointing at verify-bundle.
+    let o = f
+        .cmd()
+        .args(["restore", "--bundle", "b.tar.zst", "--dry-run"])
+        .run();
+    assert_eq!(o.status.code(), Some(2), "{o}");
+    // A missing --out folder, a missing bundle: clear errors, and no store is created for it.
+    let o = f
+        .cmd()
+        .args(["export", &id, "--out"])
+        .arg(f.path("nodir/b.tar.zst"))
+        .run();
+    assert_eq!(o.status.code(), Some(1), "{o}");
+    assert!(o.stderr.contains("does not exist"), "{o}");
+    let fresh = f.path("fresh-store");
+    let o = TestCommand::new(&fresh)
+        .arg("import")
+        .arg(f.path("nofile.tar.zst"))
+        .run();
+    assert_eq!(o.status.code(), Some(1), "{o}");
+    assert!(o.stderr.contains("does not exist"), "{o}");
+    assert!(!fresh.exists(), "a missing bundle created a store");
+    assert_agent_tree_unchanged(live, &f.agent, "refused bundle commands");
+    assert_same_files(&before, &store_files(&f.store), "refused bundle commands");
+    assert_eq!(f.list(), listed);
+}
+
+#[test]
+fn a_different_snapshot_under_a_known_id_is_refused() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    fs::create_dir_all(f.path("out")).expect("mkdir");
+    let bundle = f.path("out/b.tar.zst");
+    export(&f, &id, &bundle, &[]);
+    // A genuine bundle of other content, relabelled with the first snapshot's id (the id is not
+    // under the seal).
+    f.agent.append_day(3, 0.02).expect("append");
+    let other = f.snapshot_id();
+    let b2 = f.path("out/other.tar.zst");
+    export(&f, &other, &b2, &[]);
+    let plain = decompressed(&b2);
+    let mut entries = tar_entries(&plain);
+    let mut m: Value = serde_json::from_slice(&entries[0].2).expect("manifest");
+    m["snapshot_id"] = Value::String(id.clone());
+    entries[0].2 = serde_json::to_vec_pretty(&m).expect("json");
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, mut h, data) in entries {
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        tar.append_data(&mut h, &path, data.as_slice())
+            .expect("append");
+    }
+    let forged = f.path("out/forged.tar.zst");
+    let z = zstd::encode_all(tar.into_inner().expect("tar").as_slice(), 3).expect("zstd");
+    fs::write(&forged, &z).expect("write");
+    use sha2::Digest;
+    fs::write(
+        f.path("out/forged.tar.zst.sha256"),
+        hex::encode(sha2::Sha256::digest(&z)),
+    )
+    .expect("sha");
+    f.cmd().args(["delete", &other]).json();
+    let before = store_files(&f.store);
+    let listed = f.list();
+    let o = f.cmd().arg("import").arg(&forged).run();
+    assert_eq!(o.status.code(), Some(1), "{o}");
+    assert!(
+        o.stderr.contains("already holds a different snapshot"),
+        "{o}"
+    );
+    assert_same_files(&before, &store_files(&f.store), "a refused id conflict");
+    assert_eq!(f.list(), listed);
+}

@@ -48,9 +48,10 @@ pub(crate) struct Cli {
 
 #[derive(Args, Clone)]
 struct AgentArgs {
-    #[arg(long)]
+    /// With --agent: the agent the snapshot must belong to.
+    #[arg(long, requires = "agent")]
     tenant: Option<String>,
-    #[arg(long)]
+    #[arg(long, requires = "tenant")]
     agent: Option<String>,
 }
 
@@ -217,8 +218,9 @@ enum Command {
         /// (a snapshot imported from another host).
         #[arg(long)]
         source: Option<PathBuf>,
-        /// Print the plan and change nothing.
-        #[arg(long)]
+        /// Print the plan and change nothing (not with --bundle, which imports first: check a
+        /// bundle with verify-bundle).
+        #[arg(long, conflicts_with = "bundle")]
         dry_run: bool,
         /// Skip the automatic pre-restore snapshot (the restore cannot then be undone).
         #[arg(long)]
@@ -361,7 +363,22 @@ pub(crate) fn main() -> ExitCode {
     }
 }
 
+/// A combination of arguments clap cannot express: exit code 2, like clap's own.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<UsageError>().is_some() {
+        return 2;
+    }
     match e.downcast_ref::<memsnap::Error>() {
         Some(
             memsnap::Error::InvalidName { .. }
@@ -374,6 +391,17 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(memsnap::Error::Bundle(b)) if b.is_damage() => 3,
         _ => 1,
     }
+}
+
+/// A missing bundle is refused before the store is opened: a typo must not create a store.
+fn bundle_exists(bundle: &std::path::Path) -> anyhow::Result<()> {
+    if !bundle.is_file() {
+        anyhow::bail!(
+            "bundle {} does not exist (or is not a file)",
+            bundle.display()
+        );
+    }
+    Ok(())
 }
 
 fn store_path(cli: &Cli) -> anyhow::Result<PathBuf> {
@@ -493,6 +521,10 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
             dry_run,
             no_pre_snapshot,
         } => {
+            // clap skips `requires = "bundle"` when SNAP (which conflicts with --bundle) is given.
+            if identity.is_some() && bundle.is_none() {
+                return Err(UsageError("--identity goes with --bundle".into()).into());
+            }
             let mut req = RestoreRequest::new(snap.clone().unwrap_or_default())
                 .dry_run(*dry_run)
                 .pre_snapshot(!no_pre_snapshot);
@@ -507,6 +539,7 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
             }
             match bundle {
                 Some(b) => {
+                    bundle_exists(b)?;
                     let m = open(cli, true)?;
                     let mut imp = ImportRequest::new(b.clone());
                     if let Some(i) = identity {
@@ -563,6 +596,7 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
             identity,
             who,
         } => {
+            bundle_exists(bundle)?;
             let m = open(cli, true)?;
             let mut req = ImportRequest::new(bundle.clone());
             if let Some(i) = identity {
