@@ -54,6 +54,13 @@ fn restore_matches(f: &Fixture, id: &str, image: &AgentImage, what: &str) {
     fs::remove_dir_all(&target).expect("clean up");
 }
 
+/// A number field of a JSON report; missing is a failure, not zero.
+fn u64_of(v: &serde_json::Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} is a number in {v:#}"))
+}
+
 fn rand_suffix() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
@@ -67,7 +74,7 @@ fn prune_reclaims_the_space_of_forgotten_snapshots_and_keeps_the_rest_intact() {
     let p = f.cmd().arg("prune").json();
     assert_eq!(p["chunks_unused"], 0, "{p:#}");
     assert_eq!(
-        p["packs_deleted"].as_u64().unwrap_or(0) + p["packs_rewritten"].as_u64().unwrap_or(0),
+        u64_of(&p, "packs_deleted") + u64_of(&p, "packs_rewritten"),
         0
     );
 
@@ -79,20 +86,14 @@ fn prune_reclaims_the_space_of_forgotten_snapshots_and_keeps_the_rest_intact() {
     // bytes; a later prune must still see them (counted from the pack files, not the entries).
     let lazy = f.cmd().args(["prune", "--max-unused", "100"]).json();
     assert_eq!(lazy["packs_rewritten"], 0, "{lazy:#}");
-    assert!(
-        lazy["bytes_unused_after"].as_u64().unwrap_or(0) > 0,
-        "{lazy:#}"
-    );
+    assert!(u64_of(&lazy, "bytes_unused_after") > 0, "{lazy:#}");
     let before = packs_bytes(&f.store);
     let plan = f
         .cmd()
         .args(["prune", "--dry-run", "--max-unused", "0"])
         .json();
     assert_eq!(plan["dry_run"], true);
-    assert!(
-        plan["packs_rewritten"].as_u64().unwrap_or(0) > 0,
-        "{plan:#}"
-    );
+    assert!(u64_of(&plan, "packs_rewritten") > 0, "{plan:#}");
     assert_eq!(packs_bytes(&f.store), before, "a dry run changes nothing");
 
     let done = f.cmd().args(["prune", "--max-unused", "0"]).json();
@@ -148,7 +149,7 @@ fn a_prune_killed_at_each_step_is_finished_by_the_next_with_nothing_lost() {
         // The next prune finishes: orphans (new packs before the commit, old ones after) go.
         let done = f.cmd().args(["prune", "--max-unused", "0"]).json();
         assert!(
-            done["packs_orphaned"].as_u64().unwrap_or(0) > 0,
+            u64_of(&done, "packs_orphaned") > 0,
             "{point}: the crash left orphan packs to collect\n{done:#}"
         );
         let again = f
@@ -221,19 +222,18 @@ fn pinned_snapshots_survive_forget_and_delete_until_unpinned() {
     let decisions = plan["groups"][0]["decisions"]
         .as_array()
         .expect("decisions");
+    assert_eq!(decisions.len(), 3, "{plan:#}");
     let reasons = |id: &str| -> Vec<String> {
-        decisions
+        let d = decisions
             .iter()
             .find(|d| d["id"] == id)
-            .map(|d| {
-                d["reasons"]
-                    .as_array()
-                    .expect("reasons")
-                    .iter()
-                    .map(|r| r.as_str().unwrap_or("").to_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+            .unwrap_or_else(|| panic!("{id} has a decision\n{plan:#}"));
+        d["reasons"]
+            .as_array()
+            .expect("reasons")
+            .iter()
+            .map(|r| r.as_str().expect("a reason").to_owned())
+            .collect()
     };
     assert!(reasons(&first).contains(&"pinned".to_owned()), "{plan:#}");
     assert!(reasons(&third).contains(&"newest".to_owned()), "{plan:#}");

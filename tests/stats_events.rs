@@ -94,7 +94,7 @@ fn stats_counts_sizes_and_unused_bytes_through_delete_and_prune() {
         assert!(u(a, "latest_logical_bytes") <= u(a, "logical_bytes"));
     }
     assert!(
-        ana["dedup_ratio"].as_f64().expect("ratio") >= 1.0,
+        ana["dedup_ratio"].as_f64().expect("ratio") > 1.5,
         "two nearly equal snapshots deduplicate: {ana:#}"
     );
     assert!(ana["compression_ratio"].as_f64().expect("ratio") > 0.0);

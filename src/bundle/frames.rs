@@ -156,5 +156,33 @@ mod tests {
             .expect("decode");
         assert_eq!(got, expected);
         assert!(bytes.len() < expected.len(), "text was compressed");
+        assert!(
+            bytes.windows(stored.len()).any(|w| w == stored.as_slice()),
+            "a stored frame is copied byte for byte"
+        );
+    }
+
+    #[test]
+    fn large_or_incompressible_gathered_bytes_and_bad_frames() {
+        let mut noise = vec![0u8; 3 << 20];
+        let mut s = 0x1234_5678_9abc_def1_u64;
+        for b in noise.iter_mut() {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            *b = s as u8;
+        }
+        let mut w = FrameWriter::new(Vec::new(), 3);
+        // More than one gathering's worth, and random: flushed as raw frames, not inflated.
+        w.data(&noise).expect("data");
+        assert!(w.frame(b"not a zstd frame").is_err(), "a non-frame is refused");
+        let bytes = w.finish().expect("finish");
+        assert!(bytes.len() < noise.len() + noise.len() / 100, "{}", bytes.len());
+        let mut got = Vec::new();
+        zstd::stream::read::Decoder::new(bytes.as_slice())
+            .expect("decoder")
+            .read_to_end(&mut got)
+            .expect("decode");
+        assert_eq!(got, noise);
     }
 }
