@@ -223,17 +223,13 @@ pub enum BundleError {
     )]
     NeedsIdentity { bundle: PathBuf },
     #[error(
-        "none of the keys in {identity} can decrypt bundle {bundle}: it was encrypted to other recipients{hint}"
+        "none of the keys in {identity} can decrypt bundle {bundle}: it was encrypted to other recipients"
     )]
-    WrongIdentity {
-        bundle: PathBuf,
-        identity: PathBuf,
-        hint: String,
-    },
+    WrongIdentity { bundle: PathBuf, identity: PathBuf },
     #[error("cannot use identity file {path}: {message}")]
     BadIdentity { path: PathBuf, message: String },
     #[error(
-        "invalid recipient {recipient:?}: {message} (give an age X25519 public key `age1...` or an SSH public key)"
+        "invalid recipient {recipient:?}: {message} (give an age X25519 public key `age1...`, as age-keygen prints)"
     )]
     BadRecipient { recipient: String, message: String },
     #[error(

@@ -10,7 +10,7 @@
 use std::io::{self, Write};
 
 /// zstd frame magic, little endian.
-const MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+pub(crate) const MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// The largest block a frame may hold (and our raw frames' size).
 const MAX_BLOCK: usize = 128 << 10;
 /// Compressible bytes gathered before they are compressed as one frame.
@@ -175,9 +175,16 @@ mod tests {
         let mut w = FrameWriter::new(Vec::new(), 3);
         // More than one gathering's worth, and random: flushed as raw frames, not inflated.
         w.data(&noise).expect("data");
-        assert!(w.frame(b"not a zstd frame").is_err(), "a non-frame is refused");
+        assert!(
+            w.frame(b"not a zstd frame").is_err(),
+            "a non-frame is refused"
+        );
         let bytes = w.finish().expect("finish");
-        assert!(bytes.len() < noise.len() + noise.len() / 100, "{}", bytes.len());
+        assert!(
+            bytes.len() < noise.len() + noise.len() / 100,
+            "{}",
+            bytes.len()
+        );
         let mut got = Vec::new();
         zstd::stream::read::Decoder::new(bytes.as_slice())
             .expect("decoder")

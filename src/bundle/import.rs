@@ -33,7 +33,6 @@ use crate::store::chunk_id::ChunkId;
 use crate::store::writer::{ChunkWriter, KnownFilter};
 use crate::tree::ContentRef;
 
-const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 /// Default cap on the artifacts a bundle may declare: a manifest claiming more is refused before
 /// anything is read (raise it with `ImportRequest::max_bytes`).
 pub const DEFAULT_MAX_BYTES: u64 = 1 << 40;
@@ -389,12 +388,11 @@ struct NullSink<'a> {
 
 impl Sink for NullSink<'_> {
     fn artifact(&mut self, a: &ArtifactMeta, t: &Planned, r: &mut dyn Read) -> Result<(), Error> {
+        // The rest is drained (and hashed) by `read_pass`.
         if matches!(t.kind, EntryKind::Sqlite { .. }) {
             db_header(r, a, self.bundle)?;
         }
-        io::copy(r, &mut io::sink())
-            .map(|_| ())
-            .map_err(|e| Error::io(&a.path_in_bundle, e))
+        Ok(())
     }
 }
 
@@ -488,7 +486,7 @@ fn sniff(bundle: &Path) -> Result<bool, BundleError> {
     let n = read_full(&mut f, &mut head).map_err(|e| BundleError::io(bundle, e))?;
     if head[..n].starts_with(AGE_MAGIC) {
         Ok(true)
-    } else if head[..n].starts_with(&ZSTD_MAGIC) {
+    } else if head[..n].starts_with(&super::frames::MAGIC) {
         Ok(false)
     } else {
         Err(BundleError::NotABundle {
@@ -547,7 +545,6 @@ fn read_pass(
                 return Err(BundleError::WrongIdentity {
                     bundle: bundle.to_path_buf(),
                     identity: ids.1.clone(),
-                    hint: String::new(),
                 }
                 .into());
             }
@@ -812,34 +809,33 @@ fn read_pass(
     } else {
         file_sha256(bundle)?
     };
-    match expected_sha {
-        Some(exp) => {
-            let ok = exp == actual;
-            report.check(
-                "file sha256",
-                if ok {
-                    CheckStatus::Ok
-                } else {
-                    CheckStatus::Failed
-                },
-                if ok {
-                    "matches the .sha256 file".to_owned()
-                } else {
-                    format!("the file's SHA-256 is {actual}, the .sha256 file says {exp}")
-                },
-            );
-        }
-        None => report.check(
-            "file sha256",
-            CheckStatus::Failed,
-            format!("{} is missing", sibling_sha256(bundle).display()),
-        ),
-    }
+    check_file_sha(report, bundle, expected_sha, &actual);
     Ok(Outcome {
         manifest,
         planned,
         bundle_bytes: file_len,
     })
+}
+
+/// The "file sha256" check: the file's digest against its `.sha256`.
+fn check_file_sha(
+    report: &mut BundleVerifyReport,
+    bundle: &Path,
+    expected: Option<&str>,
+    actual: &str,
+) {
+    let (status, detail) = match expected {
+        Some(exp) if exp == actual => (CheckStatus::Ok, "matches the .sha256 file".to_owned()),
+        Some(exp) => (
+            CheckStatus::Failed,
+            format!("the file's SHA-256 is {actual}, the .sha256 file says {exp}"),
+        ),
+        None => (
+            CheckStatus::Failed,
+            format!("{} is missing", sibling_sha256(bundle).display()),
+        ),
+    };
+    report.check("file sha256", status, detail);
 }
 
 fn new_report(bundle: &Path, encrypted: bool) -> BundleVerifyReport {
@@ -868,22 +864,12 @@ pub(crate) fn verify_bundle(
         .map(|p| load_identities(p).map(|ids| (ids, p.to_path_buf())))
         .transpose()?;
     if encrypted && identities.is_none() {
-        let actual = file_sha256(bundle)?;
-        match &expected {
-            Some(e) if *e == actual => {
-                report.check("file sha256", CheckStatus::Ok, "matches the .sha256 file")
-            }
-            Some(e) => report.check(
-                "file sha256",
-                CheckStatus::Failed,
-                format!("the file's SHA-256 is {actual}, the .sha256 file says {e}"),
-            ),
-            None => report.check(
-                "file sha256",
-                CheckStatus::Failed,
-                format!("{} is missing", sibling_sha256(bundle).display()),
-            ),
-        }
+        check_file_sha(
+            &mut report,
+            bundle,
+            expected.as_deref(),
+            &file_sha256(bundle)?,
+        );
         for name in ["manifest", "manifest seal", "artifacts", "schema versions"] {
             report.check(
                 name,
