@@ -204,13 +204,16 @@ impl StoredReader {
         verify: bool,
     ) -> Self {
         let rx = read_ahead(chunks, move |batch| {
-            prefetch_pool().install(|| {
-                batch
-                    .par_iter()
-                    .map(|(id, loc)| packs.read_checked(id, loc, verify))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| e.to_string())
-            })
+            let read = |(id, loc): &(ChunkId, ChunkLoc)| packs.read_checked(id, loc, verify);
+            // On a rayon worker (a small artifact read inline by a parallel caller), read in
+            // place: a worker blocked in `install` steals more of its own pool's tasks, each of
+            // which would block the same way, until the stack runs out.
+            let parts: Result<Vec<_>, _> = if rayon::current_thread_index().is_some() {
+                batch.iter().map(read).collect()
+            } else {
+                prefetch_pool().install(|| batch.par_iter().map(read).collect())
+            };
+            parts.map_err(|e| e.to_string())
         });
         Self {
             rx,
@@ -253,9 +256,9 @@ pub(crate) fn stored_chunks(
     read_ahead(chunks, move |batch| {
         batch
             .iter()
-            .map(|(_, loc)| {
+            .map(|(id, loc)| {
                 packs
-                    .read_stored(loc)
+                    .read_stored(id, loc)
                     .map(|b| (loc.flags & FLAG_ZSTD != 0, b))
                     .map_err(|e| e.to_string())
             })
