@@ -578,13 +578,7 @@ fn commit_secs(i: usize) -> i64 {
 
 /// "YYYY-MM-DD" of a unix time (Howard Hinnant's civil_from_days).
 fn day_str(secs: i64) -> String {
-    let z = secs.div_euclid(DAY) + 719_468;
-    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let (d, m) = (doy - (153 * mp + 2) / 5 + 1, (mp + 2) % 12 + 1);
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = crate::time::civil_from_days(secs.div_euclid(DAY));
     format!("{y:04}-{m:02}-{d:02}")
 }
 

@@ -125,23 +125,13 @@ pub(crate) fn forget(store: &Store, req: &ForgetRequest) -> Result<ForgetReport,
     if req.policy.is_empty() {
         return Err(Error::EmptyPolicy);
     }
-    let groups: BTreeMap<(String, String), Vec<SnapshotInfo>> = {
-        let index = store.index()?;
-        let tx = index.begin_read()?;
-        let mut g: BTreeMap<(String, String), Vec<SnapshotInfo>> = BTreeMap::new();
-        for r in super::all_records(&index, &tx)? {
-            let i = r.info;
-            if req.tenant.as_ref().is_some_and(|t| *t != i.tenant)
-                || req.agent.as_ref().is_some_and(|a| *a != i.agent)
-            {
-                continue;
-            }
-            g.entry((i.tenant.clone(), i.agent.clone()))
-                .or_default()
-                .push(i);
-        }
-        g
-    };
+    let mut groups: BTreeMap<(String, String), Vec<SnapshotInfo>> = BTreeMap::new();
+    for i in super::list(store, req.tenant.as_deref(), req.agent.as_deref())? {
+        groups
+            .entry((i.tenant.clone(), i.agent.clone()))
+            .or_default()
+            .push(i);
+    }
     let mut report = ForgetReport {
         dry_run: req.dry_run,
         groups: Vec::new(),

@@ -228,8 +228,9 @@ pub(crate) fn prune(
         let Some(u) = packs.get_mut(id) else { continue };
         u.live.sort_by_key(|(_, l)| l.offset);
         for (chunk, loc) in &u.live {
-            files.read(chunk, loc)?;
-            let stored = files.read_stored(loc)?;
+            // Read once, checked (decompressed and hashed), copied as stored.
+            let stored = files.read_stored(chunk, loc)?;
+            files.decode(chunk, loc, stored.clone(), true)?;
             if writer.is_none() {
                 let w = PackWriter::create(&store.packs_dir())?;
                 dirs.insert(crate::fsutil::parent_of(&w.path));

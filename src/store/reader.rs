@@ -64,20 +64,33 @@ impl PackFiles {
         self.read_checked(id, loc, true)
     }
 
-    /// A chunk's bytes as stored (a zstd frame when `loc.flags` has the zstd bit), unchecked:
-    /// for copying a chunk that a first pass has already read and checked.
-    pub(crate) fn read_stored(&self, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
+    /// A chunk's bytes as stored (a zstd frame when `loc.flags` has the zstd bit), not yet
+    /// decompressed nor checked against `id` (see [`PackFiles::decode`]).
+    pub(crate) fn read_stored(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
         let path = self.path(&loc.pack);
-        if loc.stored_len > MAX_CHUNK {
-            return Err(StoreError::CorruptPack {
-                pack: path,
-                message: format!("the index claims a {}-byte chunk", loc.stored_len),
-            });
+        if loc.raw_len > MAX_CHUNK || loc.stored_len > MAX_CHUNK {
+            return Err(damaged(
+                id,
+                &path,
+                format!(
+                    "index entry claims {} bytes, more than any chunk",
+                    loc.raw_len.max(loc.stored_len)
+                ),
+            ));
         }
         let file = self.file(&loc.pack)?;
         let mut stored = vec![0u8; loc.stored_len as usize];
-        file.read_exact_at(&mut stored, loc.offset)
-            .map_err(|e| StoreError::io(&path, e))?;
+        file.read_exact_at(&mut stored, loc.offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                damaged(
+                    id,
+                    &path,
+                    "the pack is shorter than the index says (truncated)".into(),
+                )
+            } else {
+                StoreError::io(&path, e)
+            }
+        })?;
         Ok(stored)
     }
 
@@ -89,31 +102,24 @@ impl PackFiles {
         loc: &ChunkLoc,
         verify: bool,
     ) -> Result<Vec<u8>, StoreError> {
+        let stored = self.read_stored(id, loc)?;
+        self.decode(id, loc, stored, verify)
+    }
+
+    /// A chunk's content from its stored bytes: decompressed when stored so, its length and
+    /// (with `verify`) its BLAKE3 checked against the index entry and `id`.
+    pub(crate) fn decode(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLoc,
+        stored: Vec<u8>,
+        verify: bool,
+    ) -> Result<Vec<u8>, StoreError> {
         thread_local! {
             static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
                 const { std::cell::RefCell::new(None) };
         }
         let path = self.path(&loc.pack);
-        let damaged = |message: String| StoreError::CorruptChunk {
-            id: id.hex(),
-            pack: path.clone(),
-            message,
-        };
-        if loc.raw_len > MAX_CHUNK || loc.stored_len > MAX_CHUNK {
-            return Err(damaged(format!(
-                "index entry claims {} bytes, more than any chunk",
-                loc.raw_len.max(loc.stored_len)
-            )));
-        }
-        let file = self.file(&loc.pack)?;
-        let mut stored = vec![0u8; loc.stored_len as usize];
-        file.read_exact_at(&mut stored, loc.offset).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                damaged("the pack is shorter than the index says (truncated)".into())
-            } else {
-                StoreError::io(&path, e)
-            }
-        })?;
         let raw = if loc.flags & FLAG_ZSTD != 0 {
             DCTX.with(|cell| {
                 let mut slot = cell.borrow_mut();
@@ -125,24 +131,32 @@ impl PackFiles {
                 match slot.as_mut() {
                     Some(d) => d
                         .decompress(&stored, loc.raw_len as usize)
-                        .map_err(|e| damaged(format!("cannot decompress: {e}"))),
-                    None => Err(damaged("no decompressor".into())),
+                        .map_err(|e| damaged(id, &path, format!("cannot decompress: {e}"))),
+                    None => Err(damaged(id, &path, "no decompressor".into())),
                 }
             })?
         } else {
             stored
         };
         if raw.len() != loc.raw_len as usize {
-            return Err(damaged(format!(
-                "{} bytes, the index says {}",
-                raw.len(),
-                loc.raw_len
-            )));
+            return Err(damaged(
+                id,
+                &path,
+                format!("{} bytes, the index says {}", raw.len(), loc.raw_len),
+            ));
         }
         if verify && ChunkId::of(&raw) != *id {
-            return Err(damaged("content does not match its hash".into()));
+            return Err(damaged(id, &path, "content does not match its hash".into()));
         }
         Ok(raw)
+    }
+}
+
+fn damaged(id: &ChunkId, pack: &std::path::Path, message: String) -> StoreError {
+    StoreError::CorruptChunk {
+        id: id.hex(),
+        pack: pack.to_path_buf(),
+        message,
     }
 }
 
