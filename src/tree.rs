@@ -17,7 +17,7 @@ const NODE_HEADER: usize = 6;
 const NODE_ENTRY: usize = 40;
 
 /// The root of an artifact's content: height 0 means `root` is the only data chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub(crate) struct ContentRef {
     pub size: u64,
     pub height: u8,

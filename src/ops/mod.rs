@@ -17,9 +17,11 @@ use crate::manifest::artifact::{self, ArtifactEntry};
 use crate::manifest::snapshot::{SNAPSHOT_VERSION, SnapshotInfo, SnapshotRecord};
 use crate::names::AgentId;
 use crate::store::Store;
-use crate::store::index::{AGENTS, Index, SNAPSHOTS, decode_record};
+use crate::store::index::{AGENTS, Index, PACKS, PackRecord, SNAPSHOTS, decode_record};
+use crate::store::pack::PackId;
 use crate::store::reader::ChunkReader;
 use crate::tree;
+use std::collections::HashSet;
 
 /// Progress of long work, for a progress bar. Byte counts are approximate.
 pub trait Progress: Send + Sync {
@@ -167,6 +169,47 @@ pub(crate) fn load_entries(
 }
 
 /// Snapshots, oldest first, optionally of one tenant or agent.
+/// Walks what snapshot `r` references (its manifest tree and every entry's content tree) into
+/// `seen` without reading data chunks: prune's and stats' mark. A manifest already walked as a
+/// manifest (`manifests`; an unchanged re-snapshot shares its predecessor's) is skipped. Not
+/// `seen`: the same bytes met as a file's data or inside another tree say nothing of entries.
+pub(crate) fn mark(
+    reader: &mut ChunkReader<'_>,
+    r: &SnapshotRecord,
+    manifests: &mut HashSet<tree::ContentRef>,
+    seen: &mut tree::Seen,
+    visit: &mut tree::Visitor<'_>,
+) -> Result<(), StoreError> {
+    if !manifests.insert(r.manifest) {
+        return Ok(());
+    }
+    tree::walk_unseen(reader, &r.manifest, seen, visit)?;
+    for e in load_entries(reader, r)?
+        .iter()
+        .filter_map(|e| e.content.as_ref())
+    {
+        tree::walk_unseen(reader, e, seen, visit)?;
+    }
+    Ok(())
+}
+
+/// Every pack record, by pack id.
+pub(crate) fn pack_records(
+    index: &Index,
+    tx: &redb::ReadTransaction,
+) -> Result<std::collections::HashMap<PackId, PackRecord>, StoreError> {
+    let table = tx.open_table(PACKS).map_err(|e| index.err()(e.into()))?;
+    let mut out = std::collections::HashMap::new();
+    for item in table.iter().map_err(|e| index.err()(e.into()))? {
+        let (k, v) = item.map_err(|e| index.err()(e.into()))?;
+        out.insert(
+            PackId(k.value()),
+            decode_record(1, v.value(), "pack record")?,
+        );
+    }
+    Ok(out)
+}
+
 pub(crate) fn list(
     store: &Store,
     tenant: Option<&str>,

@@ -110,6 +110,7 @@ pub(crate) fn prune(
         report.snapshots = records.len() as u64;
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
         let mut seen = tree::Seen::new();
+        let mut manifests = HashSet::new();
         let mut damaged = None;
         for r in &records {
             let mut visit = |id: &ChunkId, _: bool, res: Result<Vec<u8>, StoreError>| {
@@ -122,11 +123,7 @@ pub(crate) fn prune(
                 }
                 Ok(())
             };
-            tree::walk_unseen(&mut reader, &r.manifest, &mut seen, &mut visit)?;
-            let entries = super::load_entries(&mut reader, r)?;
-            for e in entries.iter().filter_map(|e| e.content.as_ref()) {
-                tree::walk_unseen(&mut reader, e, &mut seen, &mut visit)?;
-            }
+            super::mark(&mut reader, r, &mut manifests, &mut seen, &mut visit)?;
         }
         let live = tree::seen_ids(&seen);
         // Ids reached only as data: if their entry says "tree node", the subtree below it may
@@ -149,11 +146,8 @@ pub(crate) fn prune(
             .into());
         }
         let mut packs: HashMap<PackId, PackUse> = HashMap::new();
-        let table = tx.open_table(PACKS).map_err(|e| index.err()(e.into()))?;
-        for item in table.iter().map_err(|e| index.err()(e.into()))? {
-            let (k, v) = item.map_err(|e| index.err()(e.into()))?;
-            let rec: PackRecord = index::decode_record(1, v.value(), "pack record")?;
-            let u = packs.entry(PackId(k.value())).or_default();
+        for (id, rec) in super::pack_records(&index, &tx)? {
+            let u = packs.entry(id).or_default();
             u.size = rec.size;
             u.count = rec.chunks;
         }

@@ -18,7 +18,7 @@ use crate::lock::Mode;
 use crate::manifest::snapshot::SnapshotRecord;
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
-use crate::store::index::{CHUNKS, PACKS};
+use crate::store::index::CHUNKS;
 use crate::store::pack::{ChunkLoc, unused_bytes};
 use crate::store::reader::ChunkReader;
 use crate::tree;
@@ -125,6 +125,7 @@ pub(crate) fn stats(
         let mut unreadable = 0u64;
         for ((t, a), recs) in &by_agent {
             let mut seen = tree::Seen::new();
+            let mut manifests = HashSet::new();
             let mut visit = |_: &ChunkId, _: bool, res: Result<Vec<u8>, StoreError>| {
                 if res.is_err() {
                     unreadable += 1;
@@ -132,11 +133,7 @@ pub(crate) fn stats(
                 Ok(())
             };
             for r in recs {
-                tree::walk_unseen(&mut reader, &r.manifest, &mut seen, &mut visit)?;
-                let entries = super::load_entries(&mut reader, r)?;
-                for e in entries.iter().filter_map(|e| e.content.as_ref()) {
-                    tree::walk_unseen(&mut reader, e, &mut seen, &mut visit)?;
-                }
+                super::mark(&mut reader, r, &mut manifests, &mut seen, &mut visit)?;
             }
             let Some(newest) = recs.last() else { continue };
             s.latest_logical_bytes += newest.info.logical_bytes;
@@ -165,12 +162,8 @@ pub(crate) fn stats(
             .flat_map(|(_, seen)| seen.iter().copied())
             .collect();
 
-        let table = tx.open_table(PACKS).map_err(|e| index.err()(e.into()))?;
-        for item in table.iter().map_err(|e| index.err()(e.into()))? {
-            let (k, v) = item.map_err(|e| index.err()(e.into()))?;
-            let rec: crate::store::index::PackRecord =
-                crate::store::index::decode_record(1, v.value(), "pack record")?;
-            let p = packs.entry(k.value()).or_default();
+        for (id, rec) in super::pack_records(&index, &tx)? {
+            let p = packs.entry(id.0).or_default();
             p.0 = rec.size;
             p.1 = rec.chunks;
         }
