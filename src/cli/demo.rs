@@ -18,7 +18,8 @@ use super::{Cli, Out};
 const MARKER: &str = ".memsnap-demo";
 
 pub(crate) fn run(cli: &Cli, dir: &Path, out: &Out) -> anyhow::Result<ExitCode> {
-    let opts = super::opts(cli)?;
+    // Bad options are refused before the demo folder is touched.
+    super::opts(cli)?;
     if dir.exists() {
         let empty = std::fs::read_dir(dir)
             .with_context(|| format!("reading {}", dir.display()))?
@@ -60,7 +61,7 @@ pub(crate) fn run(cli: &Cli, dir: &Path, out: &Out) -> anyhow::Result<ExitCode> 
         head0.as_deref().unwrap_or("-")
     ));
 
-    let m = memsnap::Memsnap::create(&store, opts)?.with_progress(super::progress(cli));
+    let m = super::open_at(cli, &store, true)?;
     let id = AgentId::new("demo", "ana")?;
     let snap = |label: &str| -> anyhow::Result<memsnap::SnapshotInfo> {
         let req = SnapshotRequest::new(id.clone())
@@ -167,7 +168,7 @@ pub(crate) fn run(cli: &Cli, dir: &Path, out: &Out) -> anyhow::Result<ExitCode> 
         exported.duration_ms as f64 / 1000.0,
         if checked.ok() { "ok" } else { "DAMAGED" }
     ));
-    let other = memsnap::Memsnap::create(dir.join("other-store"), super::opts(cli)?)?;
+    let other = super::open_at(cli, &dir.join("other-store"), true)?;
     let imported = other.import(&ImportRequest::new(&bundle))?;
     out.line(&format!(
         "     imported into {}: {} stored",

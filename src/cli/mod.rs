@@ -102,32 +102,20 @@ impl KeepArgs {
 
     fn policy(&self) -> anyhow::Result<RetentionPolicy> {
         let mut p = RetentionPolicy::default();
-        if let Some(n) = self.keep_last {
-            p = p.keep_last(n);
-        }
-        if let Some(n) = self.keep_hourly {
-            p = p.keep_hourly(n);
-        }
-        if let Some(n) = self.keep_daily {
-            p = p.keep_daily(n);
-        }
-        if let Some(n) = self.keep_weekly {
-            p = p.keep_weekly(n);
-        }
-        if let Some(n) = self.keep_monthly {
-            p = p.keep_monthly(n);
-        }
-        if let Some(n) = self.keep_yearly {
-            p = p.keep_yearly(n);
-        }
-        if let Some(d) = &self.keep_within {
-            let ms = memsnap::parse_duration(d)
-                .map_err(|e| anyhow::anyhow!("--keep-within {d:?}: {e}"))?;
-            p = p.keep_within(ms);
-        }
-        for l in &self.keep_label {
-            p = p.keep_label(l.clone());
-        }
+        p.keep_last = self.keep_last;
+        p.keep_hourly = self.keep_hourly;
+        p.keep_daily = self.keep_daily;
+        p.keep_weekly = self.keep_weekly;
+        p.keep_monthly = self.keep_monthly;
+        p.keep_yearly = self.keep_yearly;
+        p.keep_within_ms = self
+            .keep_within
+            .as_deref()
+            .map(|d| {
+                memsnap::parse_duration(d).map_err(|e| anyhow::anyhow!("--keep-within {d:?}: {e}"))
+            })
+            .transpose()?;
+        p.keep_labels = self.keep_label.clone();
         Ok(p)
     }
 }
@@ -435,11 +423,15 @@ fn progress(cli: &Cli) -> Arc<dyn memsnap::Progress> {
 }
 
 fn open(cli: &Cli, create: bool) -> anyhow::Result<Memsnap> {
-    let path = store_path(cli)?;
+    open_at(cli, &store_path(cli)?, create)
+}
+
+/// The store at `path` with the command line's options, progress bar and event file.
+fn open_at(cli: &Cli, path: &std::path::Path, create: bool) -> anyhow::Result<Memsnap> {
     let m = if create {
-        Memsnap::create(&path, opts(cli)?)?
+        Memsnap::create(path, opts(cli)?)?
     } else {
-        Memsnap::open(&path, opts(cli)?)?
+        Memsnap::open(path, opts(cli)?)?
     };
     let m = m.with_progress(progress(cli));
     Ok(match &cli.events {
