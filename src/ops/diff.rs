@@ -4,7 +4,7 @@
 //! notes and the state JSON. Everything read goes to a scratch folder under the store's `tmp/`,
 //! removed afterwards whatever happens.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,7 +24,6 @@ use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::pack::ChunkLoc;
 use crate::store::reader::{ChunkReader, PackFiles};
-use crate::tree::{self, ContentRef};
 
 /// One side of a diff.
 #[derive(Debug, Clone, Serialize)]
@@ -195,34 +194,6 @@ fn same(a: &ArtifactEntry, b: &ArtifactEntry) -> bool {
     a.hash == b.hash && a.kind == b.kind && a.mode == b.mode
 }
 
-/// The data chunks of a content tree with their sizes, reading only tree nodes.
-fn data_chunks(
-    reader: &mut ChunkReader<'_>,
-    id: &ChunkId,
-    height: u8,
-    size: u64,
-    out: &mut Vec<(ChunkId, u64)>,
-) -> Result<(), StoreError> {
-    if height == 0 {
-        out.push((*id, size));
-        return Ok(());
-    }
-    let children = tree::decode_node(&reader.read(id)?, height)?;
-    for (child, sz) in children {
-        data_chunks(reader, &child, height - 1, sz, out)?;
-    }
-    Ok(())
-}
-
-fn chunks_of(
-    reader: &mut ChunkReader<'_>,
-    c: &ContentRef,
-) -> Result<Vec<(ChunkId, u64)>, StoreError> {
-    let mut out = Vec::new();
-    data_chunks(reader, &c.root, c.height, c.size, &mut out)?;
-    Ok(out)
-}
-
 fn side(r: &SnapshotRecord) -> DiffSide {
     DiffSide {
         id: r.info.id.clone(),
@@ -332,6 +303,7 @@ fn load(
         });
     let heads_differ =
         ra.info.git.as_ref().map(|g| &g.head_oid) != rb.info.git.as_ref().map(|g| &g.head_oid);
+    let mut resolved: [HashMap<Key, Locs>; 2] = Default::default();
     for k in keys {
         let (ea, eb) = (a_entries.get(k), b_entries.get(k));
         let any = ea.or(eb).expect("a key of one side");
@@ -343,15 +315,17 @@ fn load(
             (Some(x), Some(y)) => {
                 let bytes = match (&x.content, &y.content) {
                     (Some(cx), Some(cy)) => {
-                        let old: HashSet<ChunkId> = chunks_of(&mut reader, cx)?
-                            .into_iter()
-                            .map(|c| c.0)
-                            .collect();
-                        chunks_of(&mut reader, cy)?
-                            .into_iter()
+                        // Resolved once: phase 2 reuses the locations of what it reads.
+                        let (la, lb) = (reader.resolve(cx)?, reader.resolve(cy)?);
+                        let old: HashSet<ChunkId> = la.iter().map(|c| c.0).collect();
+                        let bytes = lb
+                            .iter()
                             .filter(|c| !old.contains(&c.0))
-                            .map(|c| c.1)
-                            .sum()
+                            .map(|c| u64::from(c.1.raw_len))
+                            .sum();
+                        resolved[0].insert(k.clone(), la);
+                        resolved[1].insert(k.clone(), lb);
+                        bytes
                     }
                     (None, Some(_)) => y.size,
                     _ => 0,
@@ -414,7 +388,11 @@ fn load(
     for (i, (set, entries)) in wanted.iter().zip([&a_entries, &b_entries]).enumerate() {
         for k in set {
             if let Some(c) = entries.get(k).and_then(|e| e.content.as_ref()) {
-                locs[i].insert(k.clone(), reader.resolve(c)?);
+                let l = match resolved[i].remove(k) {
+                    Some(l) => l,
+                    None => reader.resolve(c)?,
+                };
+                locs[i].insert(k.clone(), l);
             }
         }
     }
