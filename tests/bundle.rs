@@ -3,40 +3,18 @@
 //! by field against the fixtures. Hostile bundles are in tests/bundle_hostile.rs.
 
 mod common;
+#[path = "common/nexo.rs"]
+mod nexo;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
 use memsnap::sample::SampleAgent;
+use nexo::copy_fixture;
 use serde_json::Value;
-
-/// The bundles nexo-memory-snapshot 0.1.5 wrote (copied from ../shared/fixtures; read-only).
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nexo-memory-snapshot-0.1.5")
-}
-
-/// A fixture bundle copied (with its .sha256) into `dir`: the originals are read-only.
-fn fixture_bundle(case: &str, dir: &Path) -> PathBuf {
-    let src = fixtures().join(case);
-    let mut bundle = None;
-    for e in fs::read_dir(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display())) {
-        let p = e.expect("entry").path();
-        let name = p.file_name().expect("name").to_string_lossy().into_owned();
-        let dst = dir.join(&name);
-        fs::copy(&p, &dst).expect("copy fixture");
-        let mut perm = fs::metadata(&dst).expect("meta").permissions();
-        #[allow(clippy::permissions_set_readonly_false)]
-        perm.set_readonly(false);
-        fs::set_permissions(&dst, perm).expect("chmod");
-        if name.ends_with(".tar.zst") || name.ends_with(".tar.zst.age") {
-            bundle = Some(dst);
-        }
-    }
-    bundle.expect("a bundle in the fixture folder")
-}
 
 fn git_head(memdir: &Path) -> String {
     let out = Command::new("git")
@@ -315,7 +293,7 @@ fn the_three_fixture_bundles_import_and_restore_with_the_expected_content() {
     for (case, identity, head, memories) in cases {
         let d = dir.join(case);
         fs::create_dir_all(&d).expect("mkdir");
-        let bundle = fixture_bundle(case, &d);
+        let bundle = copy_fixture(case, &d);
         let mut cmd = f.cmd();
         cmd.arg("import").arg(&bundle);
         if let Some(i) = identity {
@@ -372,7 +350,7 @@ fn the_age_fixture_fails_cleanly_without_its_identity() {
     let listed = f.list();
     let d = f.path("age");
     fs::create_dir_all(&d).expect("mkdir");
-    let bundle = fixture_bundle("03-age", &d);
+    let bundle = copy_fixture("03-age", &d);
 
     let out = f.cmd().arg("import").arg(&bundle).run();
     assert_eq!(out.status.code(), Some(1), "{out}");
@@ -432,7 +410,7 @@ fn an_exported_bundle_has_the_fixture_layout_field_by_field() {
     let ours = decompressed(&bundle);
     let d = f.path("fx");
     fs::create_dir_all(&d).expect("mkdir");
-    let theirs = decompressed(&fixture_bundle("01-plain", &d));
+    let theirs = decompressed(&copy_fixture("01-plain", &d));
 
     let (mo, mt) = (manifest_of(&ours), manifest_of(&theirs));
     let keys = |v: &Value| -> BTreeSet<String> {
@@ -580,7 +558,7 @@ fn an_encrypted_export_imports_with_its_identity_only() {
     let d = f.path("keys");
     fs::create_dir_all(&d).expect("mkdir");
     // The fixture's throwaway key pair.
-    let identity = fixture_bundle("03-age", &d).with_file_name("test-identity.txt");
+    let identity = copy_fixture("03-age", &d).with_file_name("test-identity.txt");
     let recipient = "age1dlaac65wd8367dddxt8l4epq7muv6gx6nfkqzxmjgl9mm20sd9msy5s5ad";
     let bundle = f.path("out/b.tar.zst.age");
     fs::create_dir_all(f.path("out")).expect("mkdir");

@@ -12,15 +12,8 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use memsnap::sample::SampleAgent;
-use nexo::nexo_ok;
+use nexo::{TEST_RECIPIENT, nexo_ok, s};
 use serde_json::Value;
-
-/// The public half of tests/fixtures/.../03-age/test-identity.txt (a throwaway test key).
-const TEST_RECIPIENT: &str = "age1dlaac65wd8367dddxt8l4epq7muv6gx6nfkqzxmjgl9mm20sd9msy5s5ad";
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
 
 fn identity(dir: &Path) -> PathBuf {
     let to = dir.join("test-identity.txt");
@@ -88,20 +81,8 @@ fn memsnap_exports_pass_the_old_tools_verify_and_restore() {
         }
 
         let root = f.path(&format!("old-{name}"));
-        let mut args = vec![
-            "restore",
-            s(&bundle),
-            "--root",
-            s(&root),
-            "--tenant",
-            TENANT,
-            "--agent",
-            AGENT,
-        ];
-        if encrypted {
-            args.extend(["--identity", s(&identity)]);
-        }
-        let restored = nexo_ok(&args);
+        let key = encrypted.then_some(identity.as_path());
+        let restored = nexo::restore(&bundle, &root, TENANT, AGENT, key);
         assert_eq!(
             restored["sqlite_restored_dbs"],
             serde_json::json!(["long_term", "vector", "concepts", "compactions"]),
@@ -148,16 +129,7 @@ fn a_redacted_export_passes_the_old_tools_verify_and_restore() {
     }
     // Without .git the old tool restores the notes and the databases.
     let root = f.path("old");
-    nexo_ok(&[
-        "restore",
-        s(&bundle),
-        "--root",
-        s(&root),
-        "--tenant",
-        TENANT,
-        "--agent",
-        AGENT,
-    ]);
+    nexo::restore(&bundle, &root, TENANT, AGENT, None);
     let view = old_layout_view(&root, &f.path("view"));
     assert_eq!(view.row_counts().expect("rows"), image.rows);
     assert_eq!(notes(&view.memdir()), notes(&f.agent.memdir()));
@@ -175,35 +147,13 @@ fn bundles_the_old_tool_writes_now_import_into_memsnap() {
     let ours = f.path("out/ours.tar.zst");
     f.cmd().args(["export", &id, "--out"]).arg(&ours).json();
     let root = f.path("old");
-    nexo_ok(&[
-        "restore",
-        s(&ours),
-        "--root",
-        s(&root),
-        "--tenant",
-        TENANT,
-        "--agent",
-        AGENT,
-    ]);
+    nexo::restore(&ours, &root, TENANT, AGENT, None);
     let view = old_layout_view(&root, &f.path("view"));
     let rows = view.row_counts().expect("rows");
 
     for encrypt in [false, true] {
-        let mut args = vec![
-            "snapshot",
-            "--root",
-            s(&root),
-            "--tenant",
-            TENANT,
-            "--agent",
-            AGENT,
-            "--label",
-            "from-nexo",
-        ];
-        if encrypt {
-            args.extend(["--encrypt-to", TEST_RECIPIENT]);
-        }
-        let meta = nexo_ok(&args);
+        let recipient = encrypt.then_some(TEST_RECIPIENT);
+        let meta = nexo::snapshot(&root, TENANT, AGENT, "from-nexo", recipient);
         let bundle = PathBuf::from(meta["bundle"].as_str().expect("bundle"));
         let store = f.path(&format!("store-{encrypt}"));
         let mut cmd = TestCommand::new(&store);

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use age::secrecy::ExposeSecret;
-use nexo::{copy_fixture, nexo, nexo_ok};
+use nexo::{TEST_RECIPIENT, copy_fixture, nexo, nexo_ok, s};
 use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 use tempfile::TempDir;
@@ -22,12 +22,6 @@ const TENANT: &str = "default";
 const AGENT: &str = "ana";
 const HEAD_01: &str = "3cb7e362047b493d2fd82fe5b5057c158c777c1c";
 const HEAD_04: &str = "9668754d6c364db87b8485bc32f7c85d816a925c";
-/// The public half of tests/fixtures/.../03-age/test-identity.txt (a throwaway test key).
-const TEST_RECIPIENT: &str = "age1dlaac65wd8367dddxt8l4epq7muv6gx6nfkqzxmjgl9mm20sd9msy5s5ad";
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
 
 fn count(db: &Path, table: &str) -> i64 {
     let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
@@ -203,21 +197,8 @@ fn old_tool_snapshot_of_a_restored_agent_verifies_and_restores() {
 
     // Plain, then age-encrypted to the fixtures' test key.
     for encrypt in [false, true] {
-        let mut args = vec![
-            "snapshot",
-            "--root",
-            s(&root),
-            "--tenant",
-            TENANT,
-            "--agent",
-            AGENT,
-            "--label",
-            "again",
-        ];
-        if encrypt {
-            args.extend(["--encrypt-to", TEST_RECIPIENT]);
-        }
-        let meta = nexo_ok(&args);
+        let recipient = encrypt.then_some(TEST_RECIPIENT);
+        let meta = nexo::snapshot(&root, TENANT, AGENT, "again", recipient);
         assert_eq!(meta["encrypted"], encrypt, "{meta}");
         assert_eq!(meta["git_oid"], HEAD_01, "{meta}");
         assert_eq!(meta["label"], "again");

@@ -156,3 +156,61 @@ pub fn nexo_ok(args: &[&str]) -> Value {
     );
     json
 }
+
+/// The public half of tests/fixtures/.../03-age/test-identity.txt (a throwaway test key).
+pub const TEST_RECIPIENT: &str = "age1dlaac65wd8367dddxt8l4epq7muv6gx6nfkqzxmjgl9mm20sd9msy5s5ad";
+
+/// `p` as the `&str` a command line takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// The old tool's restore of `bundle` as agent `tenant/agent` under `root`, asserting success.
+pub fn restore(
+    bundle: &Path,
+    root: &Path,
+    tenant: &str,
+    agent: &str,
+    identity: Option<&Path>,
+) -> Value {
+    let mut args = vec![
+        "restore",
+        s(bundle),
+        "--root",
+        s(root),
+        "--tenant",
+        tenant,
+        "--agent",
+        agent,
+    ];
+    if let Some(i) = identity {
+        args.extend(["--identity", s(i)]);
+    }
+    nexo_ok(&args)
+}
+
+/// The old tool's snapshot of agent `tenant/agent` under `root`, labelled, optionally encrypted
+/// to `recipient`, asserting success.
+pub fn snapshot(
+    root: &Path,
+    tenant: &str,
+    agent: &str,
+    label: &str,
+    recipient: Option<&str>,
+) -> Value {
+    let mut args = vec![
+        "snapshot",
+        "--root",
+        s(root),
+        "--tenant",
+        tenant,
+        "--agent",
+        agent,
+        "--label",
+        label,
+    ];
+    if let Some(r) = recipient {
+        args.extend(["--encrypt-to", r]);
+    }
+    nexo_ok(&args)
+}
