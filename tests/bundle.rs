@@ -12,7 +12,6 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use memsnap::sample::SampleAgent;
 use nexo::copy_fixture;
 use serde_json::Value;
 
@@ -118,11 +117,7 @@ fn export_import_restore_round_trip_on_a_second_store() {
 
     // Restore from the second store into a fresh folder: identical files and rows.
     let target = f.path("restored");
-    TestCommand::new(&store2)
-        .args(["restore", &id, "--target"])
-        .arg(&target)
-        .json();
-    let restored = SampleAgent::open(&target);
+    let restored = restore_to(&store2, &id, &target);
     assert_same_tree(&image.memdir, &tree(&restored.memdir(), true), "memdir");
     assert_same_tree(&image.state, &tree(&restored.state_dir(), false), "state");
     assert_eq!(restored.row_counts().expect("rows"), image.rows);
@@ -630,11 +625,7 @@ fn symlinks_modes_empty_files_and_non_utf8_names_survive_a_bundle() {
     let copy = TestCommand::new(&store2).args(["show", &id]).json();
     assert_eq!(orig["entries"], copy["entries"]);
     let target = f.path("restored");
-    TestCommand::new(&store2)
-        .args(["restore", &id, "--target"])
-        .arg(&target)
-        .json();
-    let restored = SampleAgent::open(&target);
+    let restored = restore_to(&store2, &id, &target);
     assert_same_tree(&image.memdir, &tree(&restored.memdir(), true), "memdir");
     assert_eq!(restored.row_counts().expect("rows"), image.rows);
 }

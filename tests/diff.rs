@@ -60,12 +60,7 @@ fn two_snapshots(f: &Fixture) -> (String, String) {
 }
 
 fn db<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["databases"]
-        .as_array()
-        .expect("databases")
-        .iter()
-        .find(|d| d["name"] == name)
-        .unwrap_or_else(|| panic!("no database {name} in {report:#}"))
+    common::find_by(report, "databases", "name", name)
 }
 
 fn tables(d: &Value) -> Vec<(String, u64, u64, u64)> {

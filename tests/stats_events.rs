@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use common::{AGENT, Fixture, TENANT, str_of};
+use common::{AGENT, Fixture, TENANT, find_by, str_of};
 use memsnap::sample::{SampleAgent, SampleSpec};
 use memsnap::{AgentId, Event, EventPublisher, Memsnap, SnapshotRequest, SourceSpec, StoreOptions};
 use serde_json::Value;
@@ -35,12 +35,7 @@ fn u(v: &Value, key: &str) -> u64 {
 }
 
 fn agent_stats<'a>(stats: &'a Value, agent: &str) -> &'a Value {
-    stats["agents"]
-        .as_array()
-        .expect("agents array")
-        .iter()
-        .find(|a| a["agent"] == agent)
-        .unwrap_or_else(|| panic!("no agent {agent} in {stats:#}"))
+    find_by(stats, "agents", "agent", agent)
 }
 
 /// Fixture with two snapshots of ana (nearly equal) and one of bob (a second tiny agent).

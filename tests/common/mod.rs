@@ -702,3 +702,22 @@ pub fn manifest_of(plain: &[u8]) -> Value {
     assert_eq!(entries[0].0, "manifest.json", "the manifest comes first");
     serde_json::from_slice(&entries[0].2).expect("manifest JSON")
 }
+
+/// The element of array `v[array]` whose `key` is `want`, or a failure naming what is missing.
+pub fn find_by<'a>(v: &'a Value, array: &str, key: &str, want: &str) -> &'a Value {
+    v[array]
+        .as_array()
+        .unwrap_or_else(|| panic!("{array} is an array in {v:#}"))
+        .iter()
+        .find(|e| e[key] == want)
+        .unwrap_or_else(|| panic!("no {array} element with {key} = {want} in {v:#}"))
+}
+
+/// `restore ID --target TARGET` from `store`, asserting success; the restored agent.
+pub fn restore_to(store: &Path, id: &str, target: &Path) -> SampleAgent {
+    TestCommand::new(store)
+        .args(["restore", id, "--target"])
+        .arg(target)
+        .json();
+    SampleAgent::open(target)
+}
