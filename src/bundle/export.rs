@@ -16,9 +16,8 @@ use super::frames::FrameWriter;
 use super::io::{HashWriter, StoredReader, sha256_of};
 use super::manifest::{
     ArtifactMeta, BUNDLE_FORMAT, BundleGit, BundleManifest, EXT_VERSION, EncryptionMeta, EntryMeta,
-    KNOWN_DATABASES, KNOWN_STATE, MANIFEST_ENTRY, MANIFEST_VERSION, MemsnapSection,
-    RedactionDetail, RedactionReport, SchemaVersions, SourcePaths, ToolVersions, bundle_path,
-    escape, seal,
+    MANIFEST_ENTRY, MANIFEST_VERSION, MemsnapSection, RedactionDetail, RedactionReport,
+    SchemaVersions, SourcePaths, ToolVersions, bundle_path, escape, known, seal,
 };
 use super::redact::{Counts, Redactor, SecretScanner};
 use crate::error::{BundleError, Error};
@@ -589,16 +588,8 @@ pub(crate) fn export(
 /// Bundle order, as nexo-memory-snapshot writes it: databases, state, memory files, git.
 fn rank(part: &str, path: &str) -> u8 {
     match part {
-        "sqlite" => path
-            .strip_suffix(".sqlite")
-            .and_then(|s| KNOWN_DATABASES.iter().position(|k| *k == s))
-            .map(|i| i as u8)
-            .unwrap_or(4),
-        "state" => path
-            .strip_suffix(".json")
-            .and_then(|s| KNOWN_STATE.iter().position(|(k, _)| *k == s))
-            .map(|i| 5 + i as u8)
-            .unwrap_or(7),
+        "sqlite" => known(part, path).map_or(4, |(i, _)| i as u8),
+        "state" => known(part, path).map_or(7, |(i, _)| 5 + i as u8),
         _ if path.starts_with(".git/") => 9,
         _ => 8,
     }

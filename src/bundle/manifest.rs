@@ -21,8 +21,13 @@ pub(crate) const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 pub(crate) const NEXO_SCHEMA: u32 = 1;
 
 /// The databases and state documents that nexo-memory-snapshot has a kind for.
-pub(crate) const KNOWN_DATABASES: [&str; 4] = ["long_term", "vector", "concepts", "compactions"];
-pub(crate) const KNOWN_STATE: [(&str, &str); 2] = [
+const KNOWN_DATABASES: [(&str, &str); 4] = [
+    ("long_term", "sqlite_long_term"),
+    ("vector", "sqlite_vector"),
+    ("concepts", "sqlite_concepts"),
+    ("compactions", "sqlite_compactions"),
+];
+const KNOWN_STATE: [(&str, &str); 2] = [
     ("extract_cursor", "state_extract_cursor"),
     ("dream_run", "state_dream_run"),
 ];
@@ -196,29 +201,26 @@ pub(crate) fn seal(artifacts: &[ArtifactMeta]) -> String {
 }
 
 /// The bundle path of an artifact and its nexo kind (`None`: memsnap-only, an extra artifact).
+/// A database or state document nexo-memory-snapshot knows: its place in the tool's order and
+/// its kind.
+pub(crate) fn known(part: &str, path: &str) -> Option<(usize, &'static str)> {
+    let (table, suffix) = match part {
+        "sqlite" => (&KNOWN_DATABASES[..], ".sqlite"),
+        "state" => (&KNOWN_STATE[..], ".json"),
+        _ => return None,
+    };
+    let stem = path.strip_suffix(suffix)?;
+    table
+        .iter()
+        .position(|(n, _)| *n == stem)
+        .map(|i| (i, table[i].1))
+}
+
 pub(crate) fn bundle_path(part: &str, path: &str, is_db: bool) -> (String, Option<&'static str>) {
+    let kind = known(part, path).map(|(_, k)| k);
     match part {
-        "sqlite" => {
-            let kind = path
-                .strip_suffix(".sqlite")
-                .and_then(|stem| KNOWN_DATABASES.iter().position(|k| *k == stem))
-                .map(|i| {
-                    [
-                        "sqlite_long_term",
-                        "sqlite_vector",
-                        "sqlite_concepts",
-                        "sqlite_compactions",
-                    ][i]
-                });
-            (format!("sqlite/{path}"), kind.filter(|_| is_db))
-        }
-        "state" => {
-            let kind = path
-                .strip_suffix(".json")
-                .and_then(|stem| KNOWN_STATE.iter().find(|(n, _)| *n == stem))
-                .map(|(_, k)| *k);
-            (format!("state/{path}"), kind)
-        }
+        "sqlite" => (format!("sqlite/{path}"), kind.filter(|_| is_db)),
+        "state" => (format!("state/{path}"), kind),
         _ => match path.strip_prefix(".git/") {
             Some(rel) => (format!("git/{rel}"), Some("git_bundle")),
             None => (format!("memory_files/{path}"), Some("memory_file")),
@@ -465,10 +467,7 @@ fn expected_kind(path: &str) -> Option<&'static str> {
     } else if path.starts_with("git/") {
         Some("git_bundle")
     } else if let Some(name) = path.strip_prefix("state/") {
-        KNOWN_STATE
-            .iter()
-            .find(|(n, _)| name.strip_suffix(".json") == Some(n))
-            .map(|(_, k)| *k)
+        known("state", name).map(|(_, k)| k)
     } else {
         None
     }
