@@ -1,7 +1,7 @@
 //! Lifecycle end to end: pins, forget (the policy's golden results are unit tests in
 //! src/ops/retention.rs), prune reclaiming space with every kept snapshot still restoring
 //! identically, a prune killed at each of its steps and finished by the next, prune racing
-//! snapshots, and a store written by memsnap 0.1 (format 1) still working.
+//! snapshots, and stores written by memsnap 0.1 (format 1) and 0.2 (format 2) still working.
 
 mod common;
 
@@ -347,6 +347,74 @@ fn a_store_written_by_memsnap_0_1_still_lists_verifies_restores_pins_and_prunes(
         SampleAgent::open(&again).row_counts().expect("rows"),
         r.row_counts().expect("rows")
     );
+}
+
+/// The store's `format_version`: the config record is a version byte, then bincode whose first
+/// field (a u32 below 251) is one byte.
+fn format_version(store: &Path) -> u8 {
+    let db = redb::Database::open(store.join("index.redb")).expect("index");
+    let tx = redb::ReadableDatabase::begin_read(&db).expect("read");
+    let meta: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("meta");
+    let table = tx.open_table(meta).expect("meta");
+    let config = table.get("config").expect("get").expect("config");
+    config.value()[1]
+}
+
+#[test]
+fn a_store_written_by_memsnap_0_2_still_reads_and_a_snapshot_raises_it_to_format_3() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store: PathBuf = tmp.path().join("store");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v2"),
+        &store,
+    );
+    fs::remove_file(store.join("README.md")).expect("readme");
+    assert_eq!(format_version(&store), 2);
+    let cmd = || TestCommand::new(&store);
+    let list = cmd().arg("list").json();
+    let list = list.as_array().expect("list");
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["label"], "v2");
+    assert_eq!(list[1]["label"], "v2-second");
+    let second = str_of(&list[1], "id").to_owned();
+    cmd().args(["verify", "--read-data"]).json();
+    let target = tmp.path().join("restored");
+    cmd()
+        .args(["restore", &second, "--target"])
+        .arg(&target)
+        .json();
+    let r = SampleAgent::open(&target);
+    assert!(
+        fs::read_to_string(r.memdir().join("MEMORY.md"))
+            .expect("MEMORY.md")
+            .ends_with("# a note\n")
+    );
+    // The pin of format 2 still holds.
+    cmd().args(["forget", "--keep-last", "1"]).json();
+    assert_eq!(
+        cmd().arg("list").json().as_array().map(|a| a.len()),
+        Some(2)
+    );
+    assert_eq!(
+        format_version(&store),
+        2,
+        "reading does not raise the format"
+    );
+
+    // A snapshot writes change-detection rows, raising the store to 3 in the same commit; the
+    // next one finds the agent unchanged, deduplicated against the old data.
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let first_new = cmd().snapshot(&target).json();
+    assert_eq!(format_version(&store), 3);
+    // The restored agent is the second snapshot again: every chunk is found in the old packs.
+    assert_eq!(first_new["stats"]["new_chunks"], 0, "{first_new:#}");
+    let again = cmd().snapshot(&target).json();
+    let state_bytes: u64 = fs::read_dir(r.state_dir())
+        .expect("state")
+        .map(|e| e.expect("entry").metadata().expect("meta").len())
+        .sum();
+    assert_eq!(again["stats"]["bytes_read"], state_bytes, "{again:#}");
+    cmd().args(["verify", "--read-data"]).json();
 }
 
 #[test]

@@ -2,4 +2,5 @@
 
 pub(crate) mod agent;
 pub(crate) mod artifact;
+pub(crate) mod file_stats;
 pub(crate) mod snapshot;

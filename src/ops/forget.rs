@@ -12,8 +12,7 @@ use crate::error::{Error, StoreError};
 use crate::manifest::snapshot::SnapshotInfo;
 use crate::names::AgentId;
 use crate::store::Store;
-use crate::store::config::FORMAT_VERSION;
-use crate::store::index::{self, Index, META, PINS, SNAPSHOTS};
+use crate::store::index::{Index, PINS, SNAPSHOTS};
 
 /// The ids of pinned snapshots. A store written before format 2 has no `pins` table: none.
 pub(crate) fn pinned(
@@ -57,15 +56,8 @@ pub(crate) fn set_pin(
             pins.remove(record.info.id.as_str())
                 .map_err(|e| index.err()(e.into()))?;
         }
-        if store.config.format_version < FORMAT_VERSION {
-            let mut config = store.config.clone();
-            config.format_version = FORMAT_VERSION;
-            let bytes = index::encode_record(1, &config, "store config")?;
-            let mut meta = tx.open_table(META).map_err(|e| index.err()(e.into()))?;
-            meta.insert("config", bytes.as_slice())
-                .map_err(|e| index.err()(e.into()))?;
-        }
     }
+    super::raise_format(store, &index, &tx)?;
     tx.commit().map_err(|e| index.err()(e.into()))?;
     Ok(record.info)
 }

@@ -6,6 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::SourceError;
+use crate::manifest::file_stats::FileStat;
 
 #[derive(Debug, Clone)]
 pub(crate) enum ItemKind {
@@ -22,6 +23,8 @@ pub(crate) struct Item {
     pub mode: u32,
     pub mtime_ns: i64,
     pub size: u64,
+    /// As listed, before the file is read (change detection compares it with the last one).
+    pub stat: FileStat,
 }
 
 /// Which part of the memdir a walk lists. A snapshot reads everything but `.git/objects`
@@ -104,6 +107,7 @@ pub(crate) fn walk(root: &Path, pass: Pass) -> Result<Vec<Item>, SourceError> {
             abs,
             mode: meta.mode() & 0o7777,
             mtime_ns: mtime_ns(&meta),
+            stat: FileStat::of(&meta),
         });
     }
     Ok(out)

@@ -4,9 +4,9 @@
 use serde::{Deserialize, Serialize};
 
 /// The on-disk format version this build writes and reads (store-format.md, "Version changes").
-/// 2 added the `pins` table; a format-1 store is read as one without pins, and raised to 2 by its
-/// first pin.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// 2 added the `pins` table, 3 the `file_stats` table; an older store is read as one without
+/// them, and raised by the first write of either.
+pub(crate) const FORMAT_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StoreConfig {

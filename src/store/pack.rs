@@ -204,7 +204,15 @@ impl PackWriter {
 
     /// Writes the footer and makes the whole pack durable (fsync). The caller fsyncs the
     /// directory before committing an index transaction that references the pack.
-    pub(crate) fn finish(mut self) -> Result<(PackId, PathBuf, u64, u32), StoreError> {
+    pub(crate) fn finish(self) -> Result<(PackId, PathBuf, u64, u32), StoreError> {
+        let sealed = self.seal()?;
+        sealed.sync()?;
+        Ok((sealed.id, sealed.path, sealed.size, sealed.count))
+    }
+
+    /// Writes the footer, leaving the pack to be made durable by [`SealedPack::sync`] (on
+    /// another thread, while the next pack is written).
+    pub(crate) fn seal(mut self) -> Result<SealedPack, StoreError> {
         let entries_offset = self.offset;
         let mut footer = Vec::with_capacity(self.entries.len() * ENTRY_LEN + TRAILER_LEN as usize);
         for e in &self.entries {
@@ -222,8 +230,30 @@ impl PackWriter {
             .file
             .into_inner()
             .map_err(|e| StoreError::io(&self.path, e.into_error()))?;
-        file.sync_all().map_err(|e| StoreError::io(&self.path, e))?;
-        Ok((self.id, self.path, self.offset, count))
+        Ok(SealedPack {
+            id: self.id,
+            path: self.path,
+            size: self.offset,
+            count,
+            file,
+        })
+    }
+}
+
+/// A pack with its footer written but perhaps not yet durable.
+pub(crate) struct SealedPack {
+    pub id: PackId,
+    pub path: PathBuf,
+    pub size: u64,
+    pub count: u32,
+    file: File,
+}
+
+impl SealedPack {
+    pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        self.file
+            .sync_all()
+            .map_err(|e| StoreError::io(&self.path, e))
     }
 }
 

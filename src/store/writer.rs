@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
@@ -17,10 +18,18 @@ use super::config::StoreConfig;
 use super::pack::{ChunkLoc, FLAG_TREE, FLAG_ZSTD, PackId, PackWriter};
 use crate::error::StoreError;
 
-/// Ids the store held when the snapshot began, as sorted prefixes.
+/// Packs whose fsync may be in flight at once while a snapshot writes on.
+const MAX_SYNCING: usize = 2;
+
+/// Ids the store held when the snapshot began, as sorted prefixes with a directory on their top
+/// bits: ids are uniform, so a bucket holds ~2 prefixes and a lookup touches two cache lines (a
+/// plain binary search over 2 MiB of prefixes cost ~10% of a re-snapshot in cache misses).
 #[derive(Default)]
 pub(crate) struct KnownFilter {
     prefixes: Vec<u64>,
+    /// `prefixes[dir[b]..dir[b + 1]]` are those whose top `bits` bits are `b`.
+    dir: Vec<u32>,
+    bits: u32,
     /// Ids that a failed confirmation proved absent despite a prefix match.
     excluded: HashSet<ChunkId>,
 }
@@ -29,11 +38,35 @@ impl KnownFilter {
     pub(crate) fn new(mut prefixes: Vec<u64>, excluded: HashSet<ChunkId>) -> Self {
         prefixes.sort_unstable();
         prefixes.dedup();
-        Self { prefixes, excluded }
+        // About two prefixes per bucket; at most 2^24 buckets (64 MiB of directory).
+        let bits = (usize::BITS - prefixes.len().leading_zeros()).clamp(1, 24);
+        let mut dir = Vec::with_capacity((1usize << bits) + 1);
+        let mut i = 0usize;
+        for b in 0..(1u64 << bits) {
+            while i < prefixes.len() && prefixes[i] >> (64 - bits) < b {
+                i += 1;
+            }
+            dir.push(i as u32);
+        }
+        dir.push(prefixes.len() as u32);
+        Self {
+            prefixes,
+            dir,
+            bits,
+            excluded,
+        }
     }
 
     fn probably_has(&self, id: &ChunkId) -> bool {
-        self.prefixes.binary_search(&id.prefix()).is_ok() && !self.excluded.contains(id)
+        if self.dir.is_empty() {
+            return false;
+        }
+        let p = id.prefix();
+        let b = (p >> (64 - self.bits)) as usize;
+        let (Some(&lo), Some(&hi)) = (self.dir.get(b), self.dir.get(b + 1)) else {
+            return false;
+        };
+        self.prefixes[lo as usize..hi as usize].contains(&p) && !self.excluded.contains(id)
     }
 }
 
@@ -69,10 +102,12 @@ pub(crate) struct ChunkWriter {
     packs_dir: PathBuf,
     level: i32,
     pack_target: u64,
-    known: KnownFilter,
+    known: Arc<KnownFilter>,
     new_chunks: HashMap<ChunkId, ChunkLoc>,
     pack: Option<PackWriter>,
     done: Vec<(PackId, u64, u32)>,
+    /// Sealed packs being made durable on threads of their own, oldest first.
+    syncing: std::collections::VecDeque<std::thread::JoinHandle<Result<(), StoreError>>>,
     dirs: BTreeSet<PathBuf>,
     /// Filter hits that no confirmed tree node covers: looked up one by one at commit.
     pub(crate) confirm: Vec<ChunkId>,
@@ -82,13 +117,101 @@ pub(crate) struct ChunkWriter {
     pub(crate) stats: WriteStats,
 }
 
+/// The chunks of one content, cut in order, in one buffer: one allocation per batch rather than
+/// one per chunk (which cost malloc contention between the reading and writing threads).
+#[derive(Default)]
+pub(crate) struct Batch {
+    data: Vec<u8>,
+    /// End offset of each cut chunk; bytes after the last end belong to the open chunk.
+    ends: Vec<usize>,
+}
+
+impl Batch {
+    pub(crate) fn with_capacity(bytes: usize) -> Self {
+        Self {
+            data: Vec::with_capacity(bytes),
+            ends: Vec::new(),
+        }
+    }
+
+    /// Adds one whole chunk.
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
+        self.extend(chunk);
+        self.cut();
+    }
+
+    /// Appends to the open chunk.
+    pub(crate) fn extend(&mut self, bytes: &[u8]) {
+        self.data.extend_from_slice(bytes);
+    }
+
+    /// Ends the open chunk (possibly empty: an empty content is one empty chunk).
+    pub(crate) fn cut(&mut self) {
+        self.ends.push(self.data.len());
+    }
+
+    /// Bytes in the open chunk.
+    pub(crate) fn open_len(&self) -> usize {
+        self.data.len() - self.ends.last().copied().unwrap_or(0)
+    }
+
+    /// Bytes of the cut chunks.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.data[..self.ends.last().copied().unwrap_or(0)]
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Moves the open chunk's bytes into a new batch and returns this one.
+    pub(crate) fn split_open(&mut self, capacity: usize) -> Batch {
+        let mut next = Batch::with_capacity(capacity.max(self.open_len()));
+        next.data
+            .extend_from_slice(&self.data[self.ends.last().copied().unwrap_or(0)..]);
+        self.data.truncate(self.ends.last().copied().unwrap_or(0));
+        std::mem::replace(self, next)
+    }
+
+    fn chunk(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.data[start..self.ends[i]]
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+}
+
+/// One chunk of a batch, hashed and (if probably new) compressed.
 struct Prepared {
     id: ChunkId,
     hit: bool,
-    /// Not in the store nor written earlier in this snapshot.
-    new: bool,
-    data: Vec<u8>,
     compressed: Option<Vec<u8>>,
+}
+
+/// Batches smaller than this are prepared on the calling thread: handing them to the pool would
+/// cost more than it saves (tree nodes, small files).
+const POOL_BYTES: usize = 256 << 10;
+
+/// A batch being hashed and compressed on the rayon pool (see [`ChunkWriter::start`]).
+pub(crate) struct InFlight(Job);
+
+enum Job {
+    Ready(Batch, Vec<Prepared>),
+    Pool(std::sync::mpsc::Receiver<std::thread::Result<(Batch, Vec<Prepared>)>>),
+}
+
+fn prepare(batch: &Batch, i: usize, known: &KnownFilter, level: i32) -> Prepared {
+    let data = batch.chunk(i);
+    let id = ChunkId::of(data);
+    let hit = known.probably_has(&id);
+    let compressed = if hit { None } else { compress(data, level) };
+    Prepared {
+        id,
+        hit,
+        compressed,
+    }
 }
 
 impl ChunkWriter {
@@ -97,10 +220,11 @@ impl ChunkWriter {
             packs_dir,
             level: config.zstd_level,
             pack_target: config.pack_target_size,
-            known,
+            known: Arc::new(known),
             new_chunks: HashMap::new(),
             pack: None,
             done: Vec::new(),
+            syncing: std::collections::VecDeque::new(),
             dirs: BTreeSet::new(),
             confirm: Vec::new(),
             node_hits: HashSet::new(),
@@ -108,40 +232,58 @@ impl ChunkWriter {
         }
     }
 
-    /// Stores a batch of chunks, hashing and compressing them in parallel.
-    pub(crate) fn put_batch(
-        &mut self,
-        chunks: Vec<Vec<u8>>,
-        flags: u8,
-    ) -> Result<Vec<Put>, StoreError> {
+    /// Starts hashing and compressing `batch` (in parallel, on the pool, if it is large), so the
+    /// caller can append the previous batch meanwhile; [`ChunkWriter::complete`] stores it.
+    pub(crate) fn start(&self, batch: Batch) -> InFlight {
         let level = self.level;
-        let known = &self.known;
-        let new_chunks = &self.new_chunks;
-        let prepared: Vec<Prepared> = chunks
-            .into_par_iter()
-            .map(|data| {
-                let id = ChunkId::of(&data);
-                let hit = known.probably_has(&id);
-                let new = !hit && !new_chunks.contains_key(&id);
-                let compressed = if new { compress(&data, level) } else { None };
-                Prepared {
-                    id,
-                    hit,
-                    new,
-                    data,
-                    compressed,
+        if batch.bytes().len() < POOL_BYTES {
+            let prepared = (0..batch.len())
+                .map(|i| prepare(&batch, i, &self.known, level))
+                .collect();
+            return InFlight(Job::Ready(batch, prepared));
+        }
+        let known = self.known.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rayon::spawn(move || {
+            // A panic travels back to the caller instead of aborting the pool.
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let prepared = (0..batch.len())
+                    .into_par_iter()
+                    .map(|i| prepare(&batch, i, &known, level))
+                    .collect();
+                (batch, prepared)
+            }));
+            let _ = tx.send(out);
+        });
+        InFlight(Job::Pool(rx))
+    }
+
+    /// Appends the new chunks of a started batch to the pack, in order.
+    pub(crate) fn complete(&mut self, job: InFlight, flags: u8) -> Result<Vec<Put>, StoreError> {
+        let (batch, prepared) = match job.0 {
+            Job::Ready(b, p) => (b, p),
+            Job::Pool(rx) => match rx.recv() {
+                Ok(Ok(done)) => done,
+                Ok(Err(panic)) => std::panic::resume_unwind(panic),
+                Err(_) => {
+                    return Err(StoreError::CorruptRecord {
+                        what: "chunk batch".into(),
+                        message: "the hashing pool dropped a batch".into(),
+                    });
                 }
-            })
-            .collect();
+            },
+        };
         let mut out = Vec::with_capacity(prepared.len());
-        for p in prepared {
+        for (i, p) in prepared.into_iter().enumerate() {
+            let data = batch.chunk(i);
             self.stats.chunks += 1;
-            let raw_len = p.data.len() as u32;
-            // A batch may hold one new chunk twice: the second finds the first in new_chunks.
-            if p.new && !self.new_chunks.contains_key(&p.id) {
+            let raw_len = data.len() as u32;
+            // A batch may hold one new chunk twice, and an earlier batch of this snapshot may
+            // have stored it: new_chunks knows.
+            if !p.hit && !self.new_chunks.contains_key(&p.id) {
                 match &p.compressed {
                     Some(c) => self.append(p.id, raw_len, flags | FLAG_ZSTD, c)?,
-                    None => self.append(p.id, raw_len, flags, &p.data)?,
+                    None => self.append(p.id, raw_len, flags, data)?,
                 }
             }
             out.push(Put {
@@ -153,8 +295,25 @@ impl ChunkWriter {
         Ok(out)
     }
 
+    /// Stores a batch of chunks (see [`ChunkWriter::start`]).
+    pub(crate) fn put_batch(&mut self, batch: Batch, flags: u8) -> Result<Vec<Put>, StoreError> {
+        let job = self.start(batch);
+        self.complete(job, flags)
+    }
+
+    /// Registers a content stored by an earlier snapshot and reused without being read: its
+    /// root is confirmed at commit like a filter hit (a tree node must still be one, I3).
+    pub(crate) fn reuse(&mut self, content: &crate::tree::ContentRef) {
+        self.confirm.push(content.root);
+        if content.height > 0 {
+            self.node_hits.insert(content.root);
+        }
+    }
+
     pub(crate) fn put_tree_node(&mut self, node: Vec<u8>) -> Result<Put, StoreError> {
-        let mut v = self.put_batch(vec![node], FLAG_TREE)?;
+        let mut batch = Batch::default();
+        batch.push(&node);
+        let mut v = self.put_batch(batch, FLAG_TREE)?;
         let put = v.pop().ok_or_else(|| StoreError::CorruptRecord {
             what: "tree node".into(),
             message: "writer returned no result".into(),
@@ -191,17 +350,37 @@ impl ChunkWriter {
         Ok(())
     }
 
+    /// Seals the open pack and starts making it durable in the background, so the disk writes
+    /// back one pack while the next is filled; at most [`MAX_SYNCING`] are in flight.
     fn close_pack(&mut self) -> Result<(), StoreError> {
         if let Some(w) = self.pack.take() {
-            let (id, _path, size, count) = w.finish()?;
-            self.done.push((id, size, count));
+            let sealed = w.seal()?;
+            self.done.push((sealed.id, sealed.size, sealed.count));
+            self.syncing
+                .push_back(std::thread::spawn(move || sealed.sync()));
+            while self.syncing.len() > MAX_SYNCING {
+                self.wait_oldest_sync()?;
+            }
         }
         Ok(())
+    }
+
+    fn wait_oldest_sync(&mut self) -> Result<(), StoreError> {
+        match self.syncing.pop_front() {
+            Some(h) => match h.join() {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            },
+            None => Ok(()),
+        }
     }
 
     /// Deletes the packs written so far: what they were written for will not be committed, and
     /// nothing else can reference chunks that no index entry names.
     pub(crate) fn abandon(mut self) {
+        while !self.syncing.is_empty() {
+            let _ = self.wait_oldest_sync();
+        }
         if let Some(p) = self.pack.take() {
             let path = p.path.clone();
             drop(p);
@@ -215,6 +394,9 @@ impl ChunkWriter {
     /// Closes the open pack and makes every pack written and its directory entry durable.
     pub(crate) fn finish(mut self) -> Result<Pending, StoreError> {
         self.close_pack()?;
+        while !self.syncing.is_empty() {
+            self.wait_oldest_sync()?;
+        }
         for dir in &self.dirs {
             crate::fsutil::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
         }
@@ -242,45 +424,80 @@ impl Pending {
     }
 }
 
-/// Order-0 entropy at or above this many bits per byte means Huffman coding cannot save an
-/// eighth, and random data (embeddings) has no long matches either: compressing it would burn
-/// ~half of a first snapshot's CPU for nothing. A byte histogram costs a fraction of a zstd call.
-const MAX_ENTROPY_BITS: f64 = 7.2;
+/// Order-0 entropy (bits per byte) at or above which Huffman coding cannot save an eighth and
+/// random data has no long matches either: such a chunk is stored raw without trying zstd.
+const RAW_ENTROPY_BITS: f32 = 7.2;
 
-fn may_compress(data: &[u8]) -> bool {
-    let mut hist = [0u32; 256];
-    for &b in data {
+/// At or above this, a chunk is mostly random bytes around runs of zeros: a SQLite page holding
+/// one float32 embedding and its free space (sampled pages estimate ~6.3; text pages 3.5-5.7).
+/// A negative zstd level removes the zero runs at ~1.7 GB/s but skips Huffman coding of the
+/// floats, which would save ~5% more at ~6x the compression and ~7x the decompression time
+/// (benches/stages.rs, RESULTS.md).
+const FAST_ENTROPY_BITS: f32 = 6.0;
+const FAST_LEVEL: i32 = -5;
+
+/// An estimate of `data`'s order-0 entropy from at most 1024 bytes sampled at an odd stride (an
+/// even one would sample a single byte lane of a float array).
+fn entropy_bits(data: &[u8]) -> f32 {
+    // c·log2(c) for every possible count, so that an estimate takes no logarithms.
+    static C_LOG_C: std::sync::LazyLock<Vec<f32>> = std::sync::LazyLock::new(|| {
+        (0..=1024u32)
+            .map(|c| {
+                if c == 0 {
+                    0.0
+                } else {
+                    c as f32 * (c as f32).log2()
+                }
+            })
+            .collect()
+    });
+    let step = (data.len() / 1024).max(1) | 1;
+    let mut hist = [0u16; 256];
+    let mut n = 0usize;
+    for &b in data.iter().step_by(step) {
         hist[b as usize] += 1;
+        n += 1;
     }
-    let n = data.len() as f64;
-    let entropy: f64 = hist
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = c as f64 / n;
-            -p * p.log2()
-        })
-        .sum();
-    entropy < MAX_ENTROPY_BITS
+    if n == 0 {
+        return 0.0;
+    }
+    let sum: f32 = hist.iter().map(|&c| C_LOG_C[c as usize]).sum();
+    // Miller-Madow: a sample underestimates entropy by about (bins seen - 1) / (2n ln 2).
+    let seen = hist.iter().filter(|&&c| c > 0).count() as f32;
+    let n = n as f32;
+    n.log2() - sum / n + (seen - 1.0) / (2.0 * n * std::f32::consts::LN_2)
 }
 
-/// Compresses with zstd when that saves at least 1/8 of the bytes; random float vectors, the
-/// bulk of an agent's memory, save ~8% and are stored raw (cheaper to restore, too).
+/// Compresses with zstd when that saves at least 1/8 of the bytes, at a level chosen by the
+/// chunk's entropy (see the constants above); `None` stores the chunk raw.
 fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
     thread_local! {
-        // One context per pool thread: creating a zstd context per chunk cost ~10% of a snapshot.
-        static CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
-            const { std::cell::RefCell::new(None) };
+        // Contexts per pool thread: creating a zstd context per chunk cost ~10% of a snapshot.
+        static CCTX: std::cell::RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
     }
-    if data.len() < 64 || !may_compress(data) {
+    if data.len() < 64 {
         return None;
     }
+    let h = entropy_bits(data);
+    if h >= RAW_ENTROPY_BITS {
+        return None;
+    }
+    let level = if h >= FAST_ENTROPY_BITS {
+        FAST_LEVEL
+    } else {
+        level
+    };
     let c = CCTX.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
-        }
-        slot.as_mut()?.1.compress(data).ok()
+        let mut ctxs = cell.borrow_mut();
+        let i = match ctxs.iter().position(|(l, _)| *l == level) {
+            Some(i) => i,
+            None => {
+                ctxs.push((level, zstd::bulk::Compressor::new(level).ok()?));
+                ctxs.len() - 1
+            }
+        };
+        ctxs[i].1.compress(data).ok()
     })?;
     (c.len() <= data.len() - data.len() / 8).then_some(c)
 }
@@ -288,6 +505,27 @@ fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filter_finds_every_prefix_and_few_others() {
+        let ids: Vec<ChunkId> = (0..5000u32)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .collect();
+        let f = KnownFilter::new(ids.iter().map(|i| i.prefix()).collect(), HashSet::new());
+        assert!(ids.iter().all(|i| f.probably_has(i)));
+        let others = (5000..10000u32)
+            .filter(|i| f.probably_has(&ChunkId::of(&i.to_le_bytes())))
+            .count();
+        assert_eq!(others, 0);
+        assert!(!KnownFilter::default().probably_has(&ids[0]));
+        let edge = KnownFilter::new(vec![0, u64::MAX], HashSet::new());
+        assert!(edge.probably_has(&ChunkId([0; 32])));
+        assert!(edge.probably_has(&ChunkId([0xff; 32])));
+        let mut excluded = HashSet::new();
+        excluded.insert(ids[7]);
+        let f = KnownFilter::new(ids.iter().map(|i| i.prefix()).collect(), excluded);
+        assert!(!f.probably_has(&ids[7]) && f.probably_has(&ids[8]));
+    }
 
     #[test]
     fn text_and_sparse_pages_compress_random_floats_do_not() {
@@ -306,8 +544,23 @@ mod tests {
             })
             .collect();
         assert!(
-            !may_compress(&floats),
+            entropy_bits(&floats) >= RAW_ENTROPY_BITS && compress(&floats, 3).is_none(),
+            "{}",
+            entropy_bits(&floats)
+        );
+        assert!(
+            compress(&floats, 3).is_none(),
             "random float32 vectors should skip zstd"
         );
+        // One embedding and the free space of its page: zero runs removed at the fast level.
+        let mut page = floats[..3072].to_vec();
+        page.resize(4096, 0);
+        let h = entropy_bits(&page);
+        assert!((FAST_ENTROPY_BITS..RAW_ENTROPY_BITS).contains(&h), "{h}");
+        let c = compress(&page, 3).expect("zero runs pay");
+        assert!(c.len() < 3200, "{}", c.len());
+        assert_eq!(zstd::bulk::decompress(&c, 4096).expect("frame"), page);
+        assert!(entropy_bits(text.as_bytes()) < FAST_ENTROPY_BITS);
+        assert_eq!(entropy_bits(&[7u8; 4096]), 0.0);
     }
 }
