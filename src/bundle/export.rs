@@ -238,13 +238,13 @@ pub(crate) fn export(
         let record = crate::ops::resolve(&index, &tx, &req.snapshot, req.agent.as_ref())?;
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
         let entries = crate::ops::load_entries(&mut reader, &record)?;
-        let mut resolved = Vec::with_capacity(entries.len());
-        for e in &entries {
-            resolved.push(match &e.content {
-                Some(c) => Some(reader.resolve(c)?),
-                None => None,
-            });
-        }
+        let contents: Vec<_> = entries.iter().map(|e| e.content.as_ref()).collect();
+        let resolved: Vec<_> = reader
+            .resolve_all(&contents)?
+            .into_iter()
+            .zip(&entries)
+            .map(|(locs, e)| e.content.as_ref().map(|_| locs))
+            .collect();
         (record, entries, resolved)
     };
     let packs = Arc::new(PackFiles::new(store.packs_dir()));

@@ -103,8 +103,24 @@ pub(crate) struct StatRow {
     pub entry: ArtifactEntry,
 }
 
-/// The cache record of one agent: its rows, sorted by (part, path).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The key of an agent's row: `tenant/agent`, a NUL (which names never hold), the part's number
+/// and the path, so that an agent's rows are one key range in (part, path) order.
+pub(crate) fn row_key(agent_key: &str, part: Part, path: &[u8]) -> Vec<u8> {
+    let mut k = agent_key_prefix(agent_key);
+    k.push(part as u8);
+    k.extend_from_slice(path);
+    k
+}
+
+/// The first key of an agent's rows; the range ends before the same with NUL replaced by 1.
+pub(crate) fn agent_key_prefix(agent_key: &str) -> Vec<u8> {
+    let mut k = agent_key.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+/// The rows of one agent, sorted by (part, path).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct AgentFileStats {
     pub rows: Vec<StatRow>,
 }

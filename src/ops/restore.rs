@@ -598,13 +598,14 @@ fn stage(
     let (packs, mut locations) = {
         let index = store.index()?;
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
-        let mut locations = Vec::with_capacity(entries.len());
-        for e in entries {
-            locations.push(match (&e.content, e.part) {
-                (Some(c), Part::Memdir | Part::Sqlite) => reader.resolve(c)?,
-                _ => Vec::new(),
-            });
-        }
+        let contents: Vec<_> = entries
+            .iter()
+            .map(|e| match (&e.content, e.part) {
+                (Some(c), Part::Memdir | Part::Sqlite) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let locations = reader.resolve_all(&contents)?;
         (reader.packs, locations)
     };
     let mem_root = j.staged_memdir();
@@ -727,8 +728,9 @@ fn is_plain_path(p: &[u8]) -> bool {
             .all(|c| !c.is_empty() && c != b"." && c != b"..")
 }
 
-/// Chunks read, decompressed and checked in parallel at a time.
-const READ_BATCH: usize = 256;
+/// Bytes of chunks read, decompressed and checked in parallel at a time, while the previous
+/// batch is hashed and written.
+const READ_BATCH_BYTES: u64 = 8 << 20;
 
 fn write_content(
     packs: &PackFiles,
@@ -737,7 +739,6 @@ fn write_content(
     path: &Path,
     progress: &dyn Progress,
 ) -> Result<(), Error> {
-    use rayon::prelude::*;
     if e.content.is_none() {
         return Err(StoreError::CorruptRecord {
             what: format!("entry {}", e.path_lossy()),
@@ -745,23 +746,30 @@ fn write_content(
         }
         .into());
     }
-    let mut f = std::io::BufWriter::with_capacity(
-        1 << 20,
-        fs::File::create(path).map_err(|err| Error::io(path, err))?,
-    );
+    let mut f = fs::File::create(path).map_err(|err| Error::io(path, err))?;
     let mut hasher = blake3::Hasher::new();
-    for batch in chunks.chunks(READ_BATCH) {
-        let data: Vec<Vec<u8>> = batch
-            .par_iter()
-            .map(|(id, loc)| packs.read(id, loc))
-            .collect::<Result<_, _>>()?;
-        for d in &data {
-            hasher.update(d);
-            progress.advance(d.len() as u64);
-            f.write_all(d).map_err(|err| Error::io(path, err))?;
-        }
+    let mut written_to = 0u64;
+    let mut batches = byte_batches(chunks, READ_BATCH_BYTES);
+    let mut current = match batches.next() {
+        Some(b) => Some(read_batch(packs, b)?),
+        None => None,
+    };
+    while let Some(data) = current.take() {
+        let next = batches.next();
+        let (written, read) = rayon::join(
+            || -> Result<(), Error> {
+                hasher.update(&data);
+                progress.advance(data.len() as u64);
+                f.write_all(&data).map_err(|err| Error::io(path, err))?;
+                start_writeback(&f, written_to, data.len() as u64);
+                written_to += data.len() as u64;
+                Ok(())
+            },
+            || next.map(|b| read_batch(packs, b)).transpose(),
+        );
+        written?;
+        current = read?;
     }
-    f.flush().map_err(|err| Error::io(path, err))?;
     if *hasher.finalize().as_bytes() != e.hash {
         return Err(Error::RestoredHashMismatch {
             what: format!("{} {}", e.part.name(), e.path_lossy()),
@@ -769,6 +777,65 @@ fn write_content(
         });
     }
     Ok(())
+}
+
+/// Asks the kernel to start writing a range back now, so that the `syncfs` before the switch
+/// finds most of a large file on disk already instead of writing it all then. Only a hint:
+/// durability still comes from that `syncfs`.
+fn start_writeback(f: &fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the call; the flags only schedule writeback.
+    unsafe {
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+/// Consecutive runs of `chunks` of about `bytes` raw bytes each.
+fn byte_batches(
+    chunks: &[(ChunkId, ChunkLoc)],
+    bytes: u64,
+) -> impl Iterator<Item = &[(ChunkId, ChunkLoc)]> {
+    let mut rest = chunks;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut sum = 0u64;
+        let n = rest
+            .iter()
+            .position(|(_, l)| {
+                sum += u64::from(l.raw_len);
+                sum >= bytes
+            })
+            .map_or(rest.len(), |i| i + 1);
+        let (batch, tail) = rest.split_at(n);
+        rest = tail;
+        Some(batch)
+    })
+}
+
+/// The bytes of `batch`, each chunk read, decompressed and checked in parallel into its place.
+fn read_batch(packs: &PackFiles, batch: &[(ChunkId, ChunkLoc)]) -> Result<Vec<u8>, Error> {
+    use rayon::prelude::*;
+    let total: usize = batch.iter().map(|(_, l)| l.raw_len as usize).sum();
+    let mut buf = vec![0u8; total];
+    let mut slots = Vec::with_capacity(batch.len());
+    let mut rest = buf.as_mut_slice();
+    for (_, l) in batch {
+        let (slot, tail) = rest.split_at_mut(l.raw_len as usize);
+        slots.push(slot);
+        rest = tail;
+    }
+    batch
+        .par_iter()
+        .zip(slots)
+        .try_for_each(|((id, loc), slot)| packs.read_into(id, loc, slot))?;
+    Ok(buf)
 }
 
 fn state_items(

@@ -13,7 +13,9 @@ use crate::error::{Error, StoreError};
 use crate::lock::Mode;
 use crate::manifest::agent::{AGENT_VERSION, AgentRecord};
 use crate::manifest::artifact::{self, ArtifactEntry, EntryKind, Part};
-use crate::manifest::file_stats::{AgentFileStats, FILE_STATS_VERSION, FileStat, StatRow, WalStat};
+use crate::manifest::file_stats::{
+    AgentFileStats, FILE_STATS_VERSION, FileStat, StatRow, WalStat, agent_key_prefix, row_key,
+};
 use crate::manifest::snapshot::{SNAPSHOT_VERSION, SnapshotInfo, SnapshotRecord, SnapshotStats};
 use crate::names::AgentId;
 use crate::source::state::{FsStateProvider, StateProvider};
@@ -382,6 +384,7 @@ fn attempt(
         agent: &req.agent,
         record: &agent_rec,
         file_stats: &stats,
+        previous: &detect.cache,
     };
     match commit(store, &pending, &record, Some(live))? {
         Commit::Done => {}
@@ -408,6 +411,8 @@ pub(crate) struct Live<'a> {
     pub agent: &'a AgentId,
     pub record: &'a AgentRecord,
     pub file_stats: &'a AgentFileStats,
+    /// The rows loaded when the snapshot began (the agent lock keeps them current).
+    pub previous: &'a AgentFileStats,
 }
 
 /// Change detection for one snapshot attempt (see manifest::file_stats).
@@ -463,27 +468,87 @@ fn load_file_stats(
     tx: &redb::ReadTransaction,
     agent: &AgentId,
 ) -> AgentFileStats {
-    let read = || -> Result<Option<AgentFileStats>, StoreError> {
+    let read = || -> Result<AgentFileStats, StoreError> {
         let table = match tx.open_table(FILE_STATS) {
             Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(AgentFileStats::default()),
             Err(e) => return Err(index.err()(e.into())),
         };
-        let Some(v) = table
-            .get(agent.key().as_str())
+        let start = agent_key_prefix(&agent.key());
+        let mut end = start.clone();
+        if let Some(last) = end.last_mut() {
+            *last = 1;
+        }
+        let mut rows = Vec::new();
+        for item in table
+            .range(start.as_slice()..end.as_slice())
             .map_err(|e| index.err()(e.into()))?
-        else {
-            return Ok(None);
-        };
-        index::decode_record(FILE_STATS_VERSION, v.value(), "file stats").map(Some)
+        {
+            let (_, v) = item.map_err(|e| index.err()(e.into()))?;
+            rows.push(index::decode_record(
+                FILE_STATS_VERSION,
+                v.value(),
+                "file stats row",
+            )?);
+        }
+        Ok(AgentFileStats { rows })
     };
     match read() {
-        Ok(stats) => stats.unwrap_or_default(),
+        Ok(stats) => stats,
         Err(e) => {
             tracing::warn!("{e}; every file is read in full");
             AgentFileStats::default()
         }
     }
+}
+
+/// Writes the rows of `new` that differ from `old` and removes those `new` lacks: an unchanged
+/// agent writes nothing.
+fn write_file_stats(
+    index: &crate::store::index::Index,
+    tx: &redb::WriteTransaction,
+    agent: &AgentId,
+    old: &AgentFileStats,
+    new: &AgentFileStats,
+) -> Result<(), Error> {
+    let key = agent.key();
+    let mut table = tx
+        .open_table(FILE_STATS)
+        .map_err(|e| index.err()(e.into()))?;
+    let same = |r: &StatRow| {
+        old.rows
+            .binary_search_by(|o| {
+                (o.entry.part, o.entry.path.as_slice())
+                    .cmp(&(r.entry.part, r.entry.path.as_slice()))
+            })
+            .is_ok_and(|i| old.rows[i] == *r)
+    };
+    for row in &new.rows {
+        if !same(row) {
+            let bytes = index::encode_record(FILE_STATS_VERSION, row, "file stats row")?;
+            table
+                .insert(
+                    row_key(&key, row.entry.part, &row.entry.path).as_slice(),
+                    bytes.as_slice(),
+                )
+                .map_err(|e| index.err()(e.into()))?;
+        }
+    }
+    for row in &old.rows {
+        let kept = new
+            .rows
+            .binary_search_by(|n| {
+                (n.entry.part, n.entry.path.as_slice())
+                    .cmp(&(row.entry.part, row.entry.path.as_slice()))
+            })
+            .is_ok();
+        if !kept {
+            table
+                .remove(row_key(&key, row.entry.part, &row.entry.path).as_slice())
+                .map_err(|e| index.err()(e.into()))?;
+        }
+    }
+    Ok(())
 }
 
 fn now_ns() -> i64 {
@@ -614,13 +679,7 @@ pub(crate) fn commit(
             agents
                 .insert(key.as_str(), agent_rec.as_slice())
                 .map_err(|e| index.err()(e.into()))?;
-            let mut stats = tx
-                .open_table(FILE_STATS)
-                .map_err(|e| index.err()(e.into()))?;
-            let bytes = index::encode_record(FILE_STATS_VERSION, live.file_stats, "file stats")?;
-            stats
-                .insert(key.as_str(), bytes.as_slice())
-                .map_err(|e| index.err()(e.into()))?;
+            write_file_stats(&index, &tx, live.agent, live.previous, live.file_stats)?;
             super::raise_format(store, &index, &tx)?;
         }
     }

@@ -17,8 +17,8 @@ pub(crate) const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new(
 pub(crate) const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 /// Pinned snapshot id → when it was pinned (ms). Format 2; absent in a format-1 store.
 pub(crate) const PINS: TableDefinition<&str, i64> = TableDefinition::new("pins");
-/// Change detection: `tenant/agent` -> version byte + bincode `AgentStats` (format 3).
-pub(crate) const FILE_STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("file_stats");
+/// Change detection (format 3): `tenant/agent` NUL part path -> version byte + bincode `StatRow`.
+pub(crate) const FILE_STATS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_stats");
 
 /// Index sessions are short (a lookup, a commit) except for restore and verify, which read
 /// chunk locations while they run; a waiter gives up only after this long.

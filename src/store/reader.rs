@@ -94,6 +94,88 @@ impl PackFiles {
         Ok(stored)
     }
 
+    /// Reads, decompresses and checks one chunk into `out`, which must be `loc.raw_len` long:
+    /// no allocation for a raw chunk, one reused buffer per thread for a compressed one.
+    pub(crate) fn read_into(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLoc,
+        out: &mut [u8],
+    ) -> Result<(), StoreError> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<(Vec<u8>, Option<zstd::bulk::Decompressor<'static>>)> =
+                const { std::cell::RefCell::new((Vec::new(), None)) };
+        }
+        let path = self.path(&loc.pack);
+        if loc.raw_len > MAX_CHUNK || loc.stored_len > MAX_CHUNK {
+            return Err(damaged(
+                id,
+                &path,
+                format!(
+                    "index entry claims {} bytes, more than any chunk",
+                    loc.raw_len.max(loc.stored_len)
+                ),
+            ));
+        }
+        if out.len() != loc.raw_len as usize {
+            return Err(damaged(id, &path, "buffer of the wrong size".into()));
+        }
+        let file = self.file(&loc.pack)?;
+        let read_at = |buf: &mut [u8]| {
+            file.read_exact_at(buf, loc.offset).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    damaged(
+                        id,
+                        &path,
+                        "the pack is shorter than the index says (truncated)".into(),
+                    )
+                } else {
+                    StoreError::io(&path, e)
+                }
+            })
+        };
+        if loc.flags & FLAG_ZSTD == 0 {
+            if loc.stored_len != loc.raw_len {
+                return Err(damaged(
+                    id,
+                    &path,
+                    format!("{} bytes, the index says {}", loc.stored_len, loc.raw_len),
+                ));
+            }
+            read_at(out)?;
+        } else {
+            SCRATCH.with(|cell| -> Result<(), StoreError> {
+                let mut guard = cell.borrow_mut();
+                let (stored, dctx) = &mut *guard;
+                stored.resize(loc.stored_len as usize, 0);
+                read_at(stored)?;
+                if dctx.is_none() {
+                    *dctx = Some(
+                        zstd::bulk::Decompressor::new().map_err(|e| StoreError::io(&path, e))?,
+                    );
+                }
+                let Some(d) = dctx.as_mut() else {
+                    return Err(damaged(id, &path, "no decompressor".into()));
+                };
+                let n = d
+                    .decompress_to_buffer(stored.as_slice(), out)
+                    .map_err(|e| damaged(id, &path, format!("cannot decompress: {e}")))?;
+                if n != loc.raw_len as usize {
+                    return Err(damaged(
+                        id,
+                        &path,
+                        format!("{n} bytes, the index says {}", loc.raw_len),
+                    ));
+                }
+                Ok(())
+            })?;
+        }
+        if ChunkId::of(out) != *id {
+            return Err(damaged(id, &path, "content does not match its hash".into()));
+        }
+        Ok(())
+    }
+
     /// Like [`PackFiles::read`]; without `verify` the BLAKE3 check is skipped (for a second
     /// read of chunks a first pass already checked).
     pub(crate) fn read_checked(
@@ -194,6 +276,72 @@ impl<'i> ChunkReader<'i> {
             .locate(id)?
             .ok_or_else(|| StoreError::MissingChunk { id: id.hex() })?;
         self.packs.read(id, &loc)
+    }
+
+    /// [`ChunkReader::resolve`] for many contents at once, locating each distinct chunk once and
+    /// in key order: a walk of the whole table when the contents use a good share of it,
+    /// sorted lookups otherwise (one random lookup per chunk cost ~10 us, 2.8 s for 1 GiB).
+    pub(crate) fn resolve_all(
+        &mut self,
+        contents: &[Option<&crate::tree::ContentRef>],
+    ) -> Result<Vec<Vec<(ChunkId, ChunkLoc)>>, StoreError> {
+        use redb::{ReadableTable, ReadableTableMetadata};
+        let mut per_content = Vec::with_capacity(contents.len());
+        for c in contents {
+            let mut ids = Vec::new();
+            if let Some(c) = c {
+                crate::tree::walk(self, c, false, &mut |id, is_data, res| {
+                    res?;
+                    if is_data {
+                        ids.push(*id);
+                    }
+                    Ok(())
+                })?;
+            }
+            per_content.push(ids);
+        }
+        let mut wanted: Vec<ChunkId> = per_content.iter().flatten().copied().collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let err = |e: redb::StorageError| StoreError::index(&self.index.path, e);
+        let total = self.chunks.len().map_err(err)?;
+        let mut found: HashMap<ChunkId, ChunkLoc> = HashMap::with_capacity(wanted.len());
+        if wanted.len() as u64 * 8 >= total {
+            // Both sides in key order: a merge.
+            let mut next = wanted.iter().peekable();
+            for item in self.chunks.iter().map_err(err)? {
+                let (k, v) = item.map_err(err)?;
+                let key = ChunkId(k.value());
+                // Wanted ids below this key are absent: each is reported by the content that
+                // needs it, below.
+                while next.next_if(|w| **w < key).is_some() {}
+                match next.peek() {
+                    None => break,
+                    Some(w) if **w == key => {
+                        found.insert(key, ChunkLoc::decode(&v.value()));
+                        next.next();
+                    }
+                    Some(_) => {}
+                }
+            }
+        } else {
+            for id in &wanted {
+                if let Some(loc) = self.locate(id)? {
+                    found.insert(*id, loc);
+                }
+            }
+        }
+        per_content
+            .into_iter()
+            .map(|ids| {
+                ids.into_iter()
+                    .map(|id| match found.get(&id) {
+                        Some(loc) => Ok((id, *loc)),
+                        None => Err(StoreError::MissingChunk { id: id.hex() }),
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// The data chunks of a content tree, in order, with their locations (tree nodes are read).
