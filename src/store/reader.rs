@@ -305,40 +305,42 @@ impl<'i> ChunkReader<'i> {
         wanted.dedup();
         let err = |e: redb::StorageError| StoreError::index(&self.index.path, e);
         let total = self.chunks.len().map_err(err)?;
-        let mut found: HashMap<ChunkId, ChunkLoc> = HashMap::with_capacity(wanted.len());
+        // Aligned with `wanted`: a map would take twice the memory.
+        let mut found: Vec<Option<ChunkLoc>> = vec![None; wanted.len()];
         if wanted.len() as u64 * 8 >= total {
             // Both sides in key order: a merge.
-            let mut next = wanted.iter().peekable();
+            let mut i = 0;
             for item in self.chunks.iter().map_err(err)? {
                 let (k, v) = item.map_err(err)?;
                 let key = ChunkId(k.value());
                 // Wanted ids below this key are absent: each is reported by the content that
                 // needs it, below.
-                while next.next_if(|w| **w < key).is_some() {}
-                match next.peek() {
-                    None => break,
-                    Some(w) if **w == key => {
-                        found.insert(key, ChunkLoc::decode(&v.value()));
-                        next.next();
-                    }
-                    Some(_) => {}
+                while i < wanted.len() && wanted[i] < key {
+                    i += 1;
+                }
+                if i == wanted.len() {
+                    break;
+                }
+                if wanted[i] == key {
+                    found[i] = Some(ChunkLoc::decode(&v.value()));
+                    i += 1;
                 }
             }
         } else {
-            for id in &wanted {
-                if let Some(loc) = self.locate(id)? {
-                    found.insert(*id, loc);
-                }
+            for (id, slot) in wanted.iter().zip(found.iter_mut()) {
+                *slot = self.locate(id)?;
             }
         }
         per_content
             .into_iter()
             .map(|ids| {
                 ids.into_iter()
-                    .map(|id| match found.get(&id) {
-                        Some(loc) => Ok((id, *loc)),
-                        None => Err(StoreError::MissingChunk { id: id.hex() }),
-                    })
+                    .map(
+                        |id| match wanted.binary_search(&id).ok().and_then(|i| found[i]) {
+                            Some(loc) => Ok((id, loc)),
+                            None => Err(StoreError::MissingChunk { id: id.hex() }),
+                        },
+                    )
                     .collect()
             })
             .collect()
