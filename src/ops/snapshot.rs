@@ -23,9 +23,9 @@ use crate::source::{SourceSpec, git, memdir, sqlite};
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::config::StoreConfig;
-use crate::store::index::{self, AGENTS, CHUNKS, FILE_STATS, PACKS, SNAPSHOTS};
+use crate::store::index::{self, AGENTS, CHUNKS, FILE_STATS, SNAPSHOTS};
 use crate::store::pack::{ChunkLoc, FLAG_TREE};
-use crate::store::writer::{Batch, ChunkWriter, InFlight, KnownFilter, Pending};
+use crate::store::writer::{Batch, ChunkWriter, EarlyCommit, InFlight, KnownFilter, Pending};
 use crate::tree::{ContentRef, TreeBuilder};
 
 /// Chunks handed to the hashing/compression pool at a time.
@@ -217,6 +217,10 @@ fn attempt(
         config,
         KnownFilter::new(prefixes, excluded.clone()),
     );
+    w.early_commit(EarlyCommit {
+        index: store.root().join(crate::store::INDEX_FILE),
+        lock: store.root().join("locks").join("index.lock"),
+    });
     let mut entries = Vec::new();
     let mut schema_versions = BTreeMap::new();
     let mut bytes_read = 0u64;
@@ -603,7 +607,7 @@ pub(crate) fn commit(
         }
     }
     {
-        let mut chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
+        let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
         let mut missing = Vec::new();
         // In key order: neighbouring lookups share B-tree pages (tens of thousands of siblings
         // of changed pages on an update day).
@@ -632,40 +636,9 @@ pub(crate) fn commit(
             );
             return Ok(Commit::Missing(missing));
         }
-        // In hash order, not sorted: sorted inserts commit faster but leave redb's leaves full,
-        // so that every chunk a later snapshot adds splits one (2x the index growth).
-        for (id, loc) in &pending.new_chunks {
-            let previous = chunks
-                .insert(id.0, loc.encode())
-                .map_err(|e| index.err()(e.into()))?
-                .map(|g| ChunkLoc::decode(&g.value()));
-            // Another process may have committed the same chunk meanwhile: keep its copy, unless
-            // it holds the same bytes as a data chunk and ours is the tree node (I3 needs the
-            // node's entry to say so).
-            if let Some(e) = previous {
-                let ours_wins = loc.flags & FLAG_TREE != 0 && e.flags & FLAG_TREE == 0;
-                if !ours_wins {
-                    chunks
-                        .insert(id.0, e.encode())
-                        .map_err(|e| index.err()(e.into()))?;
-                }
-            }
-        }
-        let mut packs = tx.open_table(PACKS).map_err(|e| index.err()(e.into()))?;
-        for (pack, size, count) in &pending.packs {
-            let rec = index::encode_record(
-                1,
-                &crate::store::index::PackRecord {
-                    size: *size,
-                    chunks: *count,
-                    created_at_ms: crate::now_ms(),
-                },
-                "pack record",
-            )?;
-            packs
-                .insert(pack.0, rec.as_slice())
-                .map_err(|e| index.err()(e.into()))?;
-        }
+        drop(chunks);
+        crate::store::writer::insert_chunks(&index, &tx, pending.new_chunks.iter())?;
+        crate::store::writer::insert_packs(&index, &tx, &pending.packs)?;
         let mut snaps = tx
             .open_table(SNAPSHOTS)
             .map_err(|e| index.err()(e.into()))?;

@@ -21,6 +21,31 @@ use crate::error::StoreError;
 /// Packs whose fsync may be in flight at once while a snapshot writes on.
 const MAX_SYNCING: usize = 2;
 
+/// Durable chunks that trigger an early commit (~6 MB of entries held).
+const EARLY_COMMIT_CHUNKS: usize = 65_536;
+
+/// Lets a long write put the entries of its durable packs in the index before its final commit
+/// (store-format.md, "Write ordering", step 2), so that what it holds in memory does not grow
+/// with the data: ~100 B per new chunk otherwise, 100 MB for a first snapshot of 4 GiB.
+/// Entries without a snapshot are garbage until the final commit references them (I5), and the
+/// shared store lock keeps prune away meanwhile. Tree nodes wait for the final commit.
+pub(crate) struct EarlyCommit {
+    pub index: PathBuf,
+    pub lock: PathBuf,
+}
+
+/// A number from the environment that tests use to reach, with little data, what only large
+/// data reaches otherwise (many packs, early commits). Like MEMSNAP_FAILPOINT: not for users.
+fn test_knob(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
+struct Syncing {
+    handle: std::thread::JoinHandle<Result<(), StoreError>>,
+    pack: (PackId, u64, u32),
+    ids: Vec<ChunkId>,
+}
+
 /// Ids the store held when the snapshot began, as sorted prefixes with a directory on their top
 /// bits: ids are uniform, so a bucket holds ~2 prefixes and a lookup touches two cache lines (a
 /// plain binary search over 2 MiB of prefixes cost ~10% of a re-snapshot in cache misses).
@@ -106,8 +131,18 @@ pub(crate) struct ChunkWriter {
     new_chunks: HashMap<ChunkId, ChunkLoc>,
     pack: Option<PackWriter>,
     done: Vec<(PackId, u64, u32)>,
-    /// Sealed packs being made durable on threads of their own, oldest first.
-    syncing: std::collections::VecDeque<std::thread::JoinHandle<Result<(), StoreError>>>,
+    /// Sealed packs being made durable on threads of their own, oldest first, with their chunks.
+    syncing: std::collections::VecDeque<Syncing>,
+    /// The chunks appended to the open pack.
+    open_ids: Vec<ChunkId>,
+    /// Set for a snapshot: see [`EarlyCommit`].
+    early: Option<EarlyCommit>,
+    /// Chunks (and their packs) durable but not yet in the index, for the next early commit.
+    durable: Vec<(ChunkId, ChunkLoc)>,
+    durable_packs: Vec<(PackId, u64, u32)>,
+    /// Packs whose entries an early commit put in the index: never deleted by `abandon`.
+    committed_packs: HashSet<PackId>,
+    early_commit_chunks: usize,
     dirs: BTreeSet<PathBuf>,
     /// Filter hits that no confirmed tree node covers: looked up one by one at commit.
     pub(crate) confirm: Vec<ChunkId>,
@@ -219,12 +254,19 @@ impl ChunkWriter {
         Self {
             packs_dir,
             level: config.zstd_level,
-            pack_target: config.pack_target_size,
+            pack_target: test_knob("MEMSNAP_TEST_PACK_BYTES").unwrap_or(config.pack_target_size),
+            early_commit_chunks: test_knob("MEMSNAP_TEST_EARLY_COMMIT_CHUNKS")
+                .map_or(EARLY_COMMIT_CHUNKS, |n| n as usize),
             known: Arc::new(known),
             new_chunks: HashMap::new(),
             pack: None,
             done: Vec::new(),
             syncing: std::collections::VecDeque::new(),
+            open_ids: Vec::new(),
+            early: None,
+            durable: Vec::new(),
+            durable_packs: Vec::new(),
+            committed_packs: HashSet::new(),
             dirs: BTreeSet::new(),
             confirm: Vec::new(),
             node_hits: HashSet::new(),
@@ -340,6 +382,9 @@ impl ChunkWriter {
             return Ok(());
         };
         let loc = pack.append(id, raw_len, flags, stored)?;
+        if self.early.is_some() {
+            self.open_ids.push(id);
+        }
         self.stats.new_chunks += 1;
         self.stats.new_raw_bytes += raw_len as u64;
         self.stats.new_stored_bytes += stored.len() as u64;
@@ -355,9 +400,13 @@ impl ChunkWriter {
     fn close_pack(&mut self) -> Result<(), StoreError> {
         if let Some(w) = self.pack.take() {
             let sealed = w.seal()?;
-            self.done.push((sealed.id, sealed.size, sealed.count));
-            self.syncing
-                .push_back(std::thread::spawn(move || sealed.sync()));
+            let pack = (sealed.id, sealed.size, sealed.count);
+            self.done.push(pack);
+            self.syncing.push_back(Syncing {
+                handle: std::thread::spawn(move || sealed.sync()),
+                pack,
+                ids: std::mem::take(&mut self.open_ids),
+            });
             while self.syncing.len() > MAX_SYNCING {
                 self.wait_oldest_sync()?;
             }
@@ -366,20 +415,74 @@ impl ChunkWriter {
     }
 
     fn wait_oldest_sync(&mut self) -> Result<(), StoreError> {
-        match self.syncing.pop_front() {
-            Some(h) => match h.join() {
-                Ok(r) => r,
-                Err(panic) => std::panic::resume_unwind(panic),
-            },
-            None => Ok(()),
+        let Some(s) = self.syncing.pop_front() else {
+            return Ok(());
+        };
+        match s.handle.join() {
+            Ok(r) => r?,
+            Err(panic) => std::panic::resume_unwind(panic),
         }
+        if self.early.is_some() {
+            // Data chunks only: a tree node vouches for its subtree (I3), which may include
+            // filter hits the final commit has yet to confirm.
+            for id in s.ids {
+                if self
+                    .new_chunks
+                    .get(&id)
+                    .is_some_and(|l| l.flags & FLAG_TREE == 0)
+                    && let Some(loc) = self.new_chunks.remove(&id)
+                {
+                    self.durable.push((id, loc));
+                }
+            }
+            self.durable_packs.push(s.pack);
+            if self.durable.len() >= self.early_commit_chunks {
+                self.commit_early()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the durable chunks' entries and their packs' records in the index (after making
+    /// the packs' folder entries durable). A chunk written twice by this snapshot (its first
+    /// copy committed early, so no longer recognised) leaves the second copy as garbage.
+    fn commit_early(&mut self) -> Result<(), StoreError> {
+        let Some(early) = &self.early else {
+            return Ok(());
+        };
+        for dir in &self.dirs {
+            crate::fsutil::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
+        }
+        crate::fsutil::sync_dir(&self.packs_dir).map_err(|e| StoreError::io(&self.packs_dir, e))?;
+        let index = super::index::Index::open(&early.index, &early.lock).map_err(|e| {
+            StoreError::Index {
+                path: early.index.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let tx = index.begin_write()?;
+        insert_chunks(&index, &tx, self.durable.iter().map(|(id, loc)| (id, loc)))?;
+        insert_packs(&index, &tx, &self.durable_packs)?;
+        tx.commit().map_err(|e| index.err()(e.into()))?;
+        self.committed_packs
+            .extend(self.durable_packs.iter().map(|p| p.0));
+        self.durable.clear();
+        self.durable_packs.clear();
+        Ok(())
+    }
+
+    /// Enables early commits into the index at `index` (a snapshot: see [`EarlyCommit`]).
+    pub(crate) fn early_commit(&mut self, early: EarlyCommit) {
+        self.early = Some(early);
     }
 
     /// Deletes the packs written so far: what they were written for will not be committed, and
     /// nothing else can reference chunks that no index entry names.
     pub(crate) fn abandon(mut self) {
-        while !self.syncing.is_empty() {
-            let _ = self.wait_oldest_sync();
+        // No early commit from here on: what this writer leaves is deleted, not referenced.
+        self.early = None;
+        while let Some(s) = self.syncing.pop_front() {
+            let _ = s.handle.join();
         }
         if let Some(p) = self.pack.take() {
             let path = p.path.clone();
@@ -387,7 +490,10 @@ impl ChunkWriter {
             let _ = std::fs::remove_file(path);
         }
         for (id, _, _) in &self.done {
-            let _ = std::fs::remove_file(id.path(&self.packs_dir));
+            // Packs the index names stay (garbage for prune, I5); the rest go.
+            if !self.committed_packs.contains(id) {
+                let _ = std::fs::remove_file(id.path(&self.packs_dir));
+            }
         }
     }
 
@@ -404,10 +510,17 @@ impl ChunkWriter {
             crate::fsutil::sync_dir(&self.packs_dir)
                 .map_err(|e| StoreError::io(&self.packs_dir, e))?;
         }
+        let mut new_chunks = self.new_chunks;
+        new_chunks.extend(self.durable);
+        let committed = self.committed_packs;
         Ok(Pending {
             packs_dir: self.packs_dir.clone(),
-            new_chunks: self.new_chunks,
-            packs: self.done,
+            new_chunks,
+            packs: self
+                .done
+                .into_iter()
+                .filter(|p| !committed.contains(&p.0))
+                .collect(),
             confirm: self.confirm,
             node_hits: self.node_hits,
             stats: self.stats,
@@ -422,6 +535,62 @@ impl Pending {
             let _ = std::fs::remove_file(id.path(&self.packs_dir));
         }
     }
+}
+
+/// Inserts new chunk entries (store-format.md, "Write ordering", step 4): another process may
+/// have committed the same chunk meanwhile; its copy is kept unless it holds the same bytes as a
+/// data chunk and ours is the tree node (I3 needs the node's entry to say so). In hash order,
+/// not sorted: sorted inserts commit faster but leave redb's leaves full, so that every chunk a
+/// later snapshot adds splits one (2x the index growth).
+pub(crate) fn insert_chunks<'a>(
+    index: &super::index::Index,
+    tx: &redb::WriteTransaction,
+    entries: impl Iterator<Item = (&'a ChunkId, &'a ChunkLoc)>,
+) -> Result<(), StoreError> {
+    let mut chunks = tx
+        .open_table(super::index::CHUNKS)
+        .map_err(|e| index.err()(e.into()))?;
+    for (id, loc) in entries {
+        let previous = chunks
+            .insert(id.0, loc.encode())
+            .map_err(|e| index.err()(e.into()))?
+            .map(|g| ChunkLoc::decode(&g.value()));
+        if let Some(e) = previous {
+            let ours_wins = loc.flags & FLAG_TREE != 0 && e.flags & FLAG_TREE == 0;
+            if !ours_wins {
+                chunks
+                    .insert(id.0, e.encode())
+                    .map_err(|e| index.err()(e.into()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Inserts pack records: (pack, size in bytes, chunk count).
+pub(crate) fn insert_packs(
+    index: &super::index::Index,
+    tx: &redb::WriteTransaction,
+    packs: &[(PackId, u64, u32)],
+) -> Result<(), StoreError> {
+    let mut table = tx
+        .open_table(super::index::PACKS)
+        .map_err(|e| index.err()(e.into()))?;
+    for (pack, size, count) in packs {
+        let rec = super::index::encode_record(
+            1,
+            &super::index::PackRecord {
+                size: *size,
+                chunks: *count,
+                created_at_ms: crate::now_ms(),
+            },
+            "pack record",
+        )?;
+        table
+            .insert(pack.0, rec.as_slice())
+            .map_err(|e| index.err()(e.into()))?;
+    }
+    Ok(())
 }
 
 /// Order-0 entropy (bits per byte) at or above which Huffman coding cannot save an eighth and
