@@ -22,6 +22,7 @@ use super::manifest::{
 use super::redact::{Counts, Redactor, SecretScanner};
 use crate::error::{BundleError, Error};
 use crate::fsutil;
+use crate::fsutil::WritebackFile;
 use crate::lock::Mode;
 use crate::manifest::artifact::{EntryKind, Part};
 use crate::names::AgentId;
@@ -695,8 +696,8 @@ fn redact_one(
 
 /// The byte sink under the compressor: the file, through age when encrypting.
 enum Sink {
-    Plain(HashWriter<BufWriter<fs::File>>),
-    Age(age::stream::StreamWriter<HashWriter<BufWriter<fs::File>>>),
+    Plain(HashWriter<BufWriter<WritebackFile>>),
+    Age(age::stream::StreamWriter<HashWriter<BufWriter<WritebackFile>>>),
 }
 
 impl Write for Sink {
@@ -727,7 +728,7 @@ fn header(size: u64) -> tar::Header {
 
 /// The sink under the compressor, plain or through age.
 fn open_sink(file: fs::File, recipients: &[age::x25519::Recipient]) -> io::Result<Sink> {
-    let hashed = HashWriter::new(BufWriter::with_capacity(1 << 20, file));
+    let hashed = HashWriter::new(BufWriter::with_capacity(1 << 20, WritebackFile::new(file)));
     if recipients.is_empty() {
         return Ok(Sink::Plain(hashed));
     }
@@ -742,7 +743,7 @@ fn close_sink(sink: Sink) -> io::Result<(fs::File, String, u64)> {
         Sink::Age(w) => w.finish()?,
     };
     let (buf, sha, bytes) = hashed.finish();
-    let file = buf.into_inner().map_err(|e| e.into_error())?;
+    let file = buf.into_inner().map_err(|e| e.into_error())?.into_inner();
     Ok((file, sha, bytes))
 }
 

@@ -746,9 +746,9 @@ fn write_content(
         }
         .into());
     }
-    let mut f = fs::File::create(path).map_err(|err| Error::io(path, err))?;
+    let mut f =
+        fsutil::WritebackFile::new(fs::File::create(path).map_err(|err| Error::io(path, err))?);
     let mut hasher = blake3::Hasher::new();
-    let mut written_to = 0u64;
     let mut batches = byte_batches(chunks, READ_BATCH_BYTES);
     let mut current = match batches.next() {
         Some(b) => Some(read_batch(packs, b)?),
@@ -760,10 +760,7 @@ fn write_content(
             || -> Result<(), Error> {
                 hasher.update(&data);
                 progress.advance(data.len() as u64);
-                f.write_all(&data).map_err(|err| Error::io(path, err))?;
-                start_writeback(&f, written_to, data.len() as u64);
-                written_to += data.len() as u64;
-                Ok(())
+                f.write_all(&data).map_err(|err| Error::io(path, err))
             },
             || next.map(|b| read_batch(packs, b)).transpose(),
         );
@@ -777,22 +774,6 @@ fn write_content(
         });
     }
     Ok(())
-}
-
-/// Asks the kernel to start writing a range back now, so that the `syncfs` before the switch
-/// finds most of a large file on disk already instead of writing it all then. Only a hint:
-/// durability still comes from that `syncfs`.
-fn start_writeback(f: &fs::File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: the descriptor is open for the call; the flags only schedule writeback.
-    unsafe {
-        libc::sync_file_range(
-            f.as_raw_fd(),
-            offset as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
 }
 
 /// Consecutive runs of `chunks` of about `bytes` raw bytes each.
