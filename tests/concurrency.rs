@@ -297,3 +297,62 @@ fn a_restore_blocked_by_a_read_transaction_past_its_timeout_is_finished_by_the_n
     image.assert_matches(&f.agent, "restore finished by the next command");
     assert_eq!(f.cmd().args(["verify", "--read-data"]).json()["ok"], true);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 4. A snapshot forgotten and pruned while a restore of it waits for the agent lock
+// ---------------------------------------------------------------------------------------------
+
+/// Regression: a restore read the snapshot's record and entries before it took the agent lock,
+/// so a forget (which takes that lock) and a prune in between freed the chunks it was about to
+/// stage, and the restore failed with "chunk ... is not in the store index (the store is
+/// damaged; run `memsnap verify`)". It now reads them again under the lock and reports the
+/// snapshot as gone. The test forgets by hand (a `forget` process would wait for the lock the
+/// test holds); if the restore is slow to reach the lock, the race is missed, never failed.
+#[test]
+fn a_restore_of_a_snapshot_forgotten_while_it_waited_for_the_agent_lock_says_so() {
+    let f = Fixture::new();
+    let (old, _) = two_states(&f);
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(f.agent_lock())
+        .expect("agent lock file");
+    lock.lock().expect("hold the agent lock");
+    let restore = f
+        .cmd()
+        .args(["--lock-timeout", "600", "restore", &old, "--target"])
+        .arg(f.path("target"))
+        .spawn();
+    // Time for the restore to read the record and wait for the lock.
+    std::thread::sleep(Duration::from_secs(2));
+
+    // What `forget` does, under the index lock as memsnap takes it.
+    {
+        let index_lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(f.store.join("locks/index.lock"))
+            .expect("index lock file");
+        index_lock.lock().expect("index lock");
+        let db = redb::Database::create(f.store.join("index.redb")).expect("index");
+        let snapshots: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("snapshots");
+        let tx = db.begin_write().expect("write");
+        tx.open_table(snapshots)
+            .expect("snapshots table")
+            .remove(old.as_str())
+            .expect("remove")
+            .expect("the snapshot was there");
+        tx.commit().expect("commit");
+    }
+    let pruned = f.cmd().args(["prune", "--max-unused", "0"]).json();
+    assert!(pruned["chunks_unused"].as_u64() > Some(0), "{pruned:#}");
+    lock.unlock().expect("release the agent lock");
+
+    let (status, stdout, stderr) = wait_output(restore, "restore");
+    assert_eq!(status.code(), Some(1), "{status}\n{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("no snapshot matches") && !stderr.contains("damaged"),
+        "{stderr}"
+    );
+    assert_eq!(f.cmd().args(["verify", "--read-data"]).json()["ok"], true);
+}

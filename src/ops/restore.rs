@@ -354,7 +354,14 @@ pub(crate) fn restore(
     progress: &dyn Progress,
 ) -> Result<RestoreReport, Error> {
     let started = Instant::now();
-    let (record, entries) = load(store, req)?;
+    // The record names the agent to lock; it and its entries are read again under that lock,
+    // which forget and delete hold to remove records. Read only before it, the snapshot could
+    // be forgotten and its chunks pruned before staging reads them.
+    let record = {
+        let index = store.index()?;
+        let tx = index.begin_read()?;
+        super::resolve(&index, &tx, &req.snapshot, req.agent.as_ref())?
+    };
     let agent = AgentId::new(&record.info.tenant, &record.info.agent)?;
     if let Some(asked) = req.agent.as_ref().filter(|a| **a != agent) {
         return Err(Error::AgentMismatch {
@@ -388,6 +395,10 @@ pub(crate) fn restore(
     paths.check_disjoint(store.root())?;
     let _agent_lock = store.lock_agent(&agent)?;
     recover(store, &agent)?;
+    let (record, entries) = load(
+        store,
+        &RestoreRequest::new(record.info.id.as_str()).agent(agent.clone()),
+    )?;
     let state: Arc<dyn StateProvider> = match &req.state {
         Some(p) => p.clone(),
         None => Arc::new(FsStateProvider::new(&paths.state_dir)),
