@@ -1,7 +1,8 @@
 //! Concurrency between `memsnap` processes on one store: many agents snapshotted by parallel
 //! processes, two processes racing for one agent (the second waits for the lock, or gives up
 //! with "busy"), and restores over a rollback-journal database on which another connection
-//! holds a read transaction (the restore waits for it, or fails and is finished later).
+//! holds a read transaction (the restore waits for it, or fails and is finished later), and a
+//! restore or delete whose snapshot is forgotten while it waits for the agent lock.
 //!
 //! Covered elsewhere and not repeated here: snapshots while a writer commits continuously in
 //! WAL and rollback mode, each restored database one committed moment, restores under idle
@@ -299,8 +300,39 @@ fn a_restore_blocked_by_a_read_transaction_past_its_timeout_is_finished_by_the_n
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. A snapshot forgotten and pruned while a restore of it waits for the agent lock
+// 4. A snapshot forgotten while a restore or delete of it waits for the agent lock
 // ---------------------------------------------------------------------------------------------
+
+/// Removes snapshot `id`'s record as `forget` does, under the index lock as memsnap takes it,
+/// but without the agent lock (which the caller holds).
+fn forget_by_hand(f: &Fixture, id: &str) {
+    let index_lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(f.store.join("locks/index.lock"))
+        .expect("index lock file");
+    index_lock.lock().expect("index lock");
+    let db = redb::Database::create(f.store.join("index.redb")).expect("index");
+    let snapshots: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("snapshots");
+    let tx = db.begin_write().expect("write");
+    tx.open_table(snapshots)
+        .expect("snapshots table")
+        .remove(id)
+        .expect("remove")
+        .expect("the snapshot was there");
+    tx.commit().expect("commit");
+}
+
+/// Holds the agent lock of the fixture's agent, as another memsnap process would.
+fn hold_agent_lock(f: &Fixture) -> std::fs::File {
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(f.agent_lock())
+        .expect("agent lock file");
+    lock.lock().expect("hold the agent lock");
+    lock
+}
 
 /// Regression: a restore read the snapshot's record and entries before it took the agent lock,
 /// so a forget (which takes that lock) and a prune in between freed the chunks it was about to
@@ -312,12 +344,7 @@ fn a_restore_blocked_by_a_read_transaction_past_its_timeout_is_finished_by_the_n
 fn a_restore_of_a_snapshot_forgotten_while_it_waited_for_the_agent_lock_says_so() {
     let f = Fixture::new();
     let (old, _) = two_states(&f);
-    let lock = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(f.agent_lock())
-        .expect("agent lock file");
-    lock.lock().expect("hold the agent lock");
+    let lock = hold_agent_lock(&f);
     let restore = f
         .cmd()
         .args(["--lock-timeout", "600", "restore", &old, "--target"])
@@ -326,24 +353,7 @@ fn a_restore_of_a_snapshot_forgotten_while_it_waited_for_the_agent_lock_says_so(
     // Time for the restore to read the record and wait for the lock.
     std::thread::sleep(Duration::from_secs(2));
 
-    // What `forget` does, under the index lock as memsnap takes it.
-    {
-        let index_lock = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(f.store.join("locks/index.lock"))
-            .expect("index lock file");
-        index_lock.lock().expect("index lock");
-        let db = redb::Database::create(f.store.join("index.redb")).expect("index");
-        let snapshots: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("snapshots");
-        let tx = db.begin_write().expect("write");
-        tx.open_table(snapshots)
-            .expect("snapshots table")
-            .remove(old.as_str())
-            .expect("remove")
-            .expect("the snapshot was there");
-        tx.commit().expect("commit");
-    }
+    forget_by_hand(&f, &old);
     let pruned = f.cmd().args(["prune", "--max-unused", "0"]).json();
     assert!(pruned["chunks_unused"].as_u64() > Some(0), "{pruned:#}");
     lock.unlock().expect("release the agent lock");
@@ -355,4 +365,25 @@ fn a_restore_of_a_snapshot_forgotten_while_it_waited_for_the_agent_lock_says_so(
         "{stderr}"
     );
     assert_eq!(f.cmd().args(["verify", "--read-data"]).json()["ok"], true);
+}
+
+/// Regression: two deletes of one snapshot (or a forget and a delete) racing for the agent lock
+/// both reported the deletion, and published two "deleted" events; the second now finds it gone.
+#[test]
+fn a_delete_of_a_snapshot_removed_while_it_waited_for_the_agent_lock_says_so() {
+    let f = Fixture::new();
+    let (old, _) = two_states(&f);
+    let lock = hold_agent_lock(&f);
+    let delete = f
+        .cmd()
+        .args(["--lock-timeout", "600", "delete", &old])
+        .spawn();
+    // Time for the delete to resolve the id and wait for the lock.
+    std::thread::sleep(Duration::from_secs(2));
+    forget_by_hand(&f, &old);
+    lock.unlock().expect("release the agent lock");
+    let (status, stdout, stderr) = wait_output(delete, "delete");
+    assert_eq!(status.code(), Some(1), "{status}\n{stdout}\n{stderr}");
+    assert!(stderr.contains("no snapshot matches"), "{stderr}");
+    assert_eq!(f.list_ids().len(), 1);
 }
