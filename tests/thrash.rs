@@ -612,6 +612,18 @@ fn thrash_with_kill_9_never_corrupts_the_store() {
         let (sh, stop) = (sh.clone(), stop.clone());
         std::thread::spawn(move || killer(&sh, &stop, seed ^ 0x5eed))
     };
+    // At the deadline every process still running is killed, so that the run ends on time
+    // however long a lock wait would have lasted.
+    while workers.iter().any(|w| !w.is_finished()) {
+        if Instant::now() >= deadline {
+            for &pid in sh.running.lock().unwrap().iter() {
+                // SAFETY: an unreaped child of this process (the lock on `running` is held).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                sh.kills_sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for w in workers {
         w.join().expect("worker panicked");
     }
