@@ -311,6 +311,41 @@ fn broken_journal_of_one_agent_does_not_block_list_verify_or_another_agents_snap
     );
 }
 
+/// Regression (found by tests/thrash.rs): a process killed while it wrote a journal or a state
+/// document left its temporary file (`.NAME.tmp-<hex>`) for ever, in the store's journal folder
+/// and in the agent's state folder. The next command on the agent removes them.
+#[test]
+fn temporary_files_of_killed_journal_and_state_writes_are_removed() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let dir = f.store.join("journal").join(TENANT);
+    fs::create_dir_all(&dir).expect("mkdir journal");
+    let journal_tmp = dir.join(format!(".{AGENT}.json.tmp-0123456789abcdef"));
+    fs::write(&journal_tmp, b"{\"version\": 1, \"phase\"").expect("temp journal");
+    // Another agent's, without a journal beside it.
+    let other_tmp = dir.join(".bob.json.tmp-0123456789abcdef");
+    fs::write(&other_tmp, b"{").expect("other temp journal");
+    let state_tmp = f
+        .agent
+        .state_dir()
+        .join(".dream_run.json.tmp-00000000000000ff");
+    let agents_own = f.agent.state_dir().join(".dream_run.json.tmp-mine");
+    fs::write(&state_tmp, b"{").expect("temp state");
+    fs::write(&agents_own, b"{").expect("the agent's own file");
+
+    // Any command recovers every agent whose lock is free: bob's temp goes as well.
+    f.cmd().arg("list").stdout();
+    assert!(
+        !journal_tmp.exists() && !other_tmp.exists(),
+        "journal temps removed"
+    );
+    // A restore rewrites the state folder, under the agent lock: its own temps go too.
+    f.restore(&id, &[]);
+    assert!(!state_tmp.exists(), "state temp removed");
+    assert!(agents_own.exists(), "a file memsnap did not write stays");
+    assert_no_journal(&f, "after the restore");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Overlapping source folders
 // ---------------------------------------------------------------------------------------------

@@ -324,9 +324,17 @@ pub(crate) fn delete(
         let mut table = tx
             .open_table(SNAPSHOTS)
             .map_err(|e| index.err()(e.into()))?;
-        table
+        // Gone since it was resolved (a forget or another delete got the lock first): that
+        // process reported it; this one must not report a second deletion.
+        let removed = table
             .remove(record.info.id.as_str())
             .map_err(|e| index.err()(e.into()))?;
+        if removed.is_none() {
+            return Err(Error::SnapshotNotFound {
+                spec: spec.to_owned(),
+                hint: " (it was removed while this command waited for the agent)".to_owned(),
+            });
+        }
     }
     tx.commit().map_err(|e| index.err()(e.into()))?;
     Ok(record.info)

@@ -226,6 +226,7 @@ fn remove_journal(store: &Store, agent: &AgentId) -> Result<(), Error> {
 /// Finishes or rolls back an interrupted restore of `agent`. The caller holds the agent lock.
 pub(crate) fn recover(store: &Store, agent: &AgentId) -> Result<Option<String>, Error> {
     let path = journal_path(store, agent);
+    remove_journal_temps(&path)?;
     let bytes = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -283,6 +284,29 @@ pub(crate) fn recover(store: &Store, agent: &AgentId) -> Result<Option<String>, 
     )))
 }
 
+/// Removes the temporary files of journal writes (`fsutil::write_atomic`) killed before their
+/// rename. Only the agent lock's holder writes its journal, and the caller holds it: any such
+/// file belongs to a dead process.
+fn remove_journal_temps(journal: &Path) -> Result<(), Error> {
+    let dir = fsutil::parent_of(journal);
+    let Some(name) = journal.file_name() else {
+        return Ok(());
+    };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(&dir, e))?;
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            fsutil::remove_any(&entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Recovers every agent with a journal whose lock is free (used when a command opens a store).
 pub(crate) fn recover_all(store: &Store) -> Result<Vec<String>, Error> {
     let mut done = Vec::new();
@@ -297,7 +321,11 @@ pub(crate) fn recover_all(store: &Store) -> Result<Vec<String>, Error> {
         for f in files.flatten() {
             let tenant = t.file_name().to_string_lossy().into_owned();
             let name = f.file_name().to_string_lossy().into_owned();
-            let Some(agent) = name.strip_suffix(".json") else {
+            // A journal, or only the temporary file of a journal write that was killed.
+            let journal = name
+                .strip_prefix('.')
+                .and_then(|n| n.split_once(".json.tmp-"));
+            let Some(agent) = name.strip_suffix(".json").or(journal.map(|(a, _)| a)) else {
                 continue;
             };
             let Ok(agent) = AgentId::new(&tenant, agent) else {
@@ -326,7 +354,14 @@ pub(crate) fn restore(
     progress: &dyn Progress,
 ) -> Result<RestoreReport, Error> {
     let started = Instant::now();
-    let (record, entries) = load(store, req)?;
+    // The record names the agent to lock; it and its entries are read again under that lock,
+    // which forget and delete hold to remove records. Read only before it, the snapshot could
+    // be forgotten and its chunks pruned before staging reads them.
+    let record = {
+        let index = store.index()?;
+        let tx = index.begin_read()?;
+        super::resolve(&index, &tx, &req.snapshot, req.agent.as_ref())?
+    };
     let agent = AgentId::new(&record.info.tenant, &record.info.agent)?;
     if let Some(asked) = req.agent.as_ref().filter(|a| **a != agent) {
         return Err(Error::AgentMismatch {
@@ -360,6 +395,10 @@ pub(crate) fn restore(
     paths.check_disjoint(store.root())?;
     let _agent_lock = store.lock_agent(&agent)?;
     recover(store, &agent)?;
+    let (record, entries) = load(
+        store,
+        &RestoreRequest::new(record.info.id.as_str()).agent(agent.clone()),
+    )?;
     let state: Arc<dyn StateProvider> = match &req.state {
         Some(p) => p.clone(),
         None => Arc::new(FsStateProvider::new(&paths.state_dir)),

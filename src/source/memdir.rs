@@ -65,52 +65,81 @@ pub(crate) fn walk(root: &Path, pass: Pass) -> Result<Vec<Item>, SourceError> {
         .into_iter()
         .filter_entry(|e| pass != Pass::AllButObjects || e.path() != objects);
     for entry in walker {
-        let entry = entry.map_err(|e| SourceError::Io {
-            path: e
-                .path()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| root.to_path_buf()),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let abs = entry.path().to_path_buf();
-        let meta = entry.metadata().map_err(|e| SourceError::Io {
-            path: abs.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-        let ft = entry.file_type();
-        let kind = if ft.is_symlink() {
-            let target = std::fs::read_link(&abs).map_err(|source| SourceError::Io {
-                path: abs.clone(),
-                source,
-            })?;
-            ItemKind::Symlink(target.as_os_str().as_bytes().to_vec())
-        } else if ft.is_dir() {
-            ItemKind::Dir
-        } else if ft.is_file() {
-            ItemKind::File
-        } else {
-            tracing::warn!(path = %abs.display(), "skipping a special file (socket, FIFO or device)");
-            continue;
-        };
-        let rel = abs
-            .strip_prefix(root)
-            .map(|r| r.as_os_str().as_bytes().to_vec())
-            .unwrap_or_default();
-        out.push(Item {
-            rel,
-            size: if matches!(kind, ItemKind::File) {
-                meta.len()
-            } else {
-                0
-            },
-            kind,
-            abs,
-            mode: meta.mode() & 0o7777,
-            mtime_ns: mtime_ns(&meta),
-            stat: FileStat::of(&meta),
-        });
+        if let Some(item) = item(root, entry)? {
+            out.push(item);
+        }
     }
     Ok(out)
+}
+
+/// One walked entry as an item; `None` for what a snapshot leaves out: a special file, or an
+/// entry gone since its folder was listed (git's lock files come and go while it works), as if
+/// listed a moment later. Only the root itself must exist.
+fn item(
+    root: &Path,
+    entry: Result<walkdir::DirEntry, walkdir::Error>,
+) -> Result<Option<Item>, SourceError> {
+    let entry = match entry {
+        Ok(e) => e,
+        Err(e) if e.depth() > 0 && vanished(&e) => return Ok(None),
+        Err(e) => {
+            return Err(SourceError::Io {
+                path: e
+                    .path()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| root.to_path_buf()),
+                source: std::io::Error::other(e.to_string()),
+            });
+        }
+    };
+    let abs = entry.path().to_path_buf();
+    let meta = match entry.metadata() {
+        Ok(m) => m,
+        Err(e) if entry.depth() > 0 && vanished(&e) => return Ok(None),
+        Err(e) => {
+            return Err(SourceError::Io {
+                path: abs,
+                source: std::io::Error::other(e.to_string()),
+            });
+        }
+    };
+    let ft = entry.file_type();
+    let kind = if ft.is_symlink() {
+        match std::fs::read_link(&abs) {
+            Ok(t) => ItemKind::Symlink(t.as_os_str().as_bytes().to_vec()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(SourceError::Io { path: abs, source }),
+        }
+    } else if ft.is_dir() {
+        ItemKind::Dir
+    } else if ft.is_file() {
+        ItemKind::File
+    } else {
+        tracing::warn!(path = %abs.display(), "skipping a special file (socket, FIFO or device)");
+        return Ok(None);
+    };
+    let rel = abs
+        .strip_prefix(root)
+        .map(|r| r.as_os_str().as_bytes().to_vec())
+        .unwrap_or_default();
+    Ok(Some(Item {
+        rel,
+        size: if matches!(kind, ItemKind::File) {
+            meta.len()
+        } else {
+            0
+        },
+        kind,
+        abs,
+        mode: meta.mode() & 0o7777,
+        mtime_ns: mtime_ns(&meta),
+        stat: FileStat::of(&meta),
+    }))
+}
+
+fn vanished(e: &walkdir::Error) -> bool {
+    e.io_error()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
 }
 
 #[cfg(test)]
@@ -161,5 +190,37 @@ mod tests {
             objects.contains(&b".git/objects/ab/cd".to_vec()),
             "{objects:?}"
         );
+    }
+
+    /// Regression: a snapshot failed with "cannot read .git/objects/maintenance.lock: No such
+    /// file" when git removed its lock file between the listing of a folder and its `lstat`.
+    #[test]
+    fn an_entry_gone_since_its_folder_was_listed_is_left_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let objects = dir.path().join(".git/objects");
+        std::fs::create_dir_all(&objects).expect("mkdir");
+        let lock = objects.join("maintenance.lock");
+        std::fs::write(&lock, b"").expect("write");
+        std::os::unix::fs::symlink("x", objects.join("link")).expect("symlink");
+        let listed: Vec<_> = walkdir::WalkDir::new(dir.path())
+            .sort_by_file_name()
+            .into_iter()
+            .collect();
+        std::fs::remove_file(&lock).expect("git removes its lock");
+        std::fs::remove_file(objects.join("link")).expect("and a link goes too");
+        let mut kept = Vec::new();
+        for entry in listed {
+            if let Some(i) = item(dir.path(), entry).expect("a vanished entry is no error") {
+                kept.push(String::from_utf8_lossy(&i.rel).into_owned());
+            }
+        }
+        assert_eq!(kept, ["", ".git", ".git/objects"]);
+        // The root itself must exist: a memdir that vanished is an error, not an empty memdir.
+        let gone = dir.path().join("gone");
+        let root = walkdir::WalkDir::new(&gone)
+            .into_iter()
+            .next()
+            .expect("root");
+        assert!(item(&gone, root).is_err());
     }
 }

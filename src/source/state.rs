@@ -75,6 +75,31 @@ impl FsStateProvider {
     }
 }
 
+impl FsStateProvider {
+    /// Removes the temporary files (`.NAME.json.tmp-<16 hex>`, `fsutil::tmp_name`) of restores
+    /// killed before their rename. A restore runs under the agent lock, so none is in use.
+    fn remove_temps(&self) -> Result<(), SourceError> {
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Self::io(&self.dir)(e)),
+        };
+        for entry in rd {
+            let entry = entry.map_err(Self::io(&self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = name.starts_with('.')
+                && name.rsplit_once(".json.tmp-").is_some_and(|(_, hex)| {
+                    hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                });
+            if ours {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(Self::io(&path))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl StateProvider for FsStateProvider {
     fn describe(&self) -> String {
         self.dir.display().to_string()
@@ -99,6 +124,7 @@ impl StateProvider for FsStateProvider {
 
     fn restore(&self, items: &[StateItem]) -> Result<(), SourceError> {
         crate::fsutil::create_dir_all_durable(&self.dir).map_err(Self::io(&self.dir))?;
+        self.remove_temps()?;
         for item in items {
             if item.name.contains('/') || item.name.starts_with('.') {
                 return Err(SourceError::State {
