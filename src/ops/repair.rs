@@ -151,6 +151,9 @@ struct OldIndex {
     chunks: HashMap<ChunkId, ChunkLoc>,
 }
 
+/// Decoded tree nodes: id → (level, children with their sizes).
+type Nodes = HashMap<ChunkId, (u8, Vec<(ChunkId, u64)>)>;
+
 /// One intact stored copy of a chunk.
 #[derive(Clone, Copy)]
 struct Copy {
@@ -205,7 +208,7 @@ pub(crate) fn repair(
     let files = PackFiles::new(packs_dir.clone());
     progress.start("repair", on_disk.iter().map(|(_, size)| size).sum());
     let mut copies: HashMap<ChunkId, Vec<Copy>> = HashMap::new();
-    let mut nodes: HashMap<ChunkId, (u8, Vec<(ChunkId, u64)>)> = HashMap::new();
+    let mut nodes: Nodes = HashMap::new();
     let mut footers: HashMap<PackId, u32> = HashMap::new();
     let mut salvage: Vec<(PackId, PathBuf)> = Vec::new();
     for (pack, size) in &on_disk {
@@ -543,7 +546,7 @@ fn check_entries(
     entries: &[FooterEntry],
     footer_ok: bool,
     copies: &mut HashMap<ChunkId, Vec<Copy>>,
-    nodes: &mut HashMap<ChunkId, (u8, Vec<(ChunkId, u64)>)>,
+    nodes: &mut Nodes,
     report: &mut RepairReport,
 ) -> Result<(), Error> {
     let results: Vec<(FooterEntry, Result<Vec<u8>, StoreError>)> = entries
@@ -594,7 +597,7 @@ fn loc_of(pack: PackId, e: &FooterEntry) -> ChunkLoc {
 
 fn subtree_complete(
     id: &ChunkId,
-    nodes: &HashMap<ChunkId, (u8, Vec<(ChunkId, u64)>)>,
+    nodes: &Nodes,
     chosen: &BTreeMap<ChunkId, ChunkLoc>,
     memo: &mut HashMap<ChunkId, bool>,
 ) -> bool {
@@ -747,7 +750,7 @@ fn lost_statement(old: &OldIndex, report: &mut RepairReport) {
 fn recover_snapshots(
     files: &PackFiles,
     chosen: &BTreeMap<ChunkId, ChunkLoc>,
-    nodes: &HashMap<ChunkId, (u8, Vec<(ChunkId, u64)>)>,
+    nodes: &Nodes,
     kept: &HashSet<ChunkId>,
     packs_dir: &Path,
 ) -> Vec<SnapshotRecord> {
@@ -806,7 +809,7 @@ fn recover_snapshots(
 fn flatten(
     files: &PackFiles,
     chosen: &BTreeMap<ChunkId, ChunkLoc>,
-    nodes: &HashMap<ChunkId, (u8, Vec<(ChunkId, u64)>)>,
+    nodes: &Nodes,
     id: &ChunkId,
     height: u8,
 ) -> Option<Vec<u8>> {
