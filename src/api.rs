@@ -15,6 +15,7 @@ use crate::metrics::{Metrics, Op};
 use crate::names::AgentId;
 use crate::ops::forget::{ForgetReport, ForgetRequest};
 use crate::ops::prune::{PruneReport, PruneRequest};
+use crate::ops::repair::{RepairReport, RepairRequest};
 use crate::ops::restore::{RestoreReport, RestoreRequest};
 use crate::ops::snapshot::SnapshotRequest;
 use crate::ops::stats::StatsReport;
@@ -65,6 +66,18 @@ impl Memsnap {
     pub fn open(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Self, Error> {
         let store = Store::open(path.as_ref(), opts.lock_timeout)?;
         Self::ready(store)
+    }
+
+    /// Rebuilds the index of the store at `path` from its pack files (store-format.md,
+    /// "Repair"). Needs no working index, so it is not a method of an opened store: it works when
+    /// [`Memsnap::open`] fails on a damaged `index.redb`. Holds the store exclusively.
+    pub fn repair(
+        path: impl AsRef<Path>,
+        opts: StoreOptions,
+        req: &RepairRequest,
+        progress: &dyn Progress,
+    ) -> Result<RepairReport, Error> {
+        crate::ops::repair::repair(path.as_ref(), opts.lock_timeout, req, progress)
     }
 
     fn ready(store: Store) -> Result<Self, Error> {

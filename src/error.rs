@@ -18,6 +18,12 @@ pub enum StoreError {
     #[error("the store index {path} cannot be used: {message}")]
     Index { path: PathBuf, message: String },
     #[error(
+        "the store index {path} is damaged: {message}. Snapshot records live only there: run \
+         `memsnap repair` to rebuild the index from the pack files (the damaged file is kept \
+         beside it); `memsnap repair --dry-run` first says what it would recover"
+    )]
+    IndexDamaged { path: PathBuf, message: String },
+    #[error(
         "{path} is a memsnap store of format version {found}, newer than this memsnap understands ({supported}): upgrade memsnap"
     )]
     NewerFormat {
@@ -25,8 +31,16 @@ pub enum StoreError {
         found: u32,
         supported: u32,
     },
-    #[error("chunk {id} is not in the store index (the store is damaged; run `memsnap verify`)")]
+    #[error(
+        "chunk {id} is not in the store index (the store is damaged: `memsnap verify` names what \
+         needs it, `memsnap repair` rebuilds the index from the pack files)"
+    )]
     MissingChunk { id: String },
+    #[error(
+        "pack file {pack} is missing (chunk {id} is there, by the index): restore the file from a \
+         backup if there is one, then run `memsnap repair`"
+    )]
+    MissingPack { pack: PathBuf, id: String },
     #[error("pack {pack} is damaged: {message}")]
     CorruptPack { pack: PathBuf, message: String },
     #[error(
@@ -42,6 +56,20 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The store's data is damaged (as opposed to a failure of this machine or a usage error):
+    /// what `verify` reports and `repair` works on.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            Self::IndexDamaged { .. }
+                | Self::MissingChunk { .. }
+                | Self::MissingPack { .. }
+                | Self::CorruptPack { .. }
+                | Self::CorruptChunk { .. }
+                | Self::CorruptRecord { .. }
+        )
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),

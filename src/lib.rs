@@ -38,6 +38,9 @@ pub use ops::diff::{
 };
 pub use ops::forget::{ForgetGroup, ForgetReport, ForgetRequest};
 pub use ops::prune::{PruneReport, PruneRequest};
+pub use ops::repair::{
+    DamagedChunk, RECOVERED_AGENT, RECOVERED_TENANT, RepairReport, RepairRequest, SnapshotDamage,
+};
 pub use ops::restore::{RestorePlan, RestoreReport, RestoreRequest};
 pub use ops::retention::{Decision, RetentionPolicy, parse_duration};
 pub use ops::snapshot::SnapshotRequest;

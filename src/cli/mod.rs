@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use memsnap::{
-    AgentId, ExportRequest, ForgetRequest, ImportRequest, Memsnap, PruneRequest, RestoreRequest,
-    RetentionPolicy, SnapshotRequest, SourceSpec, StoreOptions,
+    AgentId, ExportRequest, ForgetRequest, ImportRequest, Memsnap, PruneRequest, RepairRequest,
+    RestoreRequest, RetentionPolicy, SnapshotRequest, SourceSpec, StoreOptions,
 };
 
 use output::Out;
@@ -300,6 +300,14 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         max_unused: f64,
     },
+    /// Rebuild the index from the pack files (after `verify` found damage, or when index.redb
+    /// is unreadable). Keeps every snapshot record the index still holds; the old index file is
+    /// kept beside the new one.
+    Repair {
+        /// Print what would change and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Delete a snapshot record (its unique chunks are freed by a later prune).
     Delete {
         snap: String,
@@ -377,6 +385,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             | memsnap::Error::EmptyPolicy,
         ) => 2,
         Some(memsnap::Error::Bundle(b)) if b.is_damage() => 3,
+        // Every command that meets a damaged index reports damage, not a failure of its own.
+        Some(memsnap::Error::Store(memsnap::StoreError::IndexDamaged { .. })) => 3,
         _ => 1,
     }
 }
@@ -652,6 +662,16 @@ fn run(cli: &Cli, out: &Out) -> anyhow::Result<ExitCode> {
                 .dry_run(*dry_run)
                 .max_unused_percent(*max_unused);
             out.prune(&m.prune(&req)?);
+        }
+        Command::Repair { dry_run } => {
+            let path = store_path(cli)?;
+            let report = Memsnap::repair(
+                &path,
+                opts(cli)?,
+                &RepairRequest::default().dry_run(*dry_run),
+                progress(cli).as_ref(),
+            )?;
+            out.repair(&report);
         }
         Command::Delete { snap, who } => {
             let m = open(cli, false)?;

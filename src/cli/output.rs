@@ -5,7 +5,7 @@ use std::path::Path;
 
 use memsnap::{
     BundleVerifyReport, CheckStatus, ExportReport, ForgetReport, ImportReport, PruneReport,
-    RestoreReport, SnapshotDetails, SnapshotInfo, VerifyReport,
+    RepairReport, RestoreReport, SnapshotDetails, SnapshotInfo, VerifyReport,
 };
 
 pub(crate) struct Out {
@@ -453,15 +453,92 @@ impl Out {
             return;
         }
         for d in &r.damaged {
+            let chunk = match (d.chunk.is_empty(), d.pack.is_empty()) {
+                (true, _) => String::new(),
+                (false, true) => format!(" chunk {}", d.chunk),
+                (false, false) => format!(" chunk {} in pack {}", d.chunk, d.pack),
+            };
             println!(
-                "DAMAGED snapshot {} artifact {}: {}",
+                "DAMAGED snapshot {} artifact {}{chunk}: {}",
                 d.snapshot, d.artifact, d.problem
             );
         }
         for p in &r.damaged_packs {
-            println!("DAMAGED pack: {p}");
+            println!("DAMAGED {p}");
         }
-        println!("{} damaged snapshot(s)", r.damaged_snapshots.len());
+        for id in &r.intact_snapshots {
+            println!("intact snapshot {id}");
+        }
+        println!(
+            "{} damaged snapshot(s), {} intact; `memsnap repair` rebuilds the index from the \
+             packs (a snapshot whose chunks are gone stays damaged)",
+            r.damaged_snapshots.len(),
+            r.intact_snapshots.len()
+        );
+    }
+
+    pub(crate) fn repair(&self, r: &RepairReport) {
+        if self.emit(r) {
+            return;
+        }
+        let would = if r.dry_run { "would be " } else { "" };
+        if !r.index_readable {
+            println!("the old index is unreadable:");
+        }
+        for p in &r.index_problems {
+            println!("  index: {p}");
+        }
+        println!(
+            "{} packs read; {} chunks indexed: {} {would}added, {} {would}removed (no intact copy), {} {would}moved",
+            r.packs, r.chunks, r.chunks_added, r.chunks_removed, r.chunks_moved
+        );
+        for p in &r.packs_missing {
+            println!("MISSING pack {p}");
+        }
+        for p in &r.packs_salvaged {
+            println!(
+                "SALVAGED pack {p}: damaged footer; its readable chunks {would}copied into a new pack, the file {would}moved to damaged/"
+            );
+        }
+        for c in &r.chunks_damaged {
+            println!(
+                "DAMAGED chunk {} in pack {}: {} (not indexed: the next snapshot holding these bytes stores them again)",
+                c.chunk, c.pack, c.problem
+            );
+        }
+        if r.tree_flags_cleared > 0 {
+            println!(
+                "{} tree nodes with an incomplete subtree {would}marked plain",
+                r.tree_flags_cleared
+            );
+        }
+        for id in &r.snapshots_recovered {
+            println!("RECOVERED snapshot {id}");
+        }
+        for l in &r.lost {
+            println!("LOST {l}");
+        }
+        for d in &r.damaged_snapshots {
+            println!(
+                "DAMAGED snapshot {}: {} chunks missing, in {}",
+                d.snapshot,
+                d.missing_chunks,
+                d.artifacts.join(", ")
+            );
+        }
+        println!(
+            "{} snapshots kept, {} recovered: {} intact, {} damaged",
+            r.snapshots_kept,
+            r.snapshots_recovered.len(),
+            r.intact_snapshots.len(),
+            r.damaged_snapshots.len()
+        );
+        if let Some(b) = &r.backup {
+            println!("the old index is kept as {}", b.display());
+        }
+        if r.dry_run {
+            println!("dry run: nothing was changed");
+        }
     }
 
     pub(crate) fn delete(&self, i: &SnapshotInfo) {

@@ -3,6 +3,7 @@
 pub(crate) mod diff;
 pub(crate) mod forget;
 pub(crate) mod prune;
+pub(crate) mod repair;
 pub(crate) mod restore;
 pub(crate) mod retention;
 pub(crate) mod snapshot;

@@ -334,29 +334,7 @@ pub(crate) fn prune(
 
 /// Every `packs/<xx>/<id>.pack` file and its size.
 pub(crate) fn pack_files(store: &Store) -> Result<Vec<(PackId, u64)>, Error> {
-    let mut out = Vec::new();
-    let root = store.packs_dir();
-    let Ok(dirs) = std::fs::read_dir(&root) else {
-        return Ok(out);
-    };
-    for d in dirs.flatten() {
-        let Ok(files) = std::fs::read_dir(d.path()) else {
-            continue;
-        };
-        for f in files.flatten() {
-            let name = f.file_name().to_string_lossy().into_owned();
-            let Some(hex_id) = name.strip_suffix(".pack") else {
-                continue;
-            };
-            let mut id = [0u8; 16];
-            if hex::decode_to_slice(hex_id, &mut id).is_err() {
-                continue;
-            }
-            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-            out.push((PackId(id), size));
-        }
-    }
-    Ok(out)
+    Ok(crate::store::pack::list_packs(&store.packs_dir()))
 }
 
 #[cfg(test)]

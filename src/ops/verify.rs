@@ -1,6 +1,7 @@
 //! Verify: every chunk a snapshot references is in the index and inside its pack; with
 //! `read_data`, every chunk is also read, decompressed and re-hashed. Each damaged chunk is
-//! reported with the snapshots and artifacts that need it.
+//! reported with its pack and the snapshots and artifacts that need it; every snapshot that needs
+//! no damaged chunk is reported intact.
 //!
 //! Three passes, so that the index is held only while trees are walked: (1) with the index, walk
 //! every snapshot's trees once per distinct node and locate each distinct data chunk; (2)
@@ -14,6 +15,8 @@ use serde::Serialize;
 
 use super::Progress;
 use crate::error::{Error, StoreError};
+use crate::manifest::artifact::{self, ArtifactEntry};
+use crate::manifest::snapshot::SnapshotRecord;
 use crate::names::AgentId;
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
@@ -22,12 +25,66 @@ use crate::store::reader::{ChunkReader, PackFiles};
 use crate::tree;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Damage {
     pub snapshot: String,
     /// `memdir/<path>`, `sqlite/<name>`, `state/<name>`, or `manifest`.
     pub artifact: String,
+    /// The damaged chunk's id (hex); empty when the damage is not one chunk's (a manifest whose
+    /// chunks read but do not decode).
     pub chunk: String,
+    /// The pack (hex id) the index places the chunk in; empty when the index has no entry.
+    pub pack: String,
     pub problem: String,
+}
+
+/// What is wrong with one chunk, without the advice the error messages carry.
+#[derive(Debug, Clone)]
+struct Fault {
+    pack: String,
+    problem: String,
+}
+
+/// The pack id of `packs/xx/<id>.pack`.
+fn pack_of(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn describe(e: &StoreError) -> Fault {
+    let (pack, problem) = match e {
+        StoreError::CorruptChunk { pack, message, .. } => (pack_of(pack), message.clone()),
+        StoreError::MissingPack { pack, .. } => (pack_of(pack), "its pack file is missing".into()),
+        StoreError::CorruptPack { pack, message } => (pack_of(pack), message.clone()),
+        StoreError::MissingChunk { .. } => (String::new(), "not in the store index".into()),
+        other => (String::new(), other.to_string()),
+    };
+    Fault { pack, problem }
+}
+
+/// A snapshot's entries, or the chunk (hex, empty if none) and fault that keep them unreadable.
+fn entries_or_fault(
+    reader: &mut ChunkReader<'_>,
+    record: &SnapshotRecord,
+) -> Result<Vec<ArtifactEntry>, (String, Fault)> {
+    let mut bytes = Vec::new();
+    let mut failed: Option<(ChunkId, StoreError)> = None;
+    tree::walk(reader, &record.manifest, true, &mut |id, is_data, data| {
+        match data {
+            Ok(d) if is_data && failed.is_none() => bytes.extend_from_slice(&d),
+            Ok(_) => {}
+            Err(e) => {
+                failed.get_or_insert((*id, e));
+            }
+        }
+        Ok(())
+    })
+    .map_err(|e| (String::new(), describe(&e)))?;
+    if let Some((id, e)) = failed {
+        return Err((id.hex(), describe(&e)));
+    }
+    artifact::decode_entries(&bytes).map_err(|e| (String::new(), describe(&e)))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -39,8 +96,11 @@ pub struct VerifyReport {
     pub damaged: Vec<Damage>,
     /// Ids of the snapshots with at least one damaged artifact.
     pub damaged_snapshots: Vec<String>,
-    /// Packs whose footer is unreadable (with `read_data`): their chunks may still be intact,
-    /// but the index could not be rebuilt from them.
+    /// Ids of the checked snapshots that need no damaged chunk: they restore.
+    pub intact_snapshots: Vec<String>,
+    /// Pack files that are missing or shorter than the index says, and (with `read_data`)
+    /// packs whose footer is unreadable: their chunks may still be intact, but `repair` cannot
+    /// rebuild the index from the footer (it scans such a pack from its start instead).
     pub damaged_packs: Vec<String>,
 }
 
@@ -64,12 +124,13 @@ pub(crate) fn verify(
         bytes_checked: 0,
         damaged: Vec::new(),
         damaged_snapshots: Vec::new(),
+        intact_snapshots: Vec::new(),
         damaged_packs: Vec::new(),
     };
     // Pass 1. Prune (which deletes chunks) must not run between the passes.
     let _store_lock = store.lock_store(crate::lock::Mode::Shared)?;
-    let mut bad: HashMap<ChunkId, String> = HashMap::new();
-    let mut manifest_damage: HashMap<String, String> = HashMap::new();
+    let mut bad: HashMap<ChunkId, Fault> = HashMap::new();
+    let mut manifest_damage: HashMap<String, (String, Fault)> = HashMap::new();
     let (records, located, packs) = {
         let index = store.index()?;
         let tx = index.begin_read()?;
@@ -81,10 +142,10 @@ pub(crate) fn verify(
         let mut seen = crate::tree::Seen::new();
         let mut located: Vec<(ChunkId, ChunkLoc)> = Vec::new();
         for record in &records {
-            let entries = match super::load_entries(&mut reader, record) {
+            let entries = match entries_or_fault(&mut reader, record) {
                 Ok(e) => e,
-                Err(e) => {
-                    manifest_damage.insert(record.info.id.clone(), e.to_string());
+                Err(fault) => {
+                    manifest_damage.insert(record.info.id.clone(), fault);
                     continue;
                 }
             };
@@ -94,7 +155,7 @@ pub(crate) fn verify(
                     match (is_data, res) {
                         (true, _) => data.push(*cid),
                         (false, Err(e)) => {
-                            bad.insert(*cid, e.to_string());
+                            bad.insert(*cid, describe(&e));
                         }
                         (false, Ok(_)) => {}
                     }
@@ -104,7 +165,7 @@ pub(crate) fn verify(
                     match reader.locate(&cid)? {
                         Some(loc) => located.push((cid, loc)),
                         None => {
-                            bad.insert(cid, StoreError::MissingChunk { id: cid.hex() }.to_string());
+                            bad.insert(cid, describe(&StoreError::MissingChunk { id: cid.hex() }));
                         }
                     }
                 }
@@ -144,18 +205,55 @@ pub(crate) fn verify(
             // damage in the store: stop rather than report a false verdict either way.
             Err(e @ StoreError::Io { .. }) => return Err(e.into()),
             Err(e) => {
-                bad.insert(id, e.to_string());
+                bad.insert(id, describe(&e));
             }
         }
     }
-    if read_data {
-        let mut ids: Vec<&PackId> = pack_sizes.keys().collect();
-        ids.sort();
-        for pack in ids {
-            let path = packs.path(pack);
-            if let (true, Err(e)) = (path.exists(), read_footer(&path)) {
-                report.damaged_packs.push(e.to_string());
+    // Per pack: missing, shorter than its chunks need, or (read_data) a damaged footer. The
+    // packs of chunks that failed in pass 1 (tree nodes, manifests) count too.
+    for fault in bad.values().chain(manifest_damage.values().map(|(_, f)| f)) {
+        let mut id = [0u8; 16];
+        if hex::decode_to_slice(&fault.pack, &mut id).is_ok() {
+            pack_sizes.entry(PackId(id)).or_insert_with(|| {
+                std::fs::metadata(packs.path(&PackId(id)))
+                    .ok()
+                    .map(|m| m.len())
+            });
+        }
+    }
+    let mut needed: HashMap<PackId, u64> = HashMap::new();
+    for (_, loc) in &located {
+        let end = needed.entry(loc.pack).or_default();
+        *end = (*end).max(loc.offset.saturating_add(u64::from(loc.stored_len)));
+    }
+    let mut ids: Vec<&PackId> = pack_sizes.keys().collect();
+    ids.sort();
+    for pack in ids {
+        let path = packs.path(pack);
+        let need = needed.get(pack).copied().unwrap_or(0);
+        let truncated = bad
+            .values()
+            .chain(manifest_damage.values().map(|(_, f)| f))
+            .any(|f| f.pack == pack.hex() && f.problem.contains("truncated"));
+        match pack_sizes.get(pack).copied().flatten() {
+            None => report.damaged_packs.push(format!(
+                "pack {}: the file {} is missing",
+                pack.hex(),
+                path.display()
+            )),
+            Some(size) if size < need || truncated => report.damaged_packs.push(format!(
+                "pack {}: {} is {size} bytes, shorter than the index says (truncated)",
+                pack.hex(),
+                path.display()
+            )),
+            Some(_) if read_data => {
+                if let Err(e) = read_footer(&path) {
+                    report
+                        .damaged_packs
+                        .push(format!("pack {}: {e}", pack.hex()));
+                }
             }
+            Some(_) => {}
         }
     }
     report.snapshots_checked = records.len() as u64;
@@ -170,23 +268,20 @@ pub(crate) fn verify(
         for record in &records {
             let id = &record.info.id;
             let before = report.damaged.len();
-            if let Some(problem) = manifest_damage.get(id) {
-                report.damaged.push(Damage {
-                    snapshot: id.clone(),
-                    artifact: "manifest".into(),
-                    chunk: String::new(),
-                    problem: problem.clone(),
-                });
+            let manifest_row = |(chunk, fault): (String, Fault)| Damage {
+                snapshot: id.clone(),
+                artifact: "manifest".into(),
+                chunk,
+                pack: fault.pack,
+                problem: fault.problem,
+            };
+            if let Some(fault) = manifest_damage.get(id) {
+                report.damaged.push(manifest_row(fault.clone()));
             } else {
-                let entries = match super::load_entries(&mut reader, record) {
+                let entries = match entries_or_fault(&mut reader, record) {
                     Ok(e) => e,
-                    Err(e) => {
-                        report.damaged.push(Damage {
-                            snapshot: id.clone(),
-                            artifact: "manifest".into(),
-                            chunk: String::new(),
-                            problem: e.to_string(),
-                        });
+                    Err(fault) => {
+                        report.damaged.push(manifest_row(fault));
                         Vec::new()
                     }
                 };
@@ -197,9 +292,9 @@ pub(crate) fn verify(
                     let artifact = format!("{}/{}", entry.part.name(), entry.path_lossy());
                     tree::walk(&mut reader, content, false, &mut |cid, _, res| {
                         // A node that fails now is damage too, recorded in pass 1 or not.
-                        let problem = match (bad.get(cid), res) {
-                            (Some(p), _) => p.clone(),
-                            (None, Err(e)) => e.to_string(),
+                        let fault = match (bad.get(cid), res) {
+                            (Some(f), _) => f.clone(),
+                            (None, Err(e)) => describe(&e),
                             (None, Ok(_)) => return Ok(()),
                         };
                         attributed.insert(*cid);
@@ -209,7 +304,8 @@ pub(crate) fn verify(
                                 snapshot: id.clone(),
                                 artifact: artifact.clone(),
                                 chunk: cid.hex(),
-                                problem,
+                                pack: fault.pack,
+                                problem: fault.problem,
                             });
                         }
                         Ok(())
@@ -218,19 +314,24 @@ pub(crate) fn verify(
             }
             if report.damaged.len() > before {
                 report.damaged_snapshots.push(id.clone());
+            } else {
+                report.intact_snapshots.push(id.clone());
             }
         }
         // Damage that no walk reached again still fails the verdict.
-        for (cid, problem) in &bad {
+        for (cid, fault) in &bad {
             if !attributed.contains(cid) {
                 report.damaged.push(Damage {
                     snapshot: String::new(),
                     artifact: "(not attributed)".into(),
                     chunk: cid.hex(),
-                    problem: problem.clone(),
+                    pack: fault.pack.clone(),
+                    problem: fault.problem.clone(),
                 });
             }
         }
+    } else {
+        report.intact_snapshots = records.iter().map(|r| r.info.id.clone()).collect();
     }
     progress.finish();
     Ok(report)
@@ -245,9 +346,9 @@ fn check_chunk(
 ) -> Result<u64, StoreError> {
     let path = packs.path(&loc.pack);
     let Some(size) = pack_sizes.get(&loc.pack).copied().flatten() else {
-        return Err(StoreError::CorruptPack {
+        return Err(StoreError::MissingPack {
             pack: path,
-            message: "the pack file is missing".into(),
+            id: id.hex(),
         });
     };
     if loc.offset.saturating_add(loc.stored_len as u64) > size {

@@ -37,23 +37,31 @@ pub(crate) struct Index {
 
 impl Index {
     pub(crate) fn open(path: &Path, lock_path: &Path) -> Result<Self, Error> {
-        let guard = lock::acquire(
-            lock_path,
-            Mode::Exclusive,
-            INDEX_LOCK_TIMEOUT,
-            Holder::Index,
-        )?;
+        let guard = lock(lock_path)?;
+        Ok(Self::open_under(path, guard)?)
+    }
+
+    /// Opens (or creates) the database at `path` under an index lock the caller already holds:
+    /// repair keeps the lock from reading the old index to renaming the new one in.
+    pub(crate) fn open_under(path: &Path, guard: LockGuard) -> Result<Self, StoreError> {
         // redb caches every page it touches, up to 1 GiB by default: a walk of a 4 GiB agent's
         // chunk table held ~100 MB. The OS page cache keeps the file hot anyway.
         let db = redb::Database::builder()
             .set_cache_size(INDEX_CACHE_BYTES)
             .create(path)
-            .map_err(|e| StoreError::index(path, e))?;
+            .map_err(|e| open_error(path, e))?;
         Ok(Self {
             db,
             path: path.to_path_buf(),
             _lock: guard,
         })
+    }
+
+    /// Closes the database and hands back the lock, still held.
+    pub(crate) fn into_lock(self) -> LockGuard {
+        let Self { db, _lock, .. } = self;
+        drop(db);
+        _lock
     }
 
     pub(crate) fn err(&self) -> impl Fn(redb::Error) -> StoreError + '_ {
@@ -70,6 +78,38 @@ impl Index {
         self.db
             .begin_write()
             .map_err(|e| StoreError::index(&self.path, e))
+    }
+}
+
+/// Takes the index lock (exclusive): whoever holds it may open `index.redb`.
+pub(crate) fn lock(lock_path: &Path) -> Result<LockGuard, Error> {
+    lock::acquire(
+        lock_path,
+        Mode::Exclusive,
+        INDEX_LOCK_TIMEOUT,
+        Holder::Index,
+    )
+}
+
+/// An open that fails on the file's content (not a redb file, a damaged one) is damage, which
+/// `memsnap repair` can rebuild; anything else (permissions, a full disk) is reported as it is.
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    use redb::{DatabaseError, StorageError};
+    let damaged = match &e {
+        DatabaseError::Storage(StorageError::Corrupted(_)) => true,
+        DatabaseError::Storage(StorageError::Io(io)) => matches!(
+            io.kind(),
+            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+        ),
+        _ => false,
+    };
+    if damaged {
+        StoreError::IndexDamaged {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    } else {
+        StoreError::index(path, e)
     }
 }
 

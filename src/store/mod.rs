@@ -105,14 +105,22 @@ impl Store {
         };
         let index = store.index()?;
         let tx = index.begin_read()?;
-        let meta = tx.open_table(META).map_err(|e| index.err()(e.into()))?;
+        // Every store's index has the table from its creation on: without it, the file was
+        // emptied or cut short (and redb's open rolled it back to nothing).
+        let meta = tx.open_table(META).map_err(|e| match e {
+            redb::TableError::TableDoesNotExist(_) => StoreError::IndexDamaged {
+                path: index.path.clone(),
+                message: "it holds no store tables (it was emptied or cut short)".into(),
+            },
+            e => index.err()(e.into()),
+        })?;
         let bytes = meta
             .get("config")
             .map_err(|e| index.err()(e.into()))?
             .map(|g| g.value().to_vec())
-            .ok_or_else(|| StoreError::CorruptRecord {
-                what: "store config".into(),
-                message: "missing from the index".into(),
+            .ok_or_else(|| StoreError::IndexDamaged {
+                path: index.path.clone(),
+                message: "it holds no store config (it was emptied or replaced)".into(),
             })?;
         store.config = decode_config(&index.path, &bytes)?;
         Ok(store)
@@ -208,7 +216,7 @@ fn has_foreign_entries(root: &Path) -> std::io::Result<bool> {
     };
     for entry in rd {
         let name = entry?.file_name();
-        if !["packs", "locks", "journal", "tmp", INDEX_FILE]
+        if !["packs", "locks", "journal", "tmp", "damaged", INDEX_FILE]
             .iter()
             .any(|own| name == *own)
         {

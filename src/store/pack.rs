@@ -323,6 +323,145 @@ pub(crate) fn read_footer(path: &Path) -> Result<Vec<FooterEntry>, StoreError> {
     Ok(entries)
 }
 
+/// Every `packs/<xx>/<32 hex>.pack` file below `packs_dir` and its size, sorted by id.
+pub(crate) fn list_packs(packs_dir: &Path) -> Vec<(PackId, u64)> {
+    let mut out = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(packs_dir) else {
+        return out;
+    };
+    for d in dirs.flatten() {
+        let Ok(files) = std::fs::read_dir(d.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let Some(hex_id) = name.strip_suffix(".pack") else {
+                continue;
+            };
+            let mut id = [0u8; 16];
+            if hex::decode_to_slice(hex_id, &mut id).is_err() {
+                continue;
+            }
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            out.push((PackId(id), size));
+        }
+    }
+    out.sort();
+    out
+}
+
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// What [`scan`] may use to find chunk boundaries in a pack without a valid footer.
+#[derive(Default)]
+pub(crate) struct ScanHints {
+    /// Where the (old) index placed chunks of this pack.
+    pub entries: Vec<FooterEntry>,
+    /// Raw sizes of data chunks that tree nodes name, most frequent first, and those ids: a
+    /// chunk stored raw is recognised by its length and hash.
+    pub sizes: Vec<u32>,
+    pub ids: std::collections::HashSet<ChunkId>,
+}
+
+/// The chunks of a pack whose footer is damaged, found from the start of the chunk data as far
+/// as records can be recognised: an index entry placed there whose bytes hash to its id, a zstd
+/// frame (self-delimiting), a tree node (its length follows from its header), or a raw chunk of
+/// a length some tree node names whose hash is that node's child. Then every hinted entry the
+/// walk did not reach, checked alone. Every returned entry's bytes hash to its id. Scanned
+/// chunks never carry the tree flag: only an entry that vouches for a subtree needs it (I3).
+pub(crate) fn scan(path: &Path, hints: &ScanHints) -> Result<Vec<FooterEntry>, StoreError> {
+    let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    let check = |e: &FooterEntry| -> bool {
+        let Some(stored) = usize::try_from(e.offset)
+            .ok()
+            .and_then(|o| bytes.get(o..o.checked_add(e.stored_len as usize)?))
+        else {
+            return false;
+        };
+        let raw = if e.flags & FLAG_ZSTD != 0 {
+            match zstd::bulk::decompress(stored, e.raw_len as usize) {
+                Ok(r) => r,
+                Err(_) => return false,
+            }
+        } else {
+            stored.to_vec()
+        };
+        raw.len() == e.raw_len as usize && ChunkId::of(&raw) == e.id
+    };
+    let hinted: std::collections::HashMap<u64, &FooterEntry> =
+        hints.entries.iter().map(|e| (e.offset, e)).collect();
+    let mut found: Vec<FooterEntry> = Vec::new();
+    let mut p = HEADER_LEN as usize;
+    while p < bytes.len() {
+        let rest = &bytes[p..];
+        let at = p as u64;
+        if let Some(e) = hinted.get(&at).filter(|e| check(e)) {
+            found.push(**e);
+            p += e.stored_len as usize;
+            continue;
+        }
+        if rest.starts_with(&ZSTD_MAGIC)
+            && let Ok(n) = zstd::zstd_safe::find_frame_compressed_size(rest)
+            && let Ok(raw) = zstd::bulk::decompress(&rest[..n], super::reader::MAX_CHUNK as usize)
+        {
+            found.push(FooterEntry {
+                id: ChunkId::of(&raw),
+                offset: at,
+                stored_len: n as u32,
+                raw_len: raw.len() as u32,
+                flags: FLAG_ZSTD,
+            });
+            p += n;
+            continue;
+        }
+        if let Some(n) = node_len(rest) {
+            found.push(FooterEntry {
+                id: ChunkId::of(&rest[..n]),
+                offset: at,
+                stored_len: n as u32,
+                raw_len: n as u32,
+                flags: 0,
+            });
+            p += n;
+            continue;
+        }
+        let known = hints.sizes.iter().find_map(|&n| {
+            let data = rest.get(..n as usize)?;
+            let id = ChunkId::of(data);
+            hints.ids.contains(&id).then_some((id, n))
+        });
+        let Some((id, n)) = known else {
+            break;
+        };
+        found.push(FooterEntry {
+            id,
+            offset: at,
+            stored_len: n,
+            raw_len: n,
+            flags: 0,
+        });
+        p += n as usize;
+    }
+    let reached: std::collections::HashSet<u64> = found.iter().map(|e| e.offset).collect();
+    for e in &hints.entries {
+        if !reached.contains(&e.offset) && check(e) {
+            found.push(*e);
+        }
+    }
+    Ok(found)
+}
+
+/// The length of the tree node at the start of `b`, if it looks like one (store-format.md,
+/// "Tree nodes": version 1, a level, a count, count x 40 bytes), and fits.
+fn node_len(b: &[u8]) -> Option<usize> {
+    if b.len() < 6 || b[0] != 1 || b[1] == 0 || b[1] > 32 {
+        return None;
+    }
+    let count = u32::from_le_bytes([b[2], b[3], b[4], b[5]]) as usize;
+    let n = 6 + count.checked_mul(40)?;
+    (count > 0 && n <= b.len()).then_some(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -78,7 +78,15 @@ impl PackFiles {
                 ),
             ));
         }
-        let file = self.file(&loc.pack)?;
+        let file = self.file(&loc.pack).map_err(|e| match e {
+            StoreError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
+                StoreError::MissingPack {
+                    pack: path,
+                    id: id.hex(),
+                }
+            }
+            e => e,
+        })?;
         let mut stored = vec![0u8; loc.stored_len as usize];
         file.read_exact_at(&mut stored, loc.offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
