@@ -47,7 +47,8 @@ impl World {
 static WORLD: Mutex<Option<World>> = Mutex::new(None);
 
 /// Everything in the store folder that a refused import must leave alone: each file but the
-/// redb index (which an open may touch) with its bytes, and the snapshots as `list` shows them.
+/// redb index (which an open may touch) and the lock files (created on first use, they hold the
+/// holder's name) with its bytes, and the snapshots as `list` shows them.
 fn store_state(w: &World) -> (BTreeMap<PathBuf, Vec<u8>>, String) {
     let root = w.dir.path().join("store");
     let mut files = BTreeMap::new();
@@ -58,7 +59,7 @@ fn store_state(w: &World) -> (BTreeMap<PathBuf, Vec<u8>>, String) {
             let p = e.path();
             if e.file_type().expect("type").is_dir() {
                 stack.push(p);
-            } else if e.file_name() != "index.redb" {
+            } else if e.file_name() != "index.redb" && !p.starts_with(root.join("locks")) {
                 let rel = p.strip_prefix(&root).expect("inside").to_path_buf();
                 files.insert(rel, fs::read(&p).unwrap_or_default());
             }
@@ -179,15 +180,14 @@ fn fix_manifest(pieces: &mut [(u8, Vec<u8>, Vec<u8>)]) {
         let list = list?.as_array_mut()?;
         let mut seal = Sha256::new();
         for a in list.iter_mut() {
-            let name = a
+            let found = a
                 .get("path_in_bundle")
                 .and_then(|n| n.as_str())
-                .map(str::as_bytes);
-            if let (Some(o), Some((size, sha))) =
-                (a.as_object_mut(), name.and_then(|n| data.get(n)))
-            {
-                o.insert("size_bytes".into(), (*size).into());
-                o.insert("sha256".into(), sha.clone().into());
+                .and_then(|n| data.get(n.as_bytes()))
+                .cloned();
+            if let (Some(o), Some((size, sha))) = (a.as_object_mut(), found) {
+                o.insert("size_bytes".into(), size.into());
+                o.insert("sha256".into(), sha.into());
             }
             if let Some(s) = a.get("sha256").and_then(|s| s.as_str()) {
                 seal.update(s.as_bytes());
