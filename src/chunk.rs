@@ -100,6 +100,64 @@ mod tests {
         assert_eq!(sqlite_chunk_len(65536, &c), 65536);
     }
 
+    /// Seeded bytes, made compressible (four letters) when `text` is set.
+    fn sample(len: usize, seed: u64, text: bool) -> Vec<u8> {
+        let mut data = seeded(len, seed);
+        if text {
+            data.iter_mut().for_each(|b| *b = b'a' + *b % 4);
+        }
+        data
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// FastCDC's chunks are the input, back to back: contiguous offsets, nothing lost or
+        /// repeated, every chunk within the configured sizes (the last may be shorter).
+        #[test]
+        fn fastcdc_chunks_concatenate_to_the_input(
+            len in 0usize..300_000,
+            seed: u64,
+            text: bool,
+            small: bool,
+        ) {
+            let data = sample(len, seed, text);
+            let mut config = StoreConfig::new_default(0);
+            if small {
+                (config.cdc_min, config.cdc_avg, config.cdc_max) = (64, 256, 1024);
+            }
+            let chunks: Vec<_> = file_chunker(data.as_slice(), &config)
+                .map(|c| c.expect("in-memory read"))
+                .collect();
+            let mut joined = Vec::with_capacity(len);
+            for (i, c) in chunks.iter().enumerate() {
+                proptest::prop_assert_eq!(c.offset, joined.len() as u64);
+                proptest::prop_assert!(c.data.len() <= config.cdc_max as usize);
+                if i + 1 < chunks.len() {
+                    proptest::prop_assert!(c.data.len() >= config.cdc_min as usize);
+                }
+                joined.extend_from_slice(&c.data);
+            }
+            proptest::prop_assert_eq!(joined, data);
+        }
+
+        /// A page-aligned chunk is whole pages and at least `sqlite_min_chunk` bytes, and the
+        /// smallest such: one page fewer would fall short.
+        #[test]
+        fn sqlite_chunks_are_the_fewest_whole_pages_that_reach_the_minimum(
+            page_log in 9u32..17,
+            min in 1u32..200_000,
+        ) {
+            let page = 1u32 << page_log;
+            let mut config = StoreConfig::new_default(0);
+            config.sqlite_min_chunk = min;
+            let len = sqlite_chunk_len(page, &config);
+            proptest::prop_assert_eq!(len % page as usize, 0);
+            proptest::prop_assert!(len >= min as usize);
+            proptest::prop_assert!(len == page as usize || len - (page as usize) < min as usize);
+        }
+    }
+
     const GOLDEN: [u64; 15] = [
         0, 12398, 30117, 35617, 56701, 72005, 101019, 113652, 132322, 161117, 187103, 191943,
         210721, 228969, 252590,

@@ -10,6 +10,9 @@ mod error;
 mod events;
 mod failpoint;
 mod fsutil;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod lock;
 mod manifest;
 mod metrics;

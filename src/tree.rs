@@ -120,7 +120,7 @@ impl TreeBuilder {
     }
 }
 
-fn encode_node(level: u8, entries: &[(ChunkId, u64)]) -> Vec<u8> {
+pub(crate) fn encode_node(level: u8, entries: &[(ChunkId, u64)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(NODE_HEADER + entries.len() * NODE_ENTRY);
     out.push(NODE_VERSION);
     out.push(level);

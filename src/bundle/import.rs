@@ -154,7 +154,7 @@ impl BundleVerifyReport {
 
 /// Where an artifact goes in the snapshot.
 #[derive(Clone)]
-struct Planned {
+pub(crate) struct Planned {
     part: Part,
     /// Raw bytes (unescaped).
     path: Vec<u8>,
@@ -168,7 +168,7 @@ struct Planned {
 
 /// The snapshot's entries as the manifest describes them, checked: safe relative paths, each
 /// artifact used exactly once, nothing under a symlink or a file.
-fn plan(m: &BundleManifest, bundle: &Path) -> Result<Vec<Planned>, BundleError> {
+pub(crate) fn plan(m: &BundleManifest, bundle: &Path) -> Result<Vec<Planned>, BundleError> {
     let hostile = |entry: &str, reason: &str| BundleError::Hostile {
         bundle: bundle.to_path_buf(),
         entry: entry.to_owned(),

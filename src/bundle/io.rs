@@ -288,3 +288,64 @@ pub(crate) fn sha256_of(
     }
     Ok((hex::encode(h.finalize()), n_total))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Yields its bytes in pieces of the given sizes (cycled), like a decompressor or a socket.
+    struct Pieces<'a> {
+        data: &'a [u8],
+        sizes: Vec<usize>,
+        i: usize,
+    }
+
+    impl Read for Pieces<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let want = self.sizes[self.i % self.sizes.len()].max(1);
+            self.i += 1;
+            let n = want.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// The SHA-256s taken while streaming (reader, writer, `sha256_of`), whatever the
+        /// read and write sizes, are the one-shot digest of the whole.
+        #[test]
+        fn streaming_sha256_is_the_one_shot_digest(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20_000),
+            sizes in proptest::collection::vec(1usize..5000, 1..8),
+        ) {
+            let one_shot = hex::encode(Sha256::digest(&data));
+            let pieces = || Pieces { data: &data, sizes: sizes.clone(), i: 0 };
+
+            let (mut r, state) = HashReader::new(pieces());
+            io::copy(&mut r, &mut io::sink()).expect("read");
+            proptest::prop_assert_eq!(state.hex(), one_shot.clone());
+            proptest::prop_assert_eq!(state.bytes.get(), data.len() as u64);
+
+            let mut w = HashWriter::new(Vec::new());
+            let mut rest = data.as_slice();
+            for n in sizes.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (a, b) = rest.split_at((*n).min(rest.len()));
+                w.write_all(a).expect("write");
+                rest = b;
+            }
+            let (out, hex, n) = w.finish();
+            proptest::prop_assert_eq!((&out, hex, n), (&data, one_shot.clone(), data.len() as u64));
+
+            let mut also = Vec::new();
+            let (hex, n) = sha256_of(pieces(), |b| also.extend_from_slice(b)).expect("read");
+            proptest::prop_assert_eq!((hex, n), (one_shot, data.len() as u64));
+            proptest::prop_assert_eq!(also, data);
+        }
+    }
+}

@@ -1026,3 +1026,126 @@ fn store_database(
     })?;
     Ok((content, hash, meta))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use super::*;
+    use crate::ops::NoProgress;
+    use crate::store::reader::PackFiles;
+
+    /// Small chunks and narrow trees, so that a few KiB already make tall trees.
+    fn small_config(fanout: u32, max_entries: u32) -> StoreConfig {
+        let mut c = StoreConfig::new_default(0);
+        (c.cdc_min, c.cdc_avg, c.cdc_max) = (64, 256, 1024);
+        (c.tree_fanout, c.tree_max_entries) = (fanout, max_entries);
+        c
+    }
+
+    /// xorshift bytes, made compressible (four letters) when `text` is set, so that both the
+    /// raw and the zstd way of storing a chunk are taken.
+    fn sample(len: usize, mut s: u64, text: bool) -> Vec<u8> {
+        s |= 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                if text { b'a' + (s % 4) as u8 } else { s as u8 }
+            })
+            .collect()
+    }
+
+    /// The data chunks under `id`, read back from the writer's packs (no index), in order.
+    fn read_back(
+        packs: &PackFiles,
+        locs: &HashMap<ChunkId, ChunkLoc>,
+        id: &ChunkId,
+        height: u8,
+        out: &mut Vec<Vec<u8>>,
+    ) {
+        let bytes = packs.read(id, &locs[id]).expect("chunk reads back");
+        if height == 0 {
+            out.push(bytes);
+            return;
+        }
+        for (child, _) in crate::tree::decode_node(&bytes, height).expect("node decodes") {
+            read_back(packs, locs, &child, height - 1, out);
+        }
+    }
+
+    /// Stores `data` with `store` and returns its content reference, hash, length and chunks.
+    fn round_trip(
+        config: &StoreConfig,
+        store: impl FnOnce(&mut ChunkWriter) -> Result<(ContentRef, [u8; 32], u64), Error>,
+    ) -> (ContentRef, [u8; 32], u64, Vec<Vec<u8>>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = ChunkWriter::new(dir.path().to_path_buf(), config, KnownFilter::default());
+        let (content, hash, size) = store(&mut w).expect("store");
+        let pending = w.finish().expect("packs");
+        let packs = PackFiles::new(dir.path().to_path_buf());
+        let mut chunks = Vec::new();
+        read_back(
+            &packs,
+            &pending.new_chunks,
+            &content.root,
+            content.height,
+            &mut chunks,
+        );
+        (content, hash, size, chunks)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+        /// A file stored as a content tree reads back as the same bytes, and the hash taken
+        /// while streaming (chunk by chunk, in batches) is the one-shot BLAKE3 of the whole.
+        #[test]
+        fn stored_stream_reads_back_and_hashes_like_one_shot(
+            len in 0usize..60_000,
+            seed: u64,
+            text: bool,
+            fanout in 2u32..8,
+            max_entries in 2u32..10,
+        ) {
+            let data = sample(len, seed, text);
+            let config = small_config(fanout, max_entries);
+            let (content, hash, size, chunks) = round_trip(&config, |w| {
+                store_stream(w, &config, data.as_slice(), Path::new("x"), &NoProgress)
+            });
+            proptest::prop_assert_eq!(size, len as u64);
+            proptest::prop_assert_eq!(content.size, len as u64);
+            proptest::prop_assert_eq!(hash, *blake3::hash(&data).as_bytes());
+            proptest::prop_assert_eq!(chunks.concat(), data);
+        }
+
+        /// A database image stored page-aligned (as an import stores one) reads back as the same
+        /// bytes, every chunk `sqlite_chunk_len` long but the last, which is whole pages too.
+        #[test]
+        fn stored_pages_read_back_in_whole_page_chunks(
+            page_log in 9u32..15,
+            pages in 0usize..40,
+            seed: u64,
+            text: bool,
+        ) {
+            let page = 1usize << page_log;
+            let data = sample(page * pages, seed, text);
+            let config = small_config(4, 8);
+            let (content, hash, size, chunks) = round_trip(&config, |w| {
+                store_pages(w, &config, data.as_slice(), page as u32, Path::new("x.sqlite"), &NoProgress)
+            });
+            let len = crate::chunk::sqlite_chunk_len(page as u32, &config);
+            proptest::prop_assert_eq!((size, content.size), (data.len() as u64, data.len() as u64));
+            proptest::prop_assert_eq!(hash, *blake3::hash(&data).as_bytes());
+            for (i, c) in chunks.iter().enumerate() {
+                proptest::prop_assert_eq!(c.len() % page, 0);
+                if i + 1 < chunks.len() {
+                    proptest::prop_assert_eq!(c.len(), len);
+                }
+            }
+            proptest::prop_assert_eq!(chunks.concat(), data);
+        }
+    }
+}

@@ -131,6 +131,9 @@ pub(crate) fn encode_record<T: serde::Serialize>(
     Ok(out)
 }
 
+/// More string bytes than any record holds (names, paths, labels: a few KiB at most).
+const MAX_RECORD_BYTES: usize = 16 << 20;
+
 pub(crate) fn decode_record<T: serde::de::DeserializeOwned>(
     version: u8,
     bytes: &[u8],
@@ -146,9 +149,11 @@ pub(crate) fn decode_record<T: serde::de::DeserializeOwned>(
             "record version {v}, this memsnap reads version {version} (upgrade memsnap if it is newer)"
         ))),
         Some(_) => {
-            let (value, used) =
-                bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard())
-                    .map_err(|e| corrupt(e.to_string()))?;
+            // bincode allocates a string's declared length before reading it: without a limit a
+            // damaged length of 2^40 aborts the process instead of failing the decode.
+            let config = bincode::config::standard().with_limit::<MAX_RECORD_BYTES>();
+            let (value, used) = bincode::serde::decode_from_slice(&bytes[1..], config)
+                .map_err(|e| corrupt(e.to_string()))?;
             if used != bytes.len() - 1 {
                 return Err(corrupt("trailing bytes".into()));
             }
@@ -163,4 +168,40 @@ pub(crate) struct PackRecord {
     pub size: u64,
     pub chunks: u32,
     pub created_at_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::agent::{AGENT_VERSION, AgentRecord};
+    use crate::manifest::snapshot::{SNAPSHOT_VERSION, SnapshotRecord};
+
+    /// Regression (found for the `index_records` fuzz target): a record whose first string
+    /// declares a length of 2^40 bytes made bincode allocate 1 TiB and abort the process; a
+    /// damaged index record must be an error like any other damage.
+    #[test]
+    fn a_record_declaring_a_huge_string_is_an_error_not_an_abort() {
+        // Version byte, then the snapshot id's length: varint prefix 253 + u64 LE 2^40.
+        let mut record = vec![SNAPSHOT_VERSION, 253];
+        record.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        let e = decode_record::<SnapshotRecord>(SNAPSHOT_VERSION, &record, "snapshot")
+            .expect_err("refused");
+        assert!(e.to_string().contains("snapshot"), "{e}");
+        // An agent record's paths are strings too.
+        let mut agent = vec![AGENT_VERSION, 253];
+        agent.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(decode_record::<AgentRecord>(AGENT_VERSION, &agent, "agent").is_err());
+        // Real records still decode.
+        let ok = encode_record(
+            1,
+            &PackRecord {
+                size: 1,
+                chunks: 2,
+                created_at_ms: 3,
+            },
+            "pack",
+        )
+        .expect("encode");
+        assert!(decode_record::<PackRecord>(1, &ok, "pack").is_ok());
+    }
 }

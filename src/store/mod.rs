@@ -185,7 +185,7 @@ impl Store {
     }
 }
 
-fn decode_config(path: &Path, bytes: &[u8]) -> Result<StoreConfig, StoreError> {
+pub(crate) fn decode_config(path: &Path, bytes: &[u8]) -> Result<StoreConfig, StoreError> {
     // The version field leads the record, so a newer store is named as such before its
     // (possibly different) layout is decoded.
     if bytes.first().copied().unwrap_or(0) > 1 {
