@@ -40,8 +40,11 @@ fn test_knob(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.parse().ok()
 }
 
+/// A pack sync or an early commit running on a thread of its own.
+type Background = std::thread::JoinHandle<Result<(), StoreError>>;
+
 struct Syncing {
-    handle: std::thread::JoinHandle<Result<(), StoreError>>,
+    handle: Background,
     pack: (PackId, u64, u32),
     ids: Vec<ChunkId>,
 }
@@ -143,6 +146,8 @@ pub(crate) struct ChunkWriter {
     /// Packs whose entries an early commit put in the index: never deleted by `abandon`.
     committed_packs: HashSet<PackId>,
     early_commit_chunks: usize,
+    /// The early commit in flight and the packs it names.
+    committing: Option<(Background, Vec<PackId>)>,
     dirs: BTreeSet<PathBuf>,
     /// Filter hits that no confirmed tree node covers: looked up one by one at commit.
     pub(crate) confirm: Vec<ChunkId>,
@@ -257,6 +262,7 @@ impl ChunkWriter {
             pack_target: test_knob("MEMSNAP_TEST_PACK_BYTES").unwrap_or(config.pack_target_size),
             early_commit_chunks: test_knob("MEMSNAP_TEST_EARLY_COMMIT_CHUNKS")
                 .map_or(EARLY_COMMIT_CHUNKS, |n| n as usize),
+            committing: None,
             known: Arc::new(known),
             new_chunks: HashMap::new(),
             pack: None,
@@ -447,27 +453,50 @@ impl ChunkWriter {
     /// the packs' folder entries durable). A chunk written twice by this snapshot (its first
     /// copy committed early, so no longer recognised) leaves the second copy as garbage.
     fn commit_early(&mut self) -> Result<(), StoreError> {
-        let Some(early) = &self.early else {
+        let Some((index_path, lock)) = self
+            .early
+            .as_ref()
+            .map(|e| (e.index.clone(), e.lock.clone()))
+        else {
             return Ok(());
         };
-        for dir in &self.dirs {
-            crate::fsutil::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
-        }
-        crate::fsutil::sync_dir(&self.packs_dir).map_err(|e| StoreError::io(&self.packs_dir, e))?;
-        let index = super::index::Index::open(&early.index, &early.lock).map_err(|e| {
-            StoreError::Index {
-                path: early.index.clone(),
-                message: e.to_string(),
+        // One early commit at a time, on its own thread: the pipeline goes on meanwhile.
+        self.join_early()?;
+        let mut dirs: Vec<PathBuf> = self.dirs.iter().cloned().collect();
+        dirs.push(self.packs_dir.clone());
+        let chunks = std::mem::take(&mut self.durable);
+        let packs = std::mem::take(&mut self.durable_packs);
+        let ids = packs.iter().map(|p| p.0).collect();
+        let handle = std::thread::spawn(move || -> Result<(), StoreError> {
+            for dir in &dirs {
+                crate::fsutil::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
             }
-        })?;
-        let tx = index.begin_write()?;
-        insert_chunks(&index, &tx, self.durable.iter().map(|(id, loc)| (id, loc)))?;
-        insert_packs(&index, &tx, &self.durable_packs)?;
-        tx.commit().map_err(|e| index.err()(e.into()))?;
-        self.committed_packs
-            .extend(self.durable_packs.iter().map(|p| p.0));
-        self.durable.clear();
-        self.durable_packs.clear();
+            let index =
+                super::index::Index::open(&index_path, &lock).map_err(|e| StoreError::Index {
+                    path: index_path.clone(),
+                    message: e.to_string(),
+                })?;
+            let tx = index.begin_write()?;
+            insert_chunks(&index, &tx, chunks.iter().map(|(id, loc)| (id, loc)))?;
+            insert_packs(&index, &tx, &packs)?;
+            tx.commit().map_err(|e| index.err()(e.into()))?;
+            Ok(())
+        });
+        self.committing = Some((handle, ids));
+        Ok(())
+    }
+
+    /// Waits for the early commit in flight; its packs count as named by the index only once it
+    /// has committed.
+    fn join_early(&mut self) -> Result<(), StoreError> {
+        let Some((handle, ids)) = self.committing.take() else {
+            return Ok(());
+        };
+        match handle.join() {
+            Ok(r) => r?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+        self.committed_packs.extend(ids);
         Ok(())
     }
 
@@ -481,6 +510,7 @@ impl ChunkWriter {
     pub(crate) fn abandon(mut self) {
         // No early commit from here on: what this writer leaves is deleted, not referenced.
         self.early = None;
+        let _ = self.join_early();
         while let Some(s) = self.syncing.pop_front() {
             let _ = s.handle.join();
         }
@@ -503,6 +533,7 @@ impl ChunkWriter {
         while !self.syncing.is_empty() {
             self.wait_oldest_sync()?;
         }
+        self.join_early()?;
         for dir in &self.dirs {
             crate::fsutil::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
         }
