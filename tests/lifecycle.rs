@@ -295,15 +295,23 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn a_store_written_by_memsnap_0_1_still_lists_verifies_restores_pins_and_prunes() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let store: PathBuf = tmp.path().join("store");
+/// A copy of a store fixture (tests/fixtures/NAME, as an older memsnap wrote it) in `dir`.
+fn fixture_store(dir: &Path, name: &str) -> PathBuf {
+    let store = dir.join("store");
     copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1"),
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
         &store,
     );
     fs::remove_file(store.join("README.md")).expect("readme");
+    store
+}
+
+#[test]
+fn a_store_written_by_memsnap_0_1_still_lists_verifies_restores_pins_and_prunes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = fixture_store(tmp.path(), "store-v1");
     let cmd = || TestCommand::new(&store);
     let list = match cmd().arg("list").json() {
         serde_json::Value::Array(a) => a,
@@ -363,12 +371,7 @@ fn format_version(store: &Path) -> u8 {
 #[test]
 fn a_store_written_by_memsnap_0_2_still_reads_and_a_snapshot_raises_it_to_format_3() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let store: PathBuf = tmp.path().join("store");
-    copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v2"),
-        &store,
-    );
-    fs::remove_file(store.join("README.md")).expect("readme");
+    let store = fixture_store(tmp.path(), "store-v2");
     assert_eq!(format_version(&store), 2);
     let cmd = || TestCommand::new(&store);
     let list = cmd().arg("list").json();

@@ -16,7 +16,7 @@ use crate::error::{Error, StoreError};
 use crate::lock::Mode;
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
-use crate::store::index::{self, CHUNKS, PACKS, PackRecord};
+use crate::store::index::{CHUNKS, PACKS};
 use crate::store::pack::{ChunkLoc, FLAG_TREE, PackId, PackWriter, unused_bytes};
 use crate::store::reader::{ChunkReader, PackFiles};
 use crate::tree;
@@ -290,21 +290,8 @@ pub(crate) fn prune(
             for id in delete.iter().chain(&rewrite) {
                 table.remove(id.0).map_err(|e| index.err()(e.into()))?;
             }
-            for (id, size, count) in &written {
-                let rec = index::encode_record(
-                    1,
-                    &PackRecord {
-                        size: *size,
-                        chunks: *count,
-                        created_at_ms: crate::now_ms(),
-                    },
-                    "pack record",
-                )?;
-                table
-                    .insert(id.0, rec.as_slice())
-                    .map_err(|e| index.err()(e.into()))?;
-            }
         }
+        crate::store::writer::insert_packs(&index, &tx, &written)?;
         tx.commit().map_err(|e| index.err()(e.into()))?;
     }
     crate::failpoint::hit("prune:before-delete")?;

@@ -68,16 +68,7 @@ impl PackFiles {
     /// decompressed nor checked against `id` (see [`PackFiles::decode`]).
     pub(crate) fn read_stored(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
         let path = self.path(&loc.pack);
-        if loc.raw_len > MAX_CHUNK || loc.stored_len > MAX_CHUNK {
-            return Err(damaged(
-                id,
-                &path,
-                format!(
-                    "index entry claims {} bytes, more than any chunk",
-                    loc.raw_len.max(loc.stored_len)
-                ),
-            ));
-        }
+        check_sizes(id, loc, &path)?;
         let file = self.file(&loc.pack).map_err(|e| match e {
             StoreError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
                 StoreError::MissingPack {
@@ -115,16 +106,7 @@ impl PackFiles {
                 const { std::cell::RefCell::new((Vec::new(), None)) };
         }
         let path = self.path(&loc.pack);
-        if loc.raw_len > MAX_CHUNK || loc.stored_len > MAX_CHUNK {
-            return Err(damaged(
-                id,
-                &path,
-                format!(
-                    "index entry claims {} bytes, more than any chunk",
-                    loc.raw_len.max(loc.stored_len)
-                ),
-            ));
-        }
+        check_sizes(id, loc, &path)?;
         if out.len() != loc.raw_len as usize {
             return Err(damaged(id, &path, "buffer of the wrong size".into()));
         }
@@ -240,6 +222,21 @@ impl PackFiles {
         }
         Ok(raw)
     }
+}
+
+/// Refuses an index entry that claims more bytes than any chunk has, before allocating them.
+fn check_sizes(id: &ChunkId, loc: &ChunkLoc, path: &std::path::Path) -> Result<(), StoreError> {
+    if loc.raw_len > MAX_CHUNK || loc.stored_len > MAX_CHUNK {
+        return Err(damaged(
+            id,
+            path,
+            format!(
+                "index entry claims {} bytes, more than any chunk",
+                loc.raw_len.max(loc.stored_len)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn damaged(id: &ChunkId, pack: &std::path::Path, message: String) -> StoreError {
