@@ -133,3 +133,17 @@ impl io::Write for WritebackFile {
         self.file.flush()
     }
 }
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+pub(crate) fn read_full(r: &mut (impl io::Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

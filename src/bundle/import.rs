@@ -364,7 +364,8 @@ fn db_header(
     bundle: &Path,
 ) -> Result<([u8; 100], u32, bool), Error> {
     let mut head = [0u8; 100];
-    let got = read_full(r, &mut head).map_err(|e| Error::io(&a.path_in_bundle, e))?;
+    let got =
+        crate::fsutil::read_full(r, &mut head).map_err(|e| Error::io(&a.path_in_bundle, e))?;
     let meta = (got == 100)
         .then(|| crate::source::sqlite::parse_header(&head))
         .flatten()
@@ -433,19 +434,6 @@ impl Sink for StoreSink<'_> {
     }
 }
 
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
 /// The sibling checksum, if there is one and it holds a SHA-256.
 fn read_sibling(bundle: &Path) -> Result<Option<String>, BundleError> {
     let sib = sibling_sha256(bundle);
@@ -483,7 +471,7 @@ fn sniff(bundle: &Path) -> Result<bool, BundleError> {
     }
     let mut f = fs::File::open(bundle).map_err(|e| BundleError::io(bundle, e))?;
     let mut head = [0u8; 32];
-    let n = read_full(&mut f, &mut head).map_err(|e| BundleError::io(bundle, e))?;
+    let n = crate::fsutil::read_full(&mut f, &mut head).map_err(|e| BundleError::io(bundle, e))?;
     if head[..n].starts_with(AGE_MAGIC) {
         Ok(true)
     } else if head[..n].starts_with(&super::frames::MAGIC) {

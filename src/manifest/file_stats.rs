@@ -64,7 +64,6 @@ pub(crate) struct WalStat {
 impl WalStat {
     /// The `-wal` at `path`; `None` if there is none.
     pub(crate) fn read(path: &std::path::Path) -> std::io::Result<Option<Self>> {
-        use std::io::Read;
         let mut f = match std::fs::File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -72,13 +71,7 @@ impl WalStat {
         };
         let s = FileStat::of(&f.metadata()?);
         let mut header = [0u8; 32];
-        let mut n = 0;
-        while n < header.len() {
-            match f.read(&mut header[n..])? {
-                0 => break,
-                k => n += k,
-            }
-        }
+        crate::fsutil::read_full(&mut f, &mut header)?;
         Ok(Some(Self {
             size: s.size,
             mtime_ns: s.mtime_ns,

@@ -264,7 +264,9 @@ fn attempt(
         // A rollback journal beside the file: a transaction is under way or must be rolled
         // back; the file's bytes alone do not say what is committed.
         let journal = with_suffix("-journal").exists();
-        if !journal && let Some(row) = detect.unchanged(&mut w, Part::Sqlite, name, &stat, wal) {
+        if !journal
+            && let Some(row) = detect.unchanged(&mut w, Part::Sqlite, name.as_bytes(), &stat, wal)
+        {
             if let EntryKind::Sqlite { user_version, .. } = row.entry.kind {
                 schema_versions.insert(db_stem(name).to_owned(), user_version);
             }
@@ -434,17 +436,6 @@ impl Detect<'_> {
     /// The last snapshot's row for an unchanged file, its content registered with `w` to be
     /// confirmed at commit (prune may have deleted it since).
     fn unchanged(
-        &self,
-        w: &mut ChunkWriter,
-        part: Part,
-        path: &str,
-        stat: &FileStat,
-        wal: Option<WalStat>,
-    ) -> Option<StatRow> {
-        self.unchanged_bytes(w, part, path.as_bytes(), stat, wal)
-    }
-
-    fn unchanged_bytes(
         &self,
         w: &mut ChunkWriter,
         part: Part,
@@ -683,9 +674,7 @@ fn store_memdir(
                 (EntryKind::Symlink { target: t.clone() }, None, [0u8; 32], 0)
             }
             memdir::ItemKind::File => {
-                if let Some(row) =
-                    detect.unchanged_bytes(w, Part::Memdir, &item.rel, &item.stat, None)
-                {
+                if let Some(row) = detect.unchanged(w, Part::Memdir, &item.rel, &item.stat, None) {
                     entries.push(row.entry.clone());
                     detect.rows.push(row);
                     continue;
@@ -975,7 +964,8 @@ pub(crate) fn store_pages(
     let (content, hash, size, ()) = ingest(w, config, progress, |emit| {
         let mut buf = vec![0u8; len];
         loop {
-            let n = read_full(&mut reader, &mut buf).map_err(|e| Error::io(path, e))?;
+            let n =
+                crate::fsutil::read_full(&mut reader, &mut buf).map_err(|e| Error::io(path, e))?;
             if n == 0 {
                 break;
             }
@@ -987,20 +977,6 @@ pub(crate) fn store_pages(
         Ok(())
     })?;
     Ok((content, hash, size))
-}
-
-/// Reads until `buf` is full or the stream ends; returns the bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// Stores a database page-aligned: each chunk is one page, or as many whole pages as make

@@ -59,6 +59,19 @@ impl PackFiles {
         Ok(f)
     }
 
+    /// The pack file holding a chunk; a pack that is gone is reported as such.
+    fn chunk_file(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Arc<File>, StoreError> {
+        self.file(&loc.pack).map_err(|e| match e {
+            StoreError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
+                StoreError::MissingPack {
+                    pack: path,
+                    id: id.hex(),
+                }
+            }
+            e => e,
+        })
+    }
+
     /// Reads, decompresses and checks one chunk. Safe to call from many threads.
     pub(crate) fn read(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
         self.read_checked(id, loc, true)
@@ -69,27 +82,9 @@ impl PackFiles {
     pub(crate) fn read_stored(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
         let path = self.path(&loc.pack);
         check_sizes(id, loc, &path)?;
-        let file = self.file(&loc.pack).map_err(|e| match e {
-            StoreError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
-                StoreError::MissingPack {
-                    pack: path,
-                    id: id.hex(),
-                }
-            }
-            e => e,
-        })?;
+        let file = self.chunk_file(id, loc)?;
         let mut stored = vec![0u8; loc.stored_len as usize];
-        file.read_exact_at(&mut stored, loc.offset).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                damaged(
-                    id,
-                    &path,
-                    "the pack is shorter than the index says (truncated)".into(),
-                )
-            } else {
-                StoreError::io(&path, e)
-            }
-        })?;
+        read_at(&file, &mut stored, id, loc, &path)?;
         Ok(stored)
     }
 
@@ -110,20 +105,7 @@ impl PackFiles {
         if out.len() != loc.raw_len as usize {
             return Err(damaged(id, &path, "buffer of the wrong size".into()));
         }
-        let file = self.file(&loc.pack)?;
-        let read_at = |buf: &mut [u8]| {
-            file.read_exact_at(buf, loc.offset).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    damaged(
-                        id,
-                        &path,
-                        "the pack is shorter than the index says (truncated)".into(),
-                    )
-                } else {
-                    StoreError::io(&path, e)
-                }
-            })
-        };
+        let file = self.chunk_file(id, loc)?;
         if loc.flags & FLAG_ZSTD == 0 {
             if loc.stored_len != loc.raw_len {
                 return Err(damaged(
@@ -132,13 +114,13 @@ impl PackFiles {
                     format!("{} bytes, the index says {}", loc.stored_len, loc.raw_len),
                 ));
             }
-            read_at(out)?;
+            read_at(&file, out, id, loc, &path)?;
         } else {
             SCRATCH.with(|cell| -> Result<(), StoreError> {
                 let mut guard = cell.borrow_mut();
                 let (stored, dctx) = &mut *guard;
                 stored.resize(loc.stored_len as usize, 0);
-                read_at(stored)?;
+                read_at(&file, stored, id, loc, &path)?;
                 if dctx.is_none() {
                     *dctx = Some(
                         zstd::bulk::Decompressor::new().map_err(|e| StoreError::io(&path, e))?,
@@ -222,6 +204,27 @@ impl PackFiles {
         }
         Ok(raw)
     }
+}
+
+/// A chunk's stored bytes at their place in its pack; a pack too short for them is damaged.
+fn read_at(
+    file: &File,
+    buf: &mut [u8],
+    id: &ChunkId,
+    loc: &ChunkLoc,
+    path: &std::path::Path,
+) -> Result<(), StoreError> {
+    file.read_exact_at(buf, loc.offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            damaged(
+                id,
+                path,
+                "the pack is shorter than the index says (truncated)".into(),
+            )
+        } else {
+            StoreError::io(path, e)
+        }
+    })
 }
 
 /// Refuses an index entry that claims more bytes than any chunk has, before allocating them.
