@@ -241,3 +241,36 @@ fn content_pruned_since_the_last_snapshot_is_read_again() -> Result<()> {
     ensure!(text_of(&restored.join("sqlite/long_term.sqlite"))?.starts_with("hello world"));
     Ok(())
 }
+
+#[test]
+fn unreadable_change_detection_rows_mean_a_full_read_not_an_error() -> Result<()> {
+    let a = Agent::new()?;
+    let first = a.snapshot()?;
+    {
+        let db = redb::Database::open(a.tmp.path().join("store/index.redb"))?;
+        let table: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("file_stats");
+        let tx = db.begin_write()?;
+        {
+            let mut t = tx.open_table(table)?;
+            let keys: Vec<Vec<u8>> = redb::ReadableTable::iter(&t)?
+                .map(|r| r.map(|(k, _)| k.value().to_vec()))
+                .collect::<Result<_, _>>()?;
+            ensure!(!keys.is_empty(), "the first snapshot wrote no rows");
+            for k in keys {
+                t.insert(k.as_slice(), [9u8, 9, 9].as_slice())?;
+            }
+        }
+        tx.commit()?;
+    }
+    let again = a.snapshot()?;
+    ensure!(
+        again.stats.bytes_read == first.stats.bytes_read,
+        "damaged rows must not be trusted: {:?} vs {:?}",
+        again.stats,
+        first.stats
+    );
+    // The snapshot wrote good rows again.
+    let third = a.snapshot()?;
+    ensure!(third.stats.bytes_read == state_bytes(), "{:?}", third.stats);
+    Ok(())
+}
