@@ -21,27 +21,46 @@ use crate::ops::snapshot::SnapshotRequest;
 use crate::ops::stats::StatsReport;
 use crate::ops::verify::VerifyReport;
 use crate::ops::{NoProgress, Progress, SnapshotDetails};
+use crate::storage::{Fs, OsStorage, Storage};
 use crate::store::Store;
 
 /// Options for opening a store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct StoreOptions {
     /// How long to wait for an agent that another process is snapshotting or restoring.
     pub lock_timeout: Duration,
+    /// Where the store's files (and restores into agents) are written: the OS by default; a
+    /// test puts a failing or crashing storage here.
+    pub storage: Arc<dyn Storage>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             lock_timeout: Duration::from_secs(30),
+            storage: Arc::new(OsStorage),
         }
+    }
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("lock_timeout", &self.lock_timeout)
+            .field("storage", &self.storage)
+            .finish()
     }
 }
 
 impl StoreOptions {
     pub fn lock_timeout(mut self, t: Duration) -> Self {
         self.lock_timeout = t;
+        self
+    }
+
+    pub fn storage(mut self, s: Arc<dyn Storage>) -> Self {
+        self.storage = s;
         self
     }
 }
@@ -58,13 +77,13 @@ pub struct Memsnap {
 impl Memsnap {
     /// Opens the store at `path`, creating it if needed (every writing command may create it).
     pub fn create(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Self, Error> {
-        let store = Store::create_or_open(path.as_ref(), opts.lock_timeout)?;
+        let store = Store::create_or_open(path.as_ref(), opts.lock_timeout, Fs(opts.storage))?;
         Self::ready(store)
     }
 
     /// Opens an existing store; [`Error::NoStore`] if there is none at `path`.
     pub fn open(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Self, Error> {
-        let store = Store::open(path.as_ref(), opts.lock_timeout)?;
+        let store = Store::open(path.as_ref(), opts.lock_timeout, Fs(opts.storage))?;
         Self::ready(store)
     }
 
@@ -77,7 +96,13 @@ impl Memsnap {
         req: &RepairRequest,
         progress: &dyn Progress,
     ) -> Result<RepairReport, Error> {
-        crate::ops::repair::repair(path.as_ref(), opts.lock_timeout, req, progress)
+        crate::ops::repair::repair(
+            path.as_ref(),
+            opts.lock_timeout,
+            &Fs(opts.storage),
+            req,
+            progress,
+        )
     }
 
     fn ready(store: Store) -> Result<Self, Error> {

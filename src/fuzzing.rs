@@ -13,6 +13,7 @@ use crate::bundle::manifest::{self, BundleManifest};
 use crate::manifest::agent::{AGENT_VERSION, AgentRecord};
 use crate::manifest::artifact;
 use crate::manifest::snapshot::{SNAPSHOT_VERSION, SnapshotRecord};
+use crate::storage::Fs;
 use crate::store::chunk_id::ChunkId;
 use crate::store::index::{self, PackRecord};
 use crate::store::pack::{self, ChunkLoc, FLAG_TREE, PackId};
@@ -55,10 +56,10 @@ pub fn pack_path(packs_dir: &Path, id: [u8; 16]) -> PathBuf {
 /// decoded. The hash check must agree with a BLAKE3 of the decoded bytes.
 pub fn pack(packs_dir: &Path, id: [u8; 16]) -> usize {
     let id = PackId(id);
-    let Ok(entries) = pack::read_footer(&id.path(packs_dir)) else {
+    let Ok(entries) = pack::read_footer(&Fs::default(), &id.path(packs_dir)) else {
         return 0;
     };
-    let files = PackFiles::new(packs_dir.to_path_buf());
+    let files = PackFiles::new(&Fs::default(), packs_dir.to_path_buf());
     let mut decoded = 0;
     for e in entries.iter().take(MAX_CHUNKS) {
         let loc = ChunkLoc {
@@ -150,7 +151,11 @@ where
 pub fn index_seeds(store_root: &Path) -> Result<Vec<Vec<u8>>, crate::Error> {
     use redb::ReadableTable;
 
-    let store = crate::store::Store::open(store_root, std::time::Duration::from_secs(30))?;
+    let store = crate::store::Store::open(
+        store_root,
+        std::time::Duration::from_secs(30),
+        Fs::default(),
+    )?;
     let ix = store.index()?;
     let tx = ix.begin_read()?;
     let err = ix.err();

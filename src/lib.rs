@@ -20,6 +20,7 @@ mod names;
 mod ops;
 pub mod sample;
 mod source;
+mod storage;
 mod store;
 mod time;
 mod tree;
@@ -52,6 +53,7 @@ pub use ops::verify::{Damage, VerifyReport};
 pub use ops::{ArtifactInfo, NoProgress, Progress, SnapshotDetails};
 pub use source::SourceSpec;
 pub use source::state::{FsStateProvider, StateItem, StateProvider};
+pub use storage::{OpenMode, OsStorage, Storage, StorageFile};
 pub use time::format_utc;
 
 /// Milliseconds since the Unix epoch.

@@ -282,6 +282,7 @@ mod tests {
 
     fn writer(dir: &std::path::Path) -> ChunkWriter {
         ChunkWriter::new(
+            &crate::storage::Fs::default(),
             dir.to_path_buf(),
             &StoreConfig::new_default(0),
             KnownFilter::default(),
@@ -323,7 +324,10 @@ mod tests {
             let root = t.finish(&mut w).expect("finish");
             proptest::prop_assert_eq!(root.size, 7 * n as u64);
             let pending = w.finish().expect("packs");
-            let packs = crate::store::reader::PackFiles::new(dir.path().to_path_buf());
+            let packs = crate::store::reader::PackFiles::new(
+                &crate::storage::Fs::default(),
+                dir.path().to_path_buf(),
+            );
             let mut out = Vec::new();
             flatten(&packs, &pending.new_chunks, &root.root, root.height, &mut out);
             proptest::prop_assert_eq!(out, list);

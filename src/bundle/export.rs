@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,11 +21,11 @@ use super::manifest::{
 use super::redact::{Counts, Redactor, SecretScanner};
 use crate::error::{BundleError, Error};
 use crate::fsutil;
-use crate::fsutil::WritebackFile;
 use crate::lock::Mode;
 use crate::manifest::artifact::{EntryKind, Part};
 use crate::names::AgentId;
 use crate::ops::Progress;
+use crate::storage::{Fs, OpenMode, StorageFile, WritebackFile};
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::pack::ChunkLoc;
@@ -152,22 +151,23 @@ impl Item {
 
 /// Removes the export's scratch folder and any unfinished bundle, whatever happens.
 struct Scratch {
+    fs: Fs,
     dir: PathBuf,
     tmp_bundle: Option<PathBuf>,
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = fsutil::remove_any(&self.dir);
+        let _ = self.fs.remove_any(&self.dir);
         if let Some(t) = &self.tmp_bundle {
-            let _ = fs::remove_file(t);
+            let _ = self.fs.remove_file(t);
         }
     }
 }
 
 /// Removes the scratch folders of exports whose process is gone (killed before its guard ran):
 /// redacted database copies can be large. A live process's folder is left alone.
-fn sweep_scratch(tmp: &Path) {
+fn sweep_scratch(fs: &Fs, tmp: &Path) {
     let Ok(entries) = fs::read_dir(tmp) else {
         return;
     };
@@ -184,7 +184,7 @@ fn sweep_scratch(tmp: &Path) {
         let gone = unsafe { libc::kill(pid, 0) } != 0
             && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
         if gone {
-            let _ = fsutil::remove_any(&e.path());
+            let _ = fs.remove_any(&e.path());
         }
     }
 }
@@ -248,9 +248,10 @@ pub(crate) fn export(
             .collect();
         (record, entries, resolved)
     };
-    let packs = Arc::new(PackFiles::new(store.packs_dir()));
-    sweep_scratch(&store.tmp_dir());
+    let packs = Arc::new(PackFiles::new(&store.fs, store.packs_dir()));
+    sweep_scratch(&store.fs, &store.tmp_dir());
     let mut scratch = Scratch {
+        fs: store.fs.clone(),
         dir: store.tmp_dir().join(format!(
             "export-{}-{:016x}",
             std::process::id(),
@@ -258,7 +259,10 @@ pub(crate) fn export(
         )),
         tmp_bundle: None,
     };
-    fsutil::create_dir_all_durable(&scratch.dir).map_err(|e| Error::io(&scratch.dir, e))?;
+    store
+        .fs
+        .create_dir_all_durable(&scratch.dir)
+        .map_err(|e| Error::io(&scratch.dir, e))?;
 
     let mut detail = redactor.as_ref().map(|r| RedactionDetail {
         rules: r.rule_ids(),
@@ -529,11 +533,9 @@ pub(crate) fn export(
     // Pass 2: write under a temporary name; the bundle and its .sha256 appear only when whole.
     let tmp = fsutil::tmp_name(&req.out);
     scratch.tmp_bundle = Some(tmp.clone());
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
+    let file = store
+        .fs
+        .open(&tmp, OpenMode::CreateNew { mode: 0o600 })
         .map_err(|e| Error::io(&tmp, e))?;
     progress.start("export: writing", total);
     let (file, sha256, bundle_bytes) = match req.level {
@@ -553,18 +555,27 @@ pub(crate) fn export(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "export: written"
     );
-    file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    file.sync().map_err(|e| Error::io(&tmp, e))?;
     drop(file);
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "export: synced"
     );
     let sibling = sibling_sha256(&req.out);
-    fsutil::write_atomic(&sibling, sha256.as_bytes(), 0o644).map_err(|e| Error::io(&sibling, e))?;
+    store
+        .fs
+        .write_atomic(&sibling, sha256.as_bytes(), 0o644)
+        .map_err(|e| Error::io(&sibling, e))?;
     crate::failpoint::hit("export:before-rename")?;
-    fs::rename(&tmp, &req.out).map_err(|e| Error::io(&req.out, e))?;
+    store
+        .fs
+        .rename(&tmp, &req.out)
+        .map_err(|e| Error::io(&req.out, e))?;
     scratch.tmp_bundle = None;
-    fsutil::sync_dir(&out_dir).map_err(|e| Error::io(&out_dir, e))?;
+    store
+        .fs
+        .sync_dir(&out_dir)
+        .map_err(|e| Error::io(&out_dir, e))?;
     progress.finish();
 
     Ok(ExportReport {
@@ -727,7 +738,10 @@ fn header(size: u64) -> tar::Header {
 }
 
 /// The sink under the compressor, plain or through age.
-fn open_sink(file: fs::File, recipients: &[age::x25519::Recipient]) -> io::Result<Sink> {
+fn open_sink(
+    file: Box<dyn StorageFile>,
+    recipients: &[age::x25519::Recipient],
+) -> io::Result<Sink> {
     let hashed = HashWriter::new(BufWriter::with_capacity(1 << 20, WritebackFile::new(file)));
     if recipients.is_empty() {
         return Ok(Sink::Plain(hashed));
@@ -737,7 +751,7 @@ fn open_sink(file: fs::File, recipients: &[age::x25519::Recipient]) -> io::Resul
     Ok(Sink::Age(enc.wrap_output(hashed)?))
 }
 
-fn close_sink(sink: Sink) -> io::Result<(fs::File, String, u64)> {
+fn close_sink(sink: Sink) -> io::Result<(Box<dyn StorageFile>, String, u64)> {
     let hashed = match sink {
         Sink::Plain(h) => h,
         Sink::Age(w) => w.finish()?,
@@ -767,13 +781,13 @@ const RAW_FRAME_MIN: usize = 4096;
 /// The default writer: tar records framed by [`FrameWriter`], stored chunks copied as they
 /// are in the packs (checked by pass 1; the store is immutable under the shared lock).
 fn write_frames(
-    file: fs::File,
+    file: Box<dyn StorageFile>,
     recipients: &[age::x25519::Recipient],
     manifest: &[u8],
     items: &[Item],
     packs: &Arc<PackFiles>,
     progress: &dyn Progress,
-) -> io::Result<(fs::File, String, u64)> {
+) -> io::Result<(Box<dyn StorageFile>, String, u64)> {
     let mut fw = FrameWriter::new(open_sink(file, recipients)?, DEFAULT_LEVEL);
     let len = manifest.len() as u64;
     fw.data(&header_bytes(MANIFEST_ENTRY, len)?)?;
@@ -824,14 +838,14 @@ fn write_frames(
 }
 
 fn write_bundle(
-    file: fs::File,
+    file: Box<dyn StorageFile>,
     recipients: &[age::x25519::Recipient],
     level: i32,
     manifest: &[u8],
     items: &[Item],
     packs: &Arc<PackFiles>,
     progress: &dyn Progress,
-) -> io::Result<(fs::File, String, u64)> {
+) -> io::Result<(Box<dyn StorageFile>, String, u64)> {
     let sink = open_sink(file, recipients)?;
     let mut zenc = zstd::stream::write::Encoder::new(sink, level)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;

@@ -987,6 +987,7 @@ fn attempt(
 ) -> Result<Attempted, Error> {
     let prefixes = crate::ops::snapshot::known_prefixes(store)?;
     let mut w = ChunkWriter::new(
+        &store.fs,
         store.packs_dir(),
         &store.config,
         KnownFilter::new(prefixes, excluded.clone()),

@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{Error, StoreError};
-use crate::fsutil;
+
 use crate::lock::Mode;
 use crate::manifest::artifact::{ArtifactEntry, EntryKind, Part};
 use crate::manifest::snapshot::SnapshotRecord;
@@ -179,7 +179,7 @@ struct Scratch(PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = fsutil::remove_any(&self.0);
+        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
@@ -228,7 +228,7 @@ pub(crate) fn diff(
     // Shared: prune (exclusive) must not remove chunks while they are read.
     let _store_lock = store.lock_store(Mode::Shared)?;
     let loaded = load(store, a, b, agent, patch)?;
-    let packs = PackFiles::new(store.packs_dir());
+    let packs = PackFiles::new(&store.fs, store.packs_dir());
     let scratch = Scratch(store.tmp_dir().join(format!(
         "diff-{}-{:016x}",
         std::process::id(),
@@ -597,7 +597,7 @@ impl Cx<'_> {
             }
             (Err(m), _) | (_, Err(m)) => g.note = Some(m),
         }
-        let _ = fsutil::remove_any(&root);
+        let _ = fs::remove_dir_all(&root);
         Ok(Some(g))
     }
 
@@ -656,7 +656,7 @@ impl Cx<'_> {
                 "new",
             ])
             .output();
-        let _ = fsutil::remove_any(&dir);
+        let _ = fs::remove_dir_all(&dir);
         let out = out.map_err(|e| Error::io(&dir, e))?;
         let text = String::from_utf8_lossy(&out.stdout);
         let mut patch = format!("--- a/{path}\n+++ b/{path}\n");

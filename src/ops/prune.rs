@@ -212,7 +212,7 @@ pub(crate) fn prune(
 
     // Copy the live chunks of the packs to rewrite, checked, as they are stored.
     rewrite.sort();
-    let files = PackFiles::new(store.packs_dir());
+    let files = PackFiles::new(&store.fs, store.packs_dir());
     let mut moved: Vec<(ChunkId, ChunkLoc)> = Vec::new();
     let mut written: Vec<(PackId, u64, u32)> = Vec::new();
     let mut writer: Option<PackWriter> = None;
@@ -226,7 +226,7 @@ pub(crate) fn prune(
             let stored = files.read_stored(chunk, loc)?;
             files.decode(chunk, loc, stored.clone(), true)?;
             if writer.is_none() {
-                let w = PackWriter::create(&store.packs_dir())?;
+                let w = PackWriter::create(&store.fs, &store.packs_dir())?;
                 dirs.insert(crate::fsutil::parent_of(&w.path));
                 writer = Some(w);
             }
@@ -251,9 +251,11 @@ pub(crate) fn prune(
         written.push((pid, size, count));
     }
     for d in &dirs {
-        crate::fsutil::sync_dir(d).map_err(|e| StoreError::io(d, e))?;
+        store.fs.sync_dir(d).map_err(|e| StoreError::io(d, e))?;
     }
-    crate::fsutil::sync_dir(&store.packs_dir())
+    store
+        .fs
+        .sync_dir(&store.packs_dir())
         .map_err(|e| StoreError::io(store.packs_dir(), e))?;
     report.packs_written = written.len() as u64;
     crate::failpoint::hit("prune:before-commit")?;
@@ -304,7 +306,7 @@ pub(crate) fn prune(
         .chain(orphans.iter().map(|(id, _)| id))
     {
         let path = id.path(&store.packs_dir());
-        match std::fs::remove_file(&path) {
+        match store.fs.remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(StoreError::io(&path, e).into()),
@@ -312,7 +314,7 @@ pub(crate) fn prune(
         touched.insert(crate::fsutil::parent_of(&path));
     }
     for d in &touched {
-        crate::fsutil::sync_dir(d).map_err(|e| StoreError::io(d, e))?;
+        store.fs.sync_dir(d).map_err(|e| StoreError::io(d, e))?;
     }
     progress.finish();
     report.duration_ms = started.elapsed().as_millis() as u64;
@@ -358,7 +360,11 @@ mod tests {
         let first = m.snapshot(&req)?;
 
         // b's root node, read from the store.
-        let store = Store::open(&tmp.path().join("store"), std::time::Duration::from_secs(5))?;
+        let store = Store::open(
+            &tmp.path().join("store"),
+            std::time::Duration::from_secs(5),
+            crate::storage::Fs::default(),
+        )?;
         let node = {
             let index = store.index()?;
             let tx = index.begin_read()?;

@@ -31,6 +31,7 @@ use crate::error::{Error, StoreError};
 use crate::lock::{self, Holder, Mode};
 use crate::manifest::artifact::{self, ArtifactEntry, EntryKind, Part};
 use crate::manifest::snapshot::{SNAPSHOT_VERSION, SnapshotInfo, SnapshotRecord, SnapshotStats};
+use crate::storage::{Fs, OpenMode};
 use crate::store::INDEX_FILE;
 use crate::store::chunk_id::ChunkId;
 use crate::store::config::StoreConfig;
@@ -165,6 +166,7 @@ struct Copy {
 pub(crate) fn repair(
     root: &Path,
     lock_timeout: Duration,
+    fs: &Fs,
     req: &RepairRequest,
     progress: &dyn Progress,
 ) -> Result<RepairReport, Error> {
@@ -177,7 +179,8 @@ pub(crate) fn repair(
         });
     }
     let tmp = root.join("tmp");
-    crate::fsutil::create_dir_all_durable(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    fs.create_dir_all_durable(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?;
     // Nothing reads or writes the store meanwhile: prune's lock, then the index itself.
     let _store_lock = lock::acquire(
         &root.join("locks").join("store.lock"),
@@ -195,7 +198,7 @@ pub(crate) fn repair(
     let old_copy = tmp.join("repair-old.redb");
     let new_path = tmp.join("repair-new.redb");
     for p in [&old_copy, &new_path] {
-        crate::fsutil::remove_any(p).map_err(|e| Error::io(p, e))?;
+        fs.remove_any(p).map_err(|e| Error::io(p, e))?;
     }
     let old = read_old(&index_path, &old_copy);
     let _ = std::fs::remove_file(&old_copy);
@@ -205,7 +208,7 @@ pub(crate) fn repair(
     // 2. Every pack, footer first; footer-less ones after, with what the others taught.
     let on_disk = list_packs(&packs_dir);
     report.packs = on_disk.len() as u64;
-    let files = PackFiles::new(packs_dir.clone());
+    let files = PackFiles::new(fs, packs_dir.clone());
     progress.start("repair", on_disk.iter().map(|(_, size)| size).sum());
     let mut copies: HashMap<ChunkId, Vec<Copy>> = HashMap::new();
     let mut nodes: Nodes = HashMap::new();
@@ -213,7 +216,7 @@ pub(crate) fn repair(
     let mut salvage: Vec<(PackId, PathBuf)> = Vec::new();
     for (pack, size) in &on_disk {
         let path = pack.path(&packs_dir);
-        match read_footer(&path) {
+        match read_footer(fs, &path) {
             Ok(entries) => {
                 footers.insert(*pack, entries.len() as u32);
                 check_entries(
@@ -331,7 +334,7 @@ pub(crate) fn repair(
         if req.dry_run {
             report.packs_written = 1;
         } else {
-            let mut w = PackWriter::create(&packs_dir)?;
+            let mut w = PackWriter::create(fs, &packs_dir)?;
             let dir = crate::fsutil::parent_of(&w.path);
             for (id, loc) in &to_copy {
                 let stored = files.read_stored(id, loc)?;
@@ -339,8 +342,9 @@ pub(crate) fn repair(
                 chosen.insert(*id, new);
             }
             let (pid, _, size, count) = w.finish()?;
-            crate::fsutil::sync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-            crate::fsutil::sync_dir(&packs_dir).map_err(|e| Error::io(&packs_dir, e))?;
+            fs.sync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+            fs.sync_dir(&packs_dir)
+                .map_err(|e| Error::io(&packs_dir, e))?;
             new_packs.push((pid, size, count));
             report.packs_written = 1;
         }
@@ -444,7 +448,7 @@ pub(crate) fn repair(
         )?,
     };
     {
-        let new = Index::open_under(&new_path, index_lock)?;
+        let new = Index::open_under(fs, &new_path, index_lock)?;
         let err = |e: redb::Error| StoreError::index(&new_path, e);
         let tx = new.begin_write()?;
         {
@@ -485,13 +489,15 @@ pub(crate) fn repair(
         assess(&new, &packs_dir, &snapshots, &mut report)?;
         index_lock = new.into_lock();
     }
-    let file = std::fs::File::open(&new_path).map_err(|e| Error::io(&new_path, e))?;
-    file.sync_all().map_err(|e| Error::io(&new_path, e))?;
+    let file = fs
+        .open(&new_path, OpenMode::Read)
+        .map_err(|e| Error::io(&new_path, e))?;
+    file.sync().map_err(|e| Error::io(&new_path, e))?;
     drop(file);
 
     if req.dry_run || !report.changes() {
         // A repair that changes nothing writes nothing (new packs only when there was salvage).
-        let _ = std::fs::remove_file(&new_path);
+        let _ = fs.remove_file(&new_path);
         progress.finish();
         report.duration_ms = started.elapsed().as_millis() as u64;
         return Ok(report);
@@ -504,22 +510,24 @@ pub(crate) fn repair(
         }
         report.backup = Some(backup);
     }
-    std::fs::rename(&new_path, &index_path).map_err(|e| Error::io(&index_path, e))?;
-    crate::fsutil::sync_dir(root).map_err(|e| Error::io(root, e))?;
+    fs.rename(&new_path, &index_path)
+        .map_err(|e| Error::io(&index_path, e))?;
+    fs.sync_dir(root).map_err(|e| Error::io(root, e))?;
     drop(index_lock);
     crate::failpoint::hit("repair:before-move")?;
 
     // Footer-less packs are unreferenced now; kept aside, never deleted.
     if !salvage.is_empty() {
         let damaged = root.join("damaged");
-        crate::fsutil::create_dir_all_durable(&damaged).map_err(|e| Error::io(&damaged, e))?;
+        fs.create_dir_all_durable(&damaged)
+            .map_err(|e| Error::io(&damaged, e))?;
         for (pack, path) in &salvage {
             let to = damaged.join(format!("{}.pack", pack.hex()));
-            std::fs::rename(path, &to).map_err(|e| Error::io(path, e))?;
+            fs.rename(path, &to).map_err(|e| Error::io(path, e))?;
             let dir = crate::fsutil::parent_of(path);
-            crate::fsutil::sync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+            fs.sync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         }
-        crate::fsutil::sync_dir(&damaged).map_err(|e| Error::io(&damaged, e))?;
+        fs.sync_dir(&damaged).map_err(|e| Error::io(&damaged, e))?;
     }
     progress.finish();
     report.duration_ms = started.elapsed().as_millis() as u64;

@@ -29,6 +29,7 @@ use crate::manifest::snapshot::SnapshotRecord;
 use crate::names::AgentId;
 use crate::source::SourceSpec;
 use crate::source::state::{FsStateProvider, StateItem, StateProvider};
+use crate::storage::{Fs, OpenMode, WritebackFile};
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::pack::ChunkLoc;
@@ -210,23 +211,32 @@ fn journal_path(store: &Store, agent: &AgentId) -> PathBuf {
 fn write_journal(store: &Store, agent: &AgentId, j: &Journal) -> Result<(), Error> {
     let path = journal_path(store, agent);
     let dir = fsutil::parent_of(&path);
-    fsutil::create_dir_all_durable(&dir).map_err(|e| Error::io(&dir, e))?;
+    store
+        .fs
+        .create_dir_all_durable(&dir)
+        .map_err(|e| Error::io(&dir, e))?;
     let bytes =
         serde_json::to_vec_pretty(j).map_err(|e| Error::io(&path, std::io::Error::other(e)))?;
-    fsutil::write_atomic(&path, &bytes, 0o600).map_err(|e| Error::io(&path, e))
+    store
+        .fs
+        .write_atomic(&path, &bytes, 0o600)
+        .map_err(|e| Error::io(&path, e))
 }
 
 fn remove_journal(store: &Store, agent: &AgentId) -> Result<(), Error> {
     let path = journal_path(store, agent);
-    fsutil::remove_any(&path).map_err(|e| Error::io(&path, e))?;
+    store
+        .fs
+        .remove_any(&path)
+        .map_err(|e| Error::io(&path, e))?;
     let dir = fsutil::parent_of(&path);
-    fsutil::sync_dir(&dir).map_err(|e| Error::io(&dir, e))
+    store.fs.sync_dir(&dir).map_err(|e| Error::io(&dir, e))
 }
 
 /// Finishes or rolls back an interrupted restore of `agent`. The caller holds the agent lock.
 pub(crate) fn recover(store: &Store, agent: &AgentId) -> Result<Option<String>, Error> {
     let path = journal_path(store, agent);
-    remove_journal_temps(&path)?;
+    remove_journal_temps(&store.fs, &path)?;
     let bytes = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -255,7 +265,7 @@ pub(crate) fn recover(store: &Store, agent: &AgentId) -> Result<Option<String>, 
     let done = match j.phase {
         Phase::Staging => {
             tracing::warn!(snapshot = %j.snapshot_id, "rolling back a restore interrupted while staging");
-            cleanup(&j).map_err(|e| context(e, "rolling back"))?;
+            cleanup(&store.fs, &j).map_err(|e| context(e, "rolling back"))?;
             "rolled back"
         }
         Phase::Switching => {
@@ -269,11 +279,11 @@ pub(crate) fn recover(store: &Store, agent: &AgentId) -> Result<Option<String>, 
                 ..j.clone()
             };
             write_journal(store, agent, &j)?;
-            cleanup(&j).map_err(|e| context(e, "cleaning up after"))?;
+            cleanup(&store.fs, &j).map_err(|e| context(e, "cleaning up after"))?;
             "finished"
         }
         Phase::Switched => {
-            cleanup(&j).map_err(|e| context(e, "cleaning up after"))?;
+            cleanup(&store.fs, &j).map_err(|e| context(e, "cleaning up after"))?;
             "cleaned up after"
         }
     };
@@ -287,7 +297,7 @@ pub(crate) fn recover(store: &Store, agent: &AgentId) -> Result<Option<String>, 
 /// Removes the temporary files of journal writes (`fsutil::write_atomic`) killed before their
 /// rename. Only the agent lock's holder writes its journal, and the caller holds it: any such
 /// file belongs to a dead process.
-fn remove_journal_temps(journal: &Path) -> Result<(), Error> {
+fn remove_journal_temps(fsys: &Fs, journal: &Path) -> Result<(), Error> {
     let dir = fsutil::parent_of(journal);
     let Some(name) = journal.file_name() else {
         return Ok(());
@@ -301,7 +311,8 @@ fn remove_journal_temps(journal: &Path) -> Result<(), Error> {
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(&dir, e))?;
         if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            fsutil::remove_any(&entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+            fsys.remove_any(&entry.path())
+                .map_err(|e| Error::io(entry.path(), e))?;
         }
     }
     Ok(())
@@ -401,7 +412,7 @@ pub(crate) fn restore(
     )?;
     let state: Arc<dyn StateProvider> = match &req.state {
         Some(p) => p.clone(),
-        None => Arc::new(FsStateProvider::new(&paths.state_dir)),
+        None => Arc::new(FsStateProvider::new(&paths.state_dir).with_storage(store.fs.0.clone())),
     };
     let plan = plan(&record, &entries, &paths, state.as_ref(), req.dry_run)?;
     if req.dry_run {
@@ -472,7 +483,7 @@ pub(crate) fn restore(
         Err(e) => {
             // Nothing live was touched: undo the staging now rather than on the next command;
             // if that fails, the journal stays so that the next command retries.
-            if cleanup(&journal).is_ok() {
+            if cleanup(&store.fs, &journal).is_ok() {
                 let _ = remove_journal(store, &agent);
             }
             return Err(e);
@@ -505,7 +516,7 @@ pub(crate) fn restore(
         ..journal
     };
     write_journal(store, &agent, &journal)?;
-    cleanup(&journal)?;
+    cleanup(&store.fs, &journal)?;
     remove_journal(store, &agent)?;
     progress.finish();
     Ok(RestoreReport {
@@ -650,10 +661,16 @@ fn stage(
     let mem_root = j.staged_memdir();
     let db_root = j.staged_sqlite();
     if j.has_memdir {
-        fsutil::create_dir_all_durable(&mem_root).map_err(|e| Error::io(&mem_root, e))?;
+        store
+            .fs
+            .create_dir_all_durable(&mem_root)
+            .map_err(|e| Error::io(&mem_root, e))?;
     }
     if !j.databases.is_empty() {
-        fsutil::create_dir_all_durable(&db_root).map_err(|e| Error::io(&db_root, e))?;
+        store
+            .fs
+            .create_dir_all_durable(&db_root)
+            .map_err(|e| Error::io(&db_root, e))?;
     }
     let mut dirs = Vec::new();
     let mut locations = locations.iter_mut();
@@ -708,15 +725,25 @@ fn stage(
         }
         match &e.kind {
             EntryKind::Dir => {
-                fs::create_dir_all(&path).map_err(|err| Error::io(&path, err))?;
+                // The memdir's root entry ("") is the staging folder itself.
+                if !e.path.is_empty() {
+                    store
+                        .fs
+                        .0
+                        .create_dir(&path)
+                        .map_err(|err| Error::io(&path, err))?;
+                }
                 dirs.push((path, e.mode, e.mtime_ns));
             }
             EntryKind::Symlink { target } => {
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &path)
+                store
+                    .fs
+                    .0
+                    .symlink(Path::new(std::ffi::OsStr::from_bytes(target)), &path)
                     .map_err(|err| Error::io(&path, err))?;
             }
             EntryKind::File | EntryKind::Sqlite { .. } => {
-                write_content(&packs, e, &chunks, &path, progress)?;
+                write_content(&store.fs, &packs, e, &chunks, &path, progress)?;
                 fs::set_permissions(&path, fs::Permissions::from_mode(e.mode))
                     .map_err(|err| Error::io(&path, err))?;
                 if e.mtime_ns != 0 {
@@ -734,7 +761,7 @@ fn stage(
     }
     for root in [&mem_root, &db_root] {
         if root.exists() {
-            sync_tree(root)?;
+            sync_tree(&store.fs, root)?;
         }
     }
     Ok(())
@@ -747,15 +774,12 @@ fn set_mtime(path: &Path, mtime_ns: i64) -> Result<(), Error> {
 }
 
 /// Makes everything under `root` durable: one `syncfs` for the file system that holds it.
-fn sync_tree(root: &Path) -> Result<(), Error> {
-    let f = fs::File::open(root).map_err(|e| Error::io(root, e))?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
-    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
-    if rc != 0 {
-        return Err(Error::io(root, std::io::Error::last_os_error()));
-    }
-    fsutil::sync_dir(&fsutil::parent_of(root)).map_err(|e| Error::io(root, e))
+fn sync_tree(fsys: &Fs, root: &Path) -> Result<(), Error> {
+    fsys.0
+        .sync_filesystem(root)
+        .map_err(|e| Error::io(root, e))?;
+    fsys.sync_dir(&fsutil::parent_of(root))
+        .map_err(|e| Error::io(root, e))
 }
 
 /// A relative path of plain names: no empty, "." or ".." component. Checked on the bytes, since
@@ -772,6 +796,7 @@ fn is_plain_path(p: &[u8]) -> bool {
 const READ_BATCH_BYTES: u64 = 8 << 20;
 
 fn write_content(
+    fsys: &Fs,
     packs: &PackFiles,
     e: &ArtifactEntry,
     chunks: &[(ChunkId, ChunkLoc)],
@@ -785,8 +810,10 @@ fn write_content(
         }
         .into());
     }
-    let mut f =
-        fsutil::WritebackFile::new(fs::File::create(path).map_err(|err| Error::io(path, err))?);
+    let file = fsys
+        .open(path, OpenMode::CreateNew { mode: 0o600 })
+        .map_err(|err| Error::io(path, err))?;
+    let mut f = WritebackFile::new(file);
     let mut hasher = blake3::Hasher::new();
     let mut batches = byte_batches(chunks, READ_BATCH_BYTES);
     let mut current = match batches.next() {
@@ -895,12 +922,12 @@ const SIDE_FILES: [&str; 3] = ["-wal", "-shm", "-journal"];
 
 /// Removes a database's `-wal`, `-shm` and `-journal`: stale next to a database that is renamed
 /// in, they would be replayed into it.
-fn remove_side_files(db: &Path) -> Result<(), Error> {
+fn remove_side_files(fsys: &Fs, db: &Path) -> Result<(), Error> {
     for suffix in SIDE_FILES {
         let mut s = db.as_os_str().to_owned();
         s.push(suffix);
         let p = PathBuf::from(s);
-        fsutil::remove_any(&p).map_err(|e| Error::io(&p, e))?;
+        fsys.remove_any(&p).map_err(|e| Error::io(&p, e))?;
     }
     Ok(())
 }
@@ -917,14 +944,23 @@ fn switch(
     let parent = fsutil::parent_of(&j.memdir);
     if staged.exists() || !j.has_memdir {
         if j.memdir.symlink_metadata().is_ok() && !old.exists() {
-            fs::rename(&j.memdir, &old).map_err(|e| Error::io(&j.memdir, e))?;
+            store
+                .fs
+                .rename(&j.memdir, &old)
+                .map_err(|e| Error::io(&j.memdir, e))?;
         }
         crate::failpoint::hit("restore:memdir-moved-aside")?;
         if staged.exists() {
-            fs::rename(&staged, &j.memdir).map_err(|e| Error::io(&j.memdir, e))?;
+            store
+                .fs
+                .rename(&staged, &j.memdir)
+                .map_err(|e| Error::io(&j.memdir, e))?;
         }
         if parent.exists() {
-            fsutil::sync_dir(&parent).map_err(|e| Error::io(&parent, e))?;
+            store
+                .fs
+                .sync_dir(&parent)
+                .map_err(|e| Error::io(&parent, e))?;
         }
     }
     crate::failpoint::hit("restore:memdir-switched")?;
@@ -939,10 +975,16 @@ fn switch(
         let live = j.sqlite_dir.join(name);
         if crate::source::sqlite::is_database(&live) {
             backup_into(&staged_db, &live, store.lock_timeout)?;
-            fs::remove_file(&staged_db).map_err(|e| Error::io(&staged_db, e))?;
+            store
+                .fs
+                .remove_file(&staged_db)
+                .map_err(|e| Error::io(&staged_db, e))?;
         } else {
-            remove_side_files(&live)?;
-            fs::rename(&staged_db, &live).map_err(|e| Error::io(&live, e))?;
+            remove_side_files(&store.fs, &live)?;
+            store
+                .fs
+                .rename(&staged_db, &live)
+                .map_err(|e| Error::io(&live, e))?;
         }
         crate::failpoint::hit("restore:database-switched")?;
     }
@@ -950,11 +992,17 @@ fn switch(
     if j.sqlite_dir.is_dir() {
         for (name, path) in crate::source::sqlite::list_databases(&j.sqlite_dir)? {
             if !j.databases.contains(&name) {
-                remove_side_files(&path)?;
-                fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                remove_side_files(&store.fs, &path)?;
+                store
+                    .fs
+                    .remove_file(&path)
+                    .map_err(|e| Error::io(&path, e))?;
             }
         }
-        fsutil::sync_dir(&j.sqlite_dir).map_err(|e| Error::io(&j.sqlite_dir, e))?;
+        store
+            .fs
+            .sync_dir(&j.sqlite_dir)
+            .map_err(|e| Error::io(&j.sqlite_dir, e))?;
     }
 
     // State: small, rewritten whole from the snapshot.
@@ -967,7 +1015,9 @@ fn switch(
                 &RestoreRequest::new(j.snapshot_id.clone()).agent(agent),
             )?;
             let items = state_items(store, &record, &entries)?;
-            FsStateProvider::new(&j.state_dir).restore(&items)?;
+            FsStateProvider::new(&j.state_dir)
+                .with_storage(store.fs.0.clone())
+                .restore(&items)?;
         }
         None if j.fs_state => {
             let items = j
@@ -985,7 +1035,9 @@ fn switch(
                     })
                 })
                 .collect::<Result<Vec<_>, StoreError>>()?;
-            FsStateProvider::new(&j.state_dir).restore(&items)?;
+            FsStateProvider::new(&j.state_dir)
+                .with_storage(store.fs.0.clone())
+                .restore(&items)?;
         }
         None => tracing::warn!(
             snapshot = %j.snapshot_id,
@@ -1073,14 +1125,14 @@ fn check_switchable(j: &Journal, entries: &[ArtifactEntry]) -> Result<(), Error>
 }
 
 /// Removes staging and the moved-aside memdir.
-fn cleanup(j: &Journal) -> Result<(), Error> {
+fn cleanup(fsys: &Fs, j: &Journal) -> Result<(), Error> {
     for p in [j.staged_memdir(), j.old_memdir(), j.staged_sqlite()] {
         if p.symlink_metadata().is_ok() {
             make_writable(&p);
-            fsutil::remove_any(&p).map_err(|e| Error::io(&p, e))?;
+            fsys.remove_any(&p).map_err(|e| Error::io(&p, e))?;
             // Durably gone before the journal that names it is deleted.
             let parent = fsutil::parent_of(&p);
-            fsutil::sync_dir(&parent).map_err(|e| Error::io(&parent, e))?;
+            fsys.sync_dir(&parent).map_err(|e| Error::io(&parent, e))?;
         }
     }
     Ok(())

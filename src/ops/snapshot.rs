@@ -213,6 +213,7 @@ fn attempt(
 
     let config = &store.config;
     let mut w = ChunkWriter::new(
+        &store.fs,
         store.packs_dir(),
         config,
         KnownFilter::new(prefixes, excluded.clone()),
@@ -1058,10 +1059,15 @@ mod tests {
         store: impl FnOnce(&mut ChunkWriter) -> Result<(ContentRef, [u8; 32], u64), Error>,
     ) -> (ContentRef, [u8; 32], u64, Vec<Vec<u8>>) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut w = ChunkWriter::new(dir.path().to_path_buf(), config, KnownFilter::default());
+        let mut w = ChunkWriter::new(
+            &crate::storage::Fs::default(),
+            dir.path().to_path_buf(),
+            config,
+            KnownFilter::default(),
+        );
         let (content, hash, size) = store(&mut w).expect("store");
         let pending = w.finish().expect("packs");
-        let packs = PackFiles::new(dir.path().to_path_buf());
+        let packs = PackFiles::new(&crate::storage::Fs::default(), dir.path().to_path_buf());
         let mut chunks = Vec::new();
         read_back(
             &packs,

@@ -247,7 +247,7 @@ pub(crate) fn verify(
                 path.display()
             )),
             Some(_) if read_data => {
-                if let Err(e) = read_footer(&path) {
+                if let Err(e) = read_footer(&store.fs, &path) {
                     report
                         .damaged_packs
                         .push(format!("pack {}: {e}", pack.hex()));

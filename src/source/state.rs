@@ -2,8 +2,10 @@
 //! that a runtime keeping its state elsewhere (a database row, a service) can plug in its own.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::SourceError;
+use crate::storage::{Fs, Storage};
 
 /// One state document: a name (`extract_cursor.json`) and its JSON bytes, kept byte for byte.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,11 +40,21 @@ pub trait StateProvider: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct FsStateProvider {
     dir: PathBuf,
+    fs: Fs,
 }
 
 impl FsStateProvider {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            fs: Fs::default(),
+        }
+    }
+
+    /// Writes through `storage` (restore passes the store's).
+    pub fn with_storage(mut self, storage: Arc<dyn Storage>) -> Self {
+        self.fs = Fs(storage);
+        self
     }
 
     fn io(path: &Path) -> impl Fn(std::io::Error) -> SourceError + '_ {
@@ -93,7 +105,7 @@ impl FsStateProvider {
                 });
             if ours {
                 let path = entry.path();
-                std::fs::remove_file(&path).map_err(Self::io(&path))?;
+                self.fs.remove_file(&path).map_err(Self::io(&path))?;
             }
         }
         Ok(())
@@ -123,7 +135,9 @@ impl StateProvider for FsStateProvider {
     }
 
     fn restore(&self, items: &[StateItem]) -> Result<(), SourceError> {
-        crate::fsutil::create_dir_all_durable(&self.dir).map_err(Self::io(&self.dir))?;
+        self.fs
+            .create_dir_all_durable(&self.dir)
+            .map_err(Self::io(&self.dir))?;
         self.remove_temps()?;
         for item in items {
             if item.name.contains('/') || item.name.starts_with('.') {
@@ -132,15 +146,16 @@ impl StateProvider for FsStateProvider {
                 });
             }
             let path = self.dir.join(&item.name);
-            crate::fsutil::write_atomic(&path, &item.json, item.mode.unwrap_or(0o600))
+            self.fs
+                .write_atomic(&path, &item.json, item.mode.unwrap_or(0o600))
                 .map_err(Self::io(&path))?;
         }
         for name in self.names()? {
             if !items.iter().any(|i| i.name == name) {
                 let path = self.dir.join(&name);
-                std::fs::remove_file(&path).map_err(Self::io(&path))?;
+                self.fs.remove_file(&path).map_err(Self::io(&path))?;
             }
         }
-        crate::fsutil::sync_dir(&self.dir).map_err(Self::io(&self.dir))
+        self.fs.sync_dir(&self.dir).map_err(Self::io(&self.dir))
     }
 }

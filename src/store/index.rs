@@ -9,6 +9,7 @@ use redb::{ReadableDatabase, TableDefinition};
 
 use crate::error::{Error, StoreError};
 use crate::lock::{self, Holder, LockGuard, Mode};
+use crate::storage::{Fs, OpenMode, RedbBackend};
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub(crate) const CHUNKS: TableDefinition<[u8; 32], [u8; 33]> = TableDefinition::new("chunks");
@@ -32,27 +33,33 @@ const INDEX_CACHE_BYTES: usize = 16 << 20;
 pub(crate) struct Index {
     pub db: redb::Database,
     pub path: PathBuf,
+    /// The storage the index was opened through; pack reads of this session use it too.
+    pub fs: Fs,
     _lock: LockGuard,
 }
 
 impl Index {
-    pub(crate) fn open(path: &Path, lock_path: &Path) -> Result<Self, Error> {
+    pub(crate) fn open(fs: &Fs, path: &Path, lock_path: &Path) -> Result<Self, Error> {
         let guard = lock(lock_path)?;
-        Ok(Self::open_under(path, guard)?)
+        Ok(Self::open_under(fs, path, guard)?)
     }
 
     /// Opens (or creates) the database at `path` under an index lock the caller already holds:
     /// repair keeps the lock from reading the old index to renaming the new one in.
-    pub(crate) fn open_under(path: &Path, guard: LockGuard) -> Result<Self, StoreError> {
+    pub(crate) fn open_under(fs: &Fs, path: &Path, guard: LockGuard) -> Result<Self, StoreError> {
+        let file = fs
+            .open(path, OpenMode::OpenOrCreate { mode: 0o644 })
+            .map_err(|e| StoreError::io(path, e))?;
         // redb caches every page it touches, up to 1 GiB by default: a walk of a 4 GiB agent's
         // chunk table held ~100 MB. The OS page cache keeps the file hot anyway.
         let db = redb::Database::builder()
             .set_cache_size(INDEX_CACHE_BYTES)
-            .create(path)
+            .create_with_backend(RedbBackend(file))
             .map_err(|e| open_error(path, e))?;
         Ok(Self {
             db,
             path: path.to_path_buf(),
+            fs: fs.clone(),
             _lock: guard,
         })
     }

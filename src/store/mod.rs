@@ -16,6 +16,7 @@ use redb::ReadableTable;
 use crate::error::{Error, StoreError};
 use crate::lock::{self, Holder, LockGuard, Mode};
 use crate::names::AgentId;
+use crate::storage::Fs;
 use config::{FORMAT_VERSION, StoreConfig};
 use index::{Index, META};
 
@@ -27,11 +28,17 @@ pub(crate) struct Store {
     root: PathBuf,
     pub(crate) config: StoreConfig,
     pub(crate) lock_timeout: Duration,
+    /// Every write of the store, and of restores into agents, goes through this.
+    pub(crate) fs: Fs,
 }
 
 impl Store {
     /// Opens the store at `root`, creating it first if it does not exist.
-    pub(crate) fn create_or_open(root: &Path, lock_timeout: Duration) -> Result<Self, Error> {
+    pub(crate) fn create_or_open(
+        root: &Path,
+        lock_timeout: Duration,
+        fs: Fs,
+    ) -> Result<Self, Error> {
         // Never scatter a store over a folder that holds something else.
         if !root.join(INDEX_FILE).exists()
             && has_foreign_entries(root).map_err(|e| Error::io(root, e))?
@@ -42,17 +49,19 @@ impl Store {
         }
         for dir in ["packs", "locks", "journal", "tmp"] {
             let d = root.join(dir);
-            crate::fsutil::create_dir_all_durable(&d).map_err(|e| Error::io(&d, e))?;
+            fs.create_dir_all_durable(&d)
+                .map_err(|e| Error::io(&d, e))?;
         }
         let store = Self {
             root: root.to_path_buf(),
             config: StoreConfig::new_default(crate::now_ms()),
             lock_timeout,
+            fs,
         };
         let created = !root.join(INDEX_FILE).exists();
         if !created {
             // The common case, every `snapshot`: no write transaction needed.
-            return Self::open(root, lock_timeout);
+            return Self::open(root, lock_timeout, store.fs);
         }
         let index = store.index()?;
         let tx = index.begin_write()?;
@@ -87,12 +96,12 @@ impl Store {
         drop(index);
         // The new index file's name must survive a crash, or a later open would take the store
         // for an empty one.
-        crate::fsutil::sync_dir(root).map_err(|e| Error::io(root, e))?;
+        store.fs.sync_dir(root).map_err(|e| Error::io(root, e))?;
         Ok(Self { config, ..store })
     }
 
     /// Opens an existing store; a missing one is [`Error::NoStore`].
-    pub(crate) fn open(root: &Path, lock_timeout: Duration) -> Result<Self, Error> {
+    pub(crate) fn open(root: &Path, lock_timeout: Duration, fs: Fs) -> Result<Self, Error> {
         if !root.join(INDEX_FILE).is_file() {
             return Err(Error::NoStore {
                 path: root.to_path_buf(),
@@ -102,6 +111,7 @@ impl Store {
             root: root.to_path_buf(),
             config: StoreConfig::new_default(0),
             lock_timeout,
+            fs,
         };
         let index = store.index()?;
         let tx = index.begin_read()?;
@@ -151,6 +161,7 @@ impl Store {
 
     pub(crate) fn index(&self) -> Result<Index, Error> {
         Index::open(
+            &self.fs,
             &self.root.join(INDEX_FILE),
             &self.root.join("locks").join("index.lock"),
         )

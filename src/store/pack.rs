@@ -3,13 +3,12 @@
 //! A pack is written once, front to back, and never modified after its footer is durable; a pack
 //! without a valid footer is an interrupted write that no index entry references.
 
-use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::chunk_id::ChunkId;
 use crate::error::StoreError;
+use crate::storage::{Fs, OpenMode, StorageFile, WritebackFile};
 
 pub(crate) const HEADER_MAGIC: &[u8; 8] = b"MEMSNAPP";
 pub(crate) const TRAILER_MAGIC: &[u8; 8] = b"MEMSNAPF";
@@ -133,26 +132,25 @@ impl FooterEntry {
 pub(crate) struct PackWriter {
     pub id: PackId,
     pub path: PathBuf,
-    file: BufWriter<File>,
+    file: BufWriter<WritebackFile>,
     offset: u64,
     entries: Vec<FooterEntry>,
 }
 
 impl PackWriter {
-    pub(crate) fn create(packs_dir: &Path) -> Result<Self, StoreError> {
+    pub(crate) fn create(fs: &Fs, packs_dir: &Path) -> Result<Self, StoreError> {
         let id = PackId::random();
         let path = id.path(packs_dir);
         let dir = crate::fsutil::parent_of(&path);
-        crate::fsutil::create_dir_all_durable(&dir).map_err(|e| StoreError::io(&dir, e))?;
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
+        fs.create_dir_all_durable(&dir)
+            .map_err(|e| StoreError::io(&dir, e))?;
+        let file = fs
+            .open(&path, OpenMode::CreateNew { mode: 0o644 })
             .map_err(|e| StoreError::io(&path, e))?;
         let mut w = Self {
             id,
             path,
-            file: BufWriter::with_capacity(1 << 20, file),
+            file: BufWriter::with_capacity(1 << 20, WritebackFile::new(file)),
             offset: 0,
             entries: Vec::new(),
         };
@@ -229,7 +227,8 @@ impl PackWriter {
         let file = self
             .file
             .into_inner()
-            .map_err(|e| StoreError::io(&self.path, e.into_error()))?;
+            .map_err(|e| StoreError::io(&self.path, e.into_error()))?
+            .into_inner();
         Ok(SealedPack {
             id: self.id,
             path: self.path,
@@ -246,31 +245,31 @@ pub(crate) struct SealedPack {
     pub path: PathBuf,
     pub size: u64,
     pub count: u32,
-    file: File,
+    file: Box<dyn StorageFile>,
 }
 
 impl SealedPack {
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
-        self.file
-            .sync_all()
-            .map_err(|e| StoreError::io(&self.path, e))
+        self.file.sync().map_err(|e| StoreError::io(&self.path, e))
     }
 }
 
 /// Reads and checks a pack's footer: the list of chunks it holds.
-pub(crate) fn read_footer(path: &Path) -> Result<Vec<FooterEntry>, StoreError> {
+pub(crate) fn read_footer(fs: &Fs, path: &Path) -> Result<Vec<FooterEntry>, StoreError> {
     let corrupt = |message: String| StoreError::CorruptPack {
         pack: path.to_path_buf(),
         message,
     };
-    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
-    let len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
+    let file = fs
+        .open(path, OpenMode::Read)
+        .map_err(|e| StoreError::io(path, e))?;
+    let file = file.as_ref();
+    let len = file.len().map_err(|e| StoreError::io(path, e))?;
     if len < HEADER_LEN + TRAILER_LEN {
         return Err(corrupt(format!("{len} bytes is too short for a pack")));
     }
     let mut header = [0u8; HEADER_LEN as usize];
-    file.read_exact_at(&mut header, 0)
-        .map_err(|e| StoreError::io(path, e))?;
+    read_exact_at(file, &mut header, 0).map_err(|e| StoreError::io(path, e))?;
     if &header[..8] != HEADER_MAGIC {
         return Err(corrupt("bad header magic".into()));
     }
@@ -279,8 +278,7 @@ pub(crate) fn read_footer(path: &Path) -> Result<Vec<FooterEntry>, StoreError> {
         return Err(corrupt(format!("unknown pack version {version}")));
     }
     let mut trailer = [0u8; TRAILER_LEN as usize];
-    file.read_exact_at(&mut trailer, len - TRAILER_LEN)
-        .map_err(|e| StoreError::io(path, e))?;
+    read_exact_at(file, &mut trailer, len - TRAILER_LEN).map_err(|e| StoreError::io(path, e))?;
     if &trailer[48..56] != TRAILER_MAGIC {
         return Err(corrupt(
             "no footer (an interrupted write, or the end of the file is damaged)".into(),
@@ -299,8 +297,7 @@ pub(crate) fn read_footer(path: &Path) -> Result<Vec<FooterEntry>, StoreError> {
         ));
     }
     let mut footer = vec![0u8; footer_len as usize];
-    file.read_exact_at(&mut footer, entries_offset)
-        .map_err(|e| StoreError::io(path, e))?;
+    read_exact_at(file, &mut footer, entries_offset).map_err(|e| StoreError::io(path, e))?;
     if blake3::hash(&footer).as_bytes() != &trailer[16..48] {
         return Err(corrupt("footer checksum mismatch".into()));
     }
@@ -321,6 +318,18 @@ pub(crate) fn read_footer(path: &Path) -> Result<Vec<FooterEntry>, StoreError> {
         }
     }
     Ok(entries)
+}
+
+/// Fills `buf` from `offset`; a file that ends first is an `UnexpectedEof` error.
+pub(crate) fn read_exact_at(
+    file: &dyn StorageFile,
+    buf: &mut [u8],
+    offset: u64,
+) -> std::io::Result<()> {
+    if file.read_at(buf, offset)? < buf.len() {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 /// Every `packs/<xx>/<32 hex>.pack` file below `packs_dir` and its size, sorted by id.
@@ -469,7 +478,7 @@ mod tests {
     #[test]
     fn footer_lists_every_chunk_and_detects_damage() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut w = PackWriter::create(dir.path()).expect("create");
+        let mut w = PackWriter::create(&Fs::default(), dir.path()).expect("create");
         let mut locs = Vec::new();
         for i in 0..10u8 {
             let data = vec![i; 100 + i as usize];
@@ -481,7 +490,7 @@ mod tests {
         let (_, path, size, count) = w.finish().expect("finish");
         assert_eq!(count, 10);
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), size);
-        let entries = read_footer(&path).expect("footer");
+        let entries = read_footer(&Fs::default(), &path).expect("footer");
         assert_eq!(entries.len(), 10);
         for (e, l) in entries.iter().zip(&locs) {
             assert_eq!((e.offset, e.stored_len), (l.offset, l.stored_len));
@@ -493,7 +502,7 @@ mod tests {
         bytes[at] ^= 1;
         std::fs::write(&path, &bytes).expect("write");
         assert!(
-            read_footer(&path)
+            read_footer(&Fs::default(), &path)
                 .unwrap_err()
                 .to_string()
                 .contains("checksum")
@@ -501,7 +510,7 @@ mod tests {
         bytes.truncate(bytes.len() - 1);
         std::fs::write(&path, &bytes).expect("write");
         assert!(
-            read_footer(&path)
+            read_footer(&Fs::default(), &path)
                 .unwrap_err()
                 .to_string()
                 .contains("no footer")

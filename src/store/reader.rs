@@ -6,8 +6,6 @@
 //! then reads the packs in parallel.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +13,7 @@ use super::chunk_id::ChunkId;
 use super::index::{CHUNKS, Index};
 use super::pack::{ChunkLoc, FLAG_ZSTD, PackId};
 use crate::error::StoreError;
+use crate::storage::{Fs, OpenMode, StorageFile};
 
 /// Upper bound on a chunk's raw size: checked before allocating, since a damaged index entry
 /// could otherwise ask for gigabytes.
@@ -24,13 +23,15 @@ const MAX_OPEN_PACKS: usize = 128;
 
 /// Open pack files, shared by reader threads.
 pub(crate) struct PackFiles {
+    fs: Fs,
     dir: PathBuf,
-    files: Mutex<HashMap<PackId, Arc<File>>>,
+    files: Mutex<HashMap<PackId, Arc<dyn StorageFile>>>,
 }
 
 impl PackFiles {
-    pub(crate) fn new(dir: PathBuf) -> Self {
+    pub(crate) fn new(fs: &Fs, dir: PathBuf) -> Self {
         Self {
+            fs: fs.clone(),
             dir,
             files: Mutex::new(HashMap::new()),
         }
@@ -40,7 +41,7 @@ impl PackFiles {
         pack.path(&self.dir)
     }
 
-    fn file(&self, pack: &PackId) -> Result<Arc<File>, StoreError> {
+    fn file(&self, pack: &PackId) -> Result<Arc<dyn StorageFile>, StoreError> {
         let mut files = self
             .files
             .lock()
@@ -49,7 +50,11 @@ impl PackFiles {
             return Ok(f.clone());
         }
         let path = self.path(pack);
-        let f = Arc::new(File::open(&path).map_err(|e| StoreError::io(&path, e))?);
+        let f: Arc<dyn StorageFile> = Arc::from(
+            self.fs
+                .open(&path, OpenMode::Read)
+                .map_err(|e| StoreError::io(&path, e))?,
+        );
         // Bounded, far below the usual 1024 descriptors: a store has thousands of packs. Readers
         // holding an Arc keep their file open until they are done with it.
         if files.len() >= MAX_OPEN_PACKS {
@@ -60,7 +65,7 @@ impl PackFiles {
     }
 
     /// The pack file holding a chunk; a pack that is gone is reported as such.
-    fn chunk_file(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Arc<File>, StoreError> {
+    fn chunk_file(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Arc<dyn StorageFile>, StoreError> {
         self.file(&loc.pack).map_err(|e| match e {
             StoreError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
                 StoreError::MissingPack {
@@ -84,7 +89,7 @@ impl PackFiles {
         check_sizes(id, loc, &path)?;
         let file = self.chunk_file(id, loc)?;
         let mut stored = vec![0u8; loc.stored_len as usize];
-        read_at(&file, &mut stored, id, loc, &path)?;
+        read_at(file.as_ref(), &mut stored, id, loc, &path)?;
         Ok(stored)
     }
 
@@ -114,13 +119,13 @@ impl PackFiles {
                     format!("{} bytes, the index says {}", loc.stored_len, loc.raw_len),
                 ));
             }
-            read_at(&file, out, id, loc, &path)?;
+            read_at(file.as_ref(), out, id, loc, &path)?;
         } else {
             SCRATCH.with(|cell| -> Result<(), StoreError> {
                 let mut guard = cell.borrow_mut();
                 let (stored, dctx) = &mut *guard;
                 stored.resize(loc.stored_len as usize, 0);
-                read_at(&file, stored, id, loc, &path)?;
+                read_at(file.as_ref(), stored, id, loc, &path)?;
                 if dctx.is_none() {
                     *dctx = Some(
                         zstd::bulk::Decompressor::new().map_err(|e| StoreError::io(&path, e))?,
@@ -208,13 +213,13 @@ impl PackFiles {
 
 /// A chunk's stored bytes at their place in its pack; a pack too short for them is damaged.
 fn read_at(
-    file: &File,
+    file: &dyn StorageFile,
     buf: &mut [u8],
     id: &ChunkId,
     loc: &ChunkLoc,
     path: &std::path::Path,
 ) -> Result<(), StoreError> {
-    file.read_exact_at(buf, loc.offset).map_err(|e| {
+    super::pack::read_exact_at(file, buf, loc.offset).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             damaged(
                 id,
@@ -267,7 +272,7 @@ impl<'i> ChunkReader<'i> {
         Ok(Self {
             chunks,
             index,
-            packs: PackFiles::new(packs_dir),
+            packs: PackFiles::new(&index.fs, packs_dir),
         })
     }
 

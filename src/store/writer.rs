@@ -17,6 +17,7 @@ use super::chunk_id::ChunkId;
 use super::config::StoreConfig;
 use super::pack::{ChunkLoc, FLAG_TREE, FLAG_ZSTD, PackId, PackWriter};
 use crate::error::StoreError;
+use crate::storage::Fs;
 
 /// Packs whose fsync may be in flight at once while a snapshot writes on.
 const MAX_SYNCING: usize = 2;
@@ -117,6 +118,7 @@ pub(crate) struct WriteStats {
 
 /// What a finished writer hands to the commit: everything here is durable on disk.
 pub(crate) struct Pending {
+    pub fs: Fs,
     pub packs_dir: PathBuf,
     pub new_chunks: HashMap<ChunkId, ChunkLoc>,
     /// (pack, size in bytes, chunk count)
@@ -127,6 +129,7 @@ pub(crate) struct Pending {
 }
 
 pub(crate) struct ChunkWriter {
+    fs: Fs,
     packs_dir: PathBuf,
     level: i32,
     pack_target: u64,
@@ -255,8 +258,14 @@ fn prepare(batch: &Batch, i: usize, known: &KnownFilter, level: i32) -> Prepared
 }
 
 impl ChunkWriter {
-    pub(crate) fn new(packs_dir: PathBuf, config: &StoreConfig, known: KnownFilter) -> Self {
+    pub(crate) fn new(
+        fs: &Fs,
+        packs_dir: PathBuf,
+        config: &StoreConfig,
+        known: KnownFilter,
+    ) -> Self {
         Self {
+            fs: fs.clone(),
             packs_dir,
             level: config.zstd_level,
             pack_target: test_knob("MEMSNAP_TEST_PACK_BYTES").unwrap_or(config.pack_target_size),
@@ -380,7 +389,7 @@ impl ChunkWriter {
         stored: &[u8],
     ) -> Result<(), StoreError> {
         if self.pack.is_none() {
-            let w = PackWriter::create(&self.packs_dir)?;
+            let w = PackWriter::create(&self.fs, &self.packs_dir)?;
             self.dirs.insert(crate::fsutil::parent_of(&w.path));
             self.pack = Some(w);
         }
@@ -467,15 +476,17 @@ impl ChunkWriter {
         let chunks = std::mem::take(&mut self.durable);
         let packs = std::mem::take(&mut self.durable_packs);
         let ids = packs.iter().map(|p| p.0).collect();
+        let fs = self.fs.clone();
         let handle = std::thread::spawn(move || -> Result<(), StoreError> {
             for dir in &dirs {
-                crate::fsutil::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
+                fs.sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
             }
-            let index =
-                super::index::Index::open(&index_path, &lock).map_err(|e| StoreError::Index {
+            let index = super::index::Index::open(&fs, &index_path, &lock).map_err(|e| {
+                StoreError::Index {
                     path: index_path.clone(),
                     message: e.to_string(),
-                })?;
+                }
+            })?;
             let tx = index.begin_write()?;
             insert_chunks(&index, &tx, chunks.iter().map(|(id, loc)| (id, loc)))?;
             insert_packs(&index, &tx, &packs)?;
@@ -517,12 +528,12 @@ impl ChunkWriter {
         if let Some(p) = self.pack.take() {
             let path = p.path.clone();
             drop(p);
-            let _ = std::fs::remove_file(path);
+            let _ = self.fs.remove_file(&path);
         }
         for (id, _, _) in &self.done {
             // Packs the index names stay (garbage for prune, I5); the rest go.
             if !self.committed_packs.contains(id) {
-                let _ = std::fs::remove_file(id.path(&self.packs_dir));
+                let _ = self.fs.remove_file(&id.path(&self.packs_dir));
             }
         }
     }
@@ -535,16 +546,18 @@ impl ChunkWriter {
         }
         self.join_early()?;
         for dir in &self.dirs {
-            crate::fsutil::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
+            self.fs.sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
         }
         if !self.dirs.is_empty() {
-            crate::fsutil::sync_dir(&self.packs_dir)
+            self.fs
+                .sync_dir(&self.packs_dir)
                 .map_err(|e| StoreError::io(&self.packs_dir, e))?;
         }
         let mut new_chunks = self.new_chunks;
         new_chunks.extend(self.durable);
         let committed = self.committed_packs;
         Ok(Pending {
+            fs: self.fs.clone(),
             packs_dir: self.packs_dir.clone(),
             new_chunks,
             packs: self
@@ -563,7 +576,7 @@ impl Pending {
     /// Deletes the packs of a commit that will not happen (see [`ChunkWriter::abandon`]).
     pub(crate) fn abandon(&self) {
         for (id, _, _) in &self.packs {
-            let _ = std::fs::remove_file(id.path(&self.packs_dir));
+            let _ = self.fs.remove_file(&id.path(&self.packs_dir));
         }
     }
 }

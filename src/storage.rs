@@ -1,0 +1,344 @@
+//! The narrow storage interface under the store and under restore's writes into an agent: every
+//! write, sync, rename, remove and data read of a store file goes through [`Storage`], so that a
+//! test can put a storage underneath that fails the N-th operation or "crashes" at the N-th sync
+//! and keeps only what was durable (`tests/crash_walk.rs`).
+//!
+//! What the store relies on (store-format.md, "Write ordering"):
+//! - a file's bytes are durable only after [`StorageFile::sync`] on it;
+//! - a name created, renamed or removed in a directory is durable only after
+//!   [`Storage::sync_dir`] of that directory (or [`Storage::sync_filesystem`]);
+//! - [`Storage::rename`] replaces its target atomically.
+//!
+//! Listing, `stat` and reading an agent's own files (SQLite, git) go to the OS directly: they
+//! change nothing, and the agent's files are not the store's.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::Path;
+
+use crate::fsutil::{parent_of, tmp_name};
+use std::sync::Arc;
+
+/// How [`Storage::open`] opens a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OpenMode {
+    /// An existing file, for reading.
+    Read,
+    /// An existing file, for reading and writing.
+    ReadWrite,
+    /// Creates the file, which must not exist, for reading and writing, with permission bits
+    /// `mode` (whatever the umask).
+    CreateNew { mode: u32 },
+    /// Opens the file for reading and writing, creating it (with `mode`) if it is missing;
+    /// keeps its content.
+    OpenOrCreate { mode: u32 },
+}
+
+/// An open file. Offsets are explicit, so one handle serves several threads.
+#[allow(clippy::len_without_is_empty)]
+pub trait StorageFile: Send + Sync + fmt::Debug {
+    /// Reads at `offset`; returns the bytes read, fewer only at the end of the file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `offset`.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends (with zeros) to `len`.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes the file's bytes and size durable (`fsync`).
+    fn sync(&self) -> io::Result<()>;
+    /// A hint to start writing `len` bytes at `offset` back now, so that a later sync finds them
+    /// on disk; durability still comes only from [`StorageFile::sync`].
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
+}
+
+/// File operations on paths. Implementations must be usable from many threads at once.
+pub trait Storage: Send + Sync + fmt::Debug {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>>;
+    /// Replaces `to` with `from` atomically (`rename(2)`).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file or a symbolic link.
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    fn create_dir(&self, path: &Path) -> io::Result<()>;
+    /// Removes an empty directory.
+    fn remove_dir(&self, path: &Path) -> io::Result<()>;
+    /// Creates a symbolic link at `link` pointing to `target`.
+    fn symlink(&self, target: &Path, link: &Path) -> io::Result<()>;
+    /// Makes the names in directory `dir` durable (`fsync` of the directory).
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Makes everything written on the file system that holds `path` durable (`syncfs(2)`).
+    fn sync_filesystem(&self, path: &Path) -> io::Result<()>;
+}
+
+/// The operating system's file system.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OsStorage;
+
+#[derive(Debug)]
+struct OsFile(fs::File);
+
+impl StorageFile for OsFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let mut n = 0;
+        while n < buf.len() {
+            match self.0.read_at(&mut buf[n..], offset + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    }
+
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.0.sync_all()
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is open for the call; the flag only schedules writeback.
+        unsafe {
+            libc::sync_file_range(
+                self.0.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+}
+
+impl Storage for OsStorage {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let create = |bits: u32| -> io::Result<fs::File> {
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(bits)
+                .open(path)?;
+            // The umask narrowed `bits`; a created file gets exactly them.
+            f.set_permissions(fs::Permissions::from_mode(bits))?;
+            Ok(f)
+        };
+        let existing = |write: bool| fs::OpenOptions::new().read(true).write(write).open(path);
+        let f = match mode {
+            OpenMode::Read => existing(false)?,
+            OpenMode::ReadWrite => existing(true)?,
+            OpenMode::CreateNew { mode } => create(mode)?,
+            OpenMode::OpenOrCreate { mode } => match create(mode) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => existing(true)?,
+                r => r?,
+            },
+        };
+        Ok(Box::new(OsFile(f)))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        fs::remove_file(path)
+    }
+
+    fn create_dir(&self, path: &Path) -> io::Result<()> {
+        fs::create_dir(path)
+    }
+
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        fs::remove_dir(path)
+    }
+
+    fn symlink(&self, target: &Path, link: &Path) -> io::Result<()> {
+        std::os::unix::fs::symlink(target, link)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        fs::File::open(dir)?.sync_all()
+    }
+
+    fn sync_filesystem(&self, path: &Path) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let f = fs::File::open(path)?;
+        // SAFETY: the descriptor is open for the call.
+        if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// The storage an opened store and its operations use, with the multi-step durable operations
+/// built on the trait's primitives.
+#[derive(Debug, Clone)]
+pub(crate) struct Fs(pub(crate) Arc<dyn Storage>);
+
+impl Default for Fs {
+    fn default() -> Self {
+        Self(Arc::new(OsStorage))
+    }
+}
+
+impl Fs {
+    pub(crate) fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
+        self.0.open(path, mode)
+    }
+
+    pub(crate) fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.0.sync_dir(dir)
+    }
+
+    pub(crate) fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.0.rename(from, to)
+    }
+
+    pub(crate) fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.0.remove_file(path)
+    }
+
+    /// Writes `bytes` to `path` atomically: readers see the old file or the new one, never a
+    /// mix, and after a crash the same (temp → sync → rename → sync the directory). The file
+    /// gets permission bits `mode`, whatever the umask.
+    pub(crate) fn write_atomic(&self, path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+        let dir = parent_of(path);
+        let tmp = tmp_name(path);
+        let result = (|| {
+            let f = self.0.open(&tmp, OpenMode::CreateNew { mode })?;
+            f.write_all_at(bytes, 0)?;
+            f.sync()?;
+            drop(f);
+            self.0.rename(&tmp, path)?;
+            self.0.sync_dir(&dir)
+        })();
+        if result.is_err() {
+            let _ = self.0.remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Creates `dir` and any missing parents, syncing each parent whose entry was added.
+    pub(crate) fn create_dir_all_durable(&self, dir: &Path) -> io::Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        let parent = parent_of(dir);
+        self.create_dir_all_durable(&parent)?;
+        match self.0.create_dir(dir) {
+            Ok(()) => self.0.sync_dir(&parent),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes a file or a whole tree if it exists; a missing path is not an error. Not durable
+    /// until the parent is synced.
+    pub(crate) fn remove_any(&self, path: &Path) -> io::Result<()> {
+        match fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => {
+                for entry in fs::read_dir(path)? {
+                    self.remove_any(&entry?.path())?;
+                }
+                self.0.remove_dir(path)
+            }
+            Ok(_) => match self.0.remove_file(path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A file being written front to back that asks the kernel to start writing each 8 MiB back as
+/// soon as it is written, so that the sync which makes it durable finds most of it on disk
+/// already (and disk writes overlap with computing the rest).
+pub(crate) struct WritebackFile {
+    file: Box<dyn StorageFile>,
+    written: u64,
+    hinted: u64,
+}
+
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+impl WritebackFile {
+    pub(crate) fn new(file: Box<dyn StorageFile>) -> Self {
+        Self {
+            file,
+            written: 0,
+            hinted: 0,
+        }
+    }
+
+    pub(crate) fn into_inner(self) -> Box<dyn StorageFile> {
+        self.file
+    }
+}
+
+impl io::Write for WritebackFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write_all_at(buf, self.written)?;
+        self.written += buf.len() as u64;
+        if self.written - self.hinted >= WRITEBACK_STEP {
+            self.file
+                .start_writeback(self.hinted, self.written - self.hinted);
+            self.hinted = self.written;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// redb's file access through a [`StorageFile`], so that the index's writes and syncs are the
+/// storage's too.
+#[derive(Debug)]
+pub(crate) struct RedbBackend(pub(crate) Box<dyn StorageFile>);
+
+impl redb::StorageBackend for RedbBackend {
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        let n = self.0.read_at(out, offset)?;
+        if n < out.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("read of {} bytes at {offset} past the end", out.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write_all_at(data, offset)
+    }
+}
