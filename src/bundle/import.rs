@@ -1041,11 +1041,11 @@ fn attempt(
     let already_present = match commit(store, &pending, &record, None)? {
         Commit::Done => false,
         Commit::Missing(m) => {
-            pending.abandon();
+            drop(pending);
             return Ok(Err(m));
         }
         Commit::Exists(existing) => {
-            pending.abandon();
+            drop(pending);
             if existing.manifest != record.manifest {
                 return Err(BundleError::SnapshotIdConflict {
                     id: record.info.id.clone(),

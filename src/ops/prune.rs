@@ -217,6 +217,11 @@ pub(crate) fn prune(
     let mut written: Vec<(PackId, u64, u32)> = Vec::new();
     let mut writer: Option<PackWriter> = None;
     let mut dirs = std::collections::BTreeSet::new();
+    let mut new_packs = NewPacks {
+        fs: &store.fs,
+        paths: Vec::new(),
+        kept: false,
+    };
     progress.start("prune", report.bytes_copied);
     for id in &rewrite {
         let Some(u) = packs.get_mut(id) else { continue };
@@ -228,6 +233,7 @@ pub(crate) fn prune(
             if writer.is_none() {
                 let w = PackWriter::create(&store.fs, &store.packs_dir())?;
                 dirs.insert(crate::fsutil::parent_of(&w.path));
+                new_packs.paths.push(w.path.clone());
                 writer = Some(w);
             }
             let Some(w) = writer.as_mut() else { continue };
@@ -294,7 +300,18 @@ pub(crate) fn prune(
             }
         }
         crate::store::writer::insert_packs(&index, &tx, &written)?;
-        tx.commit().map_err(|e| index.err()(e.into()))?;
+        // From here the index may name the new packs, whatever the commit returns.
+        new_packs.kept = true;
+        if let Err(e) = tx.commit() {
+            let e = index.err()(e.into());
+            drop(index);
+            let probe = written.first().map(|p| p.0.0);
+            new_packs.kept = super::commit_visible(store, |tx| match probe {
+                Some(id) => Ok(tx.open_table(PACKS)?.get(id)?.is_some()),
+                None => Ok(false),
+            });
+            return Err(e.into());
+        }
     }
     crate::failpoint::hit("prune:before-delete")?;
 
@@ -319,6 +336,23 @@ pub(crate) fn prune(
     progress.finish();
     report.duration_ms = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// The packs a prune writes: deleted if it fails before its commit, since nothing names them.
+struct NewPacks<'a> {
+    fs: &'a crate::storage::Fs,
+    paths: Vec<std::path::PathBuf>,
+    kept: bool,
+}
+
+impl Drop for NewPacks<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            for p in &self.paths {
+                let _ = self.fs.remove_file(p);
+            }
+        }
+    }
 }
 
 /// Every `packs/<xx>/<id>.pack` file and its size.

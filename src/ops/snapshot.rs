@@ -397,7 +397,7 @@ fn attempt(
         Commit::Done => {}
         Commit::Missing(missing) => return Ok(Attempt::Retry(missing)),
         Commit::Exists(_) => {
-            pending.abandon();
+            drop(pending);
             return Err(StoreError::Index {
                 path: store.root().join(crate::store::INDEX_FILE),
                 message: format!(
@@ -653,7 +653,16 @@ pub(crate) fn commit(
             super::raise_format(store, &index, &tx)?;
         }
     }
-    tx.commit().map_err(|e| index.err()(e.into()))?;
+    pending.keep();
+    if let Err(e) = tx.commit() {
+        let e = index.err()(e.into());
+        drop(index);
+        let id = record.info.id.as_str();
+        if !super::commit_visible(store, |tx| Ok(tx.open_table(SNAPSHOTS)?.get(id)?.is_some())) {
+            pending.unkeep();
+        }
+        return Err(e.into());
+    }
     Ok(Commit::Done)
 }
 

@@ -116,8 +116,12 @@ pub(crate) struct WriteStats {
     pub new_stored_bytes: u64,
 }
 
-/// What a finished writer hands to the commit: everything here is durable on disk.
+/// What a finished writer hands to the commit: everything here is durable on disk. Dropped
+/// before [`Pending::keep`], it deletes its packs: the commit did not happen.
 pub(crate) struct Pending {
+    /// Set once the commit is attempted: from then on the index may name the packs, even if
+    /// the commit reports an error (a failed fsync says nothing of what reached the disk).
+    kept: std::sync::atomic::AtomicBool,
     pub fs: Fs,
     pub packs_dir: PathBuf,
     pub new_chunks: HashMap<ChunkId, ChunkLoc>,
@@ -149,8 +153,10 @@ pub(crate) struct ChunkWriter {
     /// Packs whose entries an early commit put in the index: never deleted by `abandon`.
     committed_packs: HashSet<PackId>,
     early_commit_chunks: usize,
-    /// The early commit in flight and the packs it names.
-    committing: Option<(Background, Vec<PackId>)>,
+    /// The early commit in flight, the packs it names, and whether it has called redb's commit.
+    committing: Option<(Background, Vec<PackId>, Arc<std::sync::atomic::AtomicBool>)>,
+    /// Handed over by `finish`: the packs are the commit's (through [`Pending`]) to keep.
+    finished: bool,
     dirs: BTreeSet<PathBuf>,
     /// Filter hits that no confirmed tree node covers: looked up one by one at commit.
     pub(crate) confirm: Vec<ChunkId>,
@@ -272,6 +278,7 @@ impl ChunkWriter {
             early_commit_chunks: test_knob("MEMSNAP_TEST_EARLY_COMMIT_CHUNKS")
                 .map_or(EARLY_COMMIT_CHUNKS, |n| n as usize),
             committing: None,
+            finished: false,
             known: Arc::new(known),
             new_chunks: HashMap::new(),
             pack: None,
@@ -414,7 +421,11 @@ impl ChunkWriter {
     /// back one pack while the next is filled; at most [`MAX_SYNCING`] are in flight.
     fn close_pack(&mut self) -> Result<(), StoreError> {
         if let Some(w) = self.pack.take() {
-            let sealed = w.seal()?;
+            let path = w.path.clone();
+            let sealed = w.seal().inspect_err(|_| {
+                // Not in `done` yet, so `abandon` would not know it.
+                let _ = self.fs.remove_file(&path);
+            })?;
             let pack = (sealed.id, sealed.size, sealed.count);
             self.done.push(pack);
             self.syncing.push_back(Syncing {
@@ -477,6 +488,8 @@ impl ChunkWriter {
         let packs = std::mem::take(&mut self.durable_packs);
         let ids = packs.iter().map(|p| p.0).collect();
         let fs = self.fs.clone();
+        let attempted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let attempting = attempted.clone();
         let handle = std::thread::spawn(move || -> Result<(), StoreError> {
             for dir in &dirs {
                 fs.sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
@@ -490,25 +503,28 @@ impl ChunkWriter {
             let tx = index.begin_write()?;
             insert_chunks(&index, &tx, chunks.iter().map(|(id, loc)| (id, loc)))?;
             insert_packs(&index, &tx, &packs)?;
+            attempting.store(true, std::sync::atomic::Ordering::SeqCst);
             tx.commit().map_err(|e| index.err()(e.into()))?;
             Ok(())
         });
-        self.committing = Some((handle, ids));
+        self.committing = Some((handle, ids, attempted));
         Ok(())
     }
 
-    /// Waits for the early commit in flight; its packs count as named by the index only once it
-    /// has committed.
+    /// Waits for the early commit in flight. Its packs count as named by the index (never
+    /// deleted) once it has called redb's commit, whatever that returned.
     fn join_early(&mut self) -> Result<(), StoreError> {
-        let Some((handle, ids)) = self.committing.take() else {
+        let Some((handle, ids, attempted)) = self.committing.take() else {
             return Ok(());
         };
-        match handle.join() {
-            Ok(r) => r?,
+        let result = handle.join();
+        if attempted.load(std::sync::atomic::Ordering::SeqCst) {
+            self.committed_packs.extend(ids);
+        }
+        match result {
+            Ok(r) => r,
             Err(panic) => std::panic::resume_unwind(panic),
         }
-        self.committed_packs.extend(ids);
-        Ok(())
     }
 
     /// Enables early commits into the index at `index` (a snapshot: see [`EarlyCommit`]).
@@ -517,8 +533,13 @@ impl ChunkWriter {
     }
 
     /// Deletes the packs written so far: what they were written for will not be committed, and
-    /// nothing else can reference chunks that no index entry names.
-    pub(crate) fn abandon(mut self) {
+    /// nothing else can reference chunks that no index entry names. Dropping an unfinished
+    /// writer (an error on the way) does the same.
+    pub(crate) fn abandon(self) {
+        drop(self);
+    }
+
+    fn delete_unnamed(&mut self) {
         // No early commit from here on: what this writer leaves is deleted, not referenced.
         self.early = None;
         let _ = self.join_early();
@@ -540,6 +561,7 @@ impl ChunkWriter {
 
     /// Closes the open pack and makes every pack written and its directory entry durable.
     pub(crate) fn finish(mut self) -> Result<Pending, StoreError> {
+        use std::mem::take;
         self.close_pack()?;
         while !self.syncing.is_empty() {
             self.wait_oldest_sync()?;
@@ -553,28 +575,52 @@ impl ChunkWriter {
                 .sync_dir(&self.packs_dir)
                 .map_err(|e| StoreError::io(&self.packs_dir, e))?;
         }
-        let mut new_chunks = self.new_chunks;
-        new_chunks.extend(self.durable);
-        let committed = self.committed_packs;
+        let mut new_chunks = take(&mut self.new_chunks);
+        new_chunks.extend(take(&mut self.durable));
+        let committed = take(&mut self.committed_packs);
+        self.finished = true;
         Ok(Pending {
+            kept: std::sync::atomic::AtomicBool::new(false),
             fs: self.fs.clone(),
             packs_dir: self.packs_dir.clone(),
             new_chunks,
-            packs: self
-                .done
+            packs: take(&mut self.done)
                 .into_iter()
                 .filter(|p| !committed.contains(&p.0))
                 .collect(),
-            confirm: self.confirm,
-            node_hits: self.node_hits,
+            confirm: take(&mut self.confirm),
+            node_hits: take(&mut self.node_hits),
             stats: self.stats,
         })
     }
 }
 
+impl Drop for ChunkWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.delete_unnamed();
+        }
+    }
+}
+
 impl Pending {
-    /// Deletes the packs of a commit that will not happen (see [`ChunkWriter::abandon`]).
-    pub(crate) fn abandon(&self) {
+    /// Called just before the index commit: the packs stay, whatever the commit returns.
+    pub(crate) fn keep(&self) {
+        self.kept.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The commit failed and is not visible (see `ops::commit_visible`): the packs can go.
+    pub(crate) fn unkeep(&self) {
+        self.kept.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Pending {
+    /// Deletes the packs of a commit that did not happen (see [`ChunkWriter::abandon`]).
+    fn drop(&mut self) {
+        if self.kept.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         for (id, _, _) in &self.packs {
             let _ = self.fs.remove_file(&id.path(&self.packs_dir));
         }
