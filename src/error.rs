@@ -9,7 +9,7 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    #[error("I/O error on {path}: {source}")]
+    #[error("I/O error on {path}: {source}{}", io_hint(.source))]
     Io {
         path: PathBuf,
         #[source]
@@ -89,7 +89,7 @@ impl StoreError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SourceError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {source}{}", io_hint(.source))]
     Io {
         path: PathBuf,
         #[source]
@@ -188,7 +188,7 @@ pub enum Error {
     TargetNotEmpty { path: PathBuf },
     #[error("the snapshot's {what} does not match its recorded hash after restore staging: {path}")]
     RestoredHashMismatch { what: String, path: PathBuf },
-    #[error("I/O error on {path}: {source}")]
+    #[error("I/O error on {path}: {source}{}", io_hint(.source))]
     Io {
         path: PathBuf,
         #[source]
@@ -215,7 +215,7 @@ pub enum Error {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BundleError {
-    #[error("I/O error on {path}: {source}")]
+    #[error("I/O error on {path}: {source}{}", io_hint(.source))]
     Io {
         path: PathBuf,
         #[source]
@@ -312,3 +312,24 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to do about the I/O errors a user can fix, appended to their message.
+fn io_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => {
+            "; the file system is full: free space on it (or `memsnap prune` a store there) and \
+             run the command again"
+        }
+        Some(libc::EDQUOT) => "; the disk quota is used up: raise it or free space, then run again",
+        Some(libc::EACCES | libc::EPERM) => {
+            "; this user may not do that there: fix the owner or permissions of that path, or run \
+             memsnap as the user that owns it"
+        }
+        Some(libc::EROFS) => "; the file system is mounted read-only",
+        Some(libc::EIO) => {
+            "; the device reported an error: check the disk (dmesg), then run `memsnap verify \
+             --read-data`"
+        }
+        _ => "",
+    }
+}
