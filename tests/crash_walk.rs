@@ -1,0 +1,562 @@
+//! Crash and fault walks (after redb's crash-consistency tests): the store runs on a storage
+//! (`support/crashfs.rs`) that writes through to disk and keeps a model of what a power loss
+//! would leave. For each of snapshot, restore (in place), import, forget and prune, a run
+//! without faults counts its sync points and storage operations; then, from the same starting
+//! copy each time:
+//! - **crash walk**: the N-th sync does not happen and nothing after it either; the disk is put
+//!   back to what was durable; the store opens (recovering what it must), `verify --read-data`
+//!   passes, every snapshot committed before is listed and restores exactly, a new one is listed
+//!   only whole, the live agent is the old one or the restored one, and a prune afterwards
+//!   leaves a store that verifies;
+//! - **fault walk**: the N-th operation fails with ENOSPC or EACCES; the error names the path and
+//!   the cause, and the store is as it was: same snapshots, verifies, no temporary files, no new
+//!   pack files.
+//!
+//! CI walks every sync point and every 7th operation. `MEMSNAP_CRASH_FULL=1` walks every
+//! operation too: `MEMSNAP_CRASH_FULL=1 cargo test --release --test crash_walk`.
+
+mod common;
+#[path = "support/crashfs.rs"]
+mod crashfs;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use common::{AGENT, TENANT, Tree, assert_same_tree, tree};
+use crashfs::{CrashFs, Fault};
+use memsnap::sample::{SampleAgent, SampleSpec};
+use memsnap::{
+    AgentId, ExportRequest, ForgetRequest, ImportRequest, Memsnap, OsStorage, PruneRequest,
+    RestoreRequest, RetentionPolicy, SnapshotRequest, SourceSpec, Storage, StoreOptions,
+};
+
+/// Small packs, so that a tiny agent writes several and their syncs interleave.
+fn knobs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: set once, before any store is opened in this process; std serialises its own
+        // environment access.
+        unsafe { std::env::set_var("MEMSNAP_TEST_PACK_BYTES", "65536") };
+    });
+}
+
+fn full() -> bool {
+    std::env::var_os("MEMSNAP_CRASH_FULL").is_some()
+}
+
+fn agent_id() -> AgentId {
+    AgentId::new(TENANT, AGENT).expect("agent id")
+}
+
+fn open(root: &Path, storage: Arc<dyn Storage>) -> Memsnap {
+    Memsnap::open(
+        root.join("store"),
+        StoreOptions::default()
+            .lock_timeout(Duration::from_secs(5))
+            .storage(storage),
+    )
+    .expect("the store opens")
+}
+
+fn os() -> Arc<dyn Storage> {
+    Arc::new(OsStorage)
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp runs")
+        .success();
+    assert!(ok, "cp -a {} {}", from.display(), to.display());
+}
+
+fn snapshot(m: &Memsnap, root: &Path, label: &str) -> memsnap::Result<memsnap::SnapshotInfo> {
+    m.snapshot(
+        &SnapshotRequest::new(agent_id())
+            .sources(SourceSpec::from_root(root.join("agent")))
+            .label(label),
+    )
+}
+
+/// label → snapshot id, for the snapshots listed.
+fn labels(m: &Memsnap) -> BTreeMap<String, String> {
+    m.list(None, None)
+        .expect("list")
+        .into_iter()
+        .map(|i| (i.label.unwrap_or_default(), i.id))
+        .collect()
+}
+
+/// What a restore of snapshot `id` into an empty folder writes (modes, sizes, bytes, links).
+fn restored_image(m: &Memsnap, id: &str, scratch: &Path) -> Tree {
+    let target = scratch.join(format!("restored-{id}"));
+    m.restore(&RestoreRequest::new(id).agent(agent_id()).target(&target))
+        .unwrap_or_else(|e| panic!("snapshot {id} restores: {e}"));
+    let t = tree(&target, false);
+    let _ = std::fs::remove_dir_all(&target);
+    t
+}
+
+/// The live agent's memory as a restore sets it: the memdir and state trees, and each
+/// database's rows (a restore into a live database goes through SQLite, so its bytes may differ).
+#[derive(Debug, PartialEq)]
+struct LiveImage {
+    memdir: Tree,
+    state: Tree,
+    rows: BTreeMap<String, i64>,
+    head: Option<String>,
+}
+
+fn live_image(root: &Path) -> LiveImage {
+    let agent = SampleAgent::open(&root.join("agent"));
+    LiveImage {
+        memdir: tree(&agent.memdir(), false),
+        state: tree(&agent.state_dir(), false),
+        rows: agent.row_counts().expect("row counts"),
+        head: agent.git_head().expect("git head"),
+    }
+}
+
+fn pack_files(root: &Path) -> BTreeSet<PathBuf> {
+    walkdir::WalkDir::new(root.join("store/packs"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().strip_prefix(root).expect("below").to_path_buf())
+        .collect()
+}
+
+/// Temporary files a finished or failed operation must not leave in the store.
+fn store_leftovers(root: &Path) -> Vec<PathBuf> {
+    walkdir::WalkDir::new(root.join("store"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy();
+            (e.depth() == 2 && e.path().parent() == Some(&root.join("store/tmp")))
+                || name.contains(".tmp-")
+        })
+        .map(|e| e.path().to_path_buf())
+        .collect()
+}
+
+type Op = dyn Fn(&Memsnap, &Path) -> memsnap::Result<()>;
+
+/// One walk: a starting folder (`template/{store,agent}` plus whatever the operation needs) and
+/// what each listed snapshot must restore to.
+struct Walk {
+    name: &'static str,
+    template: PathBuf,
+    /// label → image of every snapshot the store may list, before or after the operation.
+    images: BTreeMap<String, Tree>,
+    /// Labels that must be listed whatever happens (committed before, not the operation's to
+    /// remove).
+    must: BTreeSet<String>,
+    /// Labels listed before the operation.
+    before: BTreeSet<String>,
+    /// Labels listed after it succeeded (set by the clean run).
+    after: std::cell::RefCell<BTreeSet<String>>,
+    /// For a restore into the live agent: it is one of these afterwards.
+    live: Option<(LiveImage, LiveImage)>,
+    op: Box<Op>,
+}
+
+struct Tally {
+    crashes: u64,
+    faults: u64,
+    failed: u64,
+}
+
+impl Walk {
+    fn fresh(&self, scratch: &Path, n: u64) -> PathBuf {
+        let root = scratch.join(format!("{}-{n}", self.name));
+        copy_tree(&self.template, &root);
+        root
+    }
+
+    /// The store after whatever happened to it: opens, verifies, lists only whole snapshots it
+    /// may list (all it must), and each restores to its image; a prune then leaves it verifying.
+    fn check(&self, root: &Path, what: &str) -> BTreeSet<String> {
+        // Opening finishes or rolls back an interrupted restore.
+        let m = open(root, os());
+        let agent = SampleAgent::open(&root.join("agent"));
+        common::assert_no_restore_leftovers(&agent);
+        common::assert_databases_intact(&agent);
+        let journals: Vec<_> = walkdir::WalkDir::new(root.join("store/journal"))
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_file())
+            .map(|e| e.path().to_path_buf())
+            .collect();
+        assert!(journals.is_empty(), "{what}: journals left: {journals:?}");
+        let report = m.verify(None, None, true).expect("verify runs");
+        assert!(report.ok(), "{what}: verify --read-data: {report:?}");
+        let listed = labels(&m);
+        for l in &self.must {
+            assert!(
+                listed.contains_key(l),
+                "{what}: snapshot {l:?} lost: {listed:?}"
+            );
+        }
+        for (label, id) in &listed {
+            let image = self
+                .images
+                .get(label)
+                .unwrap_or_else(|| panic!("{what}: unexpected snapshot {label:?}"));
+            assert_same_tree(
+                image,
+                &restored_image(&m, id, root),
+                &format!("{what}: snapshot {label:?}"),
+            );
+        }
+        if let Some((old, new)) = &self.live {
+            let now = live_image(root);
+            if &now != old && &now != new {
+                let differs = |o: &LiveImage| {
+                    let mut d = Vec::new();
+                    if o.memdir != now.memdir {
+                        d.push("memdir");
+                    }
+                    if o.state != now.state {
+                        d.push("state");
+                    }
+                    if o.rows != now.rows {
+                        d.push("rows");
+                    }
+                    if o.head != now.head {
+                        d.push("git HEAD");
+                    }
+                    d.join(", ")
+                };
+                if old.memdir != now.memdir {
+                    assert_same_tree(&new.memdir, &now.memdir, &format!("{what}: memdir"));
+                }
+                panic!(
+                    "{what}: the live agent is neither the old one (differs in {}) nor the \
+                     restored one (differs in {})",
+                    differs(old),
+                    differs(new)
+                );
+            }
+        }
+        m.prune(&PruneRequest::default())
+            .unwrap_or_else(|e| panic!("{what}: prune after: {e}"));
+        let report = m.verify(None, None, true).expect("verify runs");
+        assert!(report.ok(), "{what}: verify after prune: {report:?}");
+        listed.into_keys().collect()
+    }
+
+    fn run(&self, scratch: &Path) -> Tally {
+        // A clean run: how many sync points and operations there are to walk.
+        let root = self.fresh(scratch, 0);
+        let fs = CrashFs::new();
+        let m = open(&root, fs.clone());
+        fs.reset().expect("reset");
+        (self.op)(&m, &root).unwrap_or_else(|e| panic!("{}: clean run: {e}", self.name));
+        let (syncs, ops) = (fs.syncs(), fs.ops());
+        drop(m);
+        *self.after.borrow_mut() = self.check(&root, &format!("{}: clean run", self.name));
+        std::fs::remove_dir_all(&root).expect("clean up");
+        assert!(syncs > 0, "{}: the operation syncs nothing", self.name);
+        eprintln!("{}: {syncs} sync points, {ops} operations", self.name);
+
+        let mut tally = Tally {
+            crashes: 0,
+            faults: 0,
+            failed: 0,
+        };
+        for n in 1..=syncs {
+            let root = self.fresh(scratch, n);
+            let fs = CrashFs::new();
+            let m = open(&root, fs.clone());
+            fs.reset().expect("reset");
+            fs.crash_at_sync(n);
+            let result = (self.op)(&m, &root);
+            drop(m);
+            let log = fs.op_log();
+            let tail = log[log.len().saturating_sub(6)..].join("\n    ");
+            let what = format!(
+                "{}: crash at sync {n}/{syncs}, after\n    {tail}\n",
+                self.name
+            );
+            assert!(
+                fs.is_crashed() || result.is_ok(),
+                "{what}: failed without a crash: {result:?}"
+            );
+            fs.restore_durable().expect("back to the durable state");
+            self.check(&root, &what);
+            std::fs::remove_dir_all(&root).expect("clean up");
+            tally.crashes += 1;
+        }
+
+        let step = if full() { 1 } else { 7 };
+        let packs_before = pack_files(&self.template);
+        for n in (1..=ops).step_by(step) {
+            let root = self.fresh(scratch, n);
+            let fs = CrashFs::new();
+            let m = open(&root, fs.clone());
+            fs.reset().expect("reset");
+            let fault = if n % 2 == 0 {
+                Fault::NoSpace
+            } else {
+                Fault::Denied
+            };
+            fs.fail_op(n, fault);
+            let result = (self.op)(&m, &root);
+            let log = fs.op_log();
+            let faulted = log
+                .iter()
+                .find(|l| l.contains("=> fault"))
+                .cloned()
+                .unwrap_or_default();
+            drop(m);
+            let what = format!(
+                "{}: {fault:?} at operation {n}/{ops} ({faulted})",
+                self.name
+            );
+            tally.faults += 1;
+            match result {
+                Ok(()) => {
+                    // Only redb's bookkeeping when a session closes (its allocator state and
+                    // header) may fail unseen: redb ignores it, and the next open repairs.
+                    // (A run may do fewer operations than the counting run, so the fault may
+                    // not have fired at all.)
+                    assert!(
+                        faulted.is_empty() || faulted.contains("index.redb"),
+                        "{what}: the operation succeeded, the failure was swallowed"
+                    );
+                    self.check(&root, &what);
+                }
+                Err(e) => {
+                    tally.failed += 1;
+                    let msg = e.to_string();
+                    let cause = match fault {
+                        Fault::NoSpace => "No space left on device",
+                        Fault::Denied => "Permission denied",
+                    };
+                    assert!(
+                        msg.contains(cause) && msg.contains(&*root.to_string_lossy()),
+                        "{what}: the error names neither the cause nor the path: {msg}"
+                    );
+                    let left = store_leftovers(&root);
+                    assert!(left.is_empty(), "{what}: left behind {left:?}");
+                    // A failed sync of the index after its commit record was written leaves
+                    // the commit visible (and perhaps durable): the one case where a failed
+                    // operation may have happened, its packs rightly kept. Anywhere else,
+                    // nothing changed.
+                    let listed: BTreeSet<String> = labels(&open(&root, os())).into_keys().collect();
+                    let committed = faulted.contains(" sync ")
+                        && faulted.contains("index.redb")
+                        && listed == *self.after.borrow();
+                    if self.live.is_none() && !committed {
+                        assert_eq!(listed, self.before, "{what}: the snapshots changed");
+                        if self.name != "prune" {
+                            let packs = pack_files(&root);
+                            let new: Vec<_> = packs.difference(&packs_before).collect();
+                            assert!(new.is_empty(), "{what}: new pack files left: {new:?}");
+                        }
+                    }
+                    self.check(&root, &what);
+                }
+            }
+            std::fs::remove_dir_all(&root).expect("clean up");
+        }
+        eprintln!(
+            "{}: {} crashes walked, {} faults injected ({} failed cleanly)",
+            self.name, tally.crashes, tally.faults, tally.failed
+        );
+        tally
+    }
+}
+
+/// `template/` with a tiny agent and a store holding snapshot "one"; the agent has changed
+/// since (an append day). Returns the images of "one" and of the changed agent ("two", taken
+/// in a throwaway copy).
+struct Base {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    one: Tree,
+    two: Tree,
+}
+
+fn base() -> Base {
+    knobs();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().to_path_buf();
+    let template = dir.join("template");
+    let agent = SampleAgent::create(&template.join("agent"), &SampleSpec::tiny()).expect("agent");
+    let m = Memsnap::create(template.join("store"), StoreOptions::default()).expect("store");
+    let one = snapshot(&m, &template, "one").expect("snapshot one");
+    agent.append_day(1, 0.2).expect("append day");
+    let one = restored_image(&m, &one.id, &dir);
+    let probe = dir.join("probe");
+    copy_tree(&template, &probe);
+    let m2 = open(&probe, os());
+    let two = snapshot(&m2, &probe, "two").expect("snapshot two");
+    let two = restored_image(&m2, &two.id, &dir);
+    std::fs::remove_dir_all(&probe).expect("clean up");
+    Base {
+        _tmp: tmp,
+        dir,
+        one,
+        two,
+    }
+}
+
+fn images(b: &Base, labels: &[&str]) -> BTreeMap<String, Tree> {
+    labels
+        .iter()
+        .map(|l| {
+            let t = match *l {
+                "one" => b.one.clone(),
+                _ => b.two.clone(),
+            };
+            (l.to_string(), t)
+        })
+        .collect()
+}
+
+fn set(labels: &[&str]) -> BTreeSet<String> {
+    labels.iter().map(|l| l.to_string()).collect()
+}
+
+#[test]
+fn snapshot_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
+    let b = base();
+    let walk = Walk {
+        name: "snapshot",
+        template: b.dir.join("template"),
+        images: images(&b, &["one", "two"]),
+        must: set(&["one"]),
+        after: Default::default(),
+        before: set(&["one"]),
+        live: None,
+        op: Box::new(|m, root| snapshot(m, root, "two").map(|_| ())),
+    };
+    walk.run(&b.dir);
+}
+
+#[test]
+fn restore_in_place_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
+    let b = base();
+    let template = b.dir.join("template");
+    // The live agent before, and as snapshot "one" restored in place.
+    let old = live_image(&template);
+    let probe = b.dir.join("probe");
+    copy_tree(&template, &probe);
+    let id = labels(&open(&template, os()))
+        .remove("one")
+        .expect("one is listed");
+    let restore_one = move |m: &Memsnap, root: &Path| -> memsnap::Result<()> {
+        m.restore(
+            &RestoreRequest::new(id.clone())
+                .agent(agent_id())
+                .sources(SourceSpec::from_root(root.join("agent")))
+                .pre_snapshot(false),
+        )
+        .map(|_| ())
+    };
+    restore_one(&open(&probe, os()), &probe).expect("restore one");
+    let new = live_image(&probe);
+    assert_ne!(old, new, "the agent changed since snapshot one");
+    let walk = Walk {
+        name: "restore",
+        template,
+        images: images(&b, &["one"]),
+        must: set(&["one"]),
+        after: Default::default(),
+        before: set(&["one"]),
+        live: Some((old, new)),
+        op: Box::new(restore_one),
+    };
+    walk.run(&b.dir);
+}
+
+#[test]
+fn import_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
+    let b = base();
+    let template = b.dir.join("template");
+    // A bundle of "two", exported from a throwaway copy.
+    let probe = b.dir.join("probe");
+    copy_tree(&template, &probe);
+    let m = open(&probe, os());
+    let two = snapshot(&m, &probe, "two").expect("two");
+    m.export(&ExportRequest::new(two.id, template.join("two.tar.zst")))
+        .expect("export");
+    drop(m);
+    std::fs::remove_dir_all(&probe).expect("clean up");
+    let walk = Walk {
+        name: "import",
+        template,
+        images: images(&b, &["one", "two"]),
+        must: set(&["one"]),
+        after: Default::default(),
+        before: set(&["one"]),
+        live: None,
+        op: Box::new(|m, root| {
+            m.import(&ImportRequest::new(root.join("two.tar.zst")))
+                .map(|_| ())
+        }),
+    };
+    walk.run(&b.dir);
+}
+
+/// `template/` holds "one" and "two"; forget keeps the last.
+#[test]
+fn forget_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
+    let b = base();
+    let template = b.dir.join("template");
+    snapshot(&open(&template, os()), &template, "two").expect("two");
+    let walk = Walk {
+        name: "forget",
+        template,
+        images: images(&b, &["one", "two"]),
+        must: set(&["two"]),
+        after: Default::default(),
+        before: set(&["one", "two"]),
+        live: None,
+        op: Box::new(|m, _| {
+            m.forget(&ForgetRequest::new(RetentionPolicy::default().keep_last(1)))
+                .map(|_| ())
+        }),
+    };
+    walk.run(&b.dir);
+}
+
+/// `template/` holds "two" only ("one" forgotten): prune deletes packs and rewrites the ones
+/// "two" shares with "one".
+#[test]
+fn prune_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
+    let b = base();
+    let template = b.dir.join("template");
+    let m = open(&template, os());
+    snapshot(&m, &template, "two").expect("two");
+    m.forget(&ForgetRequest::new(RetentionPolicy::default().keep_last(1)))
+        .expect("forget");
+    drop(m);
+    let walk = Walk {
+        name: "prune",
+        template,
+        images: images(&b, &["two"]),
+        must: set(&["two"]),
+        after: Default::default(),
+        before: set(&["two"]),
+        live: None,
+        op: Box::new(|m, _| {
+            m.prune(&PruneRequest::default().max_unused_percent(0.0))
+                .map(|report| {
+                    assert!(
+                        report.packs_rewritten + report.packs_deleted > 0,
+                        "{report:?}"
+                    );
+                })
+        }),
+    };
+    walk.run(&b.dir);
+}
