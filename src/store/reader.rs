@@ -294,69 +294,100 @@ impl<'i> ChunkReader<'i> {
     /// [`ChunkReader::resolve`] for many contents at once, locating each distinct chunk once and
     /// in key order: a walk of the whole table when the contents use a good share of it,
     /// sorted lookups otherwise (one random lookup per chunk cost ~10 us, 2.8 s for 1 GiB).
+    /// Locations are filled into the result in place, through a 16-byte sort order: ~90 bytes
+    /// per chunk at the peak (it was ~180 with separate id, lookup and result lists).
     pub(crate) fn resolve_all(
         &mut self,
         contents: &[Option<&crate::tree::ContentRef>],
     ) -> Result<Vec<Vec<(ChunkId, ChunkLoc)>>, StoreError> {
         use redb::{ReadableTable, ReadableTableMetadata};
-        let mut per_content = Vec::with_capacity(contents.len());
+        // Not a location any chunk has (a stored length above MAX_CHUNK): "not found yet".
+        const UNSET: ChunkLoc = ChunkLoc {
+            pack: PackId([0; 16]),
+            offset: 0,
+            stored_len: u32::MAX,
+            raw_len: 0,
+            flags: 0,
+        };
+        let mut out: Vec<Vec<(ChunkId, ChunkLoc)>> = Vec::with_capacity(contents.len());
         for c in contents {
-            let mut ids = Vec::new();
+            let mut chunks = Vec::new();
             if let Some(c) = c {
                 crate::tree::walk(self, c, false, &mut |id, is_data, res| {
                     res?;
                     if is_data {
-                        ids.push(*id);
+                        chunks.push((*id, UNSET));
                     }
                     Ok(())
                 })?;
             }
-            per_content.push(ids);
+            out.push(chunks);
         }
-        let mut wanted: Vec<ChunkId> = per_content.iter().flatten().copied().collect();
-        wanted.sort_unstable();
-        wanted.dedup();
+        // (id prefix, content, position), in id order: a prefix sorts contiguously; equal
+        // prefixes (repeated chunks, or a rare collision) fall back to the whole id.
+        let mut order: Vec<(u64, u32, u32)> = Vec::with_capacity(out.iter().map(Vec::len).sum());
+        for (c, chunks) in out.iter().enumerate() {
+            for (p, (id, _)) in chunks.iter().enumerate() {
+                order.push((id.prefix(), c as u32, p as u32));
+            }
+        }
+        fn id_at(out: &[Vec<(ChunkId, ChunkLoc)>], o: &(u64, u32, u32)) -> ChunkId {
+            out[o.1 as usize][o.2 as usize].0
+        }
+        order.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| id_at(&out, a).cmp(&id_at(&out, b)))
+        });
         let err = |e: redb::StorageError| StoreError::index(&self.index.path, e);
         let total = self.chunks.len().map_err(err)?;
-        // Aligned with `wanted`: a map would take twice the memory.
-        let mut found: Vec<Option<ChunkLoc>> = vec![None; wanted.len()];
-        if wanted.len() as u64 * 8 >= total {
-            // Both sides in key order: a merge.
-            let mut i = 0;
+        // Sets the location of the run of equal ids starting at `order[i]`; returns its end.
+        let assign = |out: &mut Vec<Vec<(ChunkId, ChunkLoc)>>, i: usize, loc: ChunkLoc| {
+            let id = id_at(out, &order[i]);
+            let mut j = i;
+            while j < order.len() && order[j].0 == order[i].0 && id_at(out, &order[j]) == id {
+                out[order[j].1 as usize][order[j].2 as usize].1 = loc;
+                j += 1;
+            }
+            j
+        };
+        // Distinct wanted ids, for choosing between a walk of the table and lookups.
+        let distinct = order
+            .windows(2)
+            .filter(|w| w[0].0 != w[1].0 || id_at(&out, &w[0]) != id_at(&out, &w[1]))
+            .count()
+            + usize::from(!order.is_empty());
+        let mut i = 0;
+        if distinct as u64 * 8 >= total {
+            // Both sides in key order: a merge. Wanted ids below a key are absent: each is
+            // reported by the content that needs it, below.
             for item in self.chunks.iter().map_err(err)? {
                 let (k, v) = item.map_err(err)?;
                 let key = ChunkId(k.value());
-                // Wanted ids below this key are absent: each is reported by the content that
-                // needs it, below.
-                while i < wanted.len() && wanted[i] < key {
+                while i < order.len() && id_at(&out, &order[i]) < key {
                     i += 1;
                 }
-                if i == wanted.len() {
+                if i == order.len() {
                     break;
                 }
-                if wanted[i] == key {
-                    found[i] = Some(ChunkLoc::decode(&v.value()));
-                    i += 1;
+                if id_at(&out, &order[i]) == key {
+                    i = assign(&mut out, i, ChunkLoc::decode(&v.value()));
                 }
             }
         } else {
-            for (id, slot) in wanted.iter().zip(found.iter_mut()) {
-                *slot = self.locate(id)?;
+            while i < order.len() {
+                let id = id_at(&out, &order[i]);
+                match self.locate(&id)? {
+                    Some(loc) => i = assign(&mut out, i, loc),
+                    None => i += 1,
+                }
             }
         }
-        per_content
-            .into_iter()
-            .map(|ids| {
-                ids.into_iter()
-                    .map(
-                        |id| match wanted.binary_search(&id).ok().and_then(|i| found[i]) {
-                            Some(loc) => Ok((id, loc)),
-                            None => Err(StoreError::MissingChunk { id: id.hex() }),
-                        },
-                    )
-                    .collect()
-            })
-            .collect()
+        for chunks in &out {
+            if let Some((id, _)) = chunks.iter().find(|(_, l)| *l == UNSET) {
+                return Err(StoreError::MissingChunk { id: id.hex() });
+            }
+        }
+        Ok(out)
     }
 
     /// The data chunks of a content tree, in order, with their locations (tree nodes are read).
