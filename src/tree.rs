@@ -213,6 +213,40 @@ pub(crate) fn walk_unseen(
     )
 }
 
+/// Like [`walk`] without data, but skips the subtree of every node already in `nodes` (adding
+/// the new ones). Data chunks are visited each time a new node lists them: a caller that needs
+/// them once sorts and dedups them, which takes less memory than a set of every id.
+pub(crate) fn walk_new_nodes(
+    reader: &mut ChunkReader<'_>,
+    content: &ContentRef,
+    nodes: &mut HashSet<ChunkId>,
+    visit: &mut Visitor<'_>,
+) -> Result<(), StoreError> {
+    if content.height > 0 && !nodes.insert(content.root) {
+        return Ok(());
+    }
+    if content.height == 0 {
+        return visit(&content.root, true, Ok(Vec::new()));
+    }
+    let children = match reader
+        .read(&content.root)
+        .and_then(|b| decode_node(&b, content.height))
+    {
+        Ok(c) => c,
+        Err(e) => return visit(&content.root, false, Err(e)),
+    };
+    visit(&content.root, false, Ok(Vec::new()))?;
+    for (child, size) in children {
+        let sub = ContentRef {
+            size,
+            height: content.height - 1,
+            root: child,
+        };
+        walk_new_nodes(reader, &sub, nodes, visit)?;
+    }
+    Ok(())
+}
+
 fn walk_at(
     reader: &mut ChunkReader<'_>,
     id: &ChunkId,

@@ -390,6 +390,53 @@ impl<'i> ChunkReader<'i> {
         Ok(out)
     }
 
+    /// Locates `chunks`, sorted by id without repeats, in place: a walk of the table when they
+    /// are a good share of it, lookups in key order otherwise. The ones the index lacks are
+    /// taken out and returned.
+    pub(crate) fn locate_sorted(
+        &mut self,
+        chunks: &mut Vec<(ChunkId, ChunkLoc)>,
+    ) -> Result<Vec<ChunkId>, StoreError> {
+        use redb::{ReadableTable, ReadableTableMetadata};
+        let err = |e: redb::StorageError| StoreError::index(&self.index.path, e);
+        let mut found = vec![false; chunks.len()];
+        if chunks.len() as u64 * 8 >= self.chunks.len().map_err(err)? {
+            let mut i = 0;
+            for item in self.chunks.iter().map_err(err)? {
+                let (k, v) = item.map_err(err)?;
+                let key = ChunkId(k.value());
+                while i < chunks.len() && chunks[i].0 < key {
+                    i += 1;
+                }
+                if i == chunks.len() {
+                    break;
+                }
+                if chunks[i].0 == key {
+                    chunks[i].1 = ChunkLoc::decode(&v.value());
+                    found[i] = true;
+                    i += 1;
+                }
+            }
+        } else {
+            for (i, c) in chunks.iter_mut().enumerate() {
+                if let Some(loc) = self.locate(&c.0)? {
+                    c.1 = loc;
+                    found[i] = true;
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        let mut flags = found.into_iter();
+        chunks.retain(|(id, _)| {
+            let ok = flags.next().unwrap_or(false);
+            if !ok {
+                missing.push(*id);
+            }
+            ok
+        });
+        Ok(missing)
+    }
+
     /// The data chunks of a content tree, in order, with their locations (tree nodes are read).
     pub(crate) fn resolve(
         &mut self,
