@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::frames::FrameWriter;
-use super::io::{HashWriter, StoredReader, sha256_of};
+use super::io::{ChunkList, HashWriter, StoredReader, sha256_of};
 use super::manifest::{
     ArtifactMeta, BUNDLE_FORMAT, BundleGit, BundleManifest, EXT_VERSION, EncryptionMeta, EntryMeta,
     MANIFEST_ENTRY, MANIFEST_VERSION, MemsnapSection, RedactionDetail, RedactionReport,
@@ -27,8 +27,6 @@ use crate::names::AgentId;
 use crate::ops::Progress;
 use crate::storage::{Fs, OpenMode, StorageFile, WritebackFile};
 use crate::store::Store;
-use crate::store::chunk_id::ChunkId;
-use crate::store::pack::ChunkLoc;
 use crate::store::reader::{ChunkReader, PackFiles};
 
 /// zstd level for what export compresses itself (tar headers, small files, redacted copies,
@@ -117,7 +115,7 @@ pub struct ExportReport {
 }
 
 enum Source {
-    Stored(Vec<(ChunkId, ChunkLoc)>),
+    Stored(ChunkList),
     /// A redacted copy in the export's scratch folder.
     File(PathBuf),
 }
@@ -316,6 +314,7 @@ pub(crate) fn export(
         let is_db = matches!(e.kind, EntryKind::Sqlite { .. });
         let mut bundle_at = None;
         if let Some(chunks) = chunks {
+            let chunks = Arc::new(chunks);
             let (bp, kind) = bundle_path(part, &path, is_db);
             let red = match &redactor {
                 None => Redacted {
@@ -640,7 +639,7 @@ struct Redacted {
 fn redact_one(
     r: &Redactor,
     packs: &Arc<PackFiles>,
-    chunks: Vec<(ChunkId, ChunkLoc)>,
+    chunks: ChunkList,
     is_db: bool,
     bundle_path: &str,
     scratch: &Path,

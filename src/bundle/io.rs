@@ -156,8 +156,12 @@ const SMALL: u64 = 1 << 20;
 /// A stored artifact's chunks, read in order in batches of about [`PREFETCH_BATCH`] bytes by
 /// `read` (which gets one batch of chunk locations and returns their items), on a thread of its
 /// own ahead of the consumer, or at once on the caller's thread when the artifact is small.
+/// A stored artifact's chunk list, shared (not copied) with the thread that reads it ahead: a
+/// copy per artifact doubled export's memory for a large database.
+pub(crate) type ChunkList = Arc<Vec<(ChunkId, ChunkLoc)>>;
+
 fn read_ahead<T: Send + 'static>(
-    chunks: Vec<(ChunkId, ChunkLoc)>,
+    chunks: ChunkList,
     read: impl Fn(&[(ChunkId, ChunkLoc)]) -> Result<Vec<T>, String> + Send + 'static,
 ) -> mpsc::Receiver<Result<Vec<T>, String>> {
     let (tx, rx) = mpsc::sync_channel(PREFETCH_DEPTH);
@@ -198,11 +202,7 @@ pub(crate) struct StoredReader {
 }
 
 impl StoredReader {
-    pub(crate) fn new(
-        packs: Arc<PackFiles>,
-        chunks: Vec<(ChunkId, ChunkLoc)>,
-        verify: bool,
-    ) -> Self {
+    pub(crate) fn new(packs: Arc<PackFiles>, chunks: ChunkList, verify: bool) -> Self {
         let rx = read_ahead(chunks, move |batch| {
             let read = |(id, loc): &(ChunkId, ChunkLoc)| packs.read_checked(id, loc, verify);
             // On a rayon worker (a small artifact read inline by a parallel caller), read in
@@ -251,7 +251,7 @@ pub(crate) type StoredChunk = (bool, Vec<u8>);
 /// The chunks of a stored artifact as the packs hold them (not decompressed), read ahead.
 pub(crate) fn stored_chunks(
     packs: Arc<PackFiles>,
-    chunks: Vec<(ChunkId, ChunkLoc)>,
+    chunks: ChunkList,
 ) -> mpsc::Receiver<Result<Vec<StoredChunk>, String>> {
     read_ahead(chunks, move |batch| {
         batch
