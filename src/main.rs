@@ -12,5 +12,13 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Chunk batches (8 MiB) and pack buffers are large and short-lived: with a fixed threshold
+    // glibc serves them by mmap and returns them at free, instead of raising its threshold
+    // until they stay resident in its heaps (restore peaked 24 MB higher at 1 GiB).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: called before any thread exists; only tunes the allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     cli::main()
 }
