@@ -53,6 +53,16 @@ pub enum StoreError {
     },
     #[error("a stored record is damaged: {what}: {message}")]
     CorruptRecord { what: String, message: String },
+    #[error(
+        "snapshot {id} was written to the store index {path}, but making it durable failed \
+         ({message}): it is listed now and may be gone after a crash; fix the cause, then run \
+         `memsnap verify` and take the snapshot again if it is missing"
+    )]
+    CommitNotDurable {
+        path: PathBuf,
+        id: String,
+        message: String,
+    },
 }
 
 impl StoreError {

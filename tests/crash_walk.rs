@@ -171,6 +171,8 @@ struct Tally {
     crashes: u64,
     faults: u64,
     failed: u64,
+    /// Failed, yet the commit is visible (a failed sync of the index after its commit record).
+    visible: u64,
 }
 
 impl Walk {
@@ -270,6 +272,7 @@ impl Walk {
             crashes: 0,
             faults: 0,
             failed: 0,
+            visible: 0,
         };
         for n in 1..=syncs {
             let root = self.fresh(scratch, n);
@@ -354,6 +357,13 @@ impl Walk {
                     let committed = faulted.contains(" sync ")
                         && faulted.contains("index.redb")
                         && listed == *self.after.borrow();
+                    tally.visible += u64::from(committed);
+                    if committed && matches!(self.name, "snapshot" | "import") {
+                        assert!(
+                            msg.contains("may be gone after a crash"),
+                            "{what}: a commit that failed to sync says so: {msg}"
+                        );
+                    }
                     if self.live.is_none() && !committed {
                         assert_eq!(listed, self.before, "{what}: the snapshots changed");
                         if self.name != "prune" {
@@ -368,8 +378,9 @@ impl Walk {
             std::fs::remove_dir_all(&root).expect("clean up");
         }
         eprintln!(
-            "{}: {} crashes walked, {} faults injected ({} failed cleanly)",
-            self.name, tally.crashes, tally.faults, tally.failed
+            "{}: {} crashes walked, {} faults injected ({} failed cleanly, {} of them after \
+             a visible commit)",
+            self.name, tally.crashes, tally.faults, tally.failed, tally.visible
         );
         tally
     }

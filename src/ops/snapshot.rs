@@ -655,12 +655,20 @@ pub(crate) fn commit(
     }
     pending.keep();
     if let Err(e) = tx.commit() {
+        let message = e.to_string();
+        let path = index.path.clone();
         let e = index.err()(e.into());
         drop(index);
         let id = record.info.id.as_str();
-        if !super::commit_visible(store, |tx| Ok(tx.open_table(SNAPSHOTS)?.get(id)?.is_some())) {
-            pending.unkeep();
+        if super::commit_visible(store, |tx| Ok(tx.open_table(SNAPSHOTS)?.get(id)?.is_some())) {
+            return Err(StoreError::CommitNotDurable {
+                path,
+                id: id.to_owned(),
+                message,
+            }
+            .into());
         }
+        pending.unkeep();
         return Err(e.into());
     }
     Ok(Commit::Done)
