@@ -29,10 +29,10 @@ pub enum OpenMode {
     /// An existing file, for reading and writing.
     ReadWrite,
     /// Creates the file, which must not exist, for reading and writing, with permission bits
-    /// `mode` (whatever the umask).
+    /// `mode` less the umask (as `open(2)` does).
     CreateNew { mode: u32 },
-    /// Opens the file for reading and writing, creating it (with `mode`) if it is missing;
-    /// keeps its content.
+    /// Opens the file for reading and writing, creating it (with `mode` less the umask) if it
+    /// is missing; keeps its content.
     OpenOrCreate { mode: u32 },
 }
 
@@ -63,6 +63,9 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn create_dir(&self, path: &Path) -> io::Result<()>;
     /// Removes an empty directory.
     fn remove_dir(&self, path: &Path) -> io::Result<()>;
+    /// Removes a directory and everything below it, without following symbolic links (like
+    /// `std::fs::remove_dir_all`, which is safe against a folder swapped for a link meanwhile).
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
     /// Creates a symbolic link at `link` pointing to `target`.
     fn symlink(&self, target: &Path, link: &Path) -> io::Result<()>;
     /// Makes the names in directory `dir` durable (`fsync` of the directory).
@@ -125,29 +128,22 @@ impl StorageFile for OsFile {
 
 impl Storage for OsStorage {
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let create = |bits: u32| -> io::Result<fs::File> {
-            let f = fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(bits)
-                .open(path)?;
-            // The umask narrowed `bits`; a created file gets exactly them.
-            f.set_permissions(fs::Permissions::from_mode(bits))?;
-            Ok(f)
-        };
-        let existing = |write: bool| fs::OpenOptions::new().read(true).write(write).open(path);
-        let f = match mode {
-            OpenMode::Read => existing(false)?,
-            OpenMode::ReadWrite => existing(true)?,
-            OpenMode::CreateNew { mode } => create(mode)?,
-            OpenMode::OpenOrCreate { mode } => match create(mode) {
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => existing(true)?,
-                r => r?,
-            },
-        };
-        Ok(Box::new(OsFile(f)))
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut o = fs::OpenOptions::new();
+        o.read(true);
+        match mode {
+            OpenMode::Read => {}
+            OpenMode::ReadWrite => {
+                o.write(true);
+            }
+            OpenMode::CreateNew { mode } => {
+                o.write(true).create_new(true).mode(mode);
+            }
+            OpenMode::OpenOrCreate { mode } => {
+                o.write(true).create(true).truncate(false).mode(mode);
+            }
+        }
+        Ok(Box::new(OsFile(o.open(path)?)))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -164,6 +160,10 @@ impl Storage for OsStorage {
 
     fn remove_dir(&self, path: &Path) -> io::Result<()> {
         fs::remove_dir(path)
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        fs::remove_dir_all(path)
     }
 
     fn symlink(&self, target: &Path, link: &Path) -> io::Result<()> {
@@ -221,6 +221,12 @@ impl Fs {
         let tmp = tmp_name(path);
         let result = (|| {
             let f = self.0.open(&tmp, OpenMode::CreateNew { mode })?;
+            // Exactly `mode` (a restored state file keeps its bits), whatever the umask; a
+            // metadata change, made durable with the file by its sync.
+            {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
+            }
             f.write_all_at(bytes, 0)?;
             f.sync()?;
             drop(f);
@@ -251,12 +257,7 @@ impl Fs {
     /// until the parent is synced.
     pub(crate) fn remove_any(&self, path: &Path) -> io::Result<()> {
         match fs::symlink_metadata(path) {
-            Ok(m) if m.is_dir() => {
-                for entry in fs::read_dir(path)? {
-                    self.remove_any(&entry?.path())?;
-                }
-                self.0.remove_dir(path)
-            }
+            Ok(m) if m.is_dir() => self.0.remove_dir_all(path),
             Ok(_) => match self.0.remove_file(path) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 r => r,

@@ -48,7 +48,7 @@ impl Index {
     /// repair keeps the lock from reading the old index to renaming the new one in.
     pub(crate) fn open_under(fs: &Fs, path: &Path, guard: LockGuard) -> Result<Self, StoreError> {
         let file = fs
-            .open(path, OpenMode::OpenOrCreate { mode: 0o644 })
+            .open(path, OpenMode::OpenOrCreate { mode: 0o666 })
             .map_err(|e| StoreError::io(path, e))?;
         // redb caches every page it touches, up to 1 GiB by default: a walk of a 4 GiB agent's
         // chunk table held ~100 MB. The OS page cache keeps the file hot anyway.

@@ -145,7 +145,7 @@ impl PackWriter {
         fs.create_dir_all_durable(&dir)
             .map_err(|e| StoreError::io(&dir, e))?;
         let file = fs
-            .open(&path, OpenMode::CreateNew { mode: 0o644 })
+            .open(&path, OpenMode::CreateNew { mode: 0o666 })
             .map_err(|e| StoreError::io(&path, e))?;
         let mut w = Self {
             id,

@@ -773,16 +773,24 @@ fn open_real(path: &Path, mode: OpenMode) -> io::Result<(fs::File, Option<u32>)>
             .create_new(true)
             .mode(bits)
             .open(path)?;
-        f.set_permissions(fs::Permissions::from_mode(bits))?;
         Ok(f)
     };
+    // Created with `mode` less the umask, as `OsStorage` (and open(2)) does: the bits it got.
+    let bits_of = |f: &fs::File| f.metadata().map(|m| m.mode() & 0o7777);
     let existing = |write: bool| fs::OpenOptions::new().read(true).write(write).open(path);
     Ok(match mode {
         OpenMode::Read => (existing(false)?, None),
         OpenMode::ReadWrite => (existing(true)?, None),
-        OpenMode::CreateNew { mode } => (create(mode)?, Some(mode & 0o7777)),
+        OpenMode::CreateNew { mode } => {
+            let f = create(mode)?;
+            let bits = bits_of(&f)?;
+            (f, Some(bits))
+        }
         OpenMode::OpenOrCreate { mode } => match create(mode) {
-            Ok(f) => (f, Some(mode & 0o7777)),
+            Ok(f) => {
+                let bits = bits_of(&f)?;
+                (f, Some(bits))
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => (existing(true)?, None),
             Err(e) => return Err(e),
         },
@@ -894,6 +902,31 @@ impl Storage for CrashFs {
         let what = format!("remove_dir {}", path.display());
         let (mut st, loc) = self.start(what, path, false)?;
         fs::remove_dir(path)?;
+        if let Some((dir, name)) = &loc.parent {
+            st.unlink(*dir, name);
+        }
+        Ok(())
+    }
+
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        let what = format!("remove_dir_all {}", path.display());
+        let (mut st, loc) = self.start(what, path, false)?;
+        if let Some(ino) = loc.ino
+            && matches!(st.nodes[ino], Node::Dir(_))
+        {
+            // The whole tree loses its names: know all of it, and keep the durable bytes of
+            // its files, so that a crash before the parent is synced brings it back.
+            let real = loc.real_path();
+            st.learn_subtree(ino, &real)?;
+            let mut below = BTreeMap::new();
+            st.walk(ino, &real, false, &mut vec![ino], &mut below);
+            for (p, i) in below {
+                if matches!(st.nodes[i], Node::File(_)) {
+                    st.capture(i, || fs::read(&p))?;
+                }
+            }
+        }
+        fs::remove_dir_all(path)?;
         if let Some((dir, name)) = &loc.parent {
             st.unlink(*dir, name);
         }
