@@ -56,7 +56,7 @@ pub enum StoreError {
     #[error(
         "snapshot {id} was written to the store index {path}, but making it durable failed \
          ({message}): it is listed now and may be gone after a crash; fix the cause, then run \
-         `memsnap verify` and take the snapshot again if it is missing"
+         `memsnap verify`, and snapshot (or import) again if it is missing"
     )]
     CommitNotDurable {
         path: PathBuf,

@@ -42,19 +42,15 @@ impl Progress for NoProgress {
 
 /// After redb's commit returned an error: whether the commit is there anyway, read back
 /// through a new session. A commit that is not visible now is not on disk either (every write
-/// reaches the page cache before the disk), so the packs written for it can go; when the
-/// answer is unknown, it counts as there.
+/// reaches the page cache before the disk), so the packs written for it can go. `None` when
+/// the index cannot tell (it cannot be opened or read): the packs must stay then.
 pub(crate) fn commit_visible(
     store: &Store,
     probe: impl FnOnce(&redb::ReadTransaction) -> Result<bool, redb::Error>,
-) -> bool {
-    let Ok(index) = store.index() else {
-        return true;
-    };
-    let Ok(tx) = index.begin_read() else {
-        return true;
-    };
-    probe(&tx).unwrap_or(true)
+) -> Option<bool> {
+    let index = store.index().ok()?;
+    let tx = index.begin_read().ok()?;
+    probe(&tx).ok()
 }
 
 pub(crate) fn load_agent(store: &Store, agent: &AgentId) -> Result<Option<AgentRecord>, Error> {

@@ -309,7 +309,8 @@ pub(crate) fn prune(
             new_packs.kept = super::commit_visible(store, |tx| match probe {
                 Some(id) => Ok(tx.open_table(PACKS)?.get(id)?.is_some()),
                 None => Ok(false),
-            });
+            })
+            .unwrap_or(true);
             return Err(e.into());
         }
     }

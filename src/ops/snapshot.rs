@@ -660,15 +660,19 @@ pub(crate) fn commit(
         let e = index.err()(e.into());
         drop(index);
         let id = record.info.id.as_str();
-        if super::commit_visible(store, |tx| Ok(tx.open_table(SNAPSHOTS)?.get(id)?.is_some())) {
-            return Err(StoreError::CommitNotDurable {
-                path,
-                id: id.to_owned(),
-                message,
+        match super::commit_visible(store, |tx| Ok(tx.open_table(SNAPSHOTS)?.get(id)?.is_some())) {
+            Some(true) => {
+                return Err(StoreError::CommitNotDurable {
+                    path,
+                    id: id.to_owned(),
+                    message,
+                }
+                .into());
             }
-            .into());
+            Some(false) => pending.unkeep(),
+            // Unknown: the packs stay (garbage for prune if the commit did not happen).
+            None => {}
         }
-        pending.unkeep();
         return Err(e.into());
     }
     Ok(Commit::Done)
