@@ -213,16 +213,28 @@ pub(crate) fn walk_unseen(
     )
 }
 
-/// Like [`walk`] without data, but skips the subtree of every node already in `nodes` (adding
-/// the new ones). Data chunks are visited each time a new node lists them: a caller that needs
-/// them once sorts and dedups them, which takes less memory than a set of every id.
+/// Like [`walk`] without data, but skips every node, and every content root, already in `seen`
+/// (adding the new ones; keyed like [`Seen`]). Data chunks below a new node are visited each
+/// time one lists them: a caller that needs them once sorts and dedups them, which takes less
+/// memory than a set of every id.
 pub(crate) fn walk_new_nodes(
     reader: &mut ChunkReader<'_>,
     content: &ContentRef,
-    nodes: &mut HashSet<ChunkId>,
+    seen: &mut Seen,
     visit: &mut Visitor<'_>,
 ) -> Result<(), StoreError> {
-    if content.height > 0 && !nodes.insert(content.root) {
+    walk_new_at(reader, content, true, seen, visit)
+}
+
+fn walk_new_at(
+    reader: &mut ChunkReader<'_>,
+    content: &ContentRef,
+    is_root: bool,
+    seen: &mut Seen,
+    visit: &mut Visitor<'_>,
+) -> Result<(), StoreError> {
+    // A one-chunk content (most small files) is remembered too: every snapshot lists it again.
+    if (content.height > 0 || is_root) && !seen.insert((content.root, content.height > 0)) {
         return Ok(());
     }
     if content.height == 0 {
@@ -242,7 +254,7 @@ pub(crate) fn walk_new_nodes(
             height: content.height - 1,
             root: child,
         };
-        walk_new_nodes(reader, &sub, nodes, visit)?;
+        walk_new_at(reader, &sub, false, seen, visit)?;
     }
     Ok(())
 }

@@ -148,10 +148,14 @@ pub(crate) fn verify(
             None => super::all_records(&index, &tx)?,
         };
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
-        // Nodes are remembered, so a subtree shared by snapshots is walked once; data chunks
-        // are deduplicated by sorting (a set of every id took ~140 bytes per chunk).
-        let mut nodes = HashSet::new();
+        // Nodes and content roots are remembered, so what snapshots share is walked once; the
+        // data chunks below new nodes are deduplicated by sorting (a set of every id took ~140
+        // bytes per chunk). Repeats (unchanged chunks under changed nodes, snapshot after
+        // snapshot) are dropped whenever the list has doubled: it stays within twice the
+        // distinct chunks.
+        let mut nodes = crate::tree::Seen::new();
         let mut located: Vec<(ChunkId, ChunkLoc)> = Vec::new();
+        let mut deduped = 0usize;
         for record in &records {
             let entries = match entries_or_fault(&mut reader, record) {
                 Ok(e) => e,
@@ -176,6 +180,11 @@ pub(crate) fn verify(
                         Ok(())
                     },
                 )?;
+                if located.len() > 2 * deduped.max(1 << 16) {
+                    located.sort_unstable_by_key(|(id, _)| *id);
+                    located.dedup_by_key(|(id, _)| *id);
+                    deduped = located.len();
+                }
             }
         }
         drop(nodes);
