@@ -10,6 +10,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
@@ -121,7 +122,7 @@ pub(crate) struct WriteStats {
 pub(crate) struct Pending {
     /// Set once the commit is attempted: from then on the index may name the packs, even if
     /// the commit reports an error (a failed fsync says nothing of what reached the disk).
-    kept: std::sync::atomic::AtomicBool,
+    kept: AtomicBool,
     pub fs: Fs,
     pub packs_dir: PathBuf,
     pub new_chunks: HashMap<ChunkId, ChunkLoc>,
@@ -154,7 +155,7 @@ pub(crate) struct ChunkWriter {
     committed_packs: HashSet<PackId>,
     early_commit_chunks: usize,
     /// The early commit in flight, the packs it names, and whether it has called redb's commit.
-    committing: Option<(Background, Vec<PackId>, Arc<std::sync::atomic::AtomicBool>)>,
+    committing: Option<(Background, Vec<PackId>, Arc<AtomicBool>)>,
     /// Handed over by `finish`: the packs are the commit's (through [`Pending`]) to keep.
     finished: bool,
     dirs: BTreeSet<PathBuf>,
@@ -488,7 +489,7 @@ impl ChunkWriter {
         let packs = std::mem::take(&mut self.durable_packs);
         let ids = packs.iter().map(|p| p.0).collect();
         let fs = self.fs.clone();
-        let attempted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let attempted = Arc::new(AtomicBool::new(false));
         let attempting = attempted.clone();
         let handle = std::thread::spawn(move || -> Result<(), StoreError> {
             for dir in &dirs {
@@ -503,7 +504,7 @@ impl ChunkWriter {
             let tx = index.begin_write()?;
             insert_chunks(&index, &tx, chunks.iter().map(|(id, loc)| (id, loc)))?;
             insert_packs(&index, &tx, &packs)?;
-            attempting.store(true, std::sync::atomic::Ordering::SeqCst);
+            attempting.store(true, Ordering::SeqCst);
             tx.commit().map_err(|e| index.err()(e.into()))?;
             Ok(())
         });
@@ -518,7 +519,7 @@ impl ChunkWriter {
             return Ok(());
         };
         let result = handle.join();
-        if attempted.load(std::sync::atomic::Ordering::SeqCst) {
+        if attempted.load(Ordering::SeqCst) {
             self.committed_packs.extend(ids);
         }
         match result {
@@ -542,7 +543,13 @@ impl ChunkWriter {
     fn delete_unnamed(&mut self) {
         // No early commit from here on: what this writer leaves is deleted, not referenced.
         self.early = None;
-        let _ = self.join_early();
+        // Runs in Drop: a panic of the commit thread must not unwind from here.
+        if let Some((handle, ids, attempted)) = self.committing.take() {
+            let _ = handle.join();
+            if attempted.load(Ordering::SeqCst) {
+                self.committed_packs.extend(ids);
+            }
+        }
         while let Some(s) = self.syncing.pop_front() {
             let _ = s.handle.join();
         }
@@ -580,7 +587,7 @@ impl ChunkWriter {
         let committed = take(&mut self.committed_packs);
         self.finished = true;
         Ok(Pending {
-            kept: std::sync::atomic::AtomicBool::new(false),
+            kept: AtomicBool::new(false),
             fs: self.fs.clone(),
             packs_dir: self.packs_dir.clone(),
             new_chunks,
@@ -606,19 +613,19 @@ impl Drop for ChunkWriter {
 impl Pending {
     /// Called just before the index commit: the packs stay, whatever the commit returns.
     pub(crate) fn keep(&self) {
-        self.kept.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.kept.store(true, Ordering::SeqCst);
     }
 
     /// The commit failed and is not visible (see `ops::commit_visible`): the packs can go.
     pub(crate) fn unkeep(&self) {
-        self.kept.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.kept.store(false, Ordering::SeqCst);
     }
 }
 
 impl Drop for Pending {
     /// Deletes the packs of a commit that did not happen (see [`ChunkWriter::abandon`]).
     fn drop(&mut self) {
-        if self.kept.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.kept.load(Ordering::SeqCst) {
             return;
         }
         for (id, _, _) in &self.packs {
