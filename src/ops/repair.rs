@@ -506,7 +506,11 @@ pub(crate) fn repair(
     if index_path.exists() {
         let backup = root.join(format!("{INDEX_FILE}.before-repair-{}", crate::now_ms()));
         if std::fs::hard_link(&index_path, &backup).is_err() {
+            // A copy must be durable before the rename below replaces what it copies.
             std::fs::copy(&index_path, &backup).map_err(|e| Error::io(&backup, e))?;
+            fs.open(&backup, OpenMode::Read)
+                .and_then(|f| f.sync())
+                .map_err(|e| Error::io(&backup, e))?;
         }
         report.backup = Some(backup);
     }
