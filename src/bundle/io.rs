@@ -153,13 +153,13 @@ fn prefetch_pool() -> &'static rayon::ThreadPool {
 /// Artifacts up to this size are read on the caller's thread.
 const SMALL: u64 = 1 << 20;
 
-/// A stored artifact's chunks, read in order in batches of about [`PREFETCH_BATCH`] bytes by
-/// `read` (which gets one batch of chunk locations and returns their items), on a thread of its
-/// own ahead of the consumer, or at once on the caller's thread when the artifact is small.
 /// A stored artifact's chunk list, shared (not copied) with the thread that reads it ahead: a
 /// copy per artifact doubled export's memory for a large database.
 pub(crate) type ChunkList = Arc<Vec<(ChunkId, ChunkLoc)>>;
 
+/// A stored artifact's chunks, read in order in batches of about [`PREFETCH_BATCH`] bytes by
+/// `read` (which gets one batch of chunk locations and returns their items), on a thread of its
+/// own ahead of the consumer, or at once on the caller's thread when the artifact is small.
 fn read_ahead<T: Send + 'static>(
     chunks: ChunkList,
     read: impl Fn(&[(ChunkId, ChunkLoc)]) -> Result<Vec<T>, String> + Send + 'static,

@@ -294,7 +294,7 @@ pub(crate) fn recover(store: &Store, agent: &AgentId) -> Result<Option<String>, 
     )))
 }
 
-/// Removes the temporary files of journal writes (`fsutil::write_atomic`) killed before their
+/// Removes the temporary files of journal writes (`Fs::write_atomic`) killed before their
 /// rename. Only the agent lock's holder writes its journal, and the caller holds it: any such
 /// file belongs to a dead process.
 fn remove_journal_temps(fsys: &Fs, journal: &Path) -> Result<(), Error> {
