@@ -88,10 +88,15 @@ impl StoreError {
     }
 
     pub(crate) fn index(path: impl Into<PathBuf>, e: impl std::fmt::Display) -> Self {
-        Self::Index {
-            path: path.into(),
-            message: e.to_string(),
+        let path = path.into();
+        let mut message = e.to_string();
+        // redb keeps only "Previous I/O error occurred" after a failed read or write: name it.
+        if message.starts_with("Previous I/O error")
+            && let Some(first) = crate::storage::index_io_error(&path)
+        {
+            message = format!("an earlier I/O error made it unusable: {first}");
         }
+        Self::Index { path, message }
     }
 }
 
@@ -324,7 +329,7 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What to do about the I/O errors a user can fix, appended to their message.
-fn io_hint(e: &std::io::Error) -> &'static str {
+pub(crate) fn io_hint(e: &std::io::Error) -> &'static str {
     match e.raw_os_error() {
         Some(libc::ENOSPC) => {
             "; the file system is full: free space on it (or `memsnap prune` a store there) and \

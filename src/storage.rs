@@ -313,33 +313,117 @@ impl io::Write for WritebackFile {
 /// redb's file access through a [`StorageFile`], so that the index's writes and syncs are the
 /// storage's too.
 #[derive(Debug)]
-pub(crate) struct RedbBackend(pub(crate) Box<dyn StorageFile>);
+pub(crate) struct RedbBackend {
+    pub(crate) file: Box<dyn StorageFile>,
+    pub(crate) path: std::path::PathBuf,
+}
+
+/// The last I/O error of each index file's backend in this process. After one, redb answers
+/// every call with "Previous I/O error occurred" and the cause is lost; errors name it from
+/// here (`StoreError::index`).
+static INDEX_IO_ERRORS: std::sync::Mutex<Vec<(std::path::PathBuf, String)>> =
+    std::sync::Mutex::new(Vec::new());
+
+impl RedbBackend {
+    fn noted<T>(&self, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            let mut errors = INDEX_IO_ERRORS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            errors.retain(|(p, _)| p != &self.path);
+            errors.push((
+                self.path.clone(),
+                format!("{e}{}", crate::error::io_hint(e)),
+            ));
+        }
+        r
+    }
+}
+
+/// The last I/O error the backend of index file `path` met in this process, if any.
+pub(crate) fn index_io_error(path: &Path) -> Option<String> {
+    INDEX_IO_ERRORS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .find(|(p, _)| p == path)
+        .map(|(_, e)| e.clone())
+}
 
 impl redb::StorageBackend for RedbBackend {
     fn len(&self) -> io::Result<u64> {
-        self.0.len()
+        self.noted(self.file.len())
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        let n = self.0.read_at(out, offset)?;
-        if n < out.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("read of {} bytes at {offset} past the end", out.len()),
-            ));
-        }
-        Ok(())
+        let r = self.file.read_at(out, offset).and_then(|n| {
+            if n < out.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("read of {} bytes at {offset} past the end", out.len()),
+                ));
+            }
+            Ok(())
+        });
+        self.noted(r)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.noted(self.file.set_len(len))
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.0.sync()
+        self.noted(self.file.sync())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.0.write_all_at(data, offset)
+        self.noted(self.file.write_all_at(data, offset))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Full;
+
+    impl StorageFile for Full {
+        fn read_at(&self, _: &mut [u8], _: u64) -> io::Result<usize> {
+            Ok(0)
+        }
+        fn write_all_at(&self, _: &[u8], _: u64) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        fn len(&self) -> io::Result<u64> {
+            Ok(0)
+        }
+        fn set_len(&self, _: u64) -> io::Result<()> {
+            Ok(())
+        }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_index_error_after_a_failed_write_names_the_first_cause() {
+        use redb::StorageBackend;
+        let path = std::path::PathBuf::from("/nowhere/store/index.redb");
+        let backend = RedbBackend {
+            file: Box::new(Full),
+            path: path.clone(),
+        };
+        assert!(backend.write(0, b"x").is_err());
+        let msg = crate::error::StoreError::index(
+            &path,
+            "Previous I/O error occurred. Please close and re-open the database.",
+        )
+        .to_string();
+        assert!(msg.contains("No space left on device"), "{msg}");
+        assert!(msg.contains("free space"), "{msg}");
+        assert!(msg.contains("/nowhere/store/index.redb"), "{msg}");
+        // A read past the end is an error too, as redb requires.
+        assert!(backend.read(0, &mut [0u8; 4]).is_err());
     }
 }

@@ -54,7 +54,10 @@ impl Index {
         // chunk table held ~100 MB. The OS page cache keeps the file hot anyway.
         let db = redb::Database::builder()
             .set_cache_size(INDEX_CACHE_BYTES)
-            .create_with_backend(RedbBackend(file))
+            .create_with_backend(RedbBackend {
+                file,
+                path: path.to_path_buf(),
+            })
             .map_err(|e| open_error(path, e))?;
         Ok(Self {
             db,
