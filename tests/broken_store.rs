@@ -182,6 +182,15 @@ impl Broken {
     fn repair(&self, extra: &[&str]) -> Value {
         self.f.cmd().arg("repair").args(extra).json()
     }
+
+    /// The agent still has new's data: the next snapshot stores what was lost again, after
+    /// which the store verifies clean and new restores whole.
+    fn assert_refilled_by_a_snapshot(&self, when: &str) {
+        self.f.snapshot_id();
+        let v = self.f.cmd().args(["verify", "--read-data"]).json();
+        assert_eq!(v["ok"], Value::Bool(true), "{v:#}");
+        self.assert_new_restores(when);
+    }
 }
 
 fn restored_tree(f: &Fixture, id: &str, name: &str) -> Tree {
@@ -480,12 +489,7 @@ fn repair_after_a_missing_pack_keeps_the_damaged_snapshot_listed_and_reported() 
     );
     let (report, out) = b.verify(true);
     b.assert_only_new_damaged(&report, &out);
-    // The agent still has new's data: the next snapshot stores the lost chunks again, and new
-    // is whole once more.
-    b.f.snapshot_id();
-    let v = b.f.cmd().args(["verify", "--read-data"]).json();
-    assert_eq!(v["ok"], Value::Bool(true), "{v:#}");
-    b.assert_new_restores("after a snapshot refilled the lost chunks");
+    b.assert_refilled_by_a_snapshot("after a snapshot refilled the lost chunks");
 }
 
 #[test]
@@ -530,10 +534,7 @@ fn repair_salvages_the_chunks_of_a_truncated_pack() {
     let again = b.repair(&[]);
     assert_eq!(again["packs_salvaged"], serde_json::json!([]), "{again:#}");
     assert_eq!(again["chunks_added"], 0, "{again:#}");
-    b.f.snapshot_id();
-    let v = b.f.cmd().args(["verify", "--read-data"]).json();
-    assert_eq!(v["ok"], Value::Bool(true), "{v:#}");
-    b.assert_new_restores("after salvage and a refilling snapshot");
+    b.assert_refilled_by_a_snapshot("after salvage and a refilling snapshot");
 }
 
 #[test]
@@ -553,10 +554,7 @@ fn repair_drops_a_damaged_chunk_so_the_next_snapshot_stores_it_again() {
     );
     let (report, out) = b.verify(true);
     b.assert_only_new_damaged(&report, &out);
-    b.f.snapshot_id();
-    let v = b.f.cmd().args(["verify", "--read-data"]).json();
-    assert_eq!(v["ok"], Value::Bool(true), "{v:#}");
-    b.assert_new_restores("after a snapshot stored the damaged chunk again");
+    b.assert_refilled_by_a_snapshot("after a snapshot stored the damaged chunk again");
 }
 
 #[test]

@@ -26,14 +26,6 @@ fn snapshot_with_knobs(store: &Path, agent: &Path) -> TestCommand {
     c
 }
 
-fn pack_count(store: &Path) -> usize {
-    walkdir::WalkDir::new(store.join("packs"))
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .count()
-}
-
 #[test]
 fn a_snapshot_with_early_commits_restores_and_a_dead_one_leaves_only_garbage() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -22,14 +22,6 @@ fn packs_bytes(store: &Path) -> u64 {
         .sum()
 }
 
-fn pack_count(store: &Path) -> usize {
-    walkdir::WalkDir::new(store.join("packs"))
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .count()
-}
-
 /// Two snapshots of very different content; returns (old id, image of the new state, new id).
 fn history(f: &Fixture) -> (String, AgentImage, String) {
     let old = f.snapshot_id();

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{AGENT, TENANT};
+use common::{AGENT, TENANT, try_git};
 use memsnap::sample::{SampleAgent, SampleSpec};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -86,31 +86,6 @@ struct Log {
     tx_failures: u64,
     git_commits: u64,
     git_failures: u64,
-}
-
-fn try_git(dir: &Path, args: &[&str]) -> Result<String, String> {
-    let out = Command::new("git")
-        .args(["-c", "commit.gpgsign=false"])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_AUTHOR_NAME", "thrash")
-        .env("GIT_AUTHOR_EMAIL", "thrash@example.invalid")
-        .env("GIT_COMMITTER_NAME", "thrash")
-        .env("GIT_COMMITTER_EMAIL", "thrash@example.invalid")
-        .env("GIT_CEILING_DIRECTORIES", dir.parent().unwrap_or(dir))
-        .env_remove("GIT_DIR")
-        .env_remove("GIT_WORK_TREE")
-        .env_remove("GIT_INDEX_FILE")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
 }
 
 /// One transaction on a database: a row of the agent's table in, an old one out, a ledger row

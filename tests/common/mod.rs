@@ -619,8 +619,8 @@ pub fn assert_no_restore_leftovers(agent: &SampleAgent) {
 // ---------------------------------------------------------------------------------------------
 
 /// Runs `git ARGS` in `dir` with a fixed identity and no user or system config (commits made by
-/// tests), asserting success.
-pub fn git(dir: &Path, args: &[&str]) {
+/// tests); its trimmed stdout, or its stderr when it fails.
+pub fn try_git(dir: &Path, args: &[&str]) -> Result<String, String> {
     let out = Command::new("git")
         .args(["-c", "commit.gpgsign=false"])
         .args(args)
@@ -635,19 +635,36 @@ pub fn git(dir: &Path, args: &[&str]) {
         .env_remove("GIT_DIR")
         .env_remove("GIT_WORK_TREE")
         .env_remove("GIT_INDEX_FILE")
+        .stdin(Stdio::null())
         .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// [`try_git`], asserting success.
+pub fn git(dir: &Path, args: &[&str]) {
+    if let Err(e) = try_git(dir, args) {
+        panic!("git {args:?}: {e}");
+    }
 }
 
 fn parent_dir(p: &Path) -> PathBuf {
     p.parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+/// How many pack files the store at `store` holds.
+pub fn pack_count(store: &Path) -> usize {
+    walkdir::WalkDir::new(store.join("packs"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .count()
 }
 
 /// Every file below `dir` (relative path → bytes), but `index.redb`, which redb rewrites on
