@@ -41,6 +41,13 @@ pub enum OpenMode {
 pub trait StorageFile: Send + Sync + fmt::Debug {
     /// Reads at `offset`; returns the bytes read, fewer only at the end of the file.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Fills `buf` from `offset`; a file that ends first is an `UnexpectedEof` error.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.read_at(buf, offset)? < buf.len() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
     /// Writes all of `buf` at `offset`.
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
@@ -196,23 +203,16 @@ impl Default for Fs {
     }
 }
 
+/// The trait's own operations, called on the storage directly (`fs.rename(..)`).
+impl std::ops::Deref for Fs {
+    type Target = dyn Storage;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
 impl Fs {
-    pub(crate) fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Box<dyn StorageFile>> {
-        self.0.open(path, mode)
-    }
-
-    pub(crate) fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        self.0.sync_dir(dir)
-    }
-
-    pub(crate) fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.0.rename(from, to)
-    }
-
-    pub(crate) fn remove_file(&self, path: &Path) -> io::Result<()> {
-        self.0.remove_file(path)
-    }
-
     /// Writes `bytes` to `path` atomically: readers see the old file or the new one, never a
     /// mix, and after a crash the same (temp → sync → rename → sync the directory). The file
     /// gets permission bits `mode`, whatever the umask.
@@ -220,7 +220,7 @@ impl Fs {
         let dir = parent_of(path);
         let tmp = tmp_name(path);
         let result = (|| {
-            let f = self.0.open(&tmp, OpenMode::CreateNew { mode })?;
+            let f = self.open(&tmp, OpenMode::CreateNew { mode })?;
             // Exactly `mode` (a restored state file keeps its bits), whatever the umask; a
             // metadata change, made durable with the file by its sync.
             {
@@ -230,11 +230,11 @@ impl Fs {
             f.write_all_at(bytes, 0)?;
             f.sync()?;
             drop(f);
-            self.0.rename(&tmp, path)?;
-            self.0.sync_dir(&dir)
+            self.rename(&tmp, path)?;
+            self.sync_dir(&dir)
         })();
         if result.is_err() {
-            let _ = self.0.remove_file(&tmp);
+            let _ = self.remove_file(&tmp);
         }
         result
     }
@@ -246,8 +246,8 @@ impl Fs {
         }
         let parent = parent_of(dir);
         self.create_dir_all_durable(&parent)?;
-        match self.0.create_dir(dir) {
-            Ok(()) => self.0.sync_dir(&parent),
+        match self.create_dir(dir) {
+            Ok(()) => self.sync_dir(&parent),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(e),
         }
@@ -257,8 +257,8 @@ impl Fs {
     /// until the parent is synced.
     pub(crate) fn remove_any(&self, path: &Path) -> io::Result<()> {
         match fs::symlink_metadata(path) {
-            Ok(m) if m.is_dir() => self.0.remove_dir_all(path),
-            Ok(_) => match self.0.remove_file(path) {
+            Ok(m) if m.is_dir() => self.remove_dir_all(path),
+            Ok(_) => match self.remove_file(path) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 r => r,
             },
@@ -356,16 +356,7 @@ impl redb::StorageBackend for RedbBackend {
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        let r = self.file.read_at(out, offset).and_then(|n| {
-            if n < out.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("read of {} bytes at {offset} past the end", out.len()),
-                ));
-            }
-            Ok(())
-        });
-        self.noted(r)
+        self.noted(self.file.read_exact_at(out, offset))
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {

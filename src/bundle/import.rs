@@ -1013,24 +1013,12 @@ fn attempt(
         Some(expected),
     );
     let stored = std::mem::take(&mut sink.stored);
-    let outcome = match read.and_then(|o| {
+    // On an error the writer is dropped, which deletes the packs it wrote.
+    let outcome = read.and_then(|o| {
         first_failure(&req.bundle, &report)?;
         Ok(o)
-    }) {
-        Ok(o) => o,
-        Err(e) => {
-            w.abandon();
-            return Err(e);
-        }
-    };
-    let built = build_record(&mut w, store, &outcome, stored);
-    let record = match built {
-        Ok(r) => r,
-        Err(e) => {
-            w.abandon();
-            return Err(e);
-        }
-    };
+    })?;
+    let record = build_record(&mut w, store, &outcome, stored)?;
     let pending = w.finish()?;
     let mut record = record;
     record.info.stats.new_chunks = pending.stats.new_chunks;

@@ -729,7 +729,6 @@ fn stage(
                 if !e.path.is_empty() {
                     store
                         .fs
-                        .0
                         .create_dir(&path)
                         .map_err(|err| Error::io(&path, err))?;
                 }
@@ -738,7 +737,6 @@ fn stage(
             EntryKind::Symlink { target } => {
                 store
                     .fs
-                    .0
                     .symlink(Path::new(std::ffi::OsStr::from_bytes(target)), &path)
                     .map_err(|err| Error::io(&path, err))?;
             }
@@ -775,9 +773,7 @@ fn set_mtime(path: &Path, mtime_ns: i64) -> Result<(), Error> {
 
 /// Makes everything under `root` durable: one `syncfs` for the file system that holds it.
 fn sync_tree(fsys: &Fs, root: &Path) -> Result<(), Error> {
-    fsys.0
-        .sync_filesystem(root)
-        .map_err(|e| Error::io(root, e))?;
+    fsys.sync_filesystem(root).map_err(|e| Error::io(root, e))?;
     fsys.sync_dir(&fsutil::parent_of(root))
         .map_err(|e| Error::io(root, e))
 }

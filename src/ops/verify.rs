@@ -110,15 +110,6 @@ impl VerifyReport {
     }
 }
 
-/// A placeholder until `locate_sorted` fills it in.
-const UNLOCATED: ChunkLoc = ChunkLoc {
-    pack: PackId([0; 16]),
-    offset: 0,
-    stored_len: 0,
-    raw_len: 0,
-    flags: 0,
-};
-
 pub(crate) fn verify(
     store: &Store,
     spec: Option<&str>,
@@ -171,7 +162,7 @@ pub(crate) fn verify(
                     &mut nodes,
                     &mut |cid, is_data, res| {
                         match (is_data, res) {
-                            (true, _) => located.push((*cid, UNLOCATED)),
+                            (true, _) => located.push((*cid, ChunkLoc::UNSET)),
                             (false, Err(e)) => {
                                 bad.insert(*cid, describe(&e));
                             }

@@ -60,6 +60,15 @@ pub(crate) struct ChunkLoc {
 }
 
 impl ChunkLoc {
+    /// Not a location any chunk has (a stored length above any chunk's): "not located yet".
+    pub(crate) const UNSET: ChunkLoc = ChunkLoc {
+        pack: PackId([0; 16]),
+        offset: 0,
+        stored_len: u32::MAX,
+        raw_len: 0,
+        flags: 0,
+    };
+
     pub(crate) fn encode(&self) -> [u8; 33] {
         let mut b = [0u8; 33];
         b[..16].copy_from_slice(&self.pack.0);
@@ -269,7 +278,8 @@ pub(crate) fn read_footer(fs: &Fs, path: &Path) -> Result<Vec<FooterEntry>, Stor
         return Err(corrupt(format!("{len} bytes is too short for a pack")));
     }
     let mut header = [0u8; HEADER_LEN as usize];
-    read_exact_at(file, &mut header, 0).map_err(|e| StoreError::io(path, e))?;
+    file.read_exact_at(&mut header, 0)
+        .map_err(|e| StoreError::io(path, e))?;
     if &header[..8] != HEADER_MAGIC {
         return Err(corrupt("bad header magic".into()));
     }
@@ -278,7 +288,8 @@ pub(crate) fn read_footer(fs: &Fs, path: &Path) -> Result<Vec<FooterEntry>, Stor
         return Err(corrupt(format!("unknown pack version {version}")));
     }
     let mut trailer = [0u8; TRAILER_LEN as usize];
-    read_exact_at(file, &mut trailer, len - TRAILER_LEN).map_err(|e| StoreError::io(path, e))?;
+    file.read_exact_at(&mut trailer, len - TRAILER_LEN)
+        .map_err(|e| StoreError::io(path, e))?;
     if &trailer[48..56] != TRAILER_MAGIC {
         return Err(corrupt(
             "no footer (an interrupted write, or the end of the file is damaged)".into(),
@@ -297,7 +308,8 @@ pub(crate) fn read_footer(fs: &Fs, path: &Path) -> Result<Vec<FooterEntry>, Stor
         ));
     }
     let mut footer = vec![0u8; footer_len as usize];
-    read_exact_at(file, &mut footer, entries_offset).map_err(|e| StoreError::io(path, e))?;
+    file.read_exact_at(&mut footer, entries_offset)
+        .map_err(|e| StoreError::io(path, e))?;
     if blake3::hash(&footer).as_bytes() != &trailer[16..48] {
         return Err(corrupt("footer checksum mismatch".into()));
     }
@@ -318,18 +330,6 @@ pub(crate) fn read_footer(fs: &Fs, path: &Path) -> Result<Vec<FooterEntry>, Stor
         }
     }
     Ok(entries)
-}
-
-/// Fills `buf` from `offset`; a file that ends first is an `UnexpectedEof` error.
-pub(crate) fn read_exact_at(
-    file: &dyn StorageFile,
-    buf: &mut [u8],
-    offset: u64,
-) -> std::io::Result<()> {
-    if file.read_at(buf, offset)? < buf.len() {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
 }
 
 /// Every `packs/<xx>/<32 hex>.pack` file below `packs_dir` and its size, sorted by id.

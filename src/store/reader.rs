@@ -219,7 +219,7 @@ fn read_at(
     loc: &ChunkLoc,
     path: &std::path::Path,
 ) -> Result<(), StoreError> {
-    super::pack::read_exact_at(file, buf, loc.offset).map_err(|e| {
+    file.read_exact_at(buf, loc.offset).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             damaged(
                 id,
@@ -301,14 +301,6 @@ impl<'i> ChunkReader<'i> {
         contents: &[Option<&crate::tree::ContentRef>],
     ) -> Result<Vec<Vec<(ChunkId, ChunkLoc)>>, StoreError> {
         use redb::{ReadableTable, ReadableTableMetadata};
-        // Not a location any chunk has (a stored length above MAX_CHUNK): "not found yet".
-        const UNSET: ChunkLoc = ChunkLoc {
-            pack: PackId([0; 16]),
-            offset: 0,
-            stored_len: u32::MAX,
-            raw_len: 0,
-            flags: 0,
-        };
         let mut out: Vec<Vec<(ChunkId, ChunkLoc)>> = Vec::with_capacity(contents.len());
         for c in contents {
             let mut chunks = Vec::new();
@@ -316,7 +308,7 @@ impl<'i> ChunkReader<'i> {
                 crate::tree::walk(self, c, false, &mut |id, is_data, res| {
                     res?;
                     if is_data {
-                        chunks.push((*id, UNSET));
+                        chunks.push((*id, ChunkLoc::UNSET));
                     }
                     Ok(())
                 })?;
@@ -383,7 +375,7 @@ impl<'i> ChunkReader<'i> {
             }
         }
         for chunks in &out {
-            if let Some((id, _)) = chunks.iter().find(|(_, l)| *l == UNSET) {
+            if let Some((id, _)) = chunks.iter().find(|(_, l)| *l == ChunkLoc::UNSET) {
                 return Err(StoreError::MissingChunk { id: id.hex() });
             }
         }
@@ -399,7 +391,9 @@ impl<'i> ChunkReader<'i> {
     ) -> Result<Vec<ChunkId>, StoreError> {
         use redb::{ReadableTable, ReadableTableMetadata};
         let err = |e: redb::StorageError| StoreError::index(&self.index.path, e);
-        let mut found = vec![false; chunks.len()];
+        for c in chunks.iter_mut() {
+            c.1 = ChunkLoc::UNSET;
+        }
         if chunks.len() as u64 * 8 >= self.chunks.len().map_err(err)? {
             let mut i = 0;
             for item in self.chunks.iter().map_err(err)? {
@@ -413,27 +407,22 @@ impl<'i> ChunkReader<'i> {
                 }
                 if chunks[i].0 == key {
                     chunks[i].1 = ChunkLoc::decode(&v.value());
-                    found[i] = true;
                     i += 1;
                 }
             }
         } else {
-            for (i, c) in chunks.iter_mut().enumerate() {
+            for c in chunks.iter_mut() {
                 if let Some(loc) = self.locate(&c.0)? {
                     c.1 = loc;
-                    found[i] = true;
                 }
             }
         }
-        let mut missing = Vec::new();
-        let mut flags = found.into_iter();
-        chunks.retain(|(id, _)| {
-            let ok = flags.next().unwrap_or(false);
-            if !ok {
-                missing.push(*id);
-            }
-            ok
-        });
+        let missing = chunks
+            .iter()
+            .filter(|(_, l)| *l == ChunkLoc::UNSET)
+            .map(|(id, _)| *id)
+            .collect();
+        chunks.retain(|(_, l)| *l != ChunkLoc::UNSET);
         Ok(missing)
     }
 

@@ -151,7 +151,7 @@ pub(crate) struct ChunkWriter {
     /// Chunks (and their packs) durable but not yet in the index, for the next early commit.
     durable: Vec<(ChunkId, ChunkLoc)>,
     durable_packs: Vec<(PackId, u64, u32)>,
-    /// Packs whose entries an early commit put in the index: never deleted by `abandon`.
+    /// Packs whose entries an early commit put in the index: never deleted on drop.
     committed_packs: HashSet<PackId>,
     early_commit_chunks: usize,
     /// The early commit in flight, the packs it names, and whether it has called redb's commit.
@@ -424,7 +424,7 @@ impl ChunkWriter {
         if let Some(w) = self.pack.take() {
             let path = w.path.clone();
             let sealed = w.seal().inspect_err(|_| {
-                // Not in `done` yet, so `abandon` would not know it.
+                // Not in `done` yet, so dropping the writer would not delete it.
                 let _ = self.fs.remove_file(&path);
             })?;
             let pack = (sealed.id, sealed.size, sealed.count);
@@ -533,13 +533,9 @@ impl ChunkWriter {
         self.early = Some(early);
     }
 
-    /// Deletes the packs written so far: what they were written for will not be committed, and
-    /// nothing else can reference chunks that no index entry names. Dropping an unfinished
-    /// writer (an error on the way) does the same.
-    pub(crate) fn abandon(self) {
-        drop(self);
-    }
-
+    /// What dropping an unfinished writer does (an error on the way): deletes the packs written
+    /// so far, since what they were written for will not be committed and nothing else can
+    /// reference chunks that no index entry names.
     fn delete_unnamed(&mut self) {
         // No early commit from here on: what this writer leaves is deleted, not referenced.
         self.early = None;
@@ -623,7 +619,8 @@ impl Pending {
 }
 
 impl Drop for Pending {
-    /// Deletes the packs of a commit that did not happen (see [`ChunkWriter::abandon`]).
+    /// Deletes the packs of a commit that did not happen (as dropping an unfinished
+    /// `ChunkWriter` does).
     fn drop(&mut self) {
         if self.kept.load(Ordering::SeqCst) {
             return;
