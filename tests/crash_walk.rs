@@ -571,3 +571,63 @@ fn prune_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
     };
     walk.run(&b.dir);
 }
+
+/// The one failure after which a snapshot may be visible, made deterministic: each sync of
+/// `index.redb` in turn fails with ENOSPC (matched by place, not by count). One of them is the
+/// sync that follows the commit record: that snapshot must be listed, restore whole, and the
+/// error must say it may be gone after a crash. Every other one must leave the store as it was.
+#[test]
+fn a_snapshot_whose_index_sync_fails_after_the_commit_record_says_so() {
+    let b = base();
+    let template = b.dir.join("template");
+    let is_index_sync = |what: &str| what.starts_with("sync ") && what.ends_with("index.redb");
+    let count = {
+        let root = b.dir.join("count");
+        copy_tree(&template, &root);
+        let fs = CrashFs::new();
+        let m = open(&root, fs.clone());
+        fs.reset().expect("reset");
+        snapshot(&m, &root, "two").expect("clean run");
+        drop(m);
+        std::fs::remove_dir_all(&root).expect("clean up");
+        fs.op_log()
+            .iter()
+            .filter_map(|l| l.split_once(' ').map(|(_, what)| what.to_owned()))
+            .filter(|what| is_index_sync(what))
+            .count() as u64
+    };
+    assert!(count > 0, "a snapshot syncs its index");
+    let mut visible = 0;
+    for k in 1..=count {
+        let root = b.dir.join(format!("sync-{k}"));
+        copy_tree(&template, &root);
+        let fs = CrashFs::new();
+        let m = open(&root, fs.clone());
+        fs.reset().expect("reset");
+        fs.fail_matching(k, Fault::NoSpace, is_index_sync);
+        let result = snapshot(&m, &root, "two");
+        drop(m);
+        let m = open(&root, os());
+        let listed = labels(&m);
+        match result {
+            Err(e) if e.to_string().contains("may be gone after a crash") => {
+                visible += 1;
+                let id = listed.get("two").expect("the snapshot is listed");
+                assert_same_tree(&b.two, &restored_image(&m, id, &root), "snapshot two");
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("No space left on device"), "{e}");
+                assert_eq!(listed.into_keys().collect::<Vec<_>>(), ["one"], "{e}");
+            }
+            // A sync when an index session closes: redb ignores its failure.
+            Ok(_) => {}
+        }
+        assert!(m.verify(None, None, true).expect("verify").ok());
+        drop(m);
+        std::fs::remove_dir_all(&root).expect("clean up");
+    }
+    assert_eq!(
+        visible, 1,
+        "exactly one index sync follows the commit record"
+    );
+}

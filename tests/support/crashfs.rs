@@ -142,6 +142,8 @@ impl Loc {
     }
 }
 
+type Matching = (Box<dyn Fn(&str) -> bool + Send>, u64, Fault);
+
 struct State {
     /// Indexed by inode number; inodes are never freed within an epoch.
     nodes: Vec<Node>,
@@ -153,6 +155,8 @@ struct State {
     dead: bool,
     /// Operation number → the fault it fails with.
     faults: BTreeMap<u64, Fault>,
+    /// The operation that fails: the `.1`-th (1-based) one whose description matches `.0`.
+    fault_matching: Option<Matching>,
     log: Vec<String>,
 }
 
@@ -171,6 +175,7 @@ impl State {
             crash_at: None,
             dead: false,
             faults: BTreeMap::new(),
+            fault_matching: None,
             log: Vec::new(),
         }
     }
@@ -184,7 +189,16 @@ impl State {
         }
         self.ops += 1;
         let n = self.ops;
-        let fault = self.faults.remove(&n);
+        let mut fault = self.faults.remove(&n);
+        if let Some((matches, left, f)) = &mut self.fault_matching
+            && matches(&what)
+        {
+            *left -= 1;
+            if *left == 0 {
+                fault = Some(*f);
+                self.fault_matching = None;
+            }
+        }
         self.log.push(match fault {
             Some(f) => format!("#{n} {what} => fault {f:?}"),
             None => format!("#{n} {what}"),
@@ -684,11 +698,24 @@ impl CrashFs {
         lock(&self.state).faults.insert(n, fault);
     }
 
+    /// The `k`-th operation (1-based) whose description (as in [`CrashFs::op_log`], without
+    /// its number) satisfies `matches` fails once with `fault`: a fault at a place rather than
+    /// at a count, which thread timing can shift.
+    pub fn fail_matching(
+        &self,
+        k: u64,
+        fault: Fault,
+        matches: impl Fn(&str) -> bool + Send + 'static,
+    ) {
+        lock(&self.state).fault_matching = Some((Box::new(matches), k, fault));
+    }
+
     /// Disarms the crash and the faults not yet fired.
     pub fn disarm(&self) {
         let mut st = lock(&self.state);
         st.crash_at = None;
         st.faults.clear();
+        st.fault_matching = None;
     }
 
     /// Operations so far (since `new`, `reset` or `restore_durable`), the faulted ones and the
@@ -721,6 +748,7 @@ impl CrashFs {
         st.crash_at = None;
         st.dead = false;
         st.faults.clear();
+        st.fault_matching = None;
         st.log.clear();
         Ok(())
     }
