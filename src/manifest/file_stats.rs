@@ -31,11 +31,13 @@ pub(crate) struct FileStat {
 
 impl FileStat {
     pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
-        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
         Self {
             size: meta.len(),
-            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
-            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            mtime_ns: crate::source::memdir::mtime_ns(meta),
+            ctime_ns: meta
+                .ctime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.ctime_nsec()),
             ino: meta.ino(),
             dev: meta.dev(),
         }

@@ -543,11 +543,7 @@ fn same_place(a: &ChunkLoc, b: &ChunkLoc) -> bool {
 }
 
 fn mtime_ms(path: &Path) -> i64 {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as i64)
+    std::fs::metadata(path).map_or(0, |m| crate::source::memdir::mtime_ns(&m) / 1_000_000)
 }
 
 /// Reads, decompresses and hashes each entry's bytes; intact ones become copies, tree nodes are
