@@ -353,7 +353,19 @@ impl Walk {
                     // the commit visible (and perhaps durable): the one case where a failed
                     // operation may have happened, its packs rightly kept. Anywhere else,
                     // nothing changed.
-                    let listed: BTreeSet<String> = labels(&open(&root, os())).into_keys().collect();
+                    let m = open(&root, os());
+                    let listed: BTreeSet<String> = labels(&m).into_keys().collect();
+                    // No pack file that the index does not name, unless the failure was a
+                    // removal of one (prune deleting old packs after its commit).
+                    let orphans = m
+                        .prune(&PruneRequest::default().dry_run(true))
+                        .expect("prune --dry-run")
+                        .packs_orphaned;
+                    drop(m);
+                    assert!(
+                        orphans == 0 || faulted.contains("remove_file"),
+                        "{what}: {orphans} pack files left that the index does not name"
+                    );
                     let committed = faulted.contains(" sync ")
                         && faulted.contains("index.redb")
                         && listed == *self.after.borrow();
