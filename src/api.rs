@@ -33,6 +33,11 @@ pub struct StoreOptions {
     /// Where the store's files (and restores into agents) are written: the OS by default; a
     /// test puts a failing or crashing storage here.
     pub storage: Arc<dyn Storage>,
+    /// How many chunk locations restore, export and verify hold at once (~72 bytes each;
+    /// default 2^18, a 1 GiB database of 4 KiB pages). Memory stays bounded by it whatever the
+    /// agent's size; each window costs a pass over the index's chunk table when it is a good
+    /// share of it, so a smaller one trades time for memory.
+    pub window_chunks: usize,
 }
 
 impl Default for StoreOptions {
@@ -40,6 +45,7 @@ impl Default for StoreOptions {
         Self {
             lock_timeout: Duration::from_secs(30),
             storage: Arc::new(OsStorage),
+            window_chunks: crate::store::stream::DEFAULT_WINDOW,
         }
     }
 }
@@ -49,6 +55,7 @@ impl std::fmt::Debug for StoreOptions {
         f.debug_struct("StoreOptions")
             .field("lock_timeout", &self.lock_timeout)
             .field("storage", &self.storage)
+            .field("window_chunks", &self.window_chunks)
             .finish()
     }
 }
@@ -61,6 +68,11 @@ impl StoreOptions {
 
     pub fn storage(mut self, s: Arc<dyn Storage>) -> Self {
         self.storage = s;
+        self
+    }
+
+    pub fn window_chunks(mut self, n: usize) -> Self {
+        self.window_chunks = n.max(1);
         self
     }
 }
@@ -77,13 +89,15 @@ pub struct Memsnap {
 impl Memsnap {
     /// Opens the store at `path`, creating it if needed (every writing command may create it).
     pub fn create(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Self, Error> {
-        let store = Store::create_or_open(path.as_ref(), opts.lock_timeout, Fs(opts.storage))?;
+        let mut store = Store::create_or_open(path.as_ref(), opts.lock_timeout, Fs(opts.storage))?;
+        store.window = opts.window_chunks.max(1);
         Self::ready(store)
     }
 
     /// Opens an existing store; [`Error::NoStore`] if there is none at `path`.
     pub fn open(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Self, Error> {
-        let store = Store::open(path.as_ref(), opts.lock_timeout, Fs(opts.storage))?;
+        let mut store = Store::open(path.as_ref(), opts.lock_timeout, Fs(opts.storage))?;
+        store.window = opts.window_chunks.max(1);
         Self::ready(store)
     }
 

@@ -43,3 +43,29 @@ pub(crate) fn read_full(r: &mut (impl io::Read + ?Sized), buf: &mut [u8]) -> io:
     }
     Ok(n)
 }
+
+/// Removes the scratch folders `<prefix>-<pid>-*` under `tmp` whose process is gone (killed
+/// before its guard ran): an export's redacted database copies, a verify's spilled chunk ids
+/// can be large. A live process's folder is left alone.
+pub(crate) fn sweep_scratch(fs: &crate::storage::Fs, tmp: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = fs.remove_any(&e.path());
+        }
+    }
+}

@@ -9,9 +9,8 @@ mod common;
 
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Child;
 
 use common::*;
@@ -549,40 +548,6 @@ fn source_templates_expand_tenant_and_agent() {
 // ---------------------------------------------------------------------------------------------
 // 9. A damaged pack
 // ---------------------------------------------------------------------------------------------
-
-/// Flips one byte in the middle of the chunk data of the largest pack; returns the pack.
-fn corrupt_largest_pack(store: &Path) -> PathBuf {
-    let pack = walkdir::WalkDir::new(store.join("packs"))
-        .into_iter()
-        .map(|e| e.expect("walk packs"))
-        .filter(|e| e.path().extension() == Some(OsStr::new("pack")))
-        .max_by_key(|e| e.metadata().expect("metadata").len())
-        .expect("the store has a pack")
-        .into_path();
-    let mut file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&pack)
-        .expect("open pack");
-    let len = file.metadata().expect("metadata").len();
-    let mut header = [0u8; 16];
-    file.read_exact(&mut header).expect("header");
-    assert_eq!(&header[..8], b"MEMSNAPP", "pack header magic");
-    let mut trailer = [0u8; 56];
-    file.seek(SeekFrom::Start(len - 56)).expect("seek");
-    file.read_exact(&mut trailer).expect("trailer");
-    assert_eq!(&trailer[48..], b"MEMSNAPF", "pack trailer magic");
-    let entries_offset = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
-    assert!(entries_offset > 16 + 1, "the pack holds chunk data");
-    let at = 16 + (entries_offset - 16) / 2;
-    let mut byte = [0u8; 1];
-    file.seek(SeekFrom::Start(at)).expect("seek");
-    file.read_exact(&mut byte).expect("read byte");
-    file.seek(SeekFrom::Start(at)).expect("seek");
-    file.write_all(&[byte[0] ^ 0xff]).expect("flip byte");
-    file.sync_all().expect("sync");
-    pack
-}
 
 #[test]
 fn damaged_pack_byte_is_found_by_verify_read_data_and_blocks_restore() {

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::frames::FrameWriter;
-use super::io::{ChunkList, HashWriter, StoredReader, sha256_of};
+use super::io::{HashWriter, StoredReader, sha256_of};
 use super::manifest::{
     ArtifactMeta, BUNDLE_FORMAT, BundleGit, BundleManifest, EXT_VERSION, EncryptionMeta, EntryMeta,
     MANIFEST_ENTRY, MANIFEST_VERSION, MemsnapSection, RedactionDetail, RedactionReport,
@@ -28,6 +28,7 @@ use crate::ops::Progress;
 use crate::storage::{Fs, OpenMode, StorageFile, WritebackFile};
 use crate::store::Store;
 use crate::store::reader::{ChunkReader, PackFiles};
+use crate::store::stream::ChunkSource;
 
 /// zstd level for what export compresses itself (tar headers, small files, redacted copies,
 /// and everything under `--level`); the old tool's 19 took ~100× longer.
@@ -115,7 +116,7 @@ pub struct ExportReport {
 }
 
 enum Source {
-    Stored(ChunkList),
+    Stored(ChunkSource),
     /// A redacted copy in the export's scratch folder.
     File(PathBuf),
 }
@@ -159,30 +160,6 @@ impl Drop for Scratch {
         let _ = self.fs.remove_any(&self.dir);
         if let Some(t) = &self.tmp_bundle {
             let _ = self.fs.remove_file(t);
-        }
-    }
-}
-
-/// Removes the scratch folders of exports whose process is gone (killed before its guard ran):
-/// redacted database copies can be large. A live process's folder is left alone.
-fn sweep_scratch(fs: &Fs, tmp: &Path) {
-    let Ok(entries) = fs::read_dir(tmp) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("export-")
-            .and_then(|r| r.split_once('-'))
-            .and_then(|(pid, _)| pid.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: signal 0 only checks whether the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
-            let _ = fs.remove_any(&e.path());
         }
     }
 }
@@ -231,23 +208,19 @@ pub(crate) fn export(
     let _store_lock = store.lock_store(Mode::Shared)?;
     // The index only while chunk locations are resolved: holding it would make every other
     // process's snapshot wait for the whole export.
+    // Large artifacts' locations are resolved a window at a time as they are read.
     let (record, entries, resolved) = {
-        let index = store.index()?;
+        let index = store.index_for_reading()?;
         let tx = index.begin_read()?;
         let record = crate::ops::resolve(&index, &tx, &req.snapshot, req.agent.as_ref())?;
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
         let entries = crate::ops::load_entries(&mut reader, &record)?;
         let contents: Vec<_> = entries.iter().map(|e| e.content.as_ref()).collect();
-        let resolved: Vec<_> = reader
-            .resolve_all(&contents)?
-            .into_iter()
-            .zip(&entries)
-            .map(|(locs, e)| e.content.as_ref().map(|_| locs))
-            .collect();
+        let resolved = crate::store::stream::plan(&mut reader, store, &contents)?;
         (record, entries, resolved)
     };
     let packs = Arc::new(PackFiles::new(&store.fs, store.packs_dir()));
-    sweep_scratch(&store.fs, &store.tmp_dir());
+    fsutil::sweep_scratch(&store.fs, &store.tmp_dir(), "export");
     let mut scratch = Scratch {
         fs: store.fs.clone(),
         dir: store.tmp_dir().join(format!(
@@ -314,7 +287,6 @@ pub(crate) fn export(
         let is_db = matches!(e.kind, EntryKind::Sqlite { .. });
         let mut bundle_at = None;
         if let Some(chunks) = chunks {
-            let chunks = Arc::new(chunks);
             let (bp, kind) = bundle_path(part, &path, is_db);
             let red = match &redactor {
                 None => Redacted {
@@ -329,7 +301,7 @@ pub(crate) fn export(
                 add_counts(d, &bp, &red.counts);
             }
             let size = match &red.source {
-                Source::Stored(chunks) => chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum(),
+                Source::Stored(chunks) => chunks.size(),
                 Source::File(p) => fs::metadata(p).map_err(|e| Error::io(p, e))?.len(),
             };
             items.push(Item {
@@ -639,7 +611,7 @@ struct Redacted {
 fn redact_one(
     r: &Redactor,
     packs: &Arc<PackFiles>,
-    chunks: ChunkList,
+    chunks: ChunkSource,
     is_db: bool,
     bundle_path: &str,
     scratch: &Path,
@@ -660,7 +632,7 @@ fn redact_one(
             scanned: true,
         });
     }
-    let size: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum();
+    let size = chunks.size();
     if size > MAX_REDACT_BYTES {
         return Err(BundleError::Redaction {
             artifact: bundle_path.to_owned(),

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::store::chunk_id::ChunkId;
 use crate::store::pack::{ChunkLoc, FLAG_ZSTD};
 use crate::store::reader::PackFiles;
+use crate::store::stream::{ChunkSource, byte_batches};
 
 pub(crate) struct HashWriter<W> {
     inner: W,
@@ -130,7 +131,7 @@ impl<R: Read> Read for LimitReader<R> {
 }
 
 /// Bytes per batch the reader thread sends, and batches in flight.
-const PREFETCH_BATCH: usize = 4 << 20;
+const PREFETCH_BATCH: u64 = 4 << 20;
 const PREFETCH_DEPTH: usize = 4;
 /// Reader threads of their own: a prefetch must never wait for a pool whose threads are
 /// blocked consuming it.
@@ -153,40 +154,41 @@ fn prefetch_pool() -> &'static rayon::ThreadPool {
 /// Artifacts up to this size are read on the caller's thread.
 const SMALL: u64 = 1 << 20;
 
-/// A stored artifact's chunk list, shared (not copied) with the thread that reads it ahead: a
-/// copy per artifact doubled export's memory for a large database.
-pub(crate) type ChunkList = Arc<Vec<(ChunkId, ChunkLoc)>>;
-
 /// A stored artifact's chunks, read in order in batches of about [`PREFETCH_BATCH`] bytes by
 /// `read` (which gets one batch of chunk locations and returns their items), on a thread of its
-/// own ahead of the consumer, or at once on the caller's thread when the artifact is small.
+/// own ahead of the consumer, or at once on the caller's thread when the artifact is small. A
+/// large artifact's locations come a window at a time ([`ChunkSource`]).
 fn read_ahead<T: Send + 'static>(
-    chunks: ChunkList,
+    source: ChunkSource,
     read: impl Fn(&[(ChunkId, ChunkLoc)]) -> Result<Vec<T>, String> + Send + 'static,
 ) -> mpsc::Receiver<Result<Vec<T>, String>> {
     let (tx, rx) = mpsc::sync_channel(PREFETCH_DEPTH);
-    let size: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum();
-    if size <= SMALL {
+    if let ChunkSource::Listed(chunks) = &source
+        && source.size() <= SMALL
+    {
         // Not worth a thread: one batch, which the channel holds (the first `recv` gets it).
-        let _ = tx.send(read(&chunks));
+        let _ = tx.send(read(chunks));
         return rx;
     }
     std::thread::spawn(move || {
-        let mut start = 0;
-        while start < chunks.len() {
-            let mut end = start;
-            let mut bytes = 0usize;
-            while end < chunks.len() && bytes < PREFETCH_BATCH {
-                bytes += chunks[end].1.raw_len as usize;
-                end += 1;
+        let mut stream = source.stream();
+        loop {
+            let chunks = match stream.next_window() {
+                Ok(Some(w)) => w,
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            for batch in byte_batches(&chunks, PREFETCH_BATCH) {
+                let batch = read(batch);
+                let failed = batch.is_err();
+                // A send fails only when the consumer was dropped: stop reading.
+                if tx.send(batch).is_err() || failed {
+                    return;
+                }
             }
-            let batch = read(&chunks[start..end]);
-            let failed = batch.is_err();
-            // A send fails only when the consumer was dropped: stop reading.
-            if tx.send(batch).is_err() || failed {
-                return;
-            }
-            start = end;
         }
     });
     rx
@@ -202,8 +204,8 @@ pub(crate) struct StoredReader {
 }
 
 impl StoredReader {
-    pub(crate) fn new(packs: Arc<PackFiles>, chunks: ChunkList, verify: bool) -> Self {
-        let rx = read_ahead(chunks, move |batch| {
+    pub(crate) fn new(packs: Arc<PackFiles>, source: ChunkSource, verify: bool) -> Self {
+        let rx = read_ahead(source, move |batch| {
             let read = |(id, loc): &(ChunkId, ChunkLoc)| packs.read_checked(id, loc, verify);
             // On a rayon worker (a small artifact read inline by a parallel caller), read in
             // place: a worker blocked in `install` steals more of its own pool's tasks, each of
@@ -251,9 +253,9 @@ pub(crate) type StoredChunk = (bool, Vec<u8>);
 /// The chunks of a stored artifact as the packs hold them (not decompressed), read ahead.
 pub(crate) fn stored_chunks(
     packs: Arc<PackFiles>,
-    chunks: ChunkList,
+    source: ChunkSource,
 ) -> mpsc::Receiver<Result<Vec<StoredChunk>, String>> {
-    read_ahead(chunks, move |batch| {
+    read_ahead(source, move |batch| {
         batch
             .iter()
             .map(|(id, loc)| {

@@ -448,7 +448,12 @@ pub(crate) fn repair(
         )?,
     };
     {
-        let new = Index::open_under(fs, &new_path, index_lock)?;
+        let new = Index::open_under(
+            fs,
+            &new_path,
+            index_lock,
+            crate::store::index::INDEX_CACHE_BYTES,
+        )?;
         let err = |e: redb::Error| StoreError::index(&new_path, e);
         let tx = new.begin_write()?;
         {

@@ -34,6 +34,7 @@ use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::pack::ChunkLoc;
 use crate::store::reader::{ChunkReader, PackFiles};
+use crate::store::stream::{ChunkSource, byte_batches};
 use crate::tree;
 
 #[derive(Clone)]
@@ -643,10 +644,11 @@ fn stage(
     entries: &[ArtifactEntry],
     progress: &dyn Progress,
 ) -> Result<(), Error> {
-    // Resolve every chunk's location, then give the index back to other processes before the
-    // long part: reading and writing the data.
-    let (packs, mut locations) = {
-        let index = store.index()?;
+    // Resolve the small contents' chunk locations, then give the index back to other processes
+    // before the long part: reading and writing the data. Large contents are resolved a window
+    // at a time as they are written, each window in a session of its own.
+    let (packs, sources) = {
+        let index = store.index_for_reading()?;
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
         let contents: Vec<_> = entries
             .iter()
@@ -655,8 +657,8 @@ fn stage(
                 _ => None,
             })
             .collect();
-        let locations = reader.resolve_all(&contents)?;
-        (reader.packs, locations)
+        let sources = crate::store::stream::plan(&mut reader, store, &contents)?;
+        (reader.packs, sources)
     };
     let mem_root = j.staged_memdir();
     let db_root = j.staged_sqlite();
@@ -673,14 +675,14 @@ fn stage(
             .map_err(|e| Error::io(&db_root, e))?;
     }
     let mut dirs = Vec::new();
-    let mut locations = locations.iter_mut();
+    let mut sources = sources.into_iter();
     // Every entry's parent must be a folder this staging created, so that no crafted or damaged
     // manifest (a symlink, then a file "through" it) writes outside the staging folder.
     let mut staged_dirs: std::collections::HashSet<(Part, Vec<u8>)> =
         std::collections::HashSet::from([(Part::Memdir, Vec::new())]);
     let mut seen: std::collections::HashSet<(Part, &[u8])> = std::collections::HashSet::new();
     for e in entries {
-        let chunks = std::mem::take(locations.next().unwrap_or(&mut Vec::new()));
+        let source = sources.next().flatten();
         let root = match e.part {
             Part::Memdir => &mem_root,
             Part::Sqlite => &db_root,
@@ -741,7 +743,7 @@ fn stage(
                     .map_err(|err| Error::io(&path, err))?;
             }
             EntryKind::File | EntryKind::Sqlite { .. } => {
-                write_content(&store.fs, &packs, e, &chunks, &path, progress)?;
+                write_content(&store.fs, &packs, e, source.as_ref(), &path, progress)?;
                 fs::set_permissions(&path, fs::Permissions::from_mode(e.mode))
                     .map_err(|err| Error::io(&path, err))?;
                 if e.mtime_ns != 0 {
@@ -795,36 +797,53 @@ fn write_content(
     fsys: &Fs,
     packs: &PackFiles,
     e: &ArtifactEntry,
-    chunks: &[(ChunkId, ChunkLoc)],
+    source: Option<&ChunkSource>,
     path: &Path,
     progress: &dyn Progress,
 ) -> Result<(), Error> {
-    if e.content.is_none() {
+    let Some(source) = source else {
         return Err(StoreError::CorruptRecord {
             what: format!("entry {}", e.path_lossy()),
             message: "a file without content".into(),
         }
         .into());
-    }
+    };
     let file = fsys
         .open(path, OpenMode::CreateNew { mode: 0o600 })
         .map_err(|err| Error::io(path, err))?;
     let mut f = WritebackFile::new(file);
     let mut hasher = blake3::Hasher::new();
-    let mut batches = byte_batches(chunks, READ_BATCH_BYTES);
-    let mut current = match batches.next() {
-        Some(b) => Some(read_batch(packs, b)?),
+    let mut stream = source.stream();
+    let mut window = Arc::new(Vec::new());
+    let mut pos = 0;
+    // The next batch of about READ_BATCH_BYTES, from the window or the next one.
+    let mut next_batch = || -> Result<Option<Vec<(ChunkId, ChunkLoc)>>, Error> {
+        loop {
+            if let Some(batch) = byte_batches(&window[pos..], READ_BATCH_BYTES).next() {
+                pos += batch.len();
+                return Ok(Some(batch.to_vec()));
+            }
+            // The spent window goes first: two at once would double the peak.
+            window = Arc::new(Vec::new());
+            match stream.next_window()? {
+                Some(w) => (window, pos) = (w, 0),
+                None => return Ok(None),
+            }
+        }
+    };
+    let mut current = match next_batch()? {
+        Some(b) => Some(read_batch(packs, &b)?),
         None => None,
     };
     while let Some(data) = current.take() {
-        let next = batches.next();
+        let next = next_batch()?;
         let (written, read) = rayon::join(
             || -> Result<(), Error> {
                 hasher.update(&data);
                 progress.advance(data.len() as u64);
                 f.write_all(&data).map_err(|err| Error::io(path, err))
             },
-            || next.map(|b| read_batch(packs, b)).transpose(),
+            || next.map(|b| read_batch(packs, &b)).transpose(),
         );
         written?;
         current = read?;
@@ -836,30 +855,6 @@ fn write_content(
         });
     }
     Ok(())
-}
-
-/// Consecutive runs of `chunks` of about `bytes` raw bytes each.
-fn byte_batches(
-    chunks: &[(ChunkId, ChunkLoc)],
-    bytes: u64,
-) -> impl Iterator<Item = &[(ChunkId, ChunkLoc)]> {
-    let mut rest = chunks;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut sum = 0u64;
-        let n = rest
-            .iter()
-            .position(|(_, l)| {
-                sum += u64::from(l.raw_len);
-                sum >= bytes
-            })
-            .map_or(rest.len(), |i| i + 1);
-        let (batch, tail) = rest.split_at(n);
-        rest = tail;
-        Some(batch)
-    })
 }
 
 /// The bytes of `batch`, each chunk read, decompressed and checked in parallel into its place.

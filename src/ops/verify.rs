@@ -6,7 +6,9 @@
 //! Three passes, so that the index is held only while trees are walked: (1) with the index, walk
 //! every snapshot's trees once per distinct node and locate each distinct data chunk; (2)
 //! without it, check those chunks in parallel; (3) only if something is damaged, walk the trees
-//! again to name every snapshot and artifact that needs a damaged chunk.
+//! again to name every snapshot and artifact that needs a damaged chunk. A large store's data
+//! chunk ids are located and checked one range of ids at a time (spilled to `tmp/` by pass 1),
+//! so that they and their locations are not all held at once.
 
 use std::collections::{HashMap, HashSet};
 
@@ -131,22 +133,28 @@ pub(crate) fn verify(
     let _store_lock = store.lock_store(crate::lock::Mode::Shared)?;
     let mut bad: HashMap<ChunkId, Fault> = HashMap::new();
     let mut manifest_damage: HashMap<String, (String, Fault)> = HashMap::new();
-    let (records, located, packs) = {
-        let index = store.index()?;
+    let mut pack_sizes: HashMap<PackId, Option<u64>> = HashMap::new();
+    // Per pack, the end of the last chunk the index places in it.
+    let mut needed: HashMap<PackId, u64> = HashMap::new();
+    let packs = PackFiles::new(&store.fs, store.packs_dir());
+    // Chunk ids are uniform: checking them a range of ids at a time, about a window's worth
+    // each (see `Store::window`), bounds the list of ids and locations whatever the store's
+    // size (`DataIds`).
+    let (records, parts, mut ids) = {
+        let index = store.index_for_reading()?;
         let tx = index.begin_read()?;
         let records = match spec {
             Some(s) => vec![super::resolve(&index, &tx, s, agent)?],
             None => super::all_records(&index, &tx)?,
         };
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
-        // Nodes and content roots are remembered, so what snapshots share is walked once; the
-        // data chunks below new nodes are deduplicated by sorting (a set of every id took ~140
-        // bytes per chunk). Repeats (unchanged chunks under changed nodes, snapshot after
-        // snapshot) are dropped whenever the list has doubled: it stays within twice the
-        // distinct chunks.
+        // An eighth of a window per part: a part costs only an index session and a walk of its
+        // range of the table, and its ids are a large share of verify's memory.
+        let per_part = (store.window as u64 / 8).max(1);
+        let parts = reader.chunk_count()?.div_ceil(per_part).max(1);
+        let mut ids = DataIds::new(store, parts)?;
+        // Nodes and content roots are remembered, so what snapshots share is walked once.
         let mut nodes = crate::tree::Seen::new();
-        let mut located: Vec<(ChunkId, ChunkLoc)> = Vec::new();
-        let mut deduped = 0usize;
         for record in &records {
             let entries = match entries_or_fault(&mut reader, record) {
                 Ok(e) => e,
@@ -162,7 +170,7 @@ pub(crate) fn verify(
                     &mut nodes,
                     &mut |cid, is_data, res| {
                         match (is_data, res) {
-                            (true, _) => located.push((*cid, ChunkLoc::UNSET)),
+                            (true, _) => ids.push(cid)?,
                             (false, Err(e)) => {
                                 bad.insert(*cid, describe(&e));
                             }
@@ -171,64 +179,66 @@ pub(crate) fn verify(
                         Ok(())
                     },
                 )?;
-                if located.len() > 2 * deduped.max(1 << 16) {
-                    located.sort_unstable_by_key(|(id, _)| *id);
-                    located.dedup_by_key(|(id, _)| *id);
-                    deduped = located.len();
-                }
             }
         }
-        drop(nodes);
-        located.sort_unstable_by_key(|(id, _)| *id);
-        located.dedup_by_key(|(id, _)| *id);
-        for cid in reader.locate_sorted(&mut located)? {
-            bad.insert(cid, describe(&StoreError::MissingChunk { id: cid.hex() }));
+        (records, parts, ids)
+    };
+    for part in 0..parts {
+        let mut located = ids.take(part)?;
+        if !located.is_empty() {
+            let index = store.index_for_reading()?;
+            let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+            for cid in reader.locate_sorted(&mut located)? {
+                bad.insert(cid, describe(&StoreError::MissingChunk { id: cid.hex() }));
+            }
         }
         // Read in pack order.
         located.sort_unstable_by_key(|(_, l)| (l.pack, l.offset));
-        (records, located, reader.packs)
-    };
 
-    // Pass 2, without the index.
-    progress.start(
-        "verify",
-        located.iter().map(|(_, l)| l.raw_len as u64).sum(),
-    );
-    let mut pack_sizes: HashMap<PackId, Option<u64>> = HashMap::new();
-    for (_, loc) in &located {
-        pack_sizes.entry(loc.pack).or_insert_with(|| {
-            std::fs::metadata(packs.path(&loc.pack))
-                .ok()
-                .map(|m| m.len())
-        });
-    }
-    // Only failures are kept: a result per chunk was ~100 bytes, 100 MB at 4 GiB.
-    let bytes_checked = std::sync::atomic::AtomicU64::new(0);
-    let failures: Vec<(ChunkId, StoreError)> = located
-        .par_iter()
-        .filter_map(
-            |(id, loc)| match check_chunk(&packs, id, loc, read_data, &pack_sizes) {
-                Ok(n) => {
-                    progress.advance(n);
-                    bytes_checked.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                    None
+        // Pass 2, without the index.
+        let phase = match parts {
+            1 => "verify".to_owned(),
+            n => format!("verify, part {} of {n}", part + 1),
+        };
+        progress.start(&phase, located.iter().map(|(_, l)| l.raw_len as u64).sum());
+        for (_, loc) in &located {
+            pack_sizes.entry(loc.pack).or_insert_with(|| {
+                std::fs::metadata(packs.path(&loc.pack))
+                    .ok()
+                    .map(|m| m.len())
+            });
+            let end = needed.entry(loc.pack).or_default();
+            *end = (*end).max(loc.offset.saturating_add(u64::from(loc.stored_len)));
+        }
+        // Only failures are kept: a result per chunk was ~100 bytes, 100 MB at 4 GiB.
+        let bytes_checked = std::sync::atomic::AtomicU64::new(0);
+        let failures: Vec<(ChunkId, StoreError)> = located
+            .par_iter()
+            .filter_map(
+                |(id, loc)| match check_chunk(&packs, id, loc, read_data, &pack_sizes) {
+                    Ok(n) => {
+                        progress.advance(n);
+                        bytes_checked.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        None
+                    }
+                    Err(e) => Some((*id, e)),
+                },
+            )
+            .collect();
+        report.chunks_checked += located.len() as u64;
+        report.bytes_checked += bytes_checked.into_inner();
+        for (id, e) in failures {
+            match e {
+                // An I/O failure of this machine (out of file descriptors, a read error) is not
+                // damage in the store: stop rather than report a false verdict either way.
+                e @ StoreError::Io { .. } => return Err(e.into()),
+                e => {
+                    bad.insert(id, describe(&e));
                 }
-                Err(e) => Some((*id, e)),
-            },
-        )
-        .collect();
-    report.chunks_checked += located.len() as u64;
-    report.bytes_checked += bytes_checked.into_inner();
-    for (id, e) in failures {
-        match e {
-            // An I/O failure of this machine (out of file descriptors, a read error) is not
-            // damage in the store: stop rather than report a false verdict either way.
-            e @ StoreError::Io { .. } => return Err(e.into()),
-            e => {
-                bad.insert(id, describe(&e));
             }
         }
     }
+    drop(ids);
     // Per pack: missing, shorter than its chunks need, or (read_data) a damaged footer. The
     // packs of chunks that failed in pass 1 (tree nodes, manifests) count too.
     for fault in bad.values().chain(manifest_damage.values().map(|(_, f)| f)) {
@@ -240,11 +250,6 @@ pub(crate) fn verify(
                     .map(|m| m.len())
             });
         }
-    }
-    let mut needed: HashMap<PackId, u64> = HashMap::new();
-    for (_, loc) in &located {
-        let end = needed.entry(loc.pack).or_default();
-        *end = (*end).max(loc.offset.saturating_add(u64::from(loc.stored_len)));
     }
     let mut ids: Vec<&PackId> = pack_sizes.keys().collect();
     ids.sort();
@@ -382,4 +387,141 @@ fn check_chunk(
         packs.read(id, loc)?;
     }
     Ok(loc.raw_len as u64)
+}
+
+/// The data chunk ids a verify walk meets, deduplicated and handed out one range of ids (a
+/// "part") at a time. One part is kept in memory, sorted and deduplicated whenever it has
+/// doubled (repeats: unchanged chunks under changed nodes, snapshot after snapshot); several
+/// are spilled to a file each under `tmp/`, so that the trees are walked once whatever the
+/// number of parts, and only one part's ids are ever held.
+enum DataIds {
+    Memory {
+        ids: Vec<(ChunkId, ChunkLoc)>,
+        deduped: usize,
+    },
+    Spilled {
+        dir: Scratch,
+        files: Vec<std::io::BufWriter<std::fs::File>>,
+    },
+}
+
+/// Removes a verify's scratch folder, whatever happens.
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl DataIds {
+    fn new(store: &Store, parts: u64) -> Result<Self, Error> {
+        if parts == 1 {
+            return Ok(Self::Memory {
+                ids: Vec::new(),
+                deduped: 0,
+            });
+        }
+        crate::fsutil::sweep_scratch(&store.fs, &store.tmp_dir(), "verify");
+        let dir = Scratch(store.tmp_dir().join(format!(
+            "verify-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        )));
+        std::fs::create_dir_all(&dir.0).map_err(|e| Error::io(&dir.0, e))?;
+        let files = (0..parts)
+            .map(|p| {
+                let path = dir.0.join(p.to_string());
+                std::fs::File::create(&path)
+                    .map(|f| std::io::BufWriter::with_capacity(16 << 10, f))
+                    .map_err(|e| Error::io(&path, e))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self::Spilled { dir, files })
+    }
+
+    fn push(&mut self, id: &ChunkId) -> Result<(), StoreError> {
+        use std::io::Write;
+        match self {
+            Self::Memory { ids, deduped } => {
+                push_dedup(ids, deduped, *id);
+                Ok(())
+            }
+            Self::Spilled { dir, files } => {
+                let part = part_of(id, files.len() as u64);
+                files[part]
+                    .write_all(&id.0)
+                    .map_err(|e| StoreError::io(dir.0.join(part.to_string()), e))
+            }
+        }
+    }
+
+    /// The ids of `part`, sorted, without repeats.
+    fn take(&mut self, part: u64) -> Result<Vec<(ChunkId, ChunkLoc)>, Error> {
+        use std::io::Write;
+        let mut ids = match self {
+            Self::Memory { ids, .. } => std::mem::take(ids),
+            Self::Spilled { dir, files } => {
+                let path = dir.0.join(part.to_string());
+                let io = |e| Error::io(&path, e);
+                files[part as usize].flush().map_err(io)?;
+                let mut f = std::io::BufReader::with_capacity(
+                    1 << 16,
+                    std::fs::File::open(&path).map_err(io)?,
+                );
+                let mut ids = Vec::new();
+                let mut deduped = 0;
+                let mut id = [0u8; 32];
+                while crate::fsutil::read_full(&mut f, &mut id).map_err(io)? == 32 {
+                    push_dedup(&mut ids, &mut deduped, ChunkId(id));
+                }
+                drop(f);
+                std::fs::remove_file(&path).map_err(io)?;
+                ids
+            }
+        };
+        ids.sort_unstable_by_key(|(id, _)| *id);
+        ids.dedup_by_key(|(id, _)| *id);
+        Ok(ids)
+    }
+}
+
+/// Appends `id`, sorting and deduplicating whenever the list has doubled since the last time:
+/// it stays within twice the distinct ids.
+fn push_dedup(ids: &mut Vec<(ChunkId, ChunkLoc)>, deduped: &mut usize, id: ChunkId) {
+    ids.push((id, ChunkLoc::UNSET));
+    if ids.len() > 2 * (*deduped).max(1 << 16) {
+        ids.sort_unstable_by_key(|(id, _)| *id);
+        ids.dedup_by_key(|(id, _)| *id);
+        *deduped = ids.len();
+    }
+}
+
+/// Which of `parts` equal ranges of ids `id` falls in; ids are uniform, so parts are alike.
+fn part_of(id: &ChunkId, parts: u64) -> usize {
+    ((u128::from(id.prefix()) * u128::from(parts)) >> 64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_split_the_ids_in_order() {
+        let at = |prefix: u64| {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&prefix.to_be_bytes());
+            ChunkId(id)
+        };
+        for parts in [1u64, 2, 3, 7, 1000] {
+            assert_eq!(part_of(&at(0), parts), 0);
+            assert_eq!(part_of(&at(u64::MAX), parts) as u64, parts - 1);
+            let mut last = 0;
+            for k in 0..=64u64 {
+                let p = part_of(&at(k.wrapping_mul(u64::MAX / 64)), parts);
+                assert!(p >= last && (p as u64) < parts, "{k} of {parts}");
+                last = p;
+            }
+        }
+    }
 }

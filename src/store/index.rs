@@ -25,11 +25,16 @@ pub(crate) const FILE_STATS: TableDefinition<&[u8], &[u8]> = TableDefinition::ne
 /// chunk locations while they run; a waiter gives up only after this long.
 const INDEX_LOCK_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// redb's page cache per open index.
+pub(crate) const INDEX_CACHE_BYTES: usize = 16 << 20;
+
+/// redb's page cache for a session that only reads in key order (restore, export and verify
+/// walk the chunk table or look up sorted ids): the path to the current leaf is all it reuses,
+/// and a 16 MiB cache filled by a walk was a quarter of verify's peak memory.
+pub(crate) const READ_CACHE_BYTES: usize = 2 << 20;
+
 /// An open index, valid while the index lock is held. Dropping it closes the database first,
 /// then releases the lock (field order).
-/// redb's page cache per open index.
-const INDEX_CACHE_BYTES: usize = 16 << 20;
-
 pub(crate) struct Index {
     pub db: redb::Database,
     pub path: PathBuf,
@@ -40,20 +45,34 @@ pub(crate) struct Index {
 
 impl Index {
     pub(crate) fn open(fs: &Fs, path: &Path, lock_path: &Path) -> Result<Self, Error> {
+        Self::open_with_cache(fs, path, lock_path, INDEX_CACHE_BYTES)
+    }
+
+    pub(crate) fn open_with_cache(
+        fs: &Fs,
+        path: &Path,
+        lock_path: &Path,
+        cache: usize,
+    ) -> Result<Self, Error> {
         let guard = lock(lock_path)?;
-        Ok(Self::open_under(fs, path, guard)?)
+        Ok(Self::open_under(fs, path, guard, cache)?)
     }
 
     /// Opens (or creates) the database at `path` under an index lock the caller already holds:
     /// repair keeps the lock from reading the old index to renaming the new one in.
-    pub(crate) fn open_under(fs: &Fs, path: &Path, guard: LockGuard) -> Result<Self, StoreError> {
+    pub(crate) fn open_under(
+        fs: &Fs,
+        path: &Path,
+        guard: LockGuard,
+        cache: usize,
+    ) -> Result<Self, StoreError> {
         let file = fs
             .open(path, OpenMode::OpenOrCreate { mode: 0o666 })
             .map_err(|e| StoreError::io(path, e))?;
         // redb caches every page it touches, up to 1 GiB by default: a walk of a 4 GiB agent's
         // chunk table held ~100 MB. The OS page cache keeps the file hot anyway.
         let db = redb::Database::builder()
-            .set_cache_size(INDEX_CACHE_BYTES)
+            .set_cache_size(cache)
             .create_with_backend(RedbBackend {
                 file,
                 path: path.to_path_buf(),

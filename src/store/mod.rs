@@ -6,6 +6,7 @@ pub(crate) mod config;
 pub(crate) mod index;
 pub(crate) mod pack;
 pub(crate) mod reader;
+pub(crate) mod stream;
 pub(crate) mod writer;
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,8 @@ pub(crate) struct Store {
     pub(crate) lock_timeout: Duration,
     /// Every write of the store, and of restores into agents, goes through this.
     pub(crate) fs: Fs,
+    /// Chunk locations a restore or export holds at once ([`stream`]).
+    pub(crate) window: usize,
 }
 
 impl Store {
@@ -57,6 +60,7 @@ impl Store {
             config: StoreConfig::new_default(crate::now_ms()),
             lock_timeout,
             fs,
+            window: stream::DEFAULT_WINDOW,
         };
         let created = !root.join(INDEX_FILE).exists();
         if !created {
@@ -112,6 +116,7 @@ impl Store {
             config: StoreConfig::new_default(0),
             lock_timeout,
             fs,
+            window: stream::DEFAULT_WINDOW,
         };
         let index = store.index()?;
         let tx = index.begin_read()?;
@@ -164,6 +169,16 @@ impl Store {
             &self.fs,
             &self.root.join(INDEX_FILE),
             &self.root.join("locks").join("index.lock"),
+        )
+    }
+
+    /// An index session that only reads, in key order ([`index::READ_CACHE_BYTES`]).
+    pub(crate) fn index_for_reading(&self) -> Result<Index, Error> {
+        Index::open_with_cache(
+            &self.fs,
+            &self.root.join(INDEX_FILE),
+            &self.root.join("locks").join("index.lock"),
+            index::READ_CACHE_BYTES,
         )
     }
 

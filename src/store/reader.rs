@@ -284,6 +284,14 @@ impl<'i> ChunkReader<'i> {
         Ok(v.map(|g| ChunkLoc::decode(&g.value())))
     }
 
+    /// Chunks the index holds.
+    pub(crate) fn chunk_count(&self) -> Result<u64, StoreError> {
+        use redb::ReadableTableMetadata;
+        self.chunks
+            .len()
+            .map_err(|e| StoreError::index(&self.index.path, e))
+    }
+
     pub(crate) fn read(&mut self, id: &ChunkId) -> Result<Vec<u8>, StoreError> {
         let loc = self
             .locate(id)?
@@ -300,7 +308,6 @@ impl<'i> ChunkReader<'i> {
         &mut self,
         contents: &[Option<&crate::tree::ContentRef>],
     ) -> Result<Vec<Vec<(ChunkId, ChunkLoc)>>, StoreError> {
-        use redb::{ReadableTable, ReadableTableMetadata};
         let mut out: Vec<Vec<(ChunkId, ChunkLoc)>> = Vec::with_capacity(contents.len());
         for c in contents {
             let mut chunks = Vec::new();
@@ -315,6 +322,19 @@ impl<'i> ChunkReader<'i> {
             }
             out.push(chunks);
         }
+        self.locate_lists(&mut out)?;
+        Ok(out)
+    }
+
+    /// Fills the locations of every chunk in `lists`, each distinct id located once and in key
+    /// order (see [`ChunkReader::resolve_all`]); a chunk the index lacks is
+    /// [`StoreError::MissingChunk`].
+    pub(crate) fn locate_lists(
+        &mut self,
+        lists: &mut [Vec<(ChunkId, ChunkLoc)>],
+    ) -> Result<(), StoreError> {
+        use redb::{ReadableTable, ReadableTableMetadata};
+        let out = lists;
         // (id prefix, content, position), in id order: a prefix sorts contiguously; equal
         // prefixes (repeated chunks, or a rare collision) fall back to the whole id.
         let mut order: Vec<(u64, u32, u32)> = Vec::with_capacity(out.iter().map(Vec::len).sum());
@@ -328,12 +348,12 @@ impl<'i> ChunkReader<'i> {
         }
         order.sort_unstable_by(|a, b| {
             a.0.cmp(&b.0)
-                .then_with(|| id_at(&out, a).cmp(&id_at(&out, b)))
+                .then_with(|| id_at(out, a).cmp(&id_at(out, b)))
         });
         let err = |e: redb::StorageError| StoreError::index(&self.index.path, e);
         let total = self.chunks.len().map_err(err)?;
         // Sets the location of the run of equal ids starting at `order[i]`; returns its end.
-        let assign = |out: &mut Vec<Vec<(ChunkId, ChunkLoc)>>, i: usize, loc: ChunkLoc| {
+        let assign = |out: &mut [Vec<(ChunkId, ChunkLoc)>], i: usize, loc: ChunkLoc| {
             let id = id_at(out, &order[i]);
             let mut j = i;
             while j < order.len() && order[j].0 == order[i].0 && id_at(out, &order[j]) == id {
@@ -345,7 +365,7 @@ impl<'i> ChunkReader<'i> {
         // Distinct wanted ids, for choosing between a walk of the table and lookups.
         let distinct = order
             .windows(2)
-            .filter(|w| w[0].0 != w[1].0 || id_at(&out, &w[0]) != id_at(&out, &w[1]))
+            .filter(|w| w[0].0 != w[1].0 || id_at(out, &w[0]) != id_at(out, &w[1]))
             .count()
             + usize::from(!order.is_empty());
         let mut i = 0;
@@ -355,48 +375,54 @@ impl<'i> ChunkReader<'i> {
             for item in self.chunks.iter().map_err(err)? {
                 let (k, v) = item.map_err(err)?;
                 let key = ChunkId(k.value());
-                while i < order.len() && id_at(&out, &order[i]) < key {
+                while i < order.len() && id_at(out, &order[i]) < key {
                     i += 1;
                 }
                 if i == order.len() {
                     break;
                 }
-                if id_at(&out, &order[i]) == key {
-                    i = assign(&mut out, i, ChunkLoc::decode(&v.value()));
+                if id_at(out, &order[i]) == key {
+                    i = assign(out, i, ChunkLoc::decode(&v.value()));
                 }
             }
         } else {
             while i < order.len() {
-                let id = id_at(&out, &order[i]);
+                let id = id_at(out, &order[i]);
                 match self.locate(&id)? {
-                    Some(loc) => i = assign(&mut out, i, loc),
+                    Some(loc) => i = assign(out, i, loc),
                     None => i += 1,
                 }
             }
         }
-        for chunks in &out {
+        for chunks in out.iter() {
             if let Some((id, _)) = chunks.iter().find(|(_, l)| *l == ChunkLoc::UNSET) {
                 return Err(StoreError::MissingChunk { id: id.hex() });
             }
         }
-        Ok(out)
+        Ok(())
     }
 
-    /// Locates `chunks`, sorted by id without repeats, in place: a walk of the table when they
-    /// are a good share of it, lookups in key order otherwise. The ones the index lacks are
-    /// taken out and returned.
+    /// Locates `chunks`, sorted by id without repeats, in place: a walk of the table between
+    /// the first and the last when they are a good share of the entries there, lookups in key
+    /// order otherwise. The ones the index lacks are taken out and returned.
     pub(crate) fn locate_sorted(
         &mut self,
         chunks: &mut Vec<(ChunkId, ChunkLoc)>,
     ) -> Result<Vec<ChunkId>, StoreError> {
-        use redb::{ReadableTable, ReadableTableMetadata};
+        use redb::ReadableTableMetadata;
         let err = |e: redb::StorageError| StoreError::index(&self.index.path, e);
         for c in chunks.iter_mut() {
             c.1 = ChunkLoc::UNSET;
         }
-        if chunks.len() as u64 * 8 >= self.chunks.len().map_err(err)? {
+        let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
+            return Ok(Vec::new());
+        };
+        // Ids are uniform: the entries between the first and the last wanted id.
+        let span = (last.0.prefix() - first.0.prefix()) as u128;
+        let between = ((u128::from(self.chunks.len().map_err(err)?) * span) >> 64) as u64;
+        if chunks.len() as u64 * 8 >= between {
             let mut i = 0;
-            for item in self.chunks.iter().map_err(err)? {
+            for item in self.chunks.range(first.0.0..=last.0.0).map_err(err)? {
                 let (k, v) = item.map_err(err)?;
                 let key = ChunkId(k.value());
                 while i < chunks.len() && chunks[i].0 < key {

@@ -38,7 +38,7 @@ pub(crate) struct EarlyCommit {
 
 /// A number from the environment that tests use to reach, with little data, what only large
 /// data reaches otherwise (many packs, early commits). Like MEMSNAP_FAILPOINT: not for users.
-fn test_knob(name: &str) -> Option<u64> {
+pub(crate) fn test_knob(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.parse().ok()
 }
 
