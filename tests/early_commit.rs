@@ -104,3 +104,68 @@ fn a_snapshot_with_early_commits_restores_and_a_dead_one_leaves_only_garbage() {
         "restore after prune",
     );
 }
+
+#[test]
+fn an_import_commits_early_too_and_a_dead_one_leaves_only_garbage() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let agent = SampleAgent::create(
+        &tmp.path().join("agent"),
+        &SampleSpec::with_total_bytes(6 << 20, 5),
+    )
+    .expect("agent");
+    let store = tmp.path().join("store");
+    let id = str_of(
+        &TestCommand::new(&store).snapshot(agent.root()).json(),
+        "id",
+    )
+    .to_owned();
+    let bundle = tmp.path().join("ana.tar.zst");
+    TestCommand::new(&store)
+        .args(["export", &id, "--out"])
+        .arg(&bundle)
+        .json();
+
+    let import = |store: &Path| {
+        let mut c = TestCommand::new(store);
+        for (k, v) in KNOBS {
+            c.env(k, v);
+        }
+        c.arg("import").arg(&bundle);
+        c
+    };
+    let store2 = tmp.path().join("store2");
+    import(&store2)
+        .env("MEMSNAP_FAILPOINT", "import:before-commit")
+        .assert_crashed();
+    assert_eq!(
+        TestCommand::new(&store2).arg("list").json(),
+        serde_json::json!([])
+    );
+    let stats = TestCommand::new(&store2).arg("stats").json();
+    assert!(
+        stats["store"]["chunks"].as_u64().unwrap_or(0) > 200,
+        "early commits put chunk entries in the index: {stats:#}"
+    );
+    TestCommand::new(&store2)
+        .args(["verify", "--read-data"])
+        .json();
+
+    // A whole import after it restores byte for byte, and prune keeps it whole.
+    import(&store2).json();
+    TestCommand::new(&store2)
+        .args(["prune", "--max-unused", "0"])
+        .json();
+    TestCommand::new(&store2)
+        .args(["verify", "--read-data"])
+        .json();
+    let target = tmp.path().join("restored");
+    TestCommand::new(&store2)
+        .args(["restore", &id, "--target"])
+        .arg(&target)
+        .json();
+    assert_same_tree(
+        &tree(&agent.sqlite_dir(), false),
+        &tree(&target.join("sqlite"), false),
+        "imported with early commits",
+    );
+}
