@@ -341,10 +341,34 @@ pub(crate) fn io_hint(e: &std::io::Error) -> &'static str {
              memsnap as the user that owns it"
         }
         Some(libc::EROFS) => "; the file system is mounted read-only",
+        Some(libc::EMFILE | libc::ENFILE) => {
+            "; too many files are open: raise the limit (`ulimit -n`) and run the command again"
+        }
         Some(libc::EIO) => {
             "; the device reported an error: check the disk (dmesg), then run `memsnap verify \
              --read-data`"
         }
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::io_hint;
+
+    #[test]
+    fn io_errors_the_user_can_fix_say_how() {
+        for (errno, words) in [
+            (libc::ENOSPC, "full"),
+            (libc::EDQUOT, "quota"),
+            (libc::EACCES, "permissions"),
+            (libc::EROFS, "read-only"),
+            (libc::EIO, "dmesg"),
+            (libc::EMFILE, "ulimit -n"),
+        ] {
+            let hint = io_hint(&std::io::Error::from_raw_os_error(errno));
+            assert!(hint.contains(words), "{errno}: {hint}");
+        }
+        assert_eq!(io_hint(&std::io::Error::other("x")), "");
     }
 }

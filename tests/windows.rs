@@ -163,3 +163,70 @@ fn damage_in_any_part_is_found_as_in_one_pass_and_a_failing_window_restores_noth
     assert_agent_tree_unchanged(live, &agent, "a restore failing in a later window");
     assert_no_restore_leftovers(&agent);
 }
+
+#[test]
+fn small_contents_past_the_listed_total_are_streamed_one_by_one() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let notes = walkdir::WalkDir::new(f.agent.memdir())
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .count();
+    assert!(notes > 20, "{notes} files in the memdir");
+    let target = f.path("restored");
+    f.cmd()
+        .env("MEMSNAP_TEST_LISTED_TOTAL", "10")
+        .args(["restore", &id, "--target"])
+        .arg(&target)
+        .json();
+    for part in ["memdir", "sqlite", "state"] {
+        assert_same_tree(
+            &tree(&f.agent.root().join(part), false),
+            &tree(&target.join(part), false),
+            &format!("restore with 10 chunks listed, {part}"),
+        );
+    }
+    let bundle = f.path("out.tar.zst");
+    f.cmd()
+        .env("MEMSNAP_TEST_LISTED_TOTAL", "10")
+        .args(["export", &id, "--out"])
+        .arg(&bundle)
+        .json();
+    let v = TestCommand::new(&f.path("unused"))
+        .arg("verify-bundle")
+        .arg(&bundle)
+        .json();
+    assert_eq!(v["ok"], true, "{v:#}");
+}
+
+#[test]
+fn verify_splits_into_few_enough_parts_for_a_low_file_limit() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let agent = agent(tmp.path());
+    let store = tmp.path().join("store");
+    TestCommand::new(&store).snapshot(agent.root()).json();
+    // One chunk per window: a part per chunk, uncapped, would be a spill file each.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 128 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_memsnap"))
+        .arg("--store")
+        .arg(&store)
+        .args(["--window-chunks", "1", "--json", "verify", "--read-data"])
+        .env("MEMSNAP_LOG", "error")
+        .output()
+        .expect("run verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(report["ok"], true, "{report:#}");
+    assert!(
+        report["chunks_checked"].as_u64().unwrap_or(0) > 500,
+        "{report:#}"
+    );
+}

@@ -770,15 +770,24 @@ fn write_frames(
         fw.data(&header_bytes(&item.meta.path_in_bundle, size)?)?;
         match &item.source {
             Source::Stored(chunks) => {
-                for batch in super::io::stored_chunks(packs.clone(), chunks.clone()) {
-                    for (compressed, bytes) in batch.map_err(io::Error::other)? {
+                let mut ahead = super::io::stored_chunks(packs.clone(), chunks.clone());
+                let mut written = 0u64;
+                while let Some(batch) = ahead.next_batch().map_err(io::Error::other)? {
+                    for (compressed, raw_len, bytes) in batch {
                         match compressed {
                             true => fw.frame(&bytes)?,
                             false if bytes.len() >= RAW_FRAME_MIN => fw.incompressible(&bytes)?,
                             false => fw.data(&bytes)?,
                         }
+                        written += u64::from(raw_len);
                         progress.advance(bytes.len() as u64);
                     }
+                }
+                if written != size {
+                    return Err(io::Error::other(format!(
+                        "{}: {written} bytes, the first pass read {size}",
+                        item.meta.path_in_bundle
+                    )));
                 }
             }
             Source::File(p) => {

@@ -3,8 +3,10 @@
 //! seal and every artifact's SHA-256, and refuses links, devices, unsafe paths, unlisted or
 //! duplicate entries and streams larger than declared. `import` stores the artifacts as they
 //! stream (deduplicating) and commits the snapshot only after every check passed; on any
-//! failure the packs it wrote are deleted and the index is untouched. `verify_bundle` runs the
-//! same pass without a store. Layout: store-format.md, "Bundles".
+//! failure no snapshot is listed and the packs it wrote are deleted, but for those an early
+//! commit already put in the index (a large bundle; store-format.md, "Write ordering"), which
+//! are garbage until a prune. `verify_bundle` runs the same pass without a store. Layout:
+//! store-format.md, "Bundles".
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;

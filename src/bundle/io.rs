@@ -161,21 +161,26 @@ const SMALL: u64 = 1 << 20;
 fn read_ahead<T: Send + 'static>(
     source: ChunkSource,
     read: impl Fn(&[(ChunkId, ChunkLoc)]) -> Result<Vec<T>, String> + Send + 'static,
-) -> mpsc::Receiver<Result<Vec<T>, String>> {
+) -> ReadAhead<T> {
     let (tx, rx) = mpsc::sync_channel(PREFETCH_DEPTH);
     if let ChunkSource::Listed(chunks) = &source
         && source.size() <= SMALL
     {
-        // Not worth a thread: one batch, which the channel holds (the first `recv` gets it).
-        let _ = tx.send(read(chunks));
-        return rx;
+        // Not worth a thread: one batch and the end, which the channel holds.
+        if tx.send(read(chunks).map(Some)).is_ok() {
+            let _ = tx.send(Ok(None));
+        }
+        return ReadAhead { rx, thread: None };
     }
-    std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         let mut stream = source.stream();
         loop {
             let chunks = match stream.next_window() {
                 Ok(Some(w)) => w,
-                Ok(None) => return,
+                Ok(None) => {
+                    let _ = tx.send(Ok(None));
+                    return;
+                }
                 Err(e) => {
                     let _ = tx.send(Err(e.to_string()));
                     return;
@@ -185,27 +190,60 @@ fn read_ahead<T: Send + 'static>(
                 let batch = read(batch);
                 let failed = batch.is_err();
                 // A send fails only when the consumer was dropped: stop reading.
-                if tx.send(batch).is_err() || failed {
+                if tx.send(batch.map(Some)).is_err() || failed {
                     return;
                 }
             }
         }
     });
-    rx
+    ReadAhead {
+        rx,
+        thread: Some(thread),
+    }
+}
+
+/// The consumer's end of [`read_ahead`]. The reader thread says where the artifact ends: a
+/// thread that stops without saying so (a panic) is an error, never a short artifact. Dropped,
+/// it stops the thread and waits for it, so that no index session outlives the operation.
+pub(crate) struct ReadAhead<T> {
+    rx: mpsc::Receiver<Result<Option<Vec<T>>, String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<T> ReadAhead<T> {
+    /// The next batch; `None` at the artifact's end.
+    pub(crate) fn next_batch(&mut self) -> Result<Option<Vec<T>>, String> {
+        match self.rx.recv() {
+            Ok(r) => r,
+            Err(_) => Err("the thread reading the store ahead stopped before the end".into()),
+        }
+    }
+}
+
+impl<T> Drop for ReadAhead<T> {
+    fn drop(&mut self) {
+        // Closing the channel fails the thread's next send, which ends it.
+        let (_, closed) = mpsc::sync_channel(0);
+        drop(std::mem::replace(&mut self.rx, closed));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Reads a stored artifact in order, its chunks read, checked and decompressed ahead of the
 /// consumer (in parallel within a batch), so that hashing or compression overlaps the reads.
 pub(crate) struct StoredReader {
-    rx: mpsc::Receiver<Result<Vec<Vec<u8>>, String>>,
+    ahead: ReadAhead<Vec<u8>>,
     parts: std::vec::IntoIter<Vec<u8>>,
     current: Vec<u8>,
     pos: usize,
+    done: bool,
 }
 
 impl StoredReader {
     pub(crate) fn new(packs: Arc<PackFiles>, source: ChunkSource, verify: bool) -> Self {
-        let rx = read_ahead(source, move |batch| {
+        let ahead = read_ahead(source, move |batch| {
             let read = |(id, loc): &(ChunkId, ChunkLoc)| packs.read_checked(id, loc, verify);
             // On a rayon worker (a small artifact read inline by a parallel caller), read in
             // place: a worker blocked in `install` steals more of its own pool's tasks, each of
@@ -218,10 +256,11 @@ impl StoredReader {
             parts.map_err(|e| e.to_string())
         });
         Self {
-            rx,
+            ahead,
             parts: Vec::new().into_iter(),
             current: Vec::new(),
             pos: 0,
+            done: false,
         }
     }
 }
@@ -234,10 +273,12 @@ impl Read for StoredReader {
                 self.pos = 0;
                 continue;
             }
-            match self.rx.recv() {
-                Ok(Ok(batch)) => self.parts = batch.into_iter(),
-                Ok(Err(e)) => return Err(io::Error::other(e)),
-                Err(_) => return Ok(0),
+            if self.done {
+                return Ok(0);
+            }
+            match self.ahead.next_batch().map_err(io::Error::other)? {
+                Some(batch) => self.parts = batch.into_iter(),
+                None => self.done = true,
             }
         }
         let n = buf.len().min(self.current.len() - self.pos);
@@ -247,21 +288,19 @@ impl Read for StoredReader {
     }
 }
 
-/// A stored chunk for the frame writer: its bytes as stored, and whether they are a zstd frame.
-pub(crate) type StoredChunk = (bool, Vec<u8>);
+/// A stored chunk for the frame writer: whether its bytes are a zstd frame, its length once
+/// decompressed, and its bytes as stored.
+pub(crate) type StoredChunk = (bool, u32, Vec<u8>);
 
 /// The chunks of a stored artifact as the packs hold them (not decompressed), read ahead.
-pub(crate) fn stored_chunks(
-    packs: Arc<PackFiles>,
-    source: ChunkSource,
-) -> mpsc::Receiver<Result<Vec<StoredChunk>, String>> {
+pub(crate) fn stored_chunks(packs: Arc<PackFiles>, source: ChunkSource) -> ReadAhead<StoredChunk> {
     read_ahead(source, move |batch| {
         batch
             .iter()
             .map(|(id, loc)| {
                 packs
                     .read_stored(id, loc)
-                    .map(|b| (loc.flags & FLAG_ZSTD != 0, b))
+                    .map(|b| (loc.flags & FLAG_ZSTD != 0, loc.raw_len, b))
                     .map_err(|e| e.to_string())
             })
             .collect()
@@ -349,5 +388,26 @@ mod tests {
             proptest::prop_assert_eq!((hex, n), (one_shot, data.len() as u64));
             proptest::prop_assert_eq!(also, data);
         }
+    }
+}
+
+#[cfg(test)]
+mod read_ahead_tests {
+    use super::*;
+    use crate::store::pack::PackId;
+
+    #[test]
+    fn a_reader_thread_that_dies_is_an_error_not_the_end() {
+        let loc = ChunkLoc {
+            pack: PackId([0; 16]),
+            offset: 0,
+            stored_len: 1 << 20,
+            raw_len: 1 << 20,
+            flags: 0,
+        };
+        // More than SMALL: read on a thread of its own, which panics.
+        let source = ChunkSource::Listed(Arc::new(vec![(ChunkId([1; 32]), loc); 3]));
+        let mut ahead = read_ahead::<u8>(source, |_| panic!("reader thread dies"));
+        assert!(ahead.next_batch().is_err());
     }
 }

@@ -4,7 +4,7 @@
 //! no damaged chunk is reported intact.
 //!
 //! Three passes, so that the index is held only while trees are walked: (1) with the index, walk
-//! every snapshot's trees once per distinct node and locate each distinct data chunk; (2)
+//! every snapshot's trees once per distinct node, then locate each distinct data chunk; (2)
 //! without it, check those chunks in parallel; (3) only if something is damaged, walk the trees
 //! again to name every snapshot and artifact that needs a damaged chunk. A large store's data
 //! chunk ids are located and checked one range of ids at a time (spilled to `tmp/` by pass 1),
@@ -149,9 +149,10 @@ pub(crate) fn verify(
         };
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
         // An eighth of a window per part: a part costs only an index session and a walk of its
-        // range of the table, and its ids are a large share of verify's memory.
+        // range of the table, and its ids are a large share of verify's memory. At most
+        // MAX_PARTS, each a spill file open meanwhile: file descriptors are few.
         let per_part = (store.window as u64 / 8).max(1);
-        let parts = reader.chunk_count()?.div_ceil(per_part).max(1);
+        let parts = reader.chunk_count()?.div_ceil(per_part).clamp(1, MAX_PARTS);
         let mut ids = DataIds::new(store, parts)?;
         // Nodes and content roots are remembered, so what snapshots share is walked once.
         let mut nodes = crate::tree::Seen::new();
@@ -185,7 +186,10 @@ pub(crate) fn verify(
     };
     for part in 0..parts {
         let mut located = ids.take(part)?;
-        if !located.is_empty() {
+        if located.is_empty() {
+            continue;
+        }
+        {
             let index = store.index_for_reading()?;
             let mut reader = ChunkReader::new(&index, store.packs_dir())?;
             for cid in reader.locate_sorted(&mut located)? {
@@ -401,7 +405,8 @@ enum DataIds {
     },
     Spilled {
         dir: Scratch,
-        files: Vec<std::io::BufWriter<std::fs::File>>,
+        /// Closed once their part is taken.
+        files: Vec<Option<std::io::BufWriter<std::fs::File>>>,
     },
 }
 
@@ -416,13 +421,13 @@ impl Drop for Scratch {
 
 impl DataIds {
     fn new(store: &Store, parts: u64) -> Result<Self, Error> {
+        crate::fsutil::sweep_scratch(&store.fs, &store.tmp_dir(), "verify");
         if parts == 1 {
             return Ok(Self::Memory {
                 ids: Vec::new(),
                 deduped: 0,
             });
         }
-        crate::fsutil::sweep_scratch(&store.fs, &store.tmp_dir(), "verify");
         let dir = Scratch(store.tmp_dir().join(format!(
             "verify-{}-{:016x}",
             std::process::id(),
@@ -433,7 +438,7 @@ impl DataIds {
             .map(|p| {
                 let path = dir.0.join(p.to_string());
                 std::fs::File::create(&path)
-                    .map(|f| std::io::BufWriter::with_capacity(16 << 10, f))
+                    .map(|f| Some(std::io::BufWriter::with_capacity(16 << 10, f)))
                     .map_err(|e| Error::io(&path, e))
             })
             .collect::<Result<_, _>>()?;
@@ -449,9 +454,14 @@ impl DataIds {
             }
             Self::Spilled { dir, files } => {
                 let part = part_of(id, files.len() as u64);
-                files[part]
-                    .write_all(&id.0)
-                    .map_err(|e| StoreError::io(dir.0.join(part.to_string()), e))
+                let path = || dir.0.join(part.to_string());
+                match files.get_mut(part).and_then(Option::as_mut) {
+                    Some(f) => f.write_all(&id.0).map_err(|e| StoreError::io(path(), e)),
+                    None => Err(StoreError::io(
+                        path(),
+                        std::io::Error::other("written after its part was taken"),
+                    )),
+                }
             }
         }
     }
@@ -464,7 +474,9 @@ impl DataIds {
             Self::Spilled { dir, files } => {
                 let path = dir.0.join(part.to_string());
                 let io = |e| Error::io(&path, e);
-                files[part as usize].flush().map_err(io)?;
+                if let Some(mut f) = files.get_mut(part as usize).and_then(Option::take) {
+                    f.flush().map_err(io)?;
+                }
                 let mut f = std::io::BufReader::with_capacity(
                     1 << 16,
                     std::fs::File::open(&path).map_err(io)?,
@@ -496,6 +508,9 @@ fn push_dedup(ids: &mut Vec<(ChunkId, ChunkLoc)>, deduped: &mut usize, id: Chunk
         *deduped = ids.len();
     }
 }
+
+/// The most id ranges verify splits into (see `DataIds`).
+const MAX_PARTS: u64 = 64;
 
 /// Which of `parts` equal ranges of ids `id` falls in; ids are uniform, so parts are alike.
 fn part_of(id: &ChunkId, parts: u64) -> usize {

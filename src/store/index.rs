@@ -28,9 +28,11 @@ const INDEX_LOCK_TIMEOUT: Duration = Duration::from_secs(3600);
 /// redb's page cache per open index.
 pub(crate) const INDEX_CACHE_BYTES: usize = 16 << 20;
 
-/// redb's page cache for a session that only reads in key order (restore, export and verify
-/// walk the chunk table or look up sorted ids): the path to the current leaf is all it reuses,
-/// and a 16 MiB cache filled by a walk was a quarter of verify's peak memory.
+/// redb's page cache for a session that only reads (restore, export and verify): they walk the
+/// chunk table or look up sorted ids, reusing little more than the path to the current leaf,
+/// and read tree nodes by random lookups, whose upper B-tree levels (well under 2 MiB for
+/// millions of entries) are what a cache keeps. A 16 MiB cache, filled by a walk, was a quarter
+/// of verify's peak memory.
 pub(crate) const READ_CACHE_BYTES: usize = 2 << 20;
 
 /// An open index, valid while the index lock is held. Dropping it closes the database first,

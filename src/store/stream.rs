@@ -11,7 +11,7 @@ use super::chunk_id::ChunkId;
 use super::pack::ChunkLoc;
 use super::reader::ChunkReader;
 use super::writer::test_knob;
-use crate::error::Error;
+use crate::error::{Error, StoreError};
 use crate::tree::{ContentRef, decode_node};
 
 /// Chunk locations held at once by default: 2^18 chunks (1 GiB of 4 KiB pages, ~24 MiB of
@@ -35,6 +35,12 @@ pub(crate) enum ChunkSource {
 fn listed_max() -> u64 {
     static MAX: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *MAX.get_or_init(|| test_knob("MEMSNAP_TEST_LISTED_MAX").unwrap_or(8 << 20))
+}
+
+/// At most this many chunks are listed up front in all: a window, but no fewer than 2^16 (a
+/// tiny window must not cost a session per note).
+fn listed_total(window: usize) -> u64 {
+    test_knob("MEMSNAP_TEST_LISTED_TOTAL").unwrap_or((window as u64).max(1 << 16))
 }
 
 impl ChunkSource {
@@ -74,15 +80,28 @@ impl ChunkStream {
             Inner::Listed(l) => Ok(l.take()),
             Inner::Tree(tree) => {
                 let (store, cursor) = &mut **tree;
+                if cursor.failed {
+                    return Err(StoreError::CorruptRecord {
+                        what: "content tree".into(),
+                        message: "an earlier window of it failed".into(),
+                    }
+                    .into());
+                }
                 if cursor.done() {
                     return Ok(None);
                 }
-                let index = store.index_for_reading()?;
-                let mut reader = ChunkReader::new(&index, store.packs_dir())?;
-                let mut lists = vec![Vec::new()];
-                cursor.fill(&mut reader, store.window.max(1), &mut lists[0])?;
-                reader.locate_lists(&mut lists)?;
-                Ok(lists.pop().map(Arc::new))
+                let mut window = || -> Result<Vec<(ChunkId, ChunkLoc)>, Error> {
+                    let index = store.index_for_reading()?;
+                    let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+                    let mut lists = vec![Vec::new()];
+                    cursor.fill(&mut reader, store.window.max(1), &mut lists[0])?;
+                    reader.locate_lists(&mut lists)?;
+                    Ok(lists.pop().unwrap_or_default())
+                };
+                // The cursor has moved past what failed: asked again, it must not go on as if
+                // the stream were whole.
+                let w = window().inspect_err(|_| cursor.failed = true)?;
+                Ok(Some(Arc::new(w)))
             }
         }
     }
@@ -93,6 +112,7 @@ impl ChunkStream {
 struct Cursor {
     root: Option<ContentRef>,
     path: Vec<Frame>,
+    failed: bool,
 }
 
 /// A node on the cursor's path: its entries, the next one to visit and their height.
@@ -107,6 +127,7 @@ impl Cursor {
         Self {
             root: Some(root),
             path: Vec::new(),
+            failed: false,
         }
     }
 
@@ -161,15 +182,27 @@ impl Cursor {
 }
 
 /// A source for each of `contents`: the small ones resolved here, in `reader`'s session and in
-/// one pass over the index; the others left to be streamed a window at a time.
+/// one pass over the index (up to about a window of them); the others left to be streamed a
+/// window at a time.
 pub(crate) fn plan(
     reader: &mut ChunkReader<'_>,
     store: &Store,
     contents: &[Option<&ContentRef>],
 ) -> Result<Vec<Option<ChunkSource>>, Error> {
+    // Listed up to about a window in all (a chunk per 4 KiB at most, a note is one): past that,
+    // small contents are streamed too, a session each, so that memory stays bounded.
+    let total = listed_total(store.window);
+    let mut listed = 0u64;
     let small: Vec<Option<&ContentRef>> = contents
         .iter()
-        .map(|c| c.filter(|c| c.size <= listed_max()))
+        .map(|c| {
+            c.filter(|c| {
+                let chunks = c.size.div_ceil(4096).max(1);
+                let fits = c.size <= listed_max() && listed + chunks <= total;
+                listed += u64::from(fits) * chunks;
+                fits
+            })
+        })
         .collect();
     let listed = reader.resolve_all(&small)?;
     Ok(contents

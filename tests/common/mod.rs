@@ -658,7 +658,6 @@ fn parent_dir(p: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/"))
 }
 
-/// How many pack files the store at `store` holds.
 /// Flips one byte in the middle of the chunk data of the largest pack; returns the pack.
 pub fn corrupt_largest_pack(store: &Path) -> PathBuf {
     let pack = walkdir::WalkDir::new(store.join("packs"))
@@ -693,6 +692,7 @@ pub fn corrupt_largest_pack(store: &Path) -> PathBuf {
     pack
 }
 
+/// How many pack files the store at `store` holds.
 pub fn pack_count(store: &Path) -> usize {
     walkdir::WalkDir::new(store.join("packs"))
         .into_iter()
