@@ -839,8 +839,9 @@ fn write_content(
     // of a restore's CPU), since glibc maps them anew each time.
     let mut spare = Vec::new();
     while let Some(data) = current.take() {
-        let next = next_batch()?;
         let buf = std::mem::take(&mut spare);
+        // The next batch (and, at a window's end, the next window) is found and read while this
+        // one is written.
         let (written, read) = rayon::join(
             || -> Result<Vec<u8>, Error> {
                 hasher.update(&data);
@@ -848,7 +849,11 @@ fn write_content(
                 f.write_all(&data).map_err(|err| Error::io(path, err))?;
                 Ok(data)
             },
-            || next.map(|b| read_batch(packs, &b, buf)).transpose(),
+            || {
+                next_batch()?
+                    .map(|b| read_batch(packs, &b, buf))
+                    .transpose()
+            },
         );
         spare = written?;
         current = read?;
