@@ -839,9 +839,8 @@ fn write_content(
     // of a restore's CPU), since glibc maps them anew each time.
     let mut spare = Vec::new();
     while let Some(data) = current.take() {
+        let next = next_batch()?;
         let buf = std::mem::take(&mut spare);
-        // The next batch (and, at a window's end, the next window) is found and read while this
-        // one is written.
         let (written, read) = rayon::join(
             || -> Result<Vec<u8>, Error> {
                 hasher.update(&data);
@@ -849,11 +848,7 @@ fn write_content(
                 f.write_all(&data).map_err(|err| Error::io(path, err))?;
                 Ok(data)
             },
-            || {
-                next_batch()?
-                    .map(|b| read_batch(packs, &b, buf))
-                    .transpose()
-            },
+            || next.map(|b| read_batch(packs, &b, buf)).transpose(),
         );
         spare = written?;
         current = read?;
