@@ -29,6 +29,8 @@ struct Level {
     entries: Vec<(ChunkId, u64)>,
     /// Filter hits among `entries`, to confirm unless the node they end up in is itself a hit.
     hits: Vec<ChunkId>,
+    /// Some entry is a filter hit or a node left to the final commit: so is this node (I3).
+    waits: bool,
     emitted: u64,
 }
 
@@ -60,6 +62,7 @@ impl TreeBuilder {
         l.entries.push((put.id, put.len));
         if put.hit {
             l.hits.push(put.id);
+            l.waits = true;
         }
         let cut = u32::from_le_bytes([put.id.0[8], put.id.0[9], put.id.0[10], put.id.0[11]])
             .is_multiple_of(self.fanout);
@@ -73,13 +76,18 @@ impl TreeBuilder {
         let l = &mut self.levels[level];
         let entries = std::mem::take(&mut l.entries);
         let hits = std::mem::take(&mut l.hits);
+        let waits = std::mem::take(&mut l.waits);
         l.emitted += 1;
         let size = entries.iter().map(|e| e.1).sum();
         let node = encode_node(level as u8 + 1, &entries);
-        let put = w.put_tree_node(node)?;
+        let (put, early) = w.put_tree_node(node, !waits)?;
         if !put.hit {
             w.confirm.extend(hits);
         }
+        if self.levels.len() <= level + 1 {
+            self.levels.push(Level::default());
+        }
+        self.levels[level + 1].waits |= !early;
         self.push_at(
             w,
             level + 1,
