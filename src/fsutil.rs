@@ -69,3 +69,34 @@ pub(crate) fn sweep_scratch(fs: &crate::storage::Fs, tmp: &Path, prefix: &str) {
         }
     }
 }
+
+/// A scratch folder `<tmp>/<prefix>-<pid>-<hex>`, removed when dropped, whatever happens. Creating
+/// one first sweeps the folders of this prefix that dead processes left ([`sweep_scratch`]).
+pub(crate) struct ScratchDir {
+    fs: crate::storage::Fs,
+    pub path: PathBuf,
+}
+
+impl ScratchDir {
+    pub(crate) fn create(fs: &crate::storage::Fs, tmp: &Path, prefix: &str) -> io::Result<Self> {
+        sweep_scratch(fs, tmp, prefix);
+        let path = tmp.join(format!(
+            "{prefix}-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        // Guarded before it exists: a failed create leaves nothing either.
+        let dir = Self {
+            fs: fs.clone(),
+            path,
+        };
+        fs.create_dir_all_durable(&dir.path)?;
+        Ok(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = self.fs.remove_any(&self.path);
+    }
+}

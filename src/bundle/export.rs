@@ -151,13 +151,12 @@ impl Item {
 /// Removes the export's scratch folder and any unfinished bundle, whatever happens.
 struct Scratch {
     fs: Fs,
-    dir: PathBuf,
+    dir: fsutil::ScratchDir,
     tmp_bundle: Option<PathBuf>,
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = self.fs.remove_any(&self.dir);
         if let Some(t) = &self.tmp_bundle {
             let _ = self.fs.remove_file(t);
         }
@@ -220,20 +219,13 @@ pub(crate) fn export(
         (record, entries, resolved)
     };
     let packs = Arc::new(PackFiles::new(&store.fs, store.packs_dir()));
-    fsutil::sweep_scratch(&store.fs, &store.tmp_dir(), "export");
+    let tmp = store.tmp_dir();
     let mut scratch = Scratch {
         fs: store.fs.clone(),
-        dir: store.tmp_dir().join(format!(
-            "export-{}-{:016x}",
-            std::process::id(),
-            rand::random::<u64>()
-        )),
+        dir: fsutil::ScratchDir::create(&store.fs, &tmp, "export")
+            .map_err(|e| Error::io(&tmp, e))?,
         tmp_bundle: None,
     };
-    store
-        .fs
-        .create_dir_all_durable(&scratch.dir)
-        .map_err(|e| Error::io(&scratch.dir, e))?;
 
     let mut detail = redactor.as_ref().map(|r| RedactionDetail {
         rules: r.rule_ids(),
@@ -295,7 +287,15 @@ pub(crate) fn export(
                     digest: None,
                     scanned: false,
                 },
-                Some(r) => redact_one(r, &packs, chunks, is_db, &bp, &scratch.dir, items.len())?,
+                Some(r) => redact_one(
+                    r,
+                    &packs,
+                    chunks,
+                    is_db,
+                    &bp,
+                    &scratch.dir.path,
+                    items.len(),
+                )?,
             };
             if let Some(d) = detail.as_mut() {
                 add_counts(d, &bp, &red.counts);

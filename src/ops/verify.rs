@@ -404,39 +404,27 @@ enum DataIds {
         deduped: usize,
     },
     Spilled {
-        dir: Scratch,
+        dir: crate::fsutil::ScratchDir,
         /// Closed once their part is taken.
         files: Vec<Option<std::io::BufWriter<std::fs::File>>>,
     },
 }
 
-/// Removes a verify's scratch folder, whatever happens.
-struct Scratch(std::path::PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 impl DataIds {
     fn new(store: &Store, parts: u64) -> Result<Self, Error> {
-        crate::fsutil::sweep_scratch(&store.fs, &store.tmp_dir(), "verify");
+        let tmp = store.tmp_dir();
         if parts == 1 {
+            crate::fsutil::sweep_scratch(&store.fs, &tmp, "verify");
             return Ok(Self::Memory {
                 ids: Vec::new(),
                 deduped: 0,
             });
         }
-        let dir = Scratch(store.tmp_dir().join(format!(
-            "verify-{}-{:016x}",
-            std::process::id(),
-            rand::random::<u64>()
-        )));
-        std::fs::create_dir_all(&dir.0).map_err(|e| Error::io(&dir.0, e))?;
+        let dir = crate::fsutil::ScratchDir::create(&store.fs, &tmp, "verify")
+            .map_err(|e| Error::io(&tmp, e))?;
         let files = (0..parts)
             .map(|p| {
-                let path = dir.0.join(p.to_string());
+                let path = dir.path.join(p.to_string());
                 std::fs::File::create(&path)
                     .map(|f| Some(std::io::BufWriter::with_capacity(16 << 10, f)))
                     .map_err(|e| Error::io(&path, e))
@@ -454,7 +442,7 @@ impl DataIds {
             }
             Self::Spilled { dir, files } => {
                 let part = part_of(id, files.len() as u64);
-                let path = || dir.0.join(part.to_string());
+                let path = || dir.path.join(part.to_string());
                 match files.get_mut(part).and_then(Option::as_mut) {
                     Some(f) => f.write_all(&id.0).map_err(|e| StoreError::io(path(), e)),
                     None => Err(StoreError::io(
@@ -472,7 +460,7 @@ impl DataIds {
         let mut ids = match self {
             Self::Memory { ids, .. } => std::mem::take(ids),
             Self::Spilled { dir, files } => {
-                let path = dir.0.join(part.to_string());
+                let path = dir.path.join(part.to_string());
                 let io = |e| Error::io(&path, e);
                 if let Some(mut f) = files.get_mut(part as usize).and_then(Option::take) {
                     f.flush().map_err(io)?;
