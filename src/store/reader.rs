@@ -335,15 +335,14 @@ impl<'i> ChunkReader<'i> {
         Ok(out)
     }
 
-    /// Fills the locations of every chunk in `lists`, each distinct id located once and in key
+    /// Fills the locations of every chunk in `out`, each distinct id located once and in key
     /// order (see [`ChunkReader::resolve_all`]); a chunk the index lacks is
     /// [`StoreError::MissingChunk`].
     pub(crate) fn locate_lists(
         &mut self,
-        lists: &mut [Vec<(ChunkId, ChunkLoc)>],
+        out: &mut [Vec<(ChunkId, ChunkLoc)>],
     ) -> Result<(), StoreError> {
         use redb::{ReadableTable, ReadableTableMetadata};
-        let out = lists;
         // (id prefix, content, position), in id order: a prefix sorts contiguously; equal
         // prefixes (repeated chunks, or a rare collision) fall back to the whole id.
         let mut order: Vec<(u64, u32, u32)> = Vec::with_capacity(out.iter().map(Vec::len).sum());

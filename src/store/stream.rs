@@ -93,10 +93,10 @@ impl ChunkStream {
                 let mut window = || -> Result<Vec<(ChunkId, ChunkLoc)>, Error> {
                     let index = store.index_for_reading()?;
                     let mut reader = ChunkReader::new(&index, store.packs_dir())?;
-                    let mut lists = vec![Vec::new()];
-                    cursor.fill(&mut reader, store.window.max(1), &mut lists[0])?;
-                    reader.locate_lists(&mut lists)?;
-                    Ok(lists.pop().unwrap_or_default())
+                    let mut chunks = Vec::new();
+                    cursor.fill(&mut reader, store.window.max(1), &mut chunks)?;
+                    reader.locate_lists(std::slice::from_mut(&mut chunks))?;
+                    Ok(chunks)
                 };
                 // The cursor has moved past what failed: asked again, it must not go on as if
                 // the stream were whole.
@@ -241,4 +241,38 @@ pub(crate) fn byte_batches(
         rest = tail;
         Some(batch)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A window that fails (here: the tree's root is in no pack) fails again when asked once
+    /// more, instead of ending the stream as if the content were whole.
+    #[test]
+    fn a_failed_window_fails_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::create_or_open(
+            dir.path(),
+            std::time::Duration::from_secs(5),
+            crate::storage::Fs::default(),
+        )
+        .expect("store");
+        let source = ChunkSource::Tree {
+            store,
+            content: ContentRef {
+                size: 1 << 20,
+                height: 2,
+                root: ChunkId([7; 32]),
+            },
+        };
+        let mut stream = source.stream();
+        let first = stream.next_window().expect_err("a missing root fails");
+        assert!(
+            first.to_string().contains(&ChunkId([7; 32]).hex()),
+            "{first}"
+        );
+        let again = stream.next_window().expect_err("and fails again");
+        assert!(again.to_string().contains("earlier window"), "{again}");
+    }
 }
