@@ -318,33 +318,45 @@ pub(crate) struct RedbBackend {
     pub(crate) path: std::path::PathBuf,
 }
 
-/// The last I/O error of each index file's backend in this process. After one, redb answers
-/// every call with "Previous I/O error occurred" and the cause is lost; errors name it from
-/// here (`StoreError::index`).
+/// The first I/O error of each index file's current session in this process. After one, redb
+/// answers every call with "Previous I/O error occurred" and the cause is lost; errors name it
+/// from here (`StoreError::index`). Sessions of one file take turns (the index lock), and each
+/// starts with no error ([`RedbBackend::new`]).
 static INDEX_IO_ERRORS: std::sync::Mutex<Vec<(std::path::PathBuf, String)>> =
     std::sync::Mutex::new(Vec::new());
 
+fn index_io_errors() -> std::sync::MutexGuard<'static, Vec<(std::path::PathBuf, String)>> {
+    INDEX_IO_ERRORS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl RedbBackend {
+    /// The backend of a new session of the index at `path`: an error of an earlier session is
+    /// not this one's cause.
+    pub(crate) fn new(file: Box<dyn StorageFile>, path: std::path::PathBuf) -> Self {
+        index_io_errors().retain(|(p, _)| p != &path);
+        Self { file, path }
+    }
+
     fn noted<T>(&self, r: io::Result<T>) -> io::Result<T> {
         if let Err(e) = &r {
-            let mut errors = INDEX_IO_ERRORS
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            errors.retain(|(p, _)| p != &self.path);
-            errors.push((
-                self.path.clone(),
-                format!("{e}{}", crate::error::io_hint(e)),
-            ));
+            let mut errors = index_io_errors();
+            // The first one: later calls fail because of it, or on its consequences.
+            if !errors.iter().any(|(p, _)| p == &self.path) {
+                errors.push((
+                    self.path.clone(),
+                    format!("{e}{}", crate::error::io_hint(e)),
+                ));
+            }
         }
         r
     }
 }
 
-/// The last I/O error the backend of index file `path` met in this process, if any.
+/// The first I/O error the current session of index file `path` met in this process, if any.
 pub(crate) fn index_io_error(path: &Path) -> Option<String> {
-    INDEX_IO_ERRORS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    index_io_errors()
         .iter()
         .find(|(p, _)| p == path)
         .map(|(_, e)| e.clone())
@@ -401,11 +413,10 @@ mod tests {
     fn an_index_error_after_a_failed_write_names_the_first_cause() {
         use redb::StorageBackend;
         let path = std::path::PathBuf::from("/nowhere/store/index.redb");
-        let backend = RedbBackend {
-            file: Box::new(Full),
-            path: path.clone(),
-        };
+        let backend = RedbBackend::new(Box::new(Full), path.clone());
         assert!(backend.write(0, b"x").is_err());
+        // A read past the end is an error too, as redb requires; the write stays the cause.
+        assert!(backend.read(0, &mut [0u8; 4]).is_err());
         let msg = crate::error::StoreError::index(
             &path,
             "Previous I/O error occurred. Please close and re-open the database.",
@@ -414,7 +425,8 @@ mod tests {
         assert!(msg.contains("No space left on device"), "{msg}");
         assert!(msg.contains("free space"), "{msg}");
         assert!(msg.contains("/nowhere/store/index.redb"), "{msg}");
-        // A read past the end is an error too, as redb requires.
-        assert!(backend.read(0, &mut [0u8; 4]).is_err());
+        // A new session of the file starts without a cause.
+        drop(RedbBackend::new(Box::new(Full), path.clone()));
+        assert_eq!(index_io_error(&path), None);
     }
 }

@@ -75,10 +75,7 @@ impl Index {
         // chunk table held ~100 MB. The OS page cache keeps the file hot anyway.
         let db = redb::Database::builder()
             .set_cache_size(cache)
-            .create_with_backend(RedbBackend {
-                file,
-                path: path.to_path_buf(),
-            })
+            .create_with_backend(RedbBackend::new(file, path.to_path_buf()))
             .map_err(|e| open_error(path, e))?;
         Ok(Self {
             db,
