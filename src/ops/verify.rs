@@ -480,8 +480,7 @@ impl DataIds {
                 ids
             }
         };
-        ids.sort_unstable_by_key(|(id, _)| *id);
-        ids.dedup_by_key(|(id, _)| *id);
+        sort_dedup(&mut ids);
         Ok(ids)
     }
 }
@@ -491,10 +490,14 @@ impl DataIds {
 fn push_dedup(ids: &mut Vec<(ChunkId, ChunkLoc)>, deduped: &mut usize, id: ChunkId) {
     ids.push((id, ChunkLoc::UNSET));
     if ids.len() > 2 * (*deduped).max(1 << 16) {
-        ids.sort_unstable_by_key(|(id, _)| *id);
-        ids.dedup_by_key(|(id, _)| *id);
+        sort_dedup(ids);
         *deduped = ids.len();
     }
+}
+
+fn sort_dedup(ids: &mut Vec<(ChunkId, ChunkLoc)>) {
+    ids.sort_unstable_by_key(|(id, _)| *id);
+    ids.dedup_by_key(|(id, _)| *id);
 }
 
 /// The most id ranges verify splits into (see `DataIds`).
