@@ -16,53 +16,6 @@ use std::path::{Path, PathBuf};
 use common::*;
 use serde_json::Value;
 
-/// One footer entry of a pack (store-format.md, "Pack files").
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    id: [u8; 32],
-    offset: u64,
-    stored_len: u32,
-    flags: u8,
-}
-
-impl Entry {
-    fn hex(&self) -> String {
-        hex::encode(self.id)
-    }
-
-    fn is_tree(&self) -> bool {
-        self.flags & 2 != 0
-    }
-}
-
-fn footer(pack: &Path) -> Vec<Entry> {
-    let bytes = fs::read(pack).expect("read pack");
-    let n = bytes.len();
-    assert_eq!(&bytes[n - 8..], b"MEMSNAPF", "pack trailer magic");
-    let t = &bytes[n - 56..];
-    let at = u64::from_le_bytes(t[..8].try_into().expect("8")) as usize;
-    let count = u32::from_le_bytes(t[8..12].try_into().expect("4")) as usize;
-    (0..count)
-        .map(|i| {
-            let e = &bytes[at + i * 49..at + (i + 1) * 49];
-            Entry {
-                id: e[..32].try_into().expect("32"),
-                offset: u64::from_le_bytes(e[32..40].try_into().expect("8")),
-                stored_len: u32::from_le_bytes(e[40..44].try_into().expect("4")),
-                flags: e[48],
-            }
-        })
-        .collect()
-}
-
-fn pack_files(store: &Path) -> BTreeSet<PathBuf> {
-    walkdir::WalkDir::new(store.join("packs"))
-        .into_iter()
-        .map(|e| e.expect("walk packs").into_path())
-        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
-        .collect()
-}
-
 fn pack_hex(pack: &Path) -> String {
     pack.file_stem()
         .expect("stem")
@@ -119,7 +72,7 @@ impl Broken {
     }
 
     /// A data chunk (not a tree node) of the largest pack `new` wrote, at least 64 bytes.
-    fn new_data_chunk(&self) -> (PathBuf, Entry) {
+    fn new_data_chunk(&self) -> (PathBuf, PackEntry) {
         let pack = self.new_pack();
         let e = footer(&pack)
             .into_iter()
@@ -303,7 +256,7 @@ fn truncated_pack_names_the_chunks_past_its_end() {
     let lost: BTreeSet<String> = entries
         .iter()
         .filter(|e| e.offset + u64::from(e.stored_len) > cut)
-        .map(Entry::hex)
+        .map(PackEntry::hex)
         .collect();
     for read_data in [false, true] {
         let (report, out) = b.verify(read_data);
@@ -507,7 +460,7 @@ fn repair_salvages_the_chunks_of_a_truncated_pack() {
     let kept: BTreeSet<String> = entries
         .iter()
         .filter(|e| e.offset + u64::from(e.stored_len) <= cut)
-        .map(Entry::hex)
+        .map(PackEntry::hex)
         .collect();
     let r = b.repair(&[]);
     assert_eq!(

@@ -692,6 +692,54 @@ pub fn corrupt_largest_pack(store: &Path) -> PathBuf {
     pack
 }
 
+/// One footer entry of a pack (store-format.md, "Pack files").
+#[derive(Debug, Clone, Copy)]
+pub struct PackEntry {
+    pub id: [u8; 32],
+    pub offset: u64,
+    pub stored_len: u32,
+    pub flags: u8,
+}
+
+impl PackEntry {
+    pub fn hex(&self) -> String {
+        hex::encode(self.id)
+    }
+
+    pub fn is_tree(&self) -> bool {
+        self.flags & 2 != 0
+    }
+}
+
+pub fn footer(pack: &Path) -> Vec<PackEntry> {
+    let bytes = fs::read(pack).expect("read pack");
+    let n = bytes.len();
+    assert_eq!(&bytes[n - 8..], b"MEMSNAPF", "pack trailer magic");
+    let t = &bytes[n - 56..];
+    let at = u64::from_le_bytes(t[..8].try_into().expect("8")) as usize;
+    let count = u32::from_le_bytes(t[8..12].try_into().expect("4")) as usize;
+    (0..count)
+        .map(|i| {
+            let e = &bytes[at + i * 49..at + (i + 1) * 49];
+            PackEntry {
+                id: e[..32].try_into().expect("32"),
+                offset: u64::from_le_bytes(e[32..40].try_into().expect("8")),
+                stored_len: u32::from_le_bytes(e[40..44].try_into().expect("4")),
+                flags: e[48],
+            }
+        })
+        .collect()
+}
+
+/// The pack files under `store`, in path order.
+pub fn pack_files(store: &Path) -> std::collections::BTreeSet<PathBuf> {
+    walkdir::WalkDir::new(store.join("packs"))
+        .into_iter()
+        .map(|e| e.expect("walk packs").into_path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pack"))
+        .collect()
+}
+
 /// How many pack files the store at `store` holds.
 pub fn pack_count(store: &Path) -> usize {
     walkdir::WalkDir::new(store.join("packs"))
