@@ -6,7 +6,7 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use memsnap::sample::{SampleAgent, SampleSpec};
@@ -229,4 +229,75 @@ fn verify_splits_into_few_enough_parts_for_a_low_file_limit() {
         report["chunks_checked"].as_u64().unwrap_or(0) > 500,
         "{report:#}"
     );
+}
+
+/// Verify reads leaf nodes after its walk, each once, in pack order (src/ops/verify.rs): a
+/// damaged data chunk below a leaf, and a damaged leaf, are found and named with their
+/// artifact, in one pass and in parts alike.
+#[test]
+fn damage_below_a_leaf_and_in_it_is_named_with_its_artifact() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let agent = agent(tmp.path());
+    let store = tmp.path().join("store");
+    TestCommand::new(&store).snapshot(agent.root()).json();
+
+    // A page in the middle of the vector database: far from its root, below a leaf node.
+    let db = fs::read(agent.sqlite_dir().join("vector.sqlite")).expect("vector db");
+    let page = db
+        .chunks(4096)
+        .nth(db.len() / 4096 / 2)
+        .expect("a middle page");
+    let data_id = blake3::hash(page).to_hex().to_string();
+    let entries: Vec<(PathBuf, PackEntry)> = pack_files(&store)
+        .into_iter()
+        .flat_map(|p| footer(&p).into_iter().map(move |e| (p.clone(), e)))
+        .collect();
+    let find = |pred: &dyn Fn(&PackEntry, &[u8]) -> bool| {
+        entries
+            .iter()
+            .find(|(p, e)| {
+                let bytes = fs::read(p).expect("pack");
+                let at = e.offset as usize;
+                pred(e, &bytes[at..at + e.stored_len as usize])
+            })
+            .cloned()
+    };
+    let data = find(&|e, _| e.hex() == data_id).expect("the page's chunk is in a pack");
+    // A leaf: an uncompressed tree node of level 1 (store-format.md, "Tree nodes") that lists
+    // the page's chunk.
+    let leaf = find(&|e, b| {
+        e.is_tree() && e.flags & 1 == 0 && b.get(1) == Some(&1) && {
+            let id = blake3::Hash::from_hex(&data_id).expect("hex");
+            b.windows(32).any(|w| w == id.as_bytes())
+        }
+    })
+    .expect("a leaf lists the page");
+
+    for (what, (pack, entry)) in [("data chunk", data), ("leaf node", leaf)] {
+        let flip = |pack: &Path| {
+            let mut bytes = fs::read(pack).expect("pack");
+            bytes[(entry.offset + u64::from(entry.stored_len) / 2) as usize] ^= 0xff;
+            fs::write(pack, bytes).expect("write pack");
+        };
+        flip(&pack);
+        let whole = TestCommand::new(&store)
+            .args(["verify", "--read-data", "--json"])
+            .assert_exit_code(3)
+            .json();
+        let parts = windowed(&store)
+            .args(["verify", "--read-data", "--json"])
+            .assert_exit_code(3)
+            .json();
+        let rows = whole["damaged"].as_array().expect("damaged");
+        assert!(
+            rows.iter()
+                .any(|r| r["chunk"] == entry.hex().as_str()
+                    && r["artifact"] == "sqlite/vector.sqlite"),
+            "the damaged {what} is named with its artifact: {whole:#}"
+        );
+        assert_eq!(whole["damaged"], parts["damaged"], "{what}: {parts:#}");
+        flip(&pack);
+        let again = windowed(&store).args(["verify", "--read-data"]).json();
+        assert_eq!(again["ok"], true, "{what} mended: {again:#}");
+    }
 }

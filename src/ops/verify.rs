@@ -4,7 +4,8 @@
 //! no damaged chunk is reported intact.
 //!
 //! Three passes, so that the index is held only while trees are walked: (1) with the index, walk
-//! every snapshot's trees once per distinct node, then locate each distinct data chunk; (2)
+//! every snapshot's trees once per distinct node (leaf nodes spilled, then read once each in
+//! pack order), then locate each distinct data chunk; (2)
 //! without it, check those chunks in parallel; (3) only if something is damaged, walk the trees
 //! again to name every snapshot and artifact that needs a damaged chunk. A large store's data
 //! chunk ids are located and checked one range of ids at a time (spilled to `tmp/` by pass 1),
@@ -154,7 +155,9 @@ pub(crate) fn verify(
         let per_part = (store.window as u64 / 8).max(1);
         let parts = reader.chunk_count()?.div_ceil(per_part).clamp(1, MAX_PARTS);
         let mut ids = DataIds::new(store, parts)?;
-        // Nodes and content roots are remembered, so what snapshots share is walked once.
+        // Upper nodes and content roots are remembered, so what snapshots share is walked
+        // once; leaves (~1/16 of the chunks) are spilled like data and read once each after.
+        let mut leaves = DataIds::new(store, parts.div_ceil(LEAF_PARTS_PER))?;
         let mut nodes = crate::tree::Seen::new();
         for record in &records {
             let entries = match entries_or_fault(&mut reader, record) {
@@ -169,6 +172,7 @@ pub(crate) fn verify(
                     &mut reader,
                     content,
                     &mut nodes,
+                    &mut |leaf| leaves.push(leaf),
                     &mut |cid, is_data, res| {
                         match (is_data, res) {
                             (true, _) => ids.push(cid)?,
@@ -180,6 +184,31 @@ pub(crate) fn verify(
                         Ok(())
                     },
                 )?;
+            }
+        }
+        for part in 0..leaves.parts() {
+            let mut located = leaves.take(part)?;
+            for cid in reader.locate_sorted(&mut located)? {
+                bad.insert(cid, describe(&StoreError::MissingChunk { id: cid.hex() }));
+            }
+            located.sort_unstable_by_key(|(_, l)| (l.pack, l.offset));
+            for (id, loc) in &located {
+                let children = reader
+                    .packs
+                    .read(id, loc)
+                    .and_then(|b| tree::decode_node(&b, 1));
+                match children {
+                    Ok(children) => {
+                        for (cid, _) in children {
+                            ids.push(&cid)?;
+                        }
+                    }
+                    // As in pass 2: this machine's failure, not damage in the store.
+                    Err(e @ StoreError::Io { .. }) => return Err(e.into()),
+                    Err(e) => {
+                        bad.insert(*id, describe(&e));
+                    }
+                }
             }
         }
         (records, parts, ids)
@@ -393,8 +422,8 @@ fn check_chunk(
     Ok(loc.raw_len as u64)
 }
 
-/// The data chunk ids a verify walk meets, deduplicated and handed out one range of ids (a
-/// "part") at a time. One part is kept in memory, sorted and deduplicated whenever it has
+/// The chunk ids (data, or leaf nodes) a verify walk meets, deduplicated and handed out one
+/// range of ids (a "part") at a time. One part is kept in memory, sorted and deduplicated whenever it has
 /// doubled (repeats: unchanged chunks under changed nodes, snapshot after snapshot); several
 /// are spilled to a file each under `tmp/`, so that the trees are walked once whatever the
 /// number of parts, and only one part's ids are ever held.
@@ -454,6 +483,13 @@ impl DataIds {
         }
     }
 
+    fn parts(&self) -> u64 {
+        match self {
+            Self::Memory { .. } => 1,
+            Self::Spilled { files, .. } => files.len() as u64,
+        }
+    }
+
     /// The ids of `part`, sorted, without repeats.
     fn take(&mut self, part: u64) -> Result<Vec<(ChunkId, ChunkLoc)>, Error> {
         use std::io::Write;
@@ -500,8 +536,13 @@ fn sort_dedup(ids: &mut Vec<(ChunkId, ChunkLoc)>) {
     ids.dedup_by_key(|(id, _)| *id);
 }
 
-/// The most id ranges verify splits into (see `DataIds`).
+/// The most id ranges verify splits data chunks into (see `DataIds`).
 const MAX_PARTS: u64 = 64;
+
+/// Data parts per part of leaf nodes. A leaf lists ~16 data chunks, so a leaf part holds about
+/// half a data part's ids, more as snapshots whose upper nodes changed list a leaf again; and
+/// there are at most 8 more spill files open.
+const LEAF_PARTS_PER: u64 = 8;
 
 /// Which of `parts` equal ranges of ids `id` falls in; ids are uniform, so parts are alike.
 fn part_of(id: &ChunkId, parts: u64) -> usize {
