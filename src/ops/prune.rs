@@ -244,7 +244,7 @@ pub(crate) fn prune(
                 crate::failpoint::hit("prune:mid-rewrite")?;
             }
             progress.advance(stored.len() as u64);
-            if w.len() >= store.config.pack_target_size
+            if w.full(store.config.pack_target_size)
                 && let Some(w) = writer.take()
             {
                 let (pid, _, size, count) = w.finish()?;

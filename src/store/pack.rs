@@ -30,6 +30,12 @@ pub(crate) const FLAG_ZSTD: u8 = 1;
 /// Chunk flag: the chunk is a tree node (store-format.md, "Tree nodes").
 pub(crate) const FLAG_TREE: u8 = 2;
 
+/// A pack also closes at this many chunks, whatever their size. A snapshot keeps an entry per
+/// chunk of its open and syncing packs until they are durable (and a pack writer one per chunk
+/// for its footer): by bytes alone, 32 MiB of pages that compress to 200 bytes would be 160k
+/// entries per pack. Text pages (~1.5 KiB stored) reach the cap; float pages (~3 KiB) do not.
+pub(crate) const MAX_PACK_CHUNKS: usize = 16_384;
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub(crate) struct PackId(pub [u8; 16]);
 
@@ -179,8 +185,9 @@ impl PackWriter {
         Ok(())
     }
 
-    pub(crate) fn len(&self) -> u64 {
-        self.offset
+    /// Whether the pack should be closed: `target` bytes, or [`MAX_PACK_CHUNKS`] chunks.
+    pub(crate) fn full(&self, target: u64) -> bool {
+        self.offset >= target || self.entries.len() >= MAX_PACK_CHUNKS
     }
 
     pub(crate) fn append(

@@ -442,7 +442,7 @@ impl ChunkWriter {
             0 => self.new_chunks.insert(id, loc),
             _ => self.new_nodes.insert(id, loc),
         };
-        if pack.len() >= self.pack_target {
+        if pack.full(self.pack_target) {
             self.close_pack()?;
         }
         Ok(())
@@ -798,6 +798,7 @@ fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::pack::MAX_PACK_CHUNKS;
 
     /// I3 under early commits: a snapshot that dies before its final commit leaves tree nodes
     /// in the index (those over new chunks go early), and each has all its children there.
@@ -868,6 +869,49 @@ mod tests {
             }
         }
         assert!(nodes > 50, "nodes over new chunks went early: {nodes}");
+    }
+
+    /// Chunks that compress well close a pack by count before bytes: the writer's map of
+    /// chunks not yet durable is bounded by packs of at most `MAX_PACK_CHUNKS`.
+    #[test]
+    fn a_pack_of_small_chunks_closes_at_its_chunk_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::create_or_open(
+            dir.path(),
+            std::time::Duration::from_secs(5),
+            Fs::default(),
+        )
+        .expect("store");
+        let mut w = ChunkWriter::new(
+            &store.fs,
+            store.packs_dir(),
+            &store.config,
+            KnownFilter::default(),
+        );
+        let total = MAX_PACK_CHUNKS * 2 + 100;
+        let mut batch = Batch::default();
+        for i in 0..total {
+            batch.push(
+                format!("note {i}: the user likes short answers. ")
+                    .repeat(3)
+                    .as_bytes(),
+            );
+            if batch.len() == 1024 || i + 1 == total {
+                w.put_batch(std::mem::take(&mut batch), 0).expect("put");
+            }
+        }
+        let pending = w.finish().expect("finish");
+        let counts: Vec<u32> = pending.packs.iter().map(|p| p.2).collect();
+        assert_eq!(counts.iter().sum::<u32>() as usize, total, "{counts:?}");
+        assert!(
+            counts.len() == 3 && counts.iter().all(|&c| c as usize <= MAX_PACK_CHUNKS),
+            "packs of at most {MAX_PACK_CHUNKS} chunks: {counts:?}"
+        );
+        let bytes: u64 = pending.packs.iter().map(|p| p.1).sum();
+        assert!(
+            bytes < store.config.pack_target_size,
+            "{bytes} bytes in all"
+        );
     }
 
     #[test]
