@@ -48,7 +48,8 @@ type Background = std::thread::JoinHandle<Result<(), StoreError>>;
 struct Syncing {
     handle: Background,
     pack: (PackId, u64, u32),
-    ids: Vec<ChunkId>,
+    /// Its chunks, as in `ChunkWriter::open_chunks`.
+    chunks: HashMap<ChunkId, ChunkLoc>,
 }
 
 /// Ids the store held when the snapshot began, as sorted prefixes with a directory on their top
@@ -139,8 +140,15 @@ pub(crate) struct ChunkWriter {
     level: i32,
     pack_target: u64,
     known: Arc<KnownFilter>,
-    /// Chunks written and not yet handed to an early commit: data, and tree nodes over new
-    /// chunks only (see `put_tree_node`).
+    /// Chunks of the open pack: data, and tree nodes over new chunks only (see
+    /// `put_tree_node`). A map per pack in flight, handed on whole once the pack is durable:
+    /// one map that every pack's chunks passed through doubled its size with the store
+    /// (removals leave tombstones that hashbrown rehashes away only at half load).
+    open_chunks: HashMap<ChunkId, ChunkLoc>,
+    /// The chunk appended last to the open pack.
+    last_appended: Option<ChunkId>,
+    /// Chunks durable in packs but not handed to an early commit: all of them in a writer
+    /// without early commits.
     new_chunks: HashMap<ChunkId, ChunkLoc>,
     /// Tree nodes that vouch for filter hits: they wait for the final commit. Apart from the
     /// rest, whose map then stays the size of the pipeline.
@@ -149,8 +157,6 @@ pub(crate) struct ChunkWriter {
     done: Vec<(PackId, u64, u32)>,
     /// Sealed packs being made durable on threads of their own, oldest first, with their chunks.
     syncing: std::collections::VecDeque<Syncing>,
-    /// The chunks appended to the open pack.
-    open_ids: Vec<ChunkId>,
     /// Set for a snapshot: see [`EarlyCommit`].
     early: Option<EarlyCommit>,
     /// Chunks (and their packs) durable but not yet in the index, for the next early commit.
@@ -286,12 +292,13 @@ impl ChunkWriter {
             committing: None,
             finished: false,
             known: Arc::new(known),
+            open_chunks: HashMap::new(),
+            last_appended: None,
             new_chunks: HashMap::new(),
             new_nodes: HashMap::new(),
             pack: None,
             done: Vec::new(),
             syncing: std::collections::VecDeque::new(),
-            open_ids: Vec::new(),
             early: None,
             durable: Vec::new(),
             durable_packs: Vec::new(),
@@ -350,9 +357,8 @@ impl ChunkWriter {
             self.stats.chunks += 1;
             let raw_len = data.len() as u32;
             // A batch may hold one new chunk twice, and an earlier batch of this snapshot may
-            // have stored it: new_chunks and new_nodes know.
-            if !p.hit && !self.new_chunks.contains_key(&p.id) && !self.new_nodes.contains_key(&p.id)
-            {
+            // have stored it.
+            if !p.hit && !self.wrote(&p.id) {
                 match &p.compressed {
                     Some(c) => self.append(p.id, raw_len, flags | FLAG_ZSTD, c)?,
                     None => self.append(p.id, raw_len, flags, data)?,
@@ -365,6 +371,16 @@ impl ChunkWriter {
             });
         }
         Ok(out)
+    }
+
+    /// Whether `id` is in a pack not yet durable, or not yet handed to an early commit.
+    fn in_flight(&self, id: &ChunkId) -> bool {
+        self.open_chunks.contains_key(id) || self.syncing.iter().any(|s| s.chunks.contains_key(id))
+    }
+
+    /// Whether this writer stored `id` and it is not yet in the index.
+    fn wrote(&self, id: &ChunkId) -> bool {
+        self.in_flight(id) || self.new_chunks.contains_key(id) || self.new_nodes.contains_key(id)
     }
 
     /// Stores a batch of chunks (see [`ChunkWriter::start`]).
@@ -406,12 +422,12 @@ impl ChunkWriter {
             // Handed over only while its pack is open: the pack's sync moves it to the next
             // early commit, after every earlier pack's. A node already handed over (the same
             // subtree twice) goes early too; anything else is left to the final commit.
-            if self.open_ids.last() == Some(&put.id)
+            if self.last_appended == Some(put.id)
                 && let Some(loc) = self.new_nodes.remove(&put.id)
             {
-                self.new_chunks.insert(put.id, loc);
+                self.open_chunks.insert(put.id, loc);
             }
-            early = self.new_chunks.contains_key(&put.id);
+            early = self.in_flight(&put.id);
         }
         Ok((put, early))
     }
@@ -432,14 +448,12 @@ impl ChunkWriter {
             return Ok(());
         };
         let loc = pack.append(id, raw_len, flags, stored)?;
-        if self.early.is_some() {
-            self.open_ids.push(id);
-        }
+        self.last_appended = Some(id);
         self.stats.new_chunks += 1;
         self.stats.new_raw_bytes += raw_len as u64;
         self.stats.new_stored_bytes += stored.len() as u64;
         match flags & FLAG_TREE {
-            0 => self.new_chunks.insert(id, loc),
+            0 => self.open_chunks.insert(id, loc),
             _ => self.new_nodes.insert(id, loc),
         };
         if pack.full(self.pack_target) {
@@ -462,8 +476,9 @@ impl ChunkWriter {
             self.syncing.push_back(Syncing {
                 handle: std::thread::spawn(move || sealed.sync()),
                 pack,
-                ids: std::mem::take(&mut self.open_ids),
+                chunks: std::mem::take(&mut self.open_chunks),
             });
+            self.last_appended = None;
             while self.syncing.len() > MAX_SYNCING {
                 self.wait_oldest_sync()?;
             }
@@ -482,15 +497,13 @@ impl ChunkWriter {
         if self.early.is_some() {
             // Data chunks and nodes over new chunks only: other tree nodes vouch for subtrees
             // (I3) holding filter hits the final commit has yet to confirm.
-            for id in s.ids {
-                if let Some(loc) = self.new_chunks.remove(&id) {
-                    self.durable.push((id, loc));
-                }
-            }
+            self.durable.extend(s.chunks);
             self.durable_packs.push(s.pack);
             if self.durable.len() >= self.early_commit_chunks {
                 self.commit_early()?;
             }
+        } else {
+            self.new_chunks.extend(s.chunks);
         }
         Ok(())
     }
