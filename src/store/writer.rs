@@ -151,7 +151,7 @@ pub(crate) struct ChunkWriter {
     /// without early commits.
     new_chunks: HashMap<ChunkId, ChunkLoc>,
     /// Tree nodes that vouch for filter hits: they wait for the final commit. Apart from the
-    /// rest, whose map then stays the size of the pipeline.
+    /// rest, whose maps then stay the size of the pipeline.
     new_nodes: HashMap<ChunkId, ChunkLoc>,
     pack: Option<PackWriter>,
     done: Vec<(PackId, u64, u32)>,
@@ -373,7 +373,7 @@ impl ChunkWriter {
         Ok(out)
     }
 
-    /// Whether `id` is in a pack not yet durable, or not yet handed to an early commit.
+    /// Whether `id` is in the open pack or in a pack still being made durable.
     fn in_flight(&self, id: &ChunkId) -> bool {
         self.open_chunks.contains_key(id) || self.syncing.iter().any(|s| s.chunks.contains_key(id))
     }
@@ -882,6 +882,44 @@ mod tests {
             }
         }
         assert!(nodes > 50, "nodes over new chunks went early: {nodes}");
+    }
+
+    /// A chunk met again is stored once, whether its pack is open, syncing or durable.
+    #[test]
+    fn a_chunk_met_again_is_stored_once_wherever_its_pack_is() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::create_or_open(
+            dir.path(),
+            std::time::Duration::from_secs(5),
+            Fs::default(),
+        )
+        .expect("store");
+        let mut w = ChunkWriter::new(
+            &store.fs,
+            store.packs_dir(),
+            &store.config,
+            KnownFilter::default(),
+        );
+        // Three chunks of ~1 KiB close a pack: of five packs, the last is open, two sync and
+        // two are durable when the chunks come again.
+        w.pack_target = 2 << 10;
+        let chunks: Vec<Vec<u8>> = (0..13u32)
+            .map(|i| {
+                (0..31u32)
+                    .flat_map(|k| ChunkId::of(&[i, k].map(u32::to_le_bytes).concat()).0)
+                    .collect()
+            })
+            .collect();
+        for _ in 0..2 {
+            for c in &chunks {
+                let mut batch = Batch::default();
+                batch.push(c);
+                w.put_batch(batch, 0).expect("put");
+            }
+        }
+        let pending = w.finish().expect("finish");
+        assert_eq!(pending.stats.new_chunks, 13);
+        assert_eq!(pending.packs.len(), 5);
     }
 
     /// Chunks that compress well close a pack by count before bytes: the writer's map of
