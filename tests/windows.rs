@@ -22,6 +22,19 @@ fn windowed(store: &Path) -> TestCommand {
     c
 }
 
+/// `verify --read-data` of a damaged store, in one pass and in windows: both exit with 3.
+fn verify_damaged(store: &Path) -> (Value, Value) {
+    let whole = TestCommand::new(store)
+        .args(["verify", "--read-data", "--json"])
+        .assert_exit_code(3)
+        .json();
+    let parts = windowed(store)
+        .args(["verify", "--read-data", "--json"])
+        .assert_exit_code(3)
+        .json();
+    (whole, parts)
+}
+
 fn agent(tmp: &Path) -> SampleAgent {
     SampleAgent::create(
         &tmp.join("agent"),
@@ -136,14 +149,7 @@ fn damage_in_any_part_is_found_as_in_one_pass_and_a_failing_window_restores_noth
     .to_owned();
     corrupt_largest_pack(&store);
 
-    let whole = TestCommand::new(&store)
-        .args(["verify", "--read-data", "--json"])
-        .assert_exit_code(3)
-        .json();
-    let parts = windowed(&store)
-        .args(["verify", "--read-data", "--json"])
-        .assert_exit_code(3)
-        .json();
+    let (whole, parts) = verify_damaged(&store);
     assert!(
         !whole["damaged"].as_array().expect("damaged").is_empty(),
         "{whole:#}"
@@ -280,14 +286,7 @@ fn damage_below_a_leaf_and_in_it_is_named_with_its_artifact() {
             fs::write(pack, bytes).expect("write pack");
         };
         flip(&pack);
-        let whole = TestCommand::new(&store)
-            .args(["verify", "--read-data", "--json"])
-            .assert_exit_code(3)
-            .json();
-        let parts = windowed(&store)
-            .args(["verify", "--read-data", "--json"])
-            .assert_exit_code(3)
-            .json();
+        let (whole, parts) = verify_damaged(&store);
         let rows = whole["damaged"].as_array().expect("damaged");
         assert!(
             rows.iter()

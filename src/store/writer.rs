@@ -813,24 +813,30 @@ mod tests {
     use super::*;
     use crate::store::pack::MAX_PACK_CHUNKS;
 
+    /// A new store in `dir` and a writer into it, without early commits.
+    fn writer_in(dir: &std::path::Path) -> (crate::store::Store, ChunkWriter) {
+        let store = crate::store::Store::create_or_open(
+            dir,
+            std::time::Duration::from_secs(5),
+            Fs::default(),
+        )
+        .expect("store");
+        let w = ChunkWriter::new(
+            &store.fs,
+            store.packs_dir(),
+            &store.config,
+            KnownFilter::default(),
+        );
+        (store, w)
+    }
+
     /// I3 under early commits: a snapshot that dies before its final commit leaves tree nodes
     /// in the index (those over new chunks go early), and each has all its children there.
     #[test]
     fn nodes_committed_early_have_their_children_in_the_index() {
         use redb::{ReadableDatabase, ReadableTable};
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = crate::store::Store::create_or_open(
-            dir.path(),
-            std::time::Duration::from_secs(5),
-            Fs::default(),
-        )
-        .expect("store");
-        let mut w = ChunkWriter::new(
-            &store.fs,
-            store.packs_dir(),
-            &store.config,
-            KnownFilter::default(),
-        );
+        let (store, mut w) = writer_in(dir.path());
         // Small packs and chunks: tree nodes are a large share of the bytes, so that some
         // node is the one that fills its pack (and must wait for the final commit).
         w.pack_target = 2 << 10;
@@ -888,18 +894,7 @@ mod tests {
     #[test]
     fn a_chunk_met_again_is_stored_once_wherever_its_pack_is() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = crate::store::Store::create_or_open(
-            dir.path(),
-            std::time::Duration::from_secs(5),
-            Fs::default(),
-        )
-        .expect("store");
-        let mut w = ChunkWriter::new(
-            &store.fs,
-            store.packs_dir(),
-            &store.config,
-            KnownFilter::default(),
-        );
+        let (_store, mut w) = writer_in(dir.path());
         // Three chunks of ~1 KiB close a pack: of five packs, the last is open, two sync and
         // two are durable when the chunks come again.
         w.pack_target = 2 << 10;
@@ -927,18 +922,7 @@ mod tests {
     #[test]
     fn a_pack_of_small_chunks_closes_at_its_chunk_count() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = crate::store::Store::create_or_open(
-            dir.path(),
-            std::time::Duration::from_secs(5),
-            Fs::default(),
-        )
-        .expect("store");
-        let mut w = ChunkWriter::new(
-            &store.fs,
-            store.packs_dir(),
-            &store.config,
-            KnownFilter::default(),
-        );
+        let (store, mut w) = writer_in(dir.path());
         let total = MAX_PACK_CHUNKS * 2 + 100;
         let mut batch = Batch::default();
         for i in 0..total {
