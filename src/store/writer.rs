@@ -53,8 +53,9 @@ struct Syncing {
 }
 
 /// Ids the store held when the snapshot began, as sorted prefixes with a directory on their top
-/// bits: ids are uniform, so a bucket holds ~2 prefixes and a lookup touches two cache lines (a
-/// plain binary search over 2 MiB of prefixes cost ~10% of a re-snapshot in cache misses).
+/// bits: ids are uniform, so a bucket holds 2-4 prefixes and a lookup touches two or three cache
+/// lines (a plain binary search over 2 MiB of prefixes cost ~10% of a re-snapshot in cache
+/// misses).
 #[derive(Default)]
 pub(crate) struct KnownFilter {
     prefixes: Vec<u64>,
@@ -69,8 +70,11 @@ impl KnownFilter {
     pub(crate) fn new(mut prefixes: Vec<u64>, excluded: HashSet<ChunkId>) -> Self {
         prefixes.sort_unstable();
         prefixes.dedup();
-        // About two prefixes per bucket; at most 2^24 buckets (64 MiB of directory).
-        let bits = (usize::BITS - prefixes.len().leading_zeros()).clamp(1, 24);
+        // 2-4 prefixes per bucket: a directory of 1-2 bytes per chunk (at 0.5-1 it was 4-8, 8 MiB
+        // for a 4 GiB store); at most 2^24 buckets.
+        let bits = (usize::BITS - prefixes.len().leading_zeros())
+            .saturating_sub(2)
+            .clamp(1, 24);
         let mut dir = Vec::with_capacity((1usize << bits) + 1);
         let mut i = 0usize;
         for b in 0..(1u64 << bits) {
