@@ -176,6 +176,8 @@ pub(crate) fn verify(
                     &mut |cid, is_data, res| {
                         match (is_data, res) {
                             (true, _) => ids.push(cid)?,
+                            // As in pass 2: this machine's failure, not damage in the store.
+                            (false, Err(e @ StoreError::Io { .. })) => return Err(e),
                             (false, Err(e)) => {
                                 bad.insert(*cid, describe(&e));
                             }
@@ -203,7 +205,6 @@ pub(crate) fn verify(
                             ids.push(&cid)?;
                         }
                     }
-                    // As in pass 2: this machine's failure, not damage in the store.
                     Err(e @ StoreError::Io { .. }) => return Err(e.into()),
                     Err(e) => {
                         bad.insert(*id, describe(&e));
@@ -423,10 +424,10 @@ fn check_chunk(
 }
 
 /// The chunk ids (data, or leaf nodes) a verify walk meets, deduplicated and handed out one
-/// range of ids (a "part") at a time. One part is kept in memory, sorted and deduplicated whenever it has
-/// doubled (repeats: unchanged chunks under changed nodes, snapshot after snapshot); several
-/// are spilled to a file each under `tmp/`, so that the trees are walked once whatever the
-/// number of parts, and only one part's ids are ever held.
+/// range of ids (a "part") at a time. One part is kept in memory, sorted and deduplicated
+/// whenever it has doubled (repeats: unchanged chunks under changed nodes, snapshot after
+/// snapshot); several are spilled to a file each under `tmp/`, so that the trees are walked
+/// once whatever the number of parts, and only one part's ids are ever held.
 enum DataIds {
     Memory {
         ids: Vec<(ChunkId, ChunkLoc)>,
