@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::store::chunk_id::ChunkId;
 use crate::store::pack::{ChunkLoc, FLAG_ZSTD};
 use crate::store::reader::PackFiles;
-use crate::store::stream::{ChunkSource, byte_batches};
+use crate::store::stream::ChunkSource;
 
 pub(crate) struct HashWriter<W> {
     inner: W,
@@ -175,24 +175,18 @@ fn read_ahead<T: Send + 'static>(
     let thread = std::thread::spawn(move || {
         let mut stream = source.stream();
         loop {
-            let chunks = match stream.next_window() {
-                Ok(Some(w)) => w,
+            let batch = match stream.next_batch(PREFETCH_BATCH) {
+                Ok(Some(b)) => read(&b),
                 Ok(None) => {
                     let _ = tx.send(Ok(None));
                     return;
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(e.to_string()));
-                    return;
-                }
+                Err(e) => Err(e.to_string()),
             };
-            for batch in byte_batches(&chunks, PREFETCH_BATCH) {
-                let batch = read(batch);
-                let failed = batch.is_err();
-                // A send fails only when the consumer was dropped: stop reading.
-                if tx.send(batch.map(Some)).is_err() || failed {
-                    return;
-                }
+            let failed = batch.is_err();
+            // A send fails only when the consumer was dropped: stop reading.
+            if tx.send(batch.map(Some)).is_err() || failed {
+                return;
             }
         }
     });

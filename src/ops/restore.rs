@@ -34,7 +34,7 @@ use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::pack::ChunkLoc;
 use crate::store::reader::{ChunkReader, PackFiles};
-use crate::store::stream::{ChunkSource, byte_batches};
+use crate::store::stream::ChunkSource;
 use crate::tree;
 
 #[derive(Clone)]
@@ -814,24 +814,7 @@ fn write_content(
     let mut f = WritebackFile::new(file);
     let mut hasher = blake3::Hasher::new();
     let mut stream = source.stream();
-    let mut window = Arc::new(Vec::new());
-    let mut pos = 0;
-    // The next batch of about READ_BATCH_BYTES, from the window or the next one.
-    let mut next_batch = || -> Result<Option<Vec<(ChunkId, ChunkLoc)>>, Error> {
-        loop {
-            if let Some(batch) = byte_batches(&window[pos..], READ_BATCH_BYTES).next() {
-                pos += batch.len();
-                return Ok(Some(batch.to_vec()));
-            }
-            // The spent window goes first: two at once would double the peak.
-            window = Arc::new(Vec::new());
-            match stream.next_window()? {
-                Some(w) => (window, pos) = (w, 0),
-                None => return Ok(None),
-            }
-        }
-    };
-    let mut current = match next_batch()? {
+    let mut current = match stream.next_batch(READ_BATCH_BYTES)? {
         Some(b) => Some(read_batch(packs, &b, Vec::new())?),
         None => None,
     };
@@ -839,7 +822,7 @@ fn write_content(
     // of a restore's CPU), since glibc maps them anew each time.
     let mut spare = Vec::new();
     while let Some(data) = current.take() {
-        let next = next_batch()?;
+        let next = stream.next_batch(READ_BATCH_BYTES)?;
         let buf = std::mem::take(&mut spare);
         let (written, read) = rayon::join(
             || -> Result<Vec<u8>, Error> {

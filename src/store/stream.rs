@@ -53,19 +53,20 @@ impl ChunkSource {
 
     pub(crate) fn stream(&self) -> ChunkStream {
         match self {
-            Self::Listed(l) => ChunkStream {
-                inner: Inner::Listed(Some(l.clone())),
-            },
-            Self::Tree { store, content } => ChunkStream {
-                inner: Inner::Tree(Box::new((store.clone(), Cursor::new(*content)))),
-            },
+            Self::Listed(l) => ChunkStream::new(Inner::Listed(Some(l.clone()))),
+            Self::Tree { store, content } => ChunkStream::new(Inner::Tree(Box::new((
+                store.clone(),
+                Cursor::new(*content),
+            )))),
         }
     }
 }
 
-/// The windows of one content, in order.
+/// The windows of one content, in order, and the place in the current one.
 pub(crate) struct ChunkStream {
     inner: Inner,
+    window: Located,
+    pos: usize,
 }
 
 enum Inner {
@@ -74,8 +75,36 @@ enum Inner {
 }
 
 impl ChunkStream {
+    fn new(inner: Inner) -> Self {
+        Self {
+            inner,
+            window: Arc::new(Vec::new()),
+            pos: 0,
+        }
+    }
+
+    /// The next chunks, located, about `bytes` raw bytes of them (from the current window or
+    /// the next); `None` after the last.
+    pub(crate) fn next_batch(
+        &mut self,
+        bytes: u64,
+    ) -> Result<Option<Vec<(ChunkId, ChunkLoc)>>, Error> {
+        loop {
+            if let Some(batch) = byte_batches(&self.window[self.pos..], bytes).next() {
+                self.pos += batch.len();
+                return Ok(Some(batch.to_vec()));
+            }
+            // The spent window goes first: two at once would double the peak.
+            self.window = Arc::new(Vec::new());
+            match self.next_window()? {
+                Some(w) => (self.window, self.pos) = (w, 0),
+                None => return Ok(None),
+            }
+        }
+    }
+
     /// The next run of the content's data chunks, located; `None` after the last.
-    pub(crate) fn next_window(&mut self) -> Result<Option<Located>, Error> {
+    fn next_window(&mut self) -> Result<Option<Located>, Error> {
         match &mut self.inner {
             Inner::Listed(l) => Ok(l.take()),
             Inner::Tree(tree) => {
@@ -220,7 +249,7 @@ pub(crate) fn plan(
 }
 
 /// Consecutive runs of `chunks` of about `bytes` raw bytes each.
-pub(crate) fn byte_batches(
+fn byte_batches(
     chunks: &[(ChunkId, ChunkLoc)],
     bytes: u64,
 ) -> impl Iterator<Item = &[(ChunkId, ChunkLoc)]> {
@@ -267,12 +296,14 @@ mod tests {
             },
         };
         let mut stream = source.stream();
-        let first = stream.next_window().expect_err("a missing root fails");
+        let first = stream
+            .next_batch(1 << 20)
+            .expect_err("a missing root fails");
         assert!(
             first.to_string().contains(&ChunkId([7; 32]).hex()),
             "{first}"
         );
-        let again = stream.next_window().expect_err("and fails again");
+        let again = stream.next_batch(1 << 20).expect_err("and fails again");
         assert!(again.to_string().contains("earlier window"), "{again}");
     }
 }
