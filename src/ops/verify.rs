@@ -140,7 +140,7 @@ pub(crate) fn verify(
     let packs = PackFiles::new(&store.fs, store.packs_dir());
     // Chunk ids are uniform: checking them a range of ids at a time, about a window's worth
     // each (see `Store::window`), bounds the list of ids and locations whatever the store's
-    // size (`DataIds`).
+    // size (`IdParts`).
     let (records, parts, mut ids) = {
         let index = store.index_for_reading()?;
         let tx = index.begin_read()?;
@@ -154,10 +154,10 @@ pub(crate) fn verify(
         // MAX_PARTS, each a spill file open meanwhile: file descriptors are few.
         let per_part = (store.window as u64 / 8).max(1);
         let parts = reader.chunk_count()?.div_ceil(per_part).clamp(1, MAX_PARTS);
-        let mut ids = DataIds::new(store, parts)?;
+        let mut ids = IdParts::new(store, parts)?;
         // Upper nodes and content roots are remembered, so what snapshots share is walked
         // once; leaves (~1/16 of the chunks) are spilled like data and read once each after.
-        let mut leaves = DataIds::new(store, parts.div_ceil(LEAF_PARTS_PER))?;
+        let mut leaves = IdParts::new(store, parts.div_ceil(LEAF_PARTS_PER))?;
         let mut nodes = crate::tree::Seen::new();
         for record in &records {
             let entries = match entries_or_fault(&mut reader, record) {
@@ -173,27 +173,17 @@ pub(crate) fn verify(
                     content,
                     &mut nodes,
                     &mut |leaf| leaves.push(leaf),
-                    &mut |cid, is_data, res| {
-                        match (is_data, res) {
-                            (true, _) => ids.push(cid)?,
-                            // As in pass 2: this machine's failure, not damage in the store.
-                            (false, Err(e @ StoreError::Io { .. })) => return Err(e),
-                            (false, Err(e)) => {
-                                bad.insert(*cid, describe(&e));
-                            }
-                            (false, Ok(_)) => {}
-                        }
-                        Ok(())
+                    &mut |cid, is_data, res| match (is_data, res) {
+                        (true, _) => ids.push(cid),
+                        (false, Err(e)) => note_fault(&mut bad, *cid, e),
+                        (false, Ok(_)) => Ok(()),
                     },
                 )?;
             }
         }
         for part in 0..leaves.parts() {
             let mut located = leaves.take(part)?;
-            for cid in reader.locate_sorted(&mut located)? {
-                bad.insert(cid, describe(&StoreError::MissingChunk { id: cid.hex() }));
-            }
-            located.sort_unstable_by_key(|(_, l)| (l.pack, l.offset));
+            locate_in_pack_order(&mut reader, &mut located, &mut bad)?;
             for (id, loc) in &located {
                 let children = reader
                     .packs
@@ -205,10 +195,7 @@ pub(crate) fn verify(
                             ids.push(&cid)?;
                         }
                     }
-                    Err(e @ StoreError::Io { .. }) => return Err(e.into()),
-                    Err(e) => {
-                        bad.insert(*id, describe(&e));
-                    }
+                    Err(e) => note_fault(&mut bad, *id, e)?,
                 }
             }
         }
@@ -222,12 +209,8 @@ pub(crate) fn verify(
         {
             let index = store.index_for_reading()?;
             let mut reader = ChunkReader::new(&index, store.packs_dir())?;
-            for cid in reader.locate_sorted(&mut located)? {
-                bad.insert(cid, describe(&StoreError::MissingChunk { id: cid.hex() }));
-            }
+            locate_in_pack_order(&mut reader, &mut located, &mut bad)?;
         }
-        // Read in pack order.
-        located.sort_unstable_by_key(|(_, l)| (l.pack, l.offset));
 
         // Pass 2, without the index.
         let phase = match parts {
@@ -262,14 +245,7 @@ pub(crate) fn verify(
         report.chunks_checked += located.len() as u64;
         report.bytes_checked += bytes_checked.into_inner();
         for (id, e) in failures {
-            match e {
-                // An I/O failure of this machine (out of file descriptors, a read error) is not
-                // damage in the store: stop rather than report a false verdict either way.
-                e @ StoreError::Io { .. } => return Err(e.into()),
-                e => {
-                    bad.insert(id, describe(&e));
-                }
-            }
+            note_fault(&mut bad, id, e)?;
         }
     }
     drop(ids);
@@ -396,6 +372,37 @@ pub(crate) fn verify(
     Ok(report)
 }
 
+/// Records a chunk's fault. An I/O failure of this machine (out of file descriptors, a read
+/// error) is not damage in the store: it stops verify rather than report a false verdict
+/// either way.
+fn note_fault(
+    bad: &mut HashMap<ChunkId, Fault>,
+    id: ChunkId,
+    e: StoreError,
+) -> Result<(), StoreError> {
+    match e {
+        e @ StoreError::Io { .. } => Err(e),
+        e => {
+            bad.insert(id, describe(&e));
+            Ok(())
+        }
+    }
+}
+
+/// Locates a part's ids (sorted, distinct), records those the index lacks, and sorts the rest
+/// in pack order, for reading.
+fn locate_in_pack_order(
+    reader: &mut ChunkReader<'_>,
+    located: &mut Vec<(ChunkId, ChunkLoc)>,
+    bad: &mut HashMap<ChunkId, Fault>,
+) -> Result<(), StoreError> {
+    for cid in reader.locate_sorted(located)? {
+        bad.insert(cid, describe(&StoreError::MissingChunk { id: cid.hex() }));
+    }
+    located.sort_unstable_by_key(|(_, l)| (l.pack, l.offset));
+    Ok(())
+}
+
 fn check_chunk(
     packs: &PackFiles,
     id: &ChunkId,
@@ -428,7 +435,7 @@ fn check_chunk(
 /// whenever it has doubled (repeats: unchanged chunks under changed nodes, snapshot after
 /// snapshot); several are spilled to a file each under `tmp/`, so that the trees are walked
 /// once whatever the number of parts, and only one part's ids are ever held.
-enum DataIds {
+enum IdParts {
     Memory {
         ids: Vec<(ChunkId, ChunkLoc)>,
         deduped: usize,
@@ -440,7 +447,7 @@ enum DataIds {
     },
 }
 
-impl DataIds {
+impl IdParts {
     fn new(store: &Store, parts: u64) -> Result<Self, Error> {
         let tmp = store.tmp_dir();
         if parts == 1 {
@@ -537,7 +544,7 @@ fn sort_dedup(ids: &mut Vec<(ChunkId, ChunkLoc)>) {
     ids.dedup_by_key(|(id, _)| *id);
 }
 
-/// The most id ranges verify splits data chunks into (see `DataIds`).
+/// The most id ranges verify splits data chunks into (see `IdParts`).
 const MAX_PARTS: u64 = 64;
 
 /// Data parts per part of leaf nodes. A leaf lists ~16 data chunks, so a leaf part holds about
