@@ -32,7 +32,7 @@ use crate::ops::Progress;
 use crate::ops::snapshot::{Commit, commit, store_pages, store_stream};
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
-use crate::store::writer::{ChunkWriter, EarlyCommit, KnownFilter};
+use crate::store::writer::{ChunkWriter, KnownFilter};
 use crate::tree::ContentRef;
 
 /// Default cap on the artifacts a bundle may declare: a manifest claiming more is refused before
@@ -995,10 +995,7 @@ fn attempt(
         KnownFilter::new(prefixes, excluded.clone()),
     );
     // Like a snapshot's, so that an import's memory does not grow with the bundle.
-    w.early_commit(EarlyCommit {
-        index: store.root().join(crate::store::INDEX_FILE),
-        lock: store.root().join("locks").join("index.lock"),
-    });
+    w.early_commit(store.early_commit());
     let mut report = new_report(&req.bundle, encrypted);
     let total = fs::metadata(&req.bundle).map(|m| m.len()).unwrap_or(0);
     progress.start("import", total);

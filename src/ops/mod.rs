@@ -393,12 +393,7 @@ mod tests {
     #[test]
     fn snapshot_specs_resolve_or_name_the_problem() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::create_or_open(
-            dir.path(),
-            std::time::Duration::from_secs(1),
-            crate::storage::Fs::default(),
-        )
-        .expect("store");
+        let store = Store::for_test(dir.path());
         let index = store.index().expect("index");
         let tx = index.begin_write().expect("tx");
         {

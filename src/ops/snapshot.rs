@@ -25,7 +25,7 @@ use crate::store::chunk_id::ChunkId;
 use crate::store::config::StoreConfig;
 use crate::store::index::{self, AGENTS, CHUNKS, FILE_STATS, SNAPSHOTS};
 use crate::store::pack::{ChunkLoc, FLAG_TREE};
-use crate::store::writer::{Batch, ChunkWriter, EarlyCommit, InFlight, KnownFilter, Pending};
+use crate::store::writer::{Batch, ChunkWriter, InFlight, KnownFilter, Pending};
 use crate::tree::{ContentRef, TreeBuilder};
 
 /// Chunks handed to the hashing/compression pool at a time.
@@ -218,10 +218,7 @@ fn attempt(
         config,
         KnownFilter::new(prefixes, excluded.clone()),
     );
-    w.early_commit(EarlyCommit {
-        index: store.root().join(crate::store::INDEX_FILE),
-        lock: store.root().join("locks").join("index.lock"),
-    });
+    w.early_commit(store.early_commit());
     let mut entries = Vec::new();
     let mut schema_versions = BTreeMap::new();
     let mut bytes_read = 0u64;

@@ -165,21 +165,34 @@ impl Store {
     }
 
     pub(crate) fn index(&self) -> Result<Index, Error> {
-        Index::open(
-            &self.fs,
-            &self.root.join(INDEX_FILE),
-            &self.root.join("locks").join("index.lock"),
-        )
+        self.open_index(index::INDEX_CACHE_BYTES)
     }
 
     /// An index session that only reads, in key order ([`index::READ_CACHE_BYTES`]).
     pub(crate) fn index_for_reading(&self) -> Result<Index, Error> {
-        Index::open_with_cache(
-            &self.fs,
-            &self.root.join(INDEX_FILE),
-            &self.root.join("locks").join("index.lock"),
-            index::READ_CACHE_BYTES,
-        )
+        self.open_index(index::READ_CACHE_BYTES)
+    }
+
+    fn open_index(&self, cache: usize) -> Result<Index, Error> {
+        let e = self.early_commit();
+        Index::open_with_cache(&self.fs, &e.index, &e.lock, cache)
+    }
+
+    /// Where a writer's early commits open the index, and its lock.
+    pub(crate) fn early_commit(&self) -> writer::EarlyCommit {
+        writer::EarlyCommit {
+            index: self.root.join(INDEX_FILE),
+            lock: self.root.join("locks").join("index.lock"),
+        }
+    }
+
+    /// A new store in `dir`, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(dir: &Path) -> Self {
+        match Self::create_or_open(dir, Duration::from_secs(5), crate::storage::Fs::default()) {
+            Ok(store) => store,
+            Err(e) => panic!("a test store in {}: {e}", dir.display()),
+        }
     }
 
     /// The per-agent lock: two operations on one agent never interleave.

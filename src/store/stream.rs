@@ -281,12 +281,7 @@ mod tests {
     #[test]
     fn a_failed_window_fails_again() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::create_or_open(
-            dir.path(),
-            std::time::Duration::from_secs(5),
-            crate::storage::Fs::default(),
-        )
-        .expect("store");
+        let store = Store::for_test(dir.path());
         let source = ChunkSource::Tree {
             store,
             content: ContentRef {

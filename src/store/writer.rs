@@ -819,12 +819,7 @@ mod tests {
 
     /// A new store in `dir` and a writer into it, without early commits.
     fn writer_in(dir: &std::path::Path) -> (crate::store::Store, ChunkWriter) {
-        let store = crate::store::Store::create_or_open(
-            dir,
-            std::time::Duration::from_secs(5),
-            Fs::default(),
-        )
-        .expect("store");
+        let store = crate::store::Store::for_test(dir);
         let w = ChunkWriter::new(
             &store.fs,
             store.packs_dir(),
@@ -845,10 +840,7 @@ mod tests {
         // node is the one that fills its pack (and must wait for the final commit).
         w.pack_target = 2 << 10;
         w.early_commit_chunks = 16;
-        w.early_commit(EarlyCommit {
-            index: dir.path().join(crate::store::INDEX_FILE),
-            lock: dir.path().join("locks").join("index.lock"),
-        });
+        w.early_commit(store.early_commit());
         let mut t = crate::tree::TreeBuilder::new(4, 16);
         for i in 0..4000u32 {
             // Random bytes, stored raw.
