@@ -70,10 +70,7 @@ fn a_snapshot_with_early_commits_restores_and_a_dead_one_leaves_only_garbage() {
         .args(["verify", "--read-data"])
         .json();
     let target = tmp.path().join("restored");
-    TestCommand::new(&store)
-        .args(["restore", &id, "--target"])
-        .arg(&target)
-        .json();
+    restore_to(&store, &id, &target);
     for db in databases(&agent) {
         let name = db.file_name().expect("name");
         assert_eq!(
@@ -94,10 +91,7 @@ fn a_snapshot_with_early_commits_restores_and_a_dead_one_leaves_only_garbage() {
         .args(["verify", "--read-data"])
         .json();
     let again = tmp.path().join("again");
-    TestCommand::new(&store)
-        .args(["restore", &id, "--target"])
-        .arg(&again)
-        .json();
+    restore_to(&store, &id, &again);
     assert_same_tree(
         &tree(&target.join("sqlite"), false),
         &tree(&again.join("sqlite"), false),
@@ -159,10 +153,7 @@ fn an_import_commits_early_too_and_a_dead_one_leaves_only_garbage() {
         .args(["verify", "--read-data"])
         .json();
     let target = tmp.path().join("restored");
-    TestCommand::new(&store2)
-        .args(["restore", &id, "--target"])
-        .arg(&target)
-        .json();
+    restore_to(&store2, &id, &target);
     assert_same_tree(
         &tree(&agent.sqlite_dir(), false),
         &tree(&target.join("sqlite"), false),

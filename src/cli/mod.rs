@@ -41,7 +41,8 @@ pub(crate) struct Cli {
     lock_timeout: f64,
     /// Chunk locations restore, export and verify hold at once (~72 bytes each): less memory
     /// for more passes over the index.
-    #[arg(long, global = true, env = "MEMSNAP_WINDOW_CHUNKS", default_value_t = 1 << 18,
+    #[arg(long, global = true, env = "MEMSNAP_WINDOW_CHUNKS",
+          default_value_t = StoreOptions::default().window_chunks as u64,
           value_parser = clap::value_parser!(u64).range(1..), value_name = "CHUNKS")]
     window_chunks: u64,
     /// Append one JSON line per lifecycle event (created, restored, deleted, ...) to FILE.
