@@ -647,3 +647,62 @@ fn a_snapshot_whose_index_sync_fails_after_the_commit_record_says_so() {
         "exactly one index sync follows the commit record"
     );
 }
+
+/// A failing read of this machine is never taken for damage in the store: a pack read that
+/// fails (EACCES), wherever it falls (a tree node or a leaf in pass 1, a data chunk in pass 2),
+/// stops verify with an error naming its cause. The one read still reported as damage is a
+/// manifest's (its snapshot is then "damaged", never "intact").
+#[test]
+fn a_failing_pack_read_stops_verify_instead_of_reporting_damage() {
+    let b = base();
+    let root = b.dir.join("template");
+    let is_pack_read = |what: &str| what.starts_with("read @") && what.ends_with(".pack");
+    let reads = {
+        let fs = CrashFs::new();
+        let m = open(&root, fs.clone());
+        fs.reset().expect("reset");
+        assert!(m.verify(None, None, true).expect("clean verify").ok());
+        fs.op_log()
+            .iter()
+            .filter_map(|l| l.split_once(' ').map(|(_, what)| what.to_owned()))
+            .filter(|what| is_pack_read(what))
+            .count() as u64
+    };
+    assert!(reads > 20, "{reads} pack reads");
+    // Every one of the first reads (manifests and tree nodes come first), then a spread.
+    let ks: BTreeSet<u64> = (1..=20)
+        .chain((1..=reads).step_by((reads / 40).max(1) as usize))
+        .collect();
+    let mut stopped = 0;
+    for k in ks {
+        let fs = CrashFs::new();
+        let m = open(&root, fs.clone());
+        fs.reset().expect("reset");
+        fs.fail_matching(k, Fault::Denied, is_pack_read);
+        let result = m.verify(None, None, true);
+        let fired = fs.op_log().iter().any(|l| l.contains("=> fault"));
+        match result {
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("Permission denied") && msg.contains(".pack"),
+                    "read {k}: {msg}"
+                );
+                stopped += 1;
+            }
+            Ok(r) if fired => {
+                assert!(
+                    !r.damaged.is_empty() && r.damaged.iter().all(|d| d.artifact == "manifest"),
+                    "read {k}: only a manifest's read is reported as damage: {r:?}\n{:?}",
+                    fs.op_log()
+                        .iter()
+                        .filter(|l| l.contains("=> fault"))
+                        .collect::<Vec<_>>()
+                );
+                assert!(r.intact_snapshots.is_empty(), "read {k}: {r:?}");
+            }
+            Ok(r) => assert!(r.ok(), "read {k} never failed: {r:?}"),
+        }
+    }
+    assert!(stopped > 0, "some fault fell past the manifests");
+}

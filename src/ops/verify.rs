@@ -281,13 +281,14 @@ pub(crate) fn verify(
                 pack.hex(),
                 path.display()
             )),
-            Some(_) if read_data => {
-                if let Err(e) = read_footer(&store.fs, &path) {
-                    report
-                        .damaged_packs
-                        .push(format!("pack {}: {e}", pack.hex()));
-                }
-            }
+            Some(_) if read_data => match read_footer(&store.fs, &path) {
+                Ok(_) => {}
+                // As for chunks (`note_fault`): this machine's failure is no verdict.
+                Err(e @ StoreError::Io { .. }) => return Err(e.into()),
+                Err(e) => report
+                    .damaged_packs
+                    .push(format!("pack {}: {e}", pack.hex())),
+            },
             Some(_) => {}
         }
     }
