@@ -649,9 +649,8 @@ fn a_snapshot_whose_index_sync_fails_after_the_commit_record_says_so() {
 }
 
 /// A failing read of this machine is never taken for damage in the store: a pack read that
-/// fails (EACCES), wherever it falls (a tree node or a leaf in pass 1, a data chunk in pass 2),
-/// stops verify with an error naming its cause. The one read still reported as damage is a
-/// manifest's (its snapshot is then "damaged", never "intact").
+/// fails (EACCES), wherever it falls (a manifest, a tree node or a leaf in pass 1, a data chunk
+/// in pass 2, a footer), stops verify with an error naming its cause.
 #[test]
 fn a_failing_pack_read_stops_verify_instead_of_reporting_damage() {
     let b = base();
@@ -690,19 +689,8 @@ fn a_failing_pack_read_stops_verify_instead_of_reporting_damage() {
                 );
                 stopped += 1;
             }
-            Ok(r) if fired => {
-                assert!(
-                    !r.damaged.is_empty() && r.damaged.iter().all(|d| d.artifact == "manifest"),
-                    "read {k}: only a manifest's read is reported as damage: {r:?}\n{:?}",
-                    fs.op_log()
-                        .iter()
-                        .filter(|l| l.contains("=> fault"))
-                        .collect::<Vec<_>>()
-                );
-                assert!(r.intact_snapshots.is_empty(), "read {k}: {r:?}");
-            }
-            Ok(r) => assert!(r.ok(), "read {k} never failed: {r:?}"),
+            Ok(r) => assert!(!fired && r.ok(), "read {k}: {r:?}"),
         }
     }
-    assert!(stopped > 0, "some fault fell past the manifests");
+    assert!(stopped > 20, "{stopped} faults stopped verify");
 }

@@ -66,28 +66,34 @@ fn describe(e: &StoreError) -> Fault {
     Fault { pack, problem }
 }
 
-/// A snapshot's entries, or the chunk (hex, empty if none) and fault that keep them unreadable.
+/// A snapshot's entries, or the chunk (hex, empty if none) and fault that keep them unreadable;
+/// an I/O failure of this machine is an error, as everywhere in verify (`note_fault`).
 fn entries_or_fault(
     reader: &mut ChunkReader<'_>,
     record: &SnapshotRecord,
-) -> Result<Vec<ArtifactEntry>, (String, Fault)> {
+) -> Result<Result<Vec<ArtifactEntry>, (String, Fault)>, StoreError> {
     let mut bytes = Vec::new();
     let mut failed: Option<(ChunkId, StoreError)> = None;
-    tree::walk(reader, &record.manifest, true, &mut |id, is_data, data| {
+    let walked = tree::walk(reader, &record.manifest, true, &mut |id, is_data, data| {
         match data {
             Ok(d) if is_data && failed.is_none() => bytes.extend_from_slice(&d),
             Ok(_) => {}
+            Err(e @ StoreError::Io { .. }) => return Err(e),
             Err(e) => {
                 failed.get_or_insert((*id, e));
             }
         }
         Ok(())
-    })
-    .map_err(|e| (String::new(), describe(&e)))?;
-    if let Some((id, e)) = failed {
-        return Err((id.hex(), describe(&e)));
+    });
+    match walked {
+        Err(e @ StoreError::Io { .. }) => return Err(e),
+        Err(e) => return Ok(Err((String::new(), describe(&e)))),
+        Ok(()) => {}
     }
-    artifact::decode_entries(&bytes).map_err(|e| (String::new(), describe(&e)))
+    if let Some((id, e)) = failed {
+        return Ok(Err((id.hex(), describe(&e))));
+    }
+    Ok(artifact::decode_entries(&bytes).map_err(|e| (String::new(), describe(&e))))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -160,7 +166,7 @@ pub(crate) fn verify(
         let mut leaves = IdParts::new(store, parts.div_ceil(LEAF_PARTS_PER))?;
         let mut nodes = crate::tree::Seen::new();
         for record in &records {
-            let entries = match entries_or_fault(&mut reader, record) {
+            let entries = match entries_or_fault(&mut reader, record)? {
                 Ok(e) => e,
                 Err(fault) => {
                     manifest_damage.insert(record.info.id.clone(), fault);
@@ -314,7 +320,7 @@ pub(crate) fn verify(
             if let Some(fault) = manifest_damage.get(id) {
                 report.damaged.push(manifest_row(fault.clone()));
             } else {
-                let entries = match entries_or_fault(&mut reader, record) {
+                let entries = match entries_or_fault(&mut reader, record)? {
                     Ok(e) => e,
                     Err(fault) => {
                         report.damaged.push(manifest_row(fault));
