@@ -82,7 +82,7 @@ impl TreeBuilder {
         let node = encode_node(level as u8 + 1, &entries);
         let (put, early) = w.put_tree_node(node, !waits)?;
         if !put.hit {
-            w.confirm.extend(hits);
+            w.confirm_later(hits, level > 0)?;
         }
         if self.levels.len() <= level + 1 {
             self.levels.push(Level::default());
@@ -113,7 +113,7 @@ impl TreeBuilder {
                             what: "content tree".into(),
                             message: "no chunk was written".into(),
                         })?;
-                w.confirm.extend(std::mem::take(&mut l.hits));
+                w.confirm_later(std::mem::take(&mut l.hits), level > 0)?;
                 return Ok(ContentRef {
                     size,
                     height: level as u8,

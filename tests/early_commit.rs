@@ -160,3 +160,48 @@ fn an_import_commits_early_too_and_a_dead_one_leaves_only_garbage() {
         "imported with early commits",
     );
 }
+
+/// A filter hit that the index does not hold (a prefix collision, made here by a test knob) is
+/// caught whether an index session confirms it during the snapshot (batches of one hit) or the
+/// final commit does: the snapshot is redone with the chunk written, and restores byte for byte.
+#[test]
+fn a_false_filter_hit_is_caught_and_the_snapshot_redone() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let agent = SampleAgent::create(
+        &tmp.path().join("agent"),
+        &SampleSpec::with_total_bytes(6 << 20, 7),
+    )
+    .expect("agent");
+    for (i, batch) in ["1", "32768"].into_iter().enumerate() {
+        let store = tmp.path().join(format!("store{i}"));
+        TestCommand::new(&store).snapshot(agent.root()).json();
+        // Hits below changed tree nodes, for the sessions to confirm.
+        agent.append_day(i as u64 + 1, 0.01).expect("day");
+        // A state file no store has seen, which the filter claims to know.
+        let probe = format!("{{\"probe\": {i}, \"seen\": false}}");
+        fs::write(agent.state_dir().join("probe.json"), &probe).expect("probe");
+        let hash = blake3::hash(probe.as_bytes());
+        let prefix = u64::from_be_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
+        let out = TestCommand::new(&store)
+            .env("MEMSNAP_LOG", "warn")
+            .env("MEMSNAP_TEST_FALSE_HIT", &prefix.to_string())
+            .env("MEMSNAP_TEST_CONFIRM_BATCH", batch)
+            .snapshot(agent.root())
+            .arg("--json")
+            .assert_exit_code(0);
+        assert!(
+            out.stderr.contains("chunk prefix collision; retrying"),
+            "batch {batch}: the false hit was caught\n{out}"
+        );
+        let id = str_of(&out.json(), "id").to_owned();
+        TestCommand::new(&store)
+            .args(["verify", "--read-data"])
+            .json();
+        let restored = restore_to(&store, &id, &tmp.path().join(format!("restored{i}")));
+        assert_eq!(
+            fs::read_to_string(restored.state_dir().join("probe.json")).expect("probe"),
+            probe
+        );
+        AgentImage::capture(&agent).assert_matches(&restored, &format!("batch {batch}"));
+    }
+}

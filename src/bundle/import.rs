@@ -32,7 +32,7 @@ use crate::ops::Progress;
 use crate::ops::snapshot::{Commit, commit, store_pages, store_stream};
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
-use crate::store::writer::{ChunkWriter, KnownFilter};
+use crate::store::writer::ChunkWriter;
 use crate::tree::ContentRef;
 
 /// Default cap on the artifacts a bundle may declare: a manifest claiming more is refused before
@@ -987,13 +987,8 @@ fn attempt(
     excluded: &HashSet<ChunkId>,
     progress: &dyn Progress,
 ) -> Result<Attempted, Error> {
-    let prefixes = crate::ops::snapshot::known_prefixes(store)?;
-    let mut w = ChunkWriter::new(
-        &store.fs,
-        store.packs_dir(),
-        &store.config,
-        KnownFilter::new(prefixes, excluded.clone()),
-    );
+    let known = crate::ops::snapshot::known_filter(store, excluded)?;
+    let mut w = ChunkWriter::new(&store.fs, store.packs_dir(), &store.config, known);
     // Like a snapshot's, so that an import's memory does not grow with the bundle.
     w.early_commit(store.early_commit());
     let mut report = new_report(&req.bundle, encrypted);

@@ -24,8 +24,7 @@ use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::config::StoreConfig;
 use crate::store::index::{self, AGENTS, CHUNKS, FILE_STATS, SNAPSHOTS};
-use crate::store::pack::{ChunkLoc, FLAG_TREE};
-use crate::store::writer::{Batch, ChunkWriter, InFlight, KnownFilter, Pending};
+use crate::store::writer::{Batch, ChunkWriter, FilterBuilder, InFlight, KnownFilter, Pending};
 use crate::tree::{ContentRef, TreeBuilder};
 
 /// Chunks handed to the hashing/compression pool at a time.
@@ -97,7 +96,7 @@ pub(crate) fn snapshot_locked(
     let sources = resolve_sources(store, req)?;
     sources.check_disjoint(store.root())?;
     let mut excluded = HashSet::new();
-    // A filter hit that the index does not confirm (an 8-byte prefix collision) is retried with
+    // A filter hit that the index does not confirm (a filter collision) is retried with
     // that id excluded; the data of the failed attempt is unreferenced and pruned later.
     for _ in 0..3 {
         match attempt(store, req, &sources, &excluded, progress)? {
@@ -128,18 +127,38 @@ fn resolve_sources(store: &Store, req: &SnapshotRequest) -> Result<SourceSpec, E
     }
 }
 
-/// The 8-byte prefixes of every stored chunk, for the writer's filter.
-pub(crate) fn known_prefixes(store: &Store) -> Result<Vec<u64>, Error> {
-    let index = store.index()?;
+/// The writer's filter of every stored chunk, less `excluded` (store-format.md, "Write
+/// ordering", step 1).
+pub(crate) fn known_filter(
+    store: &Store,
+    excluded: &HashSet<ChunkId>,
+) -> Result<KnownFilter, Error> {
+    let index = store.index_for_reading()?;
     let tx = index.begin_read()?;
     let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
-    let mut prefixes =
-        Vec::with_capacity(chunks.len().map_err(|e| index.err()(e.into()))? as usize);
+    let n = chunks.len().map_err(|e| index.err()(e.into()))? as usize;
+    let mut filter = FilterBuilder::new(n, excluded.clone());
+    // Tests make a chunk of their choice a false hit, as a prefix collision would.
+    let mut false_hit = crate::store::writer::test_knob("MEMSNAP_TEST_FALSE_HIT");
     for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
         let (k, _) = item.map_err(|e| index.err()(e.into()))?;
-        prefixes.push(ChunkId(k.value()).prefix());
+        let p = ChunkId(k.value()).prefix();
+        if let Some(x) = false_hit.filter(|&x| x <= p) {
+            filter.push(x);
+            false_hit = None;
+        }
+        if !filter.push(p) {
+            return Err(StoreError::Index {
+                path: index.path.clone(),
+                message: "its chunk table is not in key order; `memsnap repair` rebuilds it".into(),
+            }
+            .into());
+        }
     }
-    Ok(prefixes)
+    if let Some(x) = false_hit {
+        filter.push(x);
+    }
+    Ok(filter.finish())
 }
 
 enum Attempt {
@@ -157,7 +176,7 @@ fn attempt(
     let started = Instant::now();
     // Before anything is listed: a file changed after this instant is never taken as unchanged.
     let listed_at_ns = now_ns();
-    let prefixes = known_prefixes(store)?;
+    let known = known_filter(store, excluded)?;
     let (parent, cache) = {
         let index = store.index()?;
         let tx = index.begin_read()?;
@@ -212,12 +231,7 @@ fn attempt(
     progress.start("snapshot", total);
 
     let config = &store.config;
-    let mut w = ChunkWriter::new(
-        &store.fs,
-        store.packs_dir(),
-        config,
-        KnownFilter::new(prefixes, excluded.clone()),
-    );
+    let mut w = ChunkWriter::new(&store.fs, store.packs_dir(), config, known);
     w.early_commit(store.early_commit());
     let mut entries = Vec::new();
     let mut schema_versions = BTreeMap::new();
@@ -263,7 +277,8 @@ fn attempt(
         // back; the file's bytes alone do not say what is committed.
         let journal = with_suffix("-journal").exists();
         if !journal
-            && let Some(row) = detect.unchanged(&mut w, Part::Sqlite, name.as_bytes(), &stat, wal)
+            && let Some(row) =
+                detect.unchanged(&mut w, Part::Sqlite, name.as_bytes(), &stat, wal)?
         {
             if let EntryKind::Sqlite { user_version, .. } = row.entry.kind {
                 schema_versions.insert(db_stem(name).to_owned(), user_version);
@@ -440,17 +455,21 @@ impl Detect<'_> {
         path: &[u8],
         stat: &FileStat,
         wal: Option<WalStat>,
-    ) -> Option<StatRow> {
+    ) -> Result<Option<StatRow>, StoreError> {
         if stat.racy(self.listed_at_ns) || wal.is_some_and(|w| w.racy(self.listed_at_ns)) {
-            return None;
+            return Ok(None);
         }
-        let row = self.cache.unchanged(part, path, stat, wal.as_ref())?;
-        let content = row.entry.content.as_ref()?;
+        let Some(row) = self.cache.unchanged(part, path, stat, wal.as_ref()) else {
+            return Ok(None);
+        };
+        let Some(content) = row.entry.content.as_ref() else {
+            return Ok(None);
+        };
         if self.excluded.contains(&content.root) {
-            return None;
+            return Ok(None);
         }
-        w.reuse(content);
-        Some(row.clone())
+        w.reuse(content)?;
+        Ok(Some(row.clone()))
     }
 }
 
@@ -597,25 +616,12 @@ pub(crate) fn commit(
     }
     {
         let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
-        let mut missing = Vec::new();
-        // In key order: neighbouring lookups share B-tree pages (tens of thousands of siblings
-        // of changed pages on an update day).
-        let mut confirm: Vec<&ChunkId> = pending.confirm.iter().collect();
-        confirm.sort_unstable();
-        confirm.dedup();
-        for id in confirm {
-            let entry = chunks
-                .get(id.0)
-                .map_err(|e| index.err()(e.into()))?
-                .map(|g| ChunkLoc::decode(&g.value()));
-            // A node hit stands for its subtree (I3) only if the entry is a tree node.
-            let is_tree = |l: &ChunkLoc| l.flags & FLAG_TREE != 0;
-            match entry {
-                None => missing.push(*id),
-                Some(l) if pending.node_hits.contains(id) && !is_tree(&l) => missing.push(*id),
-                Some(_) => {}
-            }
-        }
+        let mut missing = pending.missing.clone();
+        missing.extend(crate::store::writer::unconfirmed(
+            &index,
+            &chunks,
+            &pending.confirm,
+        )?);
         if !missing.is_empty() {
             drop(chunks);
             tx.abort().map_err(|e| index.err()(e.into()))?;
@@ -693,7 +699,7 @@ fn store_memdir(
                 (EntryKind::Symlink { target: t.clone() }, None, [0u8; 32], 0)
             }
             memdir::ItemKind::File => {
-                if let Some(row) = detect.unchanged(w, Part::Memdir, &item.rel, &item.stat, None) {
+                if let Some(row) = detect.unchanged(w, Part::Memdir, &item.rel, &item.stat, None)? {
                     entries.push(row.entry.clone());
                     detect.rows.push(row);
                     continue;
@@ -1029,6 +1035,7 @@ mod tests {
 
     use super::*;
     use crate::ops::NoProgress;
+    use crate::store::pack::ChunkLoc;
     use crate::store::reader::PackFiles;
 
     /// Small chunks and narrow trees, so that a few KiB already make tall trees.

@@ -49,11 +49,7 @@ pub(crate) struct Index {
 }
 
 impl Index {
-    pub(crate) fn open(fs: &Fs, path: &Path, lock_path: &Path) -> Result<Self, Error> {
-        Self::open_with_cache(fs, path, lock_path, INDEX_CACHE_BYTES)
-    }
-
-    pub(crate) fn open_with_cache(
+    pub(crate) fn open(
         fs: &Fs,
         path: &Path,
         lock_path: &Path,

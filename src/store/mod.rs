@@ -175,7 +175,7 @@ impl Store {
 
     fn open_index(&self, cache: usize) -> Result<Index, Error> {
         let e = self.early_commit();
-        Index::open_with_cache(&self.fs, &e.index, &e.lock, cache)
+        Index::open(&self.fs, &e.index, &e.lock, cache)
     }
 
     /// Where a writer's early commits open the index, and its lock.

@@ -2,10 +2,11 @@
 //! rest where that pays and appends them to packs. Nothing becomes visible until the caller
 //! commits the [`Pending`] result in one index transaction (store-format.md, "Write ordering").
 //!
-//! Known chunks are recognised by an in-memory filter of 8-byte id prefixes loaded when the
-//! snapshot starts (8 bytes per stored chunk). A hit is only "probably stored": it is confirmed
-//! with an exact index lookup at commit. Tree nodes make that cheap: a confirmed node implies
-//! its whole subtree (invariant I3), so a hit subtree needs one lookup, however large.
+//! Known chunks are recognised by an in-memory filter of id prefixes loaded when the snapshot
+//! starts (~4.5 bytes per stored chunk). A hit is only "probably stored": it is confirmed
+//! with an exact index lookup, in batches during a snapshot and the rest at commit. Tree nodes
+//! make that cheap: a confirmed node implies its whole subtree (invariant I3), so a hit subtree
+//! needs one lookup, however large.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -26,6 +27,10 @@ const MAX_SYNCING: usize = 2;
 /// Durable chunks that trigger an early commit (~6 MB of entries held).
 const EARLY_COMMIT_CHUNKS: usize = 65_536;
 
+/// Filter hits that trigger an index session to confirm them (1 MiB of ids, 2 with the batch
+/// in flight): an append day of a 4 GiB agent leaves ~550k below its changed tree nodes.
+const CONFIRM_BATCH: usize = 32_768;
+
 /// Lets a long write put the entries of its durable packs in the index before its final commit
 /// (store-format.md, "Write ordering", step 2), so that what it holds in memory does not grow
 /// with the data: ~100 B per new chunk otherwise, 100 MB for a first snapshot of 4 GiB.
@@ -42,8 +47,12 @@ pub(crate) fn test_knob(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.parse().ok()
 }
 
-/// A pack sync or an early commit running on a thread of its own.
+/// A pack sync running on a thread of its own.
 type Background = std::thread::JoinHandle<Result<(), StoreError>>;
+
+/// An early commit (or a confirmation alone) running on a thread of its own: it returns the
+/// filter hits the index does not hold.
+type Session = std::thread::JoinHandle<Result<Vec<ChunkId>, StoreError>>;
 
 struct Syncing {
     handle: Background,
@@ -52,56 +61,103 @@ struct Syncing {
     chunks: HashMap<ChunkId, ChunkLoc>,
 }
 
-/// Ids the store held when the snapshot began, as sorted prefixes with a directory on their top
-/// bits: ids are uniform, so a bucket holds 2-4 prefixes and a lookup touches two or three cache
-/// lines (a plain binary search over 2 MiB of prefixes cost ~10% of a re-snapshot in cache
-/// misses).
+/// Ids the store held when the snapshot began. An id's first 64 bits are split in a bucket (its
+/// top `bits` bits, `bits` about log2(n) - 2, so that a bucket holds 4-8 ids) and the 32 bits
+/// after them, kept sorted by bucket: 4 bytes per chunk and 0.5-1 of directory (8 + 1-2 with
+/// whole prefixes). A lookup scans one bucket of 16-32 bytes, so an id the store lacks is a
+/// false hit with odds ~6 / 2^32; the commit's exact lookup catches it (a retry).
 #[derive(Default)]
 pub(crate) struct KnownFilter {
-    prefixes: Vec<u64>,
-    /// `prefixes[dir[b]..dir[b + 1]]` are those whose top `bits` bits are `b`.
+    rest: Vec<u32>,
+    /// `rest[dir[b]..dir[b + 1]]` are those of bucket `b`.
     dir: Vec<u32>,
     bits: u32,
     /// Ids that a failed confirmation proved absent despite a prefix match.
     excluded: HashSet<ChunkId>,
 }
 
-impl KnownFilter {
-    pub(crate) fn new(mut prefixes: Vec<u64>, excluded: HashSet<ChunkId>) -> Self {
-        prefixes.sort_unstable();
-        prefixes.dedup();
-        // 2-4 prefixes per bucket: a directory of 1-2 bytes per chunk (at 0.5-1 it was 4-8, 8 MiB
-        // for a 4 GiB store); at most 2^24 buckets.
-        let bits = (usize::BITS - prefixes.len().leading_zeros())
-            .saturating_sub(2)
+/// Builds a [`KnownFilter`] from prefixes in ascending order (an index walk of `chunks`), without
+/// holding them all.
+pub(crate) struct FilterBuilder {
+    filter: KnownFilter,
+    last: Option<u64>,
+}
+
+impl FilterBuilder {
+    /// For about `n` prefixes.
+    pub(crate) fn new(n: usize, excluded: HashSet<ChunkId>) -> Self {
+        let bits = (usize::BITS - n.leading_zeros())
+            .saturating_sub(3)
             .clamp(1, 24);
         let mut dir = Vec::with_capacity((1usize << bits) + 1);
-        let mut i = 0usize;
-        for b in 0..(1u64 << bits) {
-            while i < prefixes.len() && prefixes[i] >> (64 - bits) < b {
-                i += 1;
-            }
-            dir.push(i as u32);
-        }
-        dir.push(prefixes.len() as u32);
+        dir.push(0);
         Self {
-            prefixes,
-            dir,
-            bits,
-            excluded,
+            filter: KnownFilter {
+                rest: Vec::with_capacity(n),
+                dir,
+                bits,
+                excluded,
+            },
+            last: None,
         }
+    }
+
+    /// Adds the next prefix; false if it is below the last one (the input is not sorted).
+    pub(crate) fn push(&mut self, p: u64) -> bool {
+        match self.last {
+            Some(last) if p < last => return false,
+            Some(last) if p == last => return true,
+            _ => {}
+        }
+        self.last = Some(p);
+        let f = &mut self.filter;
+        let (bucket, rest) = f.split(p);
+        // Close every bucket below this one.
+        while f.dir.len() <= bucket {
+            f.dir.push(f.rest.len() as u32);
+        }
+        f.rest.push(rest);
+        true
+    }
+
+    pub(crate) fn finish(mut self) -> KnownFilter {
+        let f = &mut self.filter;
+        while f.dir.len() <= 1usize << f.bits {
+            f.dir.push(f.rest.len() as u32);
+        }
+        self.filter
+    }
+}
+
+impl KnownFilter {
+    /// From prefixes in any order (tests).
+    #[cfg(test)]
+    pub(crate) fn new(mut prefixes: Vec<u64>, excluded: HashSet<ChunkId>) -> Self {
+        prefixes.sort_unstable();
+        let mut b = FilterBuilder::new(prefixes.len(), excluded);
+        for p in prefixes {
+            b.push(p);
+        }
+        b.finish()
+    }
+
+    /// The bucket of prefix `p` and the 32 bits after it.
+    fn split(&self, p: u64) -> (usize, u32) {
+        (
+            (p >> (64 - self.bits)) as usize,
+            ((p << self.bits) >> 32) as u32,
+        )
     }
 
     fn probably_has(&self, id: &ChunkId) -> bool {
         if self.dir.is_empty() {
             return false;
         }
-        let p = id.prefix();
-        let b = (p >> (64 - self.bits)) as usize;
+        let (b, rest) = self.split(id.prefix());
         let (Some(&lo), Some(&hi)) = (self.dir.get(b), self.dir.get(b + 1)) else {
             return false;
         };
-        self.prefixes[lo as usize..hi as usize].contains(&p) && !self.excluded.contains(id)
+        self.rest[lo as usize..hi as usize].contains(&rest) && !self.excluded.contains(id)
     }
 }
 
@@ -133,8 +189,10 @@ pub(crate) struct Pending {
     pub new_chunks: HashMap<ChunkId, ChunkLoc>,
     /// (pack, size in bytes, chunk count)
     pub packs: Vec<(PackId, u64, u32)>,
-    pub confirm: Vec<ChunkId>,
-    pub node_hits: HashSet<ChunkId>,
+    /// Filter hits left to confirm at commit, in key order, each with whether it is a tree node.
+    pub confirm: Vec<(ChunkId, bool)>,
+    /// Filter hits the writer's own sessions found missing (prefix collisions).
+    pub missing: Vec<ChunkId>,
     pub stats: WriteStats,
 }
 
@@ -169,16 +227,18 @@ pub(crate) struct ChunkWriter {
     /// Packs whose entries an early commit put in the index: never deleted on drop.
     committed_packs: HashSet<PackId>,
     early_commit_chunks: usize,
+    confirm_batch: usize,
     /// The early commit in flight, the packs it names, and whether it has called redb's commit.
-    committing: Option<(Background, Vec<PackId>, Arc<AtomicBool>)>,
+    committing: Option<(Session, Vec<PackId>, Arc<AtomicBool>)>,
     /// Handed over by `finish`: the packs are the commit's (through [`Pending`]) to keep.
     finished: bool,
     dirs: BTreeSet<PathBuf>,
-    /// Filter hits that no confirmed tree node covers: looked up one by one at commit.
-    pub(crate) confirm: Vec<ChunkId>,
-    /// Tree nodes among the filter hits: at commit their index entry must be a tree node (a
-    /// data chunk with the same bytes proves nothing about a subtree).
-    pub(crate) node_hits: HashSet<ChunkId>,
+    /// Filter hits that no hit tree node covers, for the next index session to confirm (see
+    /// [`ChunkWriter::confirm_later`]), each with whether it is a tree node: its index entry must
+    /// then be one (a data chunk with the same bytes proves nothing about a subtree).
+    confirm: Vec<(ChunkId, bool)>,
+    /// Filter hits an index session found missing.
+    missing: Vec<ChunkId>,
     pub(crate) stats: WriteStats,
 }
 
@@ -293,6 +353,8 @@ impl ChunkWriter {
             pack_target: test_knob("MEMSNAP_TEST_PACK_BYTES").unwrap_or(config.pack_target_size),
             early_commit_chunks: test_knob("MEMSNAP_TEST_EARLY_COMMIT_CHUNKS")
                 .map_or(EARLY_COMMIT_CHUNKS, |n| n as usize),
+            confirm_batch: test_knob("MEMSNAP_TEST_CONFIRM_BATCH")
+                .map_or(CONFIRM_BATCH, |n| (n as usize).max(1)),
             committing: None,
             finished: false,
             known: Arc::new(known),
@@ -309,7 +371,7 @@ impl ChunkWriter {
             committed_packs: HashSet::new(),
             dirs: BTreeSet::new(),
             confirm: Vec::new(),
-            node_hits: HashSet::new(),
+            missing: Vec::new(),
             stats: WriteStats::default(),
         }
     }
@@ -394,12 +456,34 @@ impl ChunkWriter {
     }
 
     /// Registers a content stored by an earlier snapshot and reused without being read: its
-    /// root is confirmed at commit like a filter hit (a tree node must still be one, I3).
-    pub(crate) fn reuse(&mut self, content: &crate::tree::ContentRef) {
-        self.confirm.push(content.root);
-        if content.height > 0 {
-            self.node_hits.insert(content.root);
+    /// root is confirmed like a filter hit (a tree node must still be one, I3).
+    pub(crate) fn reuse(&mut self, content: &crate::tree::ContentRef) -> Result<(), StoreError> {
+        self.confirm_later([content.root], content.height > 0)
+    }
+
+    /// Filter hits to confirm with an exact lookup. With early commits (a snapshot, an import),
+    /// a batch goes to an index session of its own once it is [`CONFIRM_BATCH`] long, so that
+    /// the list does not grow with the agent. A hit confirmed early stays in the index until
+    /// the final commit: only prune and repair delete entries, and both need the store lock
+    /// exclusive, which the writer's caller holds shared (store-format.md, "Write ordering").
+    pub(crate) fn confirm_later(
+        &mut self,
+        hits: impl IntoIterator<Item = ChunkId>,
+        nodes: bool,
+    ) -> Result<(), StoreError> {
+        self.confirm.extend(hits.into_iter().map(|id| (id, nodes)));
+        if self.early.is_some() && self.confirm.len() >= self.confirm_batch {
+            self.commit_early()?;
         }
+        Ok(())
+    }
+
+    /// Takes the hits to confirm, in key order: neighbouring lookups share B-tree pages.
+    fn take_confirm(&mut self) -> Vec<(ChunkId, bool)> {
+        let mut ids = std::mem::take(&mut self.confirm);
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// Stores a tree node. One whose subtree holds no filter hit (`new_subtree`: every chunk
@@ -418,9 +502,6 @@ impl ChunkWriter {
             what: "tree node".into(),
             message: "writer returned no result".into(),
         })?;
-        if put.hit {
-            self.node_hits.insert(put.id);
-        }
         let mut early = false;
         if new_subtree && !put.hit && self.early.is_some() {
             // Handed over only while its pack is open: the pack's sync moves it to the next
@@ -513,8 +594,9 @@ impl ChunkWriter {
     }
 
     /// Puts the durable chunks' entries and their packs' records in the index (after making
-    /// the packs' folder entries durable). A chunk written twice by this snapshot (its first
-    /// copy committed early, so no longer recognised) leaves the second copy as garbage.
+    /// the packs' folder entries durable), and confirms the filter hits met so far (a read
+    /// session when there is nothing to write). A chunk written twice by this snapshot (its
+    /// first copy committed early, so no longer recognised) leaves the second copy as garbage.
     fn commit_early(&mut self) -> Result<(), StoreError> {
         let Some((index_path, lock)) = self
             .early
@@ -529,26 +611,44 @@ impl ChunkWriter {
         dirs.push(self.packs_dir.clone());
         let chunks = std::mem::take(&mut self.durable);
         let packs = std::mem::take(&mut self.durable_packs);
+        let confirm = self.take_confirm();
         let ids = packs.iter().map(|p| p.0).collect();
         let fs = self.fs.clone();
         let attempted = Arc::new(AtomicBool::new(false));
         let attempting = attempted.clone();
-        let handle = std::thread::spawn(move || -> Result<(), StoreError> {
+        let handle = std::thread::spawn(move || -> Result<Vec<ChunkId>, StoreError> {
+            let open = |cache| {
+                super::index::Index::open(&fs, &index_path, &lock, cache).map_err(|e| {
+                    StoreError::Index {
+                        path: index_path.clone(),
+                        message: e.to_string(),
+                    }
+                })
+            };
+            if chunks.is_empty() && packs.is_empty() {
+                let index = open(super::index::READ_CACHE_BYTES)?;
+                let tx = index.begin_read()?;
+                let table = tx
+                    .open_table(super::index::CHUNKS)
+                    .map_err(|e| index.err()(e.into()))?;
+                return unconfirmed(&index, &table, &confirm);
+            }
             for dir in &dirs {
                 fs.sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
             }
-            let index = super::index::Index::open(&fs, &index_path, &lock).map_err(|e| {
-                StoreError::Index {
-                    path: index_path.clone(),
-                    message: e.to_string(),
-                }
-            })?;
+            let index = open(super::index::INDEX_CACHE_BYTES)?;
             let tx = index.begin_write()?;
+            let missing = {
+                let table = tx
+                    .open_table(super::index::CHUNKS)
+                    .map_err(|e| index.err()(e.into()))?;
+                unconfirmed(&index, &table, &confirm)?
+            };
             insert_chunks(&index, &tx, chunks.iter().map(|(id, loc)| (id, loc)))?;
             insert_packs(&index, &tx, &packs)?;
             attempting.store(true, Ordering::SeqCst);
             tx.commit().map_err(|e| index.err()(e.into()))?;
-            Ok(())
+            Ok(missing)
         });
         self.committing = Some((handle, ids, attempted));
         Ok(())
@@ -565,7 +665,10 @@ impl ChunkWriter {
             self.committed_packs.extend(ids);
         }
         match result {
-            Ok(r) => r,
+            Ok(r) => {
+                self.missing.extend(r?);
+                Ok(())
+            }
             Err(panic) => std::panic::resume_unwind(panic),
         }
     }
@@ -628,6 +731,7 @@ impl ChunkWriter {
         new_chunks.extend(rest);
         new_chunks.extend(take(&mut self.durable));
         let committed = take(&mut self.committed_packs);
+        let confirm = self.take_confirm();
         self.finished = true;
         Ok(Pending {
             kept: AtomicBool::new(false),
@@ -638,8 +742,8 @@ impl ChunkWriter {
                 .into_iter()
                 .filter(|p| !committed.contains(&p.0))
                 .collect(),
-            confirm: take(&mut self.confirm),
-            node_hits: take(&mut self.node_hits),
+            confirm,
+            missing: take(&mut self.missing),
             stats: self.stats,
         })
     }
@@ -706,6 +810,27 @@ pub(crate) fn insert_chunks<'a>(
         }
     }
     Ok(())
+}
+
+/// The filter hits in `confirm` (see [`ChunkWriter::take_confirm`]) that the index does not
+/// hold: a prefix collision, or a tree node hit whose entry is not flagged as a tree node.
+pub(crate) fn unconfirmed(
+    index: &super::index::Index,
+    chunks: &impl redb::ReadableTable<[u8; 32], [u8; 33]>,
+    confirm: &[(ChunkId, bool)],
+) -> Result<Vec<ChunkId>, StoreError> {
+    let mut missing = Vec::new();
+    for (id, node) in confirm {
+        let entry = chunks
+            .get(id.0)
+            .map_err(|e| index.err()(e.into()))?
+            .map(|g| ChunkLoc::decode(&g.value()));
+        match entry {
+            Some(l) if !node || l.flags & FLAG_TREE != 0 => {}
+            _ => missing.push(*id),
+        }
+    }
+    Ok(missing)
 }
 
 /// Inserts pack records: (pack, size in bytes, chunk count).
@@ -943,6 +1068,68 @@ mod tests {
             bytes < store.config.pack_target_size,
             "{bytes} bytes in all"
         );
+    }
+
+    /// Hits are confirmed in batches while the writer goes on, so that their list stays about
+    /// a batch long; the sessions and the commit together find exactly what the index lacks,
+    /// including a node hit whose entry is a data chunk.
+    #[test]
+    fn hits_are_confirmed_in_batches_and_what_the_index_lacks_is_found() {
+        use redb::ReadableDatabase;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, mut w) = writer_in(dir.path());
+        let ids: Vec<ChunkId> = (0..100u32).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+        // In the index: 0..90 as data, 90..95 as tree nodes; 95..100 absent.
+        {
+            let index = store.index().expect("index");
+            let tx = index.begin_write().expect("tx");
+            let loc = |flags| ChunkLoc {
+                flags,
+                ..ChunkLoc::UNSET
+            };
+            let (data, tree) = (loc(0), loc(FLAG_TREE));
+            let entries = ids[..95]
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id, if i < 90 { &data } else { &tree }));
+            insert_chunks(&index, &tx, entries).expect("insert");
+            tx.commit().expect("commit");
+        }
+        w.confirm_batch = 8;
+        w.early_commit(store.early_commit());
+        for hits in ids[..90].chunks(3) {
+            w.confirm_later(hits.iter().copied(), false)
+                .expect("confirm");
+            assert!(w.confirm.len() < 8, "{}", w.confirm.len());
+        }
+        w.confirm_later(ids[90..95].iter().copied(), true)
+            .expect("nodes");
+        w.confirm_later([ids[3], ids[4]], true)
+            .expect("data claimed as nodes");
+        w.confirm_later(ids[95..].iter().copied(), false)
+            .expect("absent");
+        let pending = w.finish().expect("finish");
+        assert!(!pending.missing.is_empty(), "a session found some");
+        let index = store.index().expect("index");
+        let tx = index.db.begin_read().expect("read");
+        let table = tx.open_table(super::super::index::CHUNKS).expect("table");
+        let mut missing = pending.missing.clone();
+        missing.extend(unconfirmed(&index, &table, &pending.confirm).expect("lookups"));
+        missing.sort_unstable();
+        let mut expected = vec![ids[3], ids[4]];
+        expected.extend(&ids[95..]);
+        expected.sort_unstable();
+        assert_eq!(missing, expected);
+    }
+
+    #[test]
+    fn filter_builder_takes_sorted_prefixes_once_each() {
+        let mut b = FilterBuilder::new(3, HashSet::new());
+        assert!(b.push(5) && b.push(5) && b.push(u64::MAX));
+        assert!(!b.push(7), "out of order");
+        let f = b.finish();
+        assert_eq!(f.rest.len(), 2);
+        assert_eq!(f.dir.len(), (1 << f.bits) + 1);
     }
 
     #[test]
