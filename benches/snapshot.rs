@@ -38,6 +38,11 @@ fn du(p: &Path) -> u64 {
 
 /// Runs a command and returns (wall s, user+sys s, max RSS MiB) of that child alone.
 fn run(cmd: &mut Command) -> (f64, f64, f64) {
+    // Each step starts with nothing dirty: otherwise the writeback of the step before (the other
+    // tool's) lands in this one, and in whichever fsyncs (ext4 orders data before its journal
+    // commit). restic never fsyncs, so its own writes are written back after it returns.
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
     let t = Instant::now();
     // Reaped by wait4 below, which also gives this child's own rusage.
     #[allow(clippy::zombie_processes)]
