@@ -314,6 +314,8 @@ fn walk_at(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
     use crate::store::config::StoreConfig;
     use crate::store::writer::KnownFilter;
@@ -426,5 +428,61 @@ mod tests {
         let again = w.stats.new_chunks;
         assert_eq!(build(&b, &mut w), rb);
         assert_eq!(w.stats.new_chunks, again);
+    }
+
+    /// Each hit left to confirm says whether it is a tree node (its entry must then be one):
+    /// data hits below a changed leaf, sibling nodes of changed ones, a hit root, a reused root.
+    #[test]
+    fn hits_to_confirm_say_whether_they_are_nodes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = writer(dir.path());
+        let a = ids(5_000, 1);
+        let ra = build(&a, &mut w);
+        assert!(ra.height >= 2, "{ra:?}");
+        let pending = w.finish().expect("finish");
+        let nodes: HashSet<ChunkId> = pending.new_chunks.keys().copied().collect();
+        let known = nodes.iter().chain(&a).map(|id| id.prefix()).collect();
+        let mut w = ChunkWriter::new(
+            &crate::storage::Fs::default(),
+            dir.path().to_path_buf(),
+            &StoreConfig::new_default(0),
+            KnownFilter::new(known, HashSet::new()),
+        );
+        let build_hits = |list: &[ChunkId], w: &mut ChunkWriter| {
+            let mut t = TreeBuilder::new(16, 64);
+            for id in list {
+                let hit = a.contains(id);
+                t.push(
+                    w,
+                    Put {
+                        id: *id,
+                        len: 4096,
+                        hit,
+                    },
+                )
+                .expect("push");
+            }
+            t.finish(w).expect("finish")
+        };
+        let mut b = a.clone();
+        b[2_345] = ChunkId::of(b"changed");
+        build_hits(&b, &mut w);
+        let confirm = w.confirm_list().to_vec();
+        let flags: HashSet<bool> = confirm.iter().map(|e| e.1).collect();
+        assert_eq!(flags.len(), 2, "both data and node hits: {}", confirm.len());
+        for (id, node) in &confirm {
+            assert_eq!(*node, nodes.contains(id), "{id:?}");
+        }
+        // Unchanged: only the root is left to confirm, as a node; so is a reused root.
+        let before = w.confirm_list().len();
+        assert_eq!(build_hits(&a, &mut w), ra);
+        assert_eq!(w.confirm_list()[before..], [(ra.root, true)]);
+        w.reuse(&ra).expect("reuse");
+        let single = ContentRef { height: 0, ..ra };
+        w.reuse(&single).expect("reuse");
+        assert_eq!(
+            w.confirm_list()[before + 1..],
+            [(ra.root, true), (ra.root, false)]
+        );
     }
 }

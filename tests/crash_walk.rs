@@ -33,13 +33,18 @@ use memsnap::{
     RestoreRequest, RetentionPolicy, SnapshotRequest, SourceSpec, Storage, StoreOptions,
 };
 
-/// Small packs, so that a tiny agent writes several and their syncs interleave.
+/// Small packs, so that a tiny agent writes several and their syncs interleave, and small
+/// batches of filter hits, so that a snapshot or import over a known agent opens index
+/// sessions to confirm them while it writes.
 fn knobs() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // SAFETY: set once, before any store is opened in this process; std serialises its own
         // environment access.
-        unsafe { std::env::set_var("MEMSNAP_TEST_PACK_BYTES", "65536") };
+        unsafe {
+            std::env::set_var("MEMSNAP_TEST_PACK_BYTES", "65536");
+            std::env::set_var("MEMSNAP_TEST_CONFIRM_BATCH", "16");
+        }
     });
 }
 

@@ -164,6 +164,7 @@ fn an_import_commits_early_too_and_a_dead_one_leaves_only_garbage() {
 /// A filter hit that the index does not hold (a prefix collision, made here by a test knob) is
 /// caught whether an index session confirms it during the snapshot (batches of one hit) or the
 /// final commit does: the snapshot is redone with the chunk written, and restores byte for byte.
+/// (Sessions that go with an early commit: the writer's unit tests.)
 #[test]
 fn a_false_filter_hit_is_caught_and_the_snapshot_redone() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -135,6 +135,14 @@ pub(crate) fn known_filter(
 ) -> Result<KnownFilter, Error> {
     let index = store.index_for_reading()?;
     let tx = index.begin_read()?;
+    known_filter_in(&index, &tx, excluded)
+}
+
+fn known_filter_in(
+    index: &crate::store::index::Index,
+    tx: &redb::ReadTransaction,
+    excluded: &HashSet<ChunkId>,
+) -> Result<KnownFilter, Error> {
     let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
     let n = chunks.len().map_err(|e| index.err()(e.into()))? as usize;
     let mut filter = FilterBuilder::new(n, excluded.clone());
@@ -176,12 +184,12 @@ fn attempt(
     let started = Instant::now();
     // Before anything is listed: a file changed after this instant is never taken as unchanged.
     let listed_at_ns = now_ns();
-    let known = known_filter(store, excluded)?;
-    let (parent, cache) = {
-        let index = store.index()?;
+    let (known, parent, cache) = {
+        let index = store.index_for_reading()?;
         let tx = index.begin_read()?;
         let parent = super::latest_of(&index, &tx, &req.agent)?.map(|r| r.info.id);
-        (parent, load_file_stats(&index, &tx, &req.agent))
+        let known = known_filter_in(&index, &tx, excluded)?;
+        (known, parent, load_file_stats(&index, &tx, &req.agent))
     };
     let mut detect = Detect {
         cache,
@@ -447,7 +455,7 @@ struct Detect<'a> {
 
 impl Detect<'_> {
     /// The last snapshot's row for an unchanged file, its content registered with `w` to be
-    /// confirmed at commit (prune may have deleted it since).
+    /// confirmed like a filter hit (prune may have deleted it since).
     fn unchanged(
         &self,
         w: &mut ChunkWriter,
@@ -622,6 +630,9 @@ pub(crate) fn commit(
             &chunks,
             &pending.confirm,
         )?);
+        // A hit met in two batches is reported by each.
+        missing.sort_unstable();
+        missing.dedup();
         if !missing.is_empty() {
             drop(chunks);
             tx.abort().map_err(|e| index.err()(e.into()))?;

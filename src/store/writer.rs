@@ -228,7 +228,8 @@ pub(crate) struct ChunkWriter {
     committed_packs: HashSet<PackId>,
     early_commit_chunks: usize,
     confirm_batch: usize,
-    /// The early commit in flight, the packs it names, and whether it has called redb's commit.
+    /// The index session in flight (an early commit, or a confirmation alone), the packs it
+    /// names, and whether it has called redb's commit.
     committing: Option<(Session, Vec<PackId>, Arc<AtomicBool>)>,
     /// Handed over by `finish`: the packs are the commit's (through [`Pending`]) to keep.
     finished: bool,
@@ -478,6 +479,12 @@ impl ChunkWriter {
         Ok(())
     }
 
+    /// The hits waiting for an index session, in the order met.
+    #[cfg(test)]
+    pub(crate) fn confirm_list(&self) -> &[(ChunkId, bool)] {
+        &self.confirm
+    }
+
     /// Takes the hits to confirm, in key order: neighbouring lookups share B-tree pages.
     fn take_confirm(&mut self) -> Vec<(ChunkId, bool)> {
         let mut ids = std::mem::take(&mut self.confirm);
@@ -628,22 +635,14 @@ impl ChunkWriter {
             if chunks.is_empty() && packs.is_empty() {
                 let index = open(super::index::READ_CACHE_BYTES)?;
                 let tx = index.begin_read()?;
-                let table = tx
-                    .open_table(super::index::CHUNKS)
-                    .map_err(|e| index.err()(e.into()))?;
-                return unconfirmed(&index, &table, &confirm);
+                return unconfirmed_in(&index, tx.open_table(super::index::CHUNKS), &confirm);
             }
             for dir in &dirs {
                 fs.sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
             }
             let index = open(super::index::INDEX_CACHE_BYTES)?;
             let tx = index.begin_write()?;
-            let missing = {
-                let table = tx
-                    .open_table(super::index::CHUNKS)
-                    .map_err(|e| index.err()(e.into()))?;
-                unconfirmed(&index, &table, &confirm)?
-            };
+            let missing = unconfirmed_in(&index, tx.open_table(super::index::CHUNKS), &confirm)?;
             insert_chunks(&index, &tx, chunks.iter().map(|(id, loc)| (id, loc)))?;
             insert_packs(&index, &tx, &packs)?;
             attempting.store(true, Ordering::SeqCst);
@@ -654,8 +653,9 @@ impl ChunkWriter {
         Ok(())
     }
 
-    /// Waits for the early commit in flight. Its packs count as named by the index (never
-    /// deleted) once it has called redb's commit, whatever that returned.
+    /// Waits for the index session in flight and keeps the hits it found missing. Its packs
+    /// count as named by the index (never deleted) once it has called redb's commit, whatever
+    /// that returned.
     fn join_early(&mut self) -> Result<(), StoreError> {
         let Some((handle, ids, attempted)) = self.committing.take() else {
             return Ok(());
@@ -831,6 +831,16 @@ pub(crate) fn unconfirmed(
         }
     }
     Ok(missing)
+}
+
+/// [`unconfirmed`] in a table just opened, read-only or for writing.
+fn unconfirmed_in<T: redb::ReadableTable<[u8; 32], [u8; 33]>>(
+    index: &super::index::Index,
+    table: Result<T, redb::TableError>,
+    confirm: &[(ChunkId, bool)],
+) -> Result<Vec<ChunkId>, StoreError> {
+    let table = table.map_err(|e| index.err()(e.into()))?;
+    unconfirmed(index, &table, confirm)
 }
 
 /// Inserts pack records: (pack, size in bytes, chunk count).
@@ -1071,8 +1081,8 @@ mod tests {
     }
 
     /// Hits are confirmed in batches while the writer goes on, so that their list stays about
-    /// a batch long; the sessions and the commit together find exactly what the index lacks,
-    /// including a node hit whose entry is a data chunk.
+    /// a batch long: in read sessions, or with an early commit when durable chunks wait. The
+    /// sessions find exactly what the index lacks, including a node hit whose entry is data.
     #[test]
     fn hits_are_confirmed_in_batches_and_what_the_index_lacks_is_found() {
         use redb::ReadableDatabase;
@@ -1097,6 +1107,7 @@ mod tests {
         }
         w.confirm_batch = 8;
         w.early_commit(store.early_commit());
+        // Nine hits a batch: ten read sessions.
         for hits in ids[..90].chunks(3) {
             w.confirm_later(hits.iter().copied(), false)
                 .expect("confirm");
@@ -1104,22 +1115,43 @@ mod tests {
         }
         w.confirm_later(ids[90..95].iter().copied(), true)
             .expect("nodes");
+        // New chunks made durable: the next batch goes with their early commit.
+        w.pack_target = 1;
+        let new: Vec<Vec<u8>> = (0..4u32).map(|i| vec![i as u8; 100]).collect();
+        for c in &new {
+            let mut batch = Batch::default();
+            batch.push(c);
+            w.put_batch(batch, 0).expect("put");
+        }
+        while !w.syncing.is_empty() {
+            w.wait_oldest_sync().expect("sync");
+        }
+        assert_eq!(w.durable.len(), 4);
         w.confirm_later([ids[3], ids[4]], true)
             .expect("data claimed as nodes");
         w.confirm_later(ids[95..].iter().copied(), false)
             .expect("absent");
+        assert!(
+            w.confirm.is_empty() && w.durable.is_empty(),
+            "a session took both"
+        );
         let pending = w.finish().expect("finish");
-        assert!(!pending.missing.is_empty(), "a session found some");
-        let index = store.index().expect("index");
-        let tx = index.db.begin_read().expect("read");
-        let table = tx.open_table(super::super::index::CHUNKS).expect("table");
+        assert!(pending.confirm.is_empty());
         let mut missing = pending.missing.clone();
-        missing.extend(unconfirmed(&index, &table, &pending.confirm).expect("lookups"));
         missing.sort_unstable();
         let mut expected = vec![ids[3], ids[4]];
         expected.extend(&ids[95..]);
         expected.sort_unstable();
         assert_eq!(missing, expected);
+        let index = store.index().expect("index");
+        let tx = index.db.begin_read().expect("read");
+        let table = tx.open_table(super::super::index::CHUNKS).expect("table");
+        let committed: Vec<(ChunkId, bool)> = new.iter().map(|c| (ChunkId::of(c), false)).collect();
+        assert_eq!(
+            unconfirmed(&index, &table, &committed).expect("lookups"),
+            [],
+            "the early commit put the new chunks in the index"
+        );
     }
 
     #[test]
