@@ -321,17 +321,23 @@ mod tests {
     use crate::store::writer::KnownFilter;
 
     fn build(ids: &[ChunkId], w: &mut ChunkWriter) -> ContentRef {
+        build_hits(ids, w, |_| false)
+    }
+
+    /// A tree over `ids`, those for which `hit` holds pushed as filter hits.
+    fn build_hits(
+        ids: &[ChunkId],
+        w: &mut ChunkWriter,
+        hit: impl Fn(&ChunkId) -> bool,
+    ) -> ContentRef {
         let mut t = TreeBuilder::new(16, 64);
         for id in ids {
-            t.push(
-                w,
-                Put {
-                    id: *id,
-                    len: 4096,
-                    hit: false,
-                },
-            )
-            .expect("push");
+            let put = Put {
+                id: *id,
+                len: 4096,
+                hit: hit(id),
+            };
+            t.push(w, put).expect("push");
         }
         t.finish(w).expect("finish")
     }
@@ -343,11 +349,15 @@ mod tests {
     }
 
     fn writer(dir: &std::path::Path) -> ChunkWriter {
+        writer_knowing(dir, KnownFilter::default())
+    }
+
+    fn writer_knowing(dir: &std::path::Path, known: KnownFilter) -> ChunkWriter {
         ChunkWriter::new(
             &crate::storage::Fs::default(),
             dir.to_path_buf(),
             &StoreConfig::new_default(0),
-            KnownFilter::default(),
+            known,
         )
     }
 
@@ -442,31 +452,11 @@ mod tests {
         let pending = w.finish().expect("finish");
         let nodes: HashSet<ChunkId> = pending.new_chunks.keys().copied().collect();
         let known = nodes.iter().chain(&a).map(|id| id.prefix()).collect();
-        let mut w = ChunkWriter::new(
-            &crate::storage::Fs::default(),
-            dir.path().to_path_buf(),
-            &StoreConfig::new_default(0),
-            KnownFilter::new(known, HashSet::new()),
-        );
-        let build_hits = |list: &[ChunkId], w: &mut ChunkWriter| {
-            let mut t = TreeBuilder::new(16, 64);
-            for id in list {
-                let hit = a.contains(id);
-                t.push(
-                    w,
-                    Put {
-                        id: *id,
-                        len: 4096,
-                        hit,
-                    },
-                )
-                .expect("push");
-            }
-            t.finish(w).expect("finish")
-        };
+        let mut w = writer_knowing(dir.path(), KnownFilter::new(known, HashSet::new()));
+        let in_a: HashSet<ChunkId> = a.iter().copied().collect();
         let mut b = a.clone();
         b[2_345] = ChunkId::of(b"changed");
-        build_hits(&b, &mut w);
+        build_hits(&b, &mut w, |id| in_a.contains(id));
         let confirm = w.confirm_list().to_vec();
         let flags: HashSet<bool> = confirm.iter().map(|e| e.1).collect();
         assert_eq!(flags.len(), 2, "both data and node hits: {}", confirm.len());
@@ -475,7 +465,7 @@ mod tests {
         }
         // Unchanged: only the root is left to confirm, as a node; so is a reused root.
         let before = w.confirm_list().len();
-        assert_eq!(build_hits(&a, &mut w), ra);
+        assert_eq!(build_hits(&a, &mut w, |_| true), ra);
         assert_eq!(w.confirm_list()[before..], [(ra.root, true)]);
         w.reuse(&ra).expect("reuse");
         let single = ContentRef { height: 0, ..ra };
