@@ -164,7 +164,8 @@ fn an_import_commits_early_too_and_a_dead_one_leaves_only_garbage() {
 /// A filter hit that the index does not hold (a prefix collision, made here by a test knob) is
 /// caught whether an index session confirms it during the snapshot (batches of one hit) or the
 /// final commit does: the snapshot is redone with the chunk written, and restores byte for byte.
-/// (Sessions that go with an early commit: the writer's unit tests.)
+/// A miss a session finds before the databases are read stops the attempt there. (Sessions
+/// that go with an early commit: the writer's unit tests.)
 #[test]
 fn a_false_filter_hit_is_caught_and_the_snapshot_redone() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -173,14 +174,28 @@ fn a_false_filter_hit_is_caught_and_the_snapshot_redone() {
         &SampleSpec::with_total_bytes(6 << 20, 7),
     )
     .expect("agent");
-    for (i, batch) in ["1", "32768"].into_iter().enumerate() {
+    // (hits per session, where the false hit is, what reports it)
+    let cases = [
+        ("1", "state", "chunk prefix collision; retrying"),
+        (
+            "1",
+            "memdir",
+            "chunk prefix collision found while reading; retrying",
+        ),
+        ("32768", "state", "chunk prefix collision; retrying"),
+    ];
+    for (i, (batch, part, caught)) in cases.into_iter().enumerate() {
+        let probe_in = |a: &SampleAgent| match part {
+            "state" => a.state_dir().join("probe.json"),
+            _ => a.memdir().join("probe.json"),
+        };
         let store = tmp.path().join(format!("store{i}"));
         TestCommand::new(&store).snapshot(agent.root()).json();
         // Hits below changed tree nodes, for the sessions to confirm.
         agent.append_day(i as u64 + 1, 0.01).expect("day");
-        // A state file no store has seen, which the filter claims to know.
+        // A file no store has seen, which the filter claims to know.
         let probe = format!("{{\"probe\": {i}, \"seen\": false}}");
-        fs::write(agent.state_dir().join("probe.json"), &probe).expect("probe");
+        fs::write(probe_in(&agent), &probe).expect("probe");
         let hash = blake3::hash(probe.as_bytes());
         let prefix = u64::from_be_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
         let out = TestCommand::new(&store)
@@ -191,8 +206,8 @@ fn a_false_filter_hit_is_caught_and_the_snapshot_redone() {
             .arg("--json")
             .assert_exit_code(0);
         assert!(
-            out.stderr.contains("chunk prefix collision; retrying"),
-            "batch {batch}: the false hit was caught\n{out}"
+            out.stderr.contains(caught),
+            "batch {batch}, {part}: the false hit was caught\n{out}"
         );
         let id = str_of(&out.json(), "id").to_owned();
         TestCommand::new(&store)
@@ -200,9 +215,9 @@ fn a_false_filter_hit_is_caught_and_the_snapshot_redone() {
             .json();
         let restored = restore_to(&store, &id, &tmp.path().join(format!("restored{i}")));
         assert_eq!(
-            fs::read_to_string(restored.state_dir().join("probe.json")).expect("probe"),
+            fs::read_to_string(probe_in(&restored)).expect("probe"),
             probe
         );
-        AgentImage::capture(&agent).assert_matches(&restored, &format!("batch {batch}"));
+        AgentImage::capture(&agent).assert_matches(&restored, &format!("batch {batch}, {part}"));
     }
 }

@@ -272,6 +272,16 @@ fn attempt(
     }
 
     for (name, path) in &databases {
+        // A confirmation session found a filter hit missing: this attempt cannot commit, so it
+        // stops before reading more (the databases are most of an agent).
+        if w.found_missing() {
+            let missing = w.take_missing();
+            tracing::warn!(
+                count = missing.len(),
+                "chunk prefix collision found while reading; retrying the snapshot"
+            );
+            return Ok(Attempt::Retry(missing));
+        }
         let meta_fs = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         let stat = FileStat::of(&meta_fs);
         let with_suffix = |suffix: &str| {

@@ -479,6 +479,15 @@ impl ChunkWriter {
         Ok(())
     }
 
+    /// Whether an index session found a filter hit missing: the commit will not happen.
+    pub(crate) fn found_missing(&self) -> bool {
+        !self.missing.is_empty()
+    }
+
+    pub(crate) fn take_missing(&mut self) -> Vec<ChunkId> {
+        std::mem::take(&mut self.missing)
+    }
+
     /// The hits waiting for an index session, in the order met.
     #[cfg(test)]
     pub(crate) fn confirm_list(&self) -> &[(ChunkId, bool)] {
