@@ -67,7 +67,7 @@ fn describe(e: &StoreError) -> Fault {
 }
 
 /// A snapshot's entries, or the chunk (hex, empty if none) and fault that keep them unreadable;
-/// an I/O failure of this machine is an error, as everywhere in verify (`note_fault`).
+/// an I/O failure of this machine is an error, as everywhere in verify (`damage`).
 fn entries_or_fault(
     reader: &mut ChunkReader<'_>,
     record: &SnapshotRecord,
@@ -78,17 +78,14 @@ fn entries_or_fault(
         match data {
             Ok(d) if is_data && failed.is_none() => bytes.extend_from_slice(&d),
             Ok(_) => {}
-            Err(e @ StoreError::Io { .. }) => return Err(e),
             Err(e) => {
-                failed.get_or_insert((*id, e));
+                failed.get_or_insert((*id, damage(e)?));
             }
         }
         Ok(())
     });
-    match walked {
-        Err(e @ StoreError::Io { .. }) => return Err(e),
-        Err(e) => return Ok(Err((String::new(), describe(&e)))),
-        Ok(()) => {}
+    if let Err(e) = walked {
+        return Ok(Err((String::new(), describe(&damage(e)?))));
     }
     if let Some((id, e)) = failed {
         return Ok(Err((id.hex(), describe(&e))));
@@ -289,11 +286,9 @@ pub(crate) fn verify(
             )),
             Some(_) if read_data => match read_footer(&store.fs, &path) {
                 Ok(_) => {}
-                // As for chunks (`note_fault`): this machine's failure is no verdict.
-                Err(e @ StoreError::Io { .. }) => return Err(e.into()),
                 Err(e) => report
                     .damaged_packs
-                    .push(format!("pack {}: {e}", pack.hex())),
+                    .push(format!("pack {}: {}", pack.hex(), damage(e)?)),
             },
             Some(_) => {}
         }
@@ -379,21 +374,24 @@ pub(crate) fn verify(
     Ok(report)
 }
 
-/// Records a chunk's fault. An I/O failure of this machine (out of file descriptors, a read
-/// error) is not damage in the store: it stops verify rather than report a false verdict
-/// either way.
+/// `e` as damage in the store to report, or as the error that stops verify: an I/O failure of
+/// this machine (out of file descriptors, a read error) is not damage, and reporting it either
+/// way would be a false verdict.
+fn damage(e: StoreError) -> Result<StoreError, StoreError> {
+    match e {
+        e @ StoreError::Io { .. } => Err(e),
+        e => Ok(e),
+    }
+}
+
+/// Records a chunk's fault (see [`damage`]).
 fn note_fault(
     bad: &mut HashMap<ChunkId, Fault>,
     id: ChunkId,
     e: StoreError,
 ) -> Result<(), StoreError> {
-    match e {
-        e @ StoreError::Io { .. } => Err(e),
-        e => {
-            bad.insert(id, describe(&e));
-            Ok(())
-        }
-    }
+    bad.insert(id, describe(&damage(e)?));
+    Ok(())
 }
 
 /// Locates a part's ids (sorted, distinct), records those the index lacks, and sorts the rest
