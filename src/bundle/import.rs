@@ -988,9 +988,8 @@ fn attempt(
     progress: &dyn Progress,
 ) -> Result<Attempted, Error> {
     let known = crate::ops::snapshot::known_filter(store, excluded)?;
-    let mut w = ChunkWriter::new(&store.fs, store.packs_dir(), &store.config, known);
-    // Like a snapshot's, so that an import's memory does not grow with the bundle.
-    w.early_commit(store.early_commit());
+    // Commits early like a snapshot, so that an import's memory does not grow with the bundle.
+    let mut w = store.writer(known);
     let mut report = new_report(&req.bundle, encrypted);
     let total = fs::metadata(&req.bundle).map(|m| m.len()).unwrap_or(0);
     progress.start("import", total);

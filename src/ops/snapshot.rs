@@ -146,25 +146,15 @@ fn known_filter_in(
     let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
     let n = chunks.len().map_err(|e| index.err()(e.into()))? as usize;
     let mut filter = FilterBuilder::new(n, excluded.clone());
-    // Tests make a chunk of their choice a false hit, as a prefix collision would.
-    let mut false_hit = crate::store::writer::test_knob("MEMSNAP_TEST_FALSE_HIT");
     for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
         let (k, _) = item.map_err(|e| index.err()(e.into()))?;
-        let p = ChunkId(k.value()).prefix();
-        if let Some(x) = false_hit.filter(|&x| x <= p) {
-            filter.push(x);
-            false_hit = None;
-        }
-        if !filter.push(p) {
+        if !filter.push(ChunkId(k.value()).prefix()) {
             return Err(StoreError::Index {
                 path: index.path.clone(),
                 message: "its chunk table is not in key order; `memsnap repair` rebuilds it".into(),
             }
             .into());
         }
-    }
-    if let Some(x) = false_hit {
-        filter.push(x);
     }
     Ok(filter.finish())
 }
@@ -239,8 +229,7 @@ fn attempt(
     progress.start("snapshot", total);
 
     let config = &store.config;
-    let mut w = ChunkWriter::new(&store.fs, store.packs_dir(), config, known);
-    w.early_commit(store.early_commit());
+    let mut w = store.writer(known);
     let mut entries = Vec::new();
     let mut schema_versions = BTreeMap::new();
     let mut bytes_read = 0u64;
@@ -274,8 +263,8 @@ fn attempt(
     for (name, path) in &databases {
         // A confirmation session found a filter hit missing: this attempt cannot commit, so it
         // stops before reading more (the databases are most of an agent).
-        if w.found_missing() {
-            let missing = w.take_missing();
+        let missing = w.take_missing();
+        if !missing.is_empty() {
             tracing::warn!(
                 count = missing.len(),
                 "chunk prefix collision found while reading; retrying the snapshot"
@@ -634,15 +623,7 @@ pub(crate) fn commit(
     }
     {
         let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
-        let mut missing = pending.missing.clone();
-        missing.extend(crate::store::writer::unconfirmed(
-            &index,
-            &chunks,
-            &pending.confirm,
-        )?);
-        // A hit met in two batches is reported by each.
-        missing.sort_unstable();
-        missing.dedup();
+        let missing = pending.unconfirmed(&index, &chunks)?;
         if !missing.is_empty() {
             drop(chunks);
             tx.abort().map_err(|e| index.err()(e.into()))?;

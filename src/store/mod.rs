@@ -178,6 +178,14 @@ impl Store {
         Index::open(&self.fs, &e.index, &e.lock, cache)
     }
 
+    /// A writer into this store for a snapshot or an import: it commits early (see
+    /// [`writer::EarlyCommit`]) and so confirms its filter hits in batches.
+    pub(crate) fn writer(&self, known: writer::KnownFilter) -> writer::ChunkWriter {
+        let mut w = writer::ChunkWriter::new(&self.fs, self.packs_dir(), &self.config, known);
+        w.early_commit(self.early_commit());
+        w
+    }
+
     /// Where a writer's early commits open the index, and its lock.
     pub(crate) fn early_commit(&self) -> writer::EarlyCommit {
         writer::EarlyCommit {

@@ -125,6 +125,12 @@ impl FilterBuilder {
         while f.dir.len() <= 1usize << f.bits {
             f.dir.push(f.rest.len() as u32);
         }
+        // Tests make a chunk of their choice a false hit, as a collision would.
+        if let Some(p) = test_knob("MEMSNAP_TEST_FALSE_HIT") {
+            let (b, rest) = f.split(p);
+            f.rest.insert(f.dir[b + 1] as usize, rest);
+            f.dir[b + 1..].iter_mut().for_each(|d| *d += 1);
+        }
         self.filter
     }
 }
@@ -479,11 +485,8 @@ impl ChunkWriter {
         Ok(())
     }
 
-    /// Whether an index session found a filter hit missing: the commit will not happen.
-    pub(crate) fn found_missing(&self) -> bool {
-        !self.missing.is_empty()
-    }
-
+    /// The filter hits index sessions have found missing so far: if any, the commit will not
+    /// happen.
     pub(crate) fn take_missing(&mut self) -> Vec<ChunkId> {
         std::mem::take(&mut self.missing)
     }
@@ -767,6 +770,20 @@ impl Drop for ChunkWriter {
 }
 
 impl Pending {
+    /// The filter hits the index does not hold, those the writer's sessions found and those
+    /// left to look up in `chunks`, each once (a hit met in two batches is reported by each).
+    pub(crate) fn unconfirmed(
+        &self,
+        index: &super::index::Index,
+        chunks: &impl redb::ReadableTable<[u8; 32], [u8; 33]>,
+    ) -> Result<Vec<ChunkId>, StoreError> {
+        let mut missing = self.missing.clone();
+        missing.extend(unconfirmed(index, chunks, &self.confirm)?);
+        missing.sort_unstable();
+        missing.dedup();
+        Ok(missing)
+    }
+
     /// Called just before the index commit: the packs stay, whatever the commit returns.
     pub(crate) fn keep(&self) {
         self.kept.store(true, Ordering::SeqCst);
@@ -823,7 +840,7 @@ pub(crate) fn insert_chunks<'a>(
 
 /// The filter hits in `confirm` (see [`ChunkWriter::take_confirm`]) that the index does not
 /// hold: a prefix collision, or a tree node hit whose entry is not flagged as a tree node.
-pub(crate) fn unconfirmed(
+fn unconfirmed(
     index: &super::index::Index,
     chunks: &impl redb::ReadableTable<[u8; 32], [u8; 33]>,
     confirm: &[(ChunkId, bool)],
