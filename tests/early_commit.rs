@@ -7,7 +7,7 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use memsnap::sample::{SampleAgent, SampleSpec};
@@ -107,17 +107,7 @@ fn an_import_commits_early_too_and_a_dead_one_leaves_only_garbage() {
         &SampleSpec::with_total_bytes(6 << 20, 5),
     )
     .expect("agent");
-    let store = tmp.path().join("store");
-    let id = str_of(
-        &TestCommand::new(&store).snapshot(agent.root()).json(),
-        "id",
-    )
-    .to_owned();
-    let bundle = tmp.path().join("ana.tar.zst");
-    TestCommand::new(&store)
-        .args(["export", &id, "--out"])
-        .arg(&bundle)
-        .json();
+    let (id, bundle) = snapshot_and_export(tmp.path(), &agent);
 
     let import = |store: &Path| {
         let mut c = TestCommand::new(store);
@@ -232,17 +222,7 @@ fn a_false_filter_hit_in_an_import_is_caught_and_the_import_redone() {
     .expect("agent");
     let probe = "{\"probe\": \"import\"}";
     fs::write(agent.state_dir().join("probe.json"), probe).expect("probe");
-    let store = tmp.path().join("store");
-    let id = str_of(
-        &TestCommand::new(&store).snapshot(agent.root()).json(),
-        "id",
-    )
-    .to_owned();
-    let bundle = tmp.path().join("ana.tar.zst");
-    TestCommand::new(&store)
-        .args(["export", &id, "--out"])
-        .arg(&bundle)
-        .json();
+    let (id, bundle) = snapshot_and_export(tmp.path(), &agent);
 
     let store2 = tmp.path().join("store2");
     let out = TestCommand::new(&store2)
@@ -268,4 +248,20 @@ fn a_false_filter_hit_in_an_import_is_caught_and_the_import_redone() {
 fn false_hit(bytes: &str) -> String {
     let hash = blake3::hash(bytes.as_bytes());
     u64::from_be_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes")).to_string()
+}
+
+/// Snapshots `agent` into `dir/store` and exports it to `dir/ana.tar.zst`: (snapshot id, bundle).
+fn snapshot_and_export(dir: &Path, agent: &SampleAgent) -> (String, PathBuf) {
+    let store = dir.join("store");
+    let id = str_of(
+        &TestCommand::new(&store).snapshot(agent.root()).json(),
+        "id",
+    )
+    .to_owned();
+    let bundle = dir.join("ana.tar.zst");
+    TestCommand::new(&store)
+        .args(["export", &id, "--out"])
+        .arg(&bundle)
+        .json();
+    (id, bundle)
 }
