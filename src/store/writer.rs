@@ -628,7 +628,11 @@ impl ChunkWriter {
         self.join_early()?;
         let mut dirs: Vec<PathBuf> = self.dirs.iter().cloned().collect();
         dirs.push(self.packs_dir.clone());
-        let chunks = std::mem::take(&mut self.durable);
+        let mut chunks = std::mem::take(&mut self.durable);
+        // In key order: in hash order each insert lands on a random leaf, and once the table
+        // outgrows redb's cache most leaves are read and written many times per commit (the
+        // early commits were ~13% of a 1 GiB first snapshot's CPU, twice that at 4 GiB).
+        chunks.sort_unstable_by_key(|(id, _)| *id);
         let packs = std::mem::take(&mut self.durable_packs);
         let confirm = self.take_confirm();
         let ids = packs.iter().map(|p| p.0).collect();
@@ -810,9 +814,12 @@ impl Drop for Pending {
 
 /// Inserts new chunk entries (store-format.md, "Write ordering", step 4): another process may
 /// have committed the same chunk meanwhile; its copy is kept unless it holds the same bytes as a
-/// data chunk and ours is the tree node (I3 needs the node's entry to say so). In hash order,
-/// not sorted: sorted inserts commit faster but leave redb's leaves full, so that every chunk a
-/// later snapshot adds splits one (2x the index growth).
+/// data chunk and ours is the tree node (I3 needs the node's entry to say so). The final commit
+/// inserts in hash order: keys in rising order into an empty table take redb's append path and
+/// leave its leaves full, so that every chunk a later snapshot adds splits one (the update-day
+/// test's growth 0.047 -> 0.067 of restic's). Early commits sort theirs (`commit_early`): only
+/// the first of a new store's takes the append path, and the next snapshot's inserts pay the
+/// splits it saved (index size equal after two snapshots of a 320 MiB agent).
 pub(crate) fn insert_chunks<'a>(
     index: &super::index::Index,
     tx: &redb::WriteTransaction,
