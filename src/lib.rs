@@ -24,6 +24,7 @@ mod storage;
 mod store;
 mod time;
 mod tree;
+mod zstd_frames;
 
 pub use api::{Memsnap, Snapshotter, StoreOptions, verify_bundle};
 pub use bundle::export::{DEFAULT_LEVEL, ExportReport, ExportRequest};

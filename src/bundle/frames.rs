@@ -9,10 +9,8 @@
 
 use std::io::{self, Write};
 
-/// zstd frame magic, little endian.
-pub(crate) const MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
-/// The largest block a frame may hold (and our raw frames' size).
-const MAX_BLOCK: usize = 128 << 10;
+use crate::zstd_frames::{Block, MAGIC, MAX_BLOCK};
+
 /// Compressible bytes gathered before they are compressed as one frame.
 const GATHER: usize = 1 << 20;
 
@@ -89,26 +87,16 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
-/// Frames of raw blocks: header (magic, descriptor, content size), then one raw block each.
+/// Frames of one raw block each (of at most [`MAX_BLOCK`] bytes).
 fn raw_frames(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     for piece in bytes.chunks(MAX_BLOCK) {
-        let len = piece.len();
         let mut header = Vec::with_capacity(16);
-        header.extend_from_slice(&MAGIC);
-        // Single segment (the window is the content), content size in 1, 2 or 4 bytes.
-        if len < 256 {
-            header.push(0x20);
-            header.push(len as u8);
-        } else if len < 65536 + 256 {
-            header.push(0x60);
-            header.extend_from_slice(&((len - 256) as u16).to_le_bytes());
-        } else {
-            header.push(0xa0);
-            header.extend_from_slice(&(len as u32).to_le_bytes());
-        }
-        // Block header: last block, type raw (0), size.
-        let bh = 1u32 | ((len as u32) << 3);
-        header.extend_from_slice(&bh.to_le_bytes()[..3]);
+        crate::zstd_frames::frame_header(&mut header, piece.len() as u64);
+        header.extend_from_slice(&crate::zstd_frames::block_header(
+            Block::Raw,
+            piece.len(),
+            true,
+        ));
         out.write_all(&header)?;
         out.write_all(piece)?;
     }

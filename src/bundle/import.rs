@@ -476,7 +476,7 @@ fn sniff(bundle: &Path) -> Result<bool, BundleError> {
     let n = crate::fsutil::read_full(&mut f, &mut head).map_err(|e| BundleError::io(bundle, e))?;
     if head[..n].starts_with(AGE_MAGIC) {
         Ok(true)
-    } else if head[..n].starts_with(&super::frames::MAGIC) {
+    } else if head[..n].starts_with(&crate::zstd_frames::MAGIC) {
         Ok(false)
     } else {
         Err(BundleError::NotABundle {

@@ -908,11 +908,10 @@ const RAW_ENTROPY_BITS: f32 = 7.2;
 
 /// At or above this, a chunk is mostly random bytes around runs of zeros: a SQLite page holding
 /// one float32 embedding and its free space (sampled pages estimate ~6.3; text pages 3.5-5.7).
-/// A negative zstd level removes the zero runs at ~1.7 GB/s but skips Huffman coding of the
-/// floats, which would save ~5% more at ~6x the compression and ~7x the decompression time
-/// (benches/stages.rs, RESULTS.md).
+/// Only its zero runs are taken out ([`crate::zstd_frames::zero_runs`]), as zstd's fastest level would at
+/// several times the CPU. Huffman coding of the floats would save ~5% more at ~6x the
+/// compression and ~7x the decompression time (benches/stages.rs, RESULTS.md).
 const FAST_ENTROPY_BITS: f32 = 6.0;
-const FAST_LEVEL: i32 = -5;
 
 /// An estimate of `data`'s order-0 entropy from at most 1024 bytes sampled at an odd stride (an
 /// even one would sample a single byte lane of a float array).
@@ -961,22 +960,21 @@ fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
     if h >= RAW_ENTROPY_BITS {
         return None;
     }
-    let level = if h >= FAST_ENTROPY_BITS {
-        FAST_LEVEL
+    let c = if h >= FAST_ENTROPY_BITS {
+        crate::zstd_frames::zero_runs(data)?
     } else {
-        level
+        CCTX.with(|cell| {
+            let mut ctxs = cell.borrow_mut();
+            let i = match ctxs.iter().position(|(l, _)| *l == level) {
+                Some(i) => i,
+                None => {
+                    ctxs.push((level, zstd::bulk::Compressor::new(level).ok()?));
+                    ctxs.len() - 1
+                }
+            };
+            ctxs[i].1.compress(data).ok()
+        })?
     };
-    let c = CCTX.with(|cell| {
-        let mut ctxs = cell.borrow_mut();
-        let i = match ctxs.iter().position(|(l, _)| *l == level) {
-            Some(i) => i,
-            None => {
-                ctxs.push((level, zstd::bulk::Compressor::new(level).ok()?));
-                ctxs.len() - 1
-            }
-        };
-        ctxs[i].1.compress(data).ok()
-    })?;
     (c.len() <= data.len() - data.len() / 8).then_some(c)
 }
 
@@ -1243,7 +1241,7 @@ mod tests {
             compress(&floats, 3).is_none(),
             "random float32 vectors should skip zstd"
         );
-        // One embedding and the free space of its page: zero runs removed at the fast level.
+        // One embedding and the free space of its page: the zero run is taken out.
         let mut page = floats[..3072].to_vec();
         page.resize(4096, 0);
         let h = entropy_bits(&page);
