@@ -167,6 +167,17 @@ pub(crate) fn read_pages(
                 Ok(meta)
             }
             Err(e) if e.to_string().contains("sqlite_dbpage") => {
+                // Silent, this cost a measurement here: a build run from outside the repository
+                // (`--manifest-path`) misses .cargo/config.toml, and snapshots took 2.5x as long.
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    tracing::warn!(
+                        "this build's SQLite has no sqlite_dbpage table: databases are copied \
+                         through the backup API into the store's tmp/ first, which is slower and \
+                         needs free space; build memsnap from its folder (its .cargo/config.toml \
+                         sets LIBSQLITE3_FLAGS=-DSQLITE_ENABLE_DBPAGE_VTAB)"
+                    );
+                });
                 read_via_backup(&conn, path, tmp_dir, meta, on_page)
             }
             Err(e) => Err(err(e).into()),
