@@ -151,6 +151,25 @@ mod tests {
         assert_eq!(zero_runs(&page[..3072]), None, "no zero run");
     }
 
+    /// The bytes of a small frame, written out by hand from RFC 8878: a changed encoder shows
+    /// here before it shows in a store.
+    #[test]
+    fn a_small_frame_is_laid_out_as_the_rfc_says() {
+        let mut data = vec![1, 2, 3];
+        data.extend([0; 16]);
+        data.push(4);
+        let expected = [
+            &[0x28, 0xb5, 0x2f, 0xfd][..], // magic
+            &[0x20, 20],                   // single segment, content size 20 in one byte
+            &[3 << 3, 0, 0, 1, 2, 3],      // raw block of 3
+            &[16 << 3 | 1 << 1, 0, 0, 0],  // RLE block of 16 zeros
+            &[1 << 3 | 1, 0, 0, 4],        // last block: raw, 1 byte
+        ]
+        .concat();
+        assert_eq!(zero_runs(&data).expect("a run"), expected);
+        assert_eq!(decode(&expected, 20), data);
+    }
+
     /// Runs at the edges, runs just under and at the minimum, content sizes at each frame
     /// header width, and blocks over the maximum all decode back.
     #[test]
