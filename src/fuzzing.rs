@@ -180,7 +180,7 @@ pub fn index_seeds(store_root: &Path) -> Result<Vec<Vec<u8>>, crate::Error> {
     let chunks = tx.open_table(index::CHUNKS).map_err(|e| err(e.into()))?;
     for row in chunks.iter().map_err(|e| err(e.into()))?.take(4) {
         let (_, v) = row.map_err(|e| err(e.into()))?;
-        out.push(tagged(5, &v.value()));
+        out.push(tagged(5, v.value()));
     }
     let records = crate::ops::all_records(&ix, &tx)?;
     let mut reader = crate::store::reader::ChunkReader::new(&ix, store.packs_dir())?;

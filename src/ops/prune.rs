@@ -156,8 +156,8 @@ pub(crate) fn prune(
         let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
         for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
             let (k, v) = item.map_err(|e| index.err()(e.into()))?;
-            let id = ChunkId(k.value());
-            let loc = ChunkLoc::decode(&v.value());
+            let id = ChunkId(*k.value());
+            let loc = ChunkLoc::decode(v.value());
             if live.contains(&id) {
                 if loc.flags & FLAG_TREE != 0 && data_only.contains(&id) {
                     demote.push((id, loc));
@@ -273,11 +273,11 @@ pub(crate) fn prune(
         {
             let mut chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
             for id in &dead {
-                chunks.remove(id.0).map_err(|e| index.err()(e.into()))?;
+                chunks.remove(&id.0).map_err(|e| index.err()(e.into()))?;
             }
             for (id, loc) in &moved {
                 chunks
-                    .insert(id.0, loc.encode())
+                    .insert(&id.0, &loc.encode())
                     .map_err(|e| index.err()(e.into()))?;
             }
             for (id, loc) in &demote {
@@ -291,7 +291,7 @@ pub(crate) fn prune(
                     ..current
                 };
                 chunks
-                    .insert(id.0, data.encode())
+                    .insert(&id.0, &data.encode())
                     .map_err(|e| index.err()(e.into()))?;
             }
             let mut table = tx.open_table(PACKS).map_err(|e| index.err()(e.into()))?;
@@ -444,9 +444,9 @@ mod tests {
             let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
             let id = ChunkId::of(&node);
             let loc = chunks
-                .get(id.0)
+                .get(&id.0)
                 .map_err(|e| index.err()(e.into()))?
-                .map(|g| ChunkLoc::decode(&g.value()))
+                .map(|g| ChunkLoc::decode(g.value()))
                 .ok_or_else(|| Error::io("a", std::io::Error::other("a's chunk is gone")))?;
             assert_eq!(
                 loc.flags & FLAG_TREE,

@@ -466,7 +466,7 @@ pub(crate) fn repair(
             }
             let mut t = tx.open_table(CHUNKS).map_err(|e| err(e.into()))?;
             for (id, loc) in &chosen {
-                t.insert(id.0, loc.encode()).map_err(|e| err(e.into()))?;
+                t.insert(&id.0, &loc.encode()).map_err(|e| err(e.into()))?;
             }
             let mut t = tx.open_table(PACKS).map_err(|e| err(e.into()))?;
             for (id, rec) in &pack_records {
@@ -727,7 +727,7 @@ fn read_tables(path: &Path, old: &mut OldIndex) -> Result<(), String> {
     });
     table!(CHUNKS, "chunks", |k, v| {
         old.chunks
-            .insert(ChunkId(k.value()), ChunkLoc::decode(&v.value()));
+            .insert(ChunkId(*k.value()), ChunkLoc::decode(v.value()));
     });
     Ok(())
 }

@@ -148,7 +148,7 @@ fn known_filter_in(
     let mut filter = FilterBuilder::new(n, excluded.clone());
     for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
         let (k, _) = item.map_err(|e| index.err()(e.into()))?;
-        if !filter.push(ChunkId(k.value()).prefix()) {
+        if !filter.push(ChunkId(*k.value()).prefix()) {
             return Err(StoreError::Index {
                 path: index.path.clone(),
                 message: "its chunk table is not in key order; `memsnap repair` rebuilds it".into(),

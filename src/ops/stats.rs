@@ -173,8 +173,8 @@ pub(crate) fn stats(
         let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
         for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
             let (k, v) = item.map_err(|e| index.err()(e.into()))?;
-            let id = ChunkId(k.value());
-            let loc = ChunkLoc::decode(&v.value());
+            let id = ChunkId(*k.value());
+            let loc = ChunkLoc::decode(v.value());
             let (raw, stored) = (u64::from(loc.raw_len), u64::from(loc.stored_len));
             s.chunks += 1;
             if live.contains(&id) {

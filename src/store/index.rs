@@ -12,7 +12,9 @@ use crate::lock::{self, Holder, LockGuard, Mode};
 use crate::storage::{Fs, OpenMode, RedbBackend};
 
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-pub(crate) const CHUNKS: TableDefinition<[u8; 32], [u8; 33]> = TableDefinition::new("chunks");
+/// As references: redb decodes an owned `[u8; N]` a byte at a time into a fresh Vec (12% of an
+/// unchanged snapshot's walk of the table); `&[u8; N]` is the same type on disk, read in place.
+pub(crate) const CHUNKS: TableDefinition<&[u8; 32], &[u8; 33]> = TableDefinition::new("chunks");
 pub(crate) const PACKS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("packs");
 pub(crate) const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 pub(crate) const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");

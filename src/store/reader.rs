@@ -268,7 +268,7 @@ fn damaged(id: &ChunkId, pack: &std::path::Path, message: String) -> StoreError 
 pub(crate) struct ChunkReader<'i> {
     index: &'i Index,
     /// Opened once: opening a table per lookup was a visible share of a restore.
-    chunks: redb::ReadOnlyTable<[u8; 32], [u8; 33]>,
+    chunks: redb::ReadOnlyTable<&'static [u8; 32], &'static [u8; 33]>,
     pub(crate) packs: PackFiles,
 }
 
@@ -288,9 +288,9 @@ impl<'i> ChunkReader<'i> {
     pub(crate) fn locate(&self, id: &ChunkId) -> Result<Option<ChunkLoc>, StoreError> {
         let v = self
             .chunks
-            .get(id.0)
+            .get(&id.0)
             .map_err(|e| StoreError::index(&self.index.path, e))?;
-        Ok(v.map(|g| ChunkLoc::decode(&g.value())))
+        Ok(v.map(|g| ChunkLoc::decode(g.value())))
     }
 
     /// Chunks the index holds.
@@ -382,7 +382,7 @@ impl<'i> ChunkReader<'i> {
             // reported by the content that needs it, below.
             for item in self.chunks.iter().map_err(err)? {
                 let (k, v) = item.map_err(err)?;
-                let key = ChunkId(k.value());
+                let key = ChunkId(*k.value());
                 while i < order.len() && id_at(out, &order[i]) < key {
                     i += 1;
                 }
@@ -390,7 +390,7 @@ impl<'i> ChunkReader<'i> {
                     break;
                 }
                 if id_at(out, &order[i]) == key {
-                    i = assign(out, i, ChunkLoc::decode(&v.value()));
+                    i = assign(out, i, ChunkLoc::decode(v.value()));
                 }
             }
         } else {
@@ -430,9 +430,13 @@ impl<'i> ChunkReader<'i> {
         let between = ((u128::from(self.chunks.len().map_err(err)?) * span) >> 64) as u64;
         if chunks.len() as u64 * 8 >= between {
             let mut i = 0;
-            for item in self.chunks.range(first.0.0..=last.0.0).map_err(err)? {
+            for item in self
+                .chunks
+                .range::<&[u8; 32]>(&first.0.0..=&last.0.0)
+                .map_err(err)?
+            {
                 let (k, v) = item.map_err(err)?;
-                let key = ChunkId(k.value());
+                let key = ChunkId(*k.value());
                 while i < chunks.len() && chunks[i].0 < key {
                     i += 1;
                 }
@@ -440,7 +444,7 @@ impl<'i> ChunkReader<'i> {
                     break;
                 }
                 if chunks[i].0 == key {
-                    chunks[i].1 = ChunkLoc::decode(&v.value());
+                    chunks[i].1 = ChunkLoc::decode(v.value());
                     i += 1;
                 }
             }

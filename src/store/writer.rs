@@ -779,7 +779,7 @@ impl Pending {
     pub(crate) fn unconfirmed(
         &self,
         index: &super::index::Index,
-        chunks: &impl redb::ReadableTable<[u8; 32], [u8; 33]>,
+        chunks: &impl redb::ReadableTable<&'static [u8; 32], &'static [u8; 33]>,
     ) -> Result<Vec<ChunkId>, StoreError> {
         let mut missing = self.missing.clone();
         missing.extend(unconfirmed(index, chunks, &self.confirm)?);
@@ -830,14 +830,14 @@ pub(crate) fn insert_chunks<'a>(
         .map_err(|e| index.err()(e.into()))?;
     for (id, loc) in entries {
         let previous = chunks
-            .insert(id.0, loc.encode())
+            .insert(&id.0, &loc.encode())
             .map_err(|e| index.err()(e.into()))?
-            .map(|g| ChunkLoc::decode(&g.value()));
+            .map(|g| ChunkLoc::decode(g.value()));
         if let Some(e) = previous {
             let ours_wins = loc.flags & FLAG_TREE != 0 && e.flags & FLAG_TREE == 0;
             if !ours_wins {
                 chunks
-                    .insert(id.0, e.encode())
+                    .insert(&id.0, &e.encode())
                     .map_err(|e| index.err()(e.into()))?;
             }
         }
@@ -849,15 +849,15 @@ pub(crate) fn insert_chunks<'a>(
 /// hold: a prefix collision, or a tree node hit whose entry is not flagged as a tree node.
 fn unconfirmed(
     index: &super::index::Index,
-    chunks: &impl redb::ReadableTable<[u8; 32], [u8; 33]>,
+    chunks: &impl redb::ReadableTable<&'static [u8; 32], &'static [u8; 33]>,
     confirm: &[(ChunkId, bool)],
 ) -> Result<Vec<ChunkId>, StoreError> {
     let mut missing = Vec::new();
     for (id, node) in confirm {
         let entry = chunks
-            .get(id.0)
+            .get(&id.0)
             .map_err(|e| index.err()(e.into()))?
-            .map(|g| ChunkLoc::decode(&g.value()));
+            .map(|g| ChunkLoc::decode(g.value()));
         match entry {
             Some(l) if !node || l.flags & FLAG_TREE != 0 => {}
             _ => missing.push(*id),
@@ -867,7 +867,7 @@ fn unconfirmed(
 }
 
 /// [`unconfirmed`] in a table just opened, read-only or for writing.
-fn unconfirmed_in<T: redb::ReadableTable<[u8; 32], [u8; 33]>>(
+fn unconfirmed_in<T: redb::ReadableTable<&'static [u8; 32], &'static [u8; 33]>>(
     index: &super::index::Index,
     table: Result<T, redb::TableError>,
     confirm: &[(ChunkId, bool)],
@@ -1032,12 +1032,12 @@ mod tests {
         let mut nodes = 0;
         for item in table.iter().expect("iter") {
             let (k, v) = item.expect("entry");
-            let loc = ChunkLoc::decode(&v.value());
+            let loc = ChunkLoc::decode(v.value());
             if loc.flags & FLAG_TREE == 0 {
                 continue;
             }
             nodes += 1;
-            let id = ChunkId(k.value());
+            let id = ChunkId(*k.value());
             let bytes = reader.packs.read(&id, &loc).expect("node reads");
             let children = crate::tree::decode_node(&bytes, bytes[1]).expect("node decodes");
             for (child, _) in children {
