@@ -640,12 +640,15 @@ impl ChunkWriter {
         let attempted = Arc::new(AtomicBool::new(false));
         let attempting = attempted.clone();
         let handle = std::thread::spawn(move || -> Result<Vec<ChunkId>, StoreError> {
+            // A store error (a damaged index, with its "run repair") goes through as it is;
+            // only the lock's errors, which are not the store's, are wrapped.
             let open = |cache| {
-                super::index::Index::open(&fs, &index_path, &lock, cache).map_err(|e| {
-                    StoreError::Index {
+                super::index::Index::open(&fs, &index_path, &lock, cache).map_err(|e| match e {
+                    crate::error::Error::Store(e) => e,
+                    other => StoreError::Index {
                         path: index_path.clone(),
-                        message: e.to_string(),
-                    }
+                        message: other.to_string(),
+                    },
                 })
             };
             if chunks.is_empty() && packs.is_empty() {
@@ -1183,6 +1186,25 @@ mod tests {
             [],
             "the early commit put the new chunks in the index"
         );
+    }
+
+    /// A confirmation session that finds the index damaged says so, with the way out (repair),
+    /// rather than as a plain index error.
+    #[test]
+    fn a_session_that_finds_the_index_damaged_reports_it_as_damage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, mut w) = writer_in(dir.path());
+        w.confirm_batch = 1;
+        w.early_commit(store.early_commit());
+        let index = dir.path().join(crate::store::INDEX_FILE);
+        let len = std::fs::metadata(&index).expect("index").len() as usize;
+        let garbage: Vec<u8> = (0..len).map(|i| (i * 7919 % 251) as u8).collect();
+        std::fs::write(&index, garbage).expect("garbage");
+        w.confirm_later([ChunkId::of(b"a hit")], false)
+            .expect("the session starts");
+        let err = w.finish().err().expect("the session's error");
+        assert!(matches!(err, StoreError::IndexDamaged { .. }), "{err:?}");
+        assert!(err.to_string().contains("memsnap repair"), "{err}");
     }
 
     #[test]
