@@ -26,14 +26,20 @@ fn snapshot_with_knobs(store: &Path, agent: &Path) -> TestCommand {
     c
 }
 
-#[test]
-fn a_snapshot_with_early_commits_restores_and_a_dead_one_leaves_only_garbage() {
+/// A sample agent of about `bytes` in a new temporary folder (kept as long as the folder).
+fn agent_of(bytes: u64, seed: u64) -> (tempfile::TempDir, SampleAgent) {
     let tmp = tempfile::tempdir().expect("tmp");
     let agent = SampleAgent::create(
         &tmp.path().join("agent"),
-        &SampleSpec::with_total_bytes(6 << 20, 3),
+        &SampleSpec::with_total_bytes(bytes, seed),
     )
     .expect("agent");
+    (tmp, agent)
+}
+
+#[test]
+fn a_snapshot_with_early_commits_restores_and_a_dead_one_leaves_only_garbage() {
+    let (tmp, agent) = agent_of(6 << 20, 3);
     let store = tmp.path().join("store");
 
     // Killed before its final commit, after early commits: nothing listed, the store verifies,
@@ -101,12 +107,7 @@ fn a_snapshot_with_early_commits_restores_and_a_dead_one_leaves_only_garbage() {
 
 #[test]
 fn an_import_commits_early_too_and_a_dead_one_leaves_only_garbage() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let agent = SampleAgent::create(
-        &tmp.path().join("agent"),
-        &SampleSpec::with_total_bytes(6 << 20, 5),
-    )
-    .expect("agent");
+    let (tmp, agent) = agent_of(6 << 20, 5);
     let (id, bundle) = snapshot_and_export(tmp.path(), &agent);
 
     let import = |store: &Path| {
@@ -158,12 +159,7 @@ fn an_import_commits_early_too_and_a_dead_one_leaves_only_garbage() {
 /// that go with an early commit: the writer's unit tests.)
 #[test]
 fn a_false_filter_hit_is_caught_and_the_snapshot_redone() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let agent = SampleAgent::create(
-        &tmp.path().join("agent"),
-        &SampleSpec::with_total_bytes(6 << 20, 7),
-    )
-    .expect("agent");
+    let (tmp, agent) = agent_of(6 << 20, 7);
     // (hits per session, where the false hit is, what reports it)
     let cases = [
         ("1", "state", "chunk prefix collision; retrying"),
@@ -214,12 +210,7 @@ fn a_false_filter_hit_is_caught_and_the_snapshot_redone() {
 /// known is missing at its commit, and the import is redone with the chunk written.
 #[test]
 fn a_false_filter_hit_in_an_import_is_caught_and_the_import_redone() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let agent = SampleAgent::create(
-        &tmp.path().join("agent"),
-        &SampleSpec::with_total_bytes(2 << 20, 9),
-    )
-    .expect("agent");
+    let (tmp, agent) = agent_of(2 << 20, 9);
     let probe = "{\"probe\": \"import\"}";
     fs::write(agent.state_dir().join("probe.json"), probe).expect("probe");
     let (id, bundle) = snapshot_and_export(tmp.path(), &agent);
