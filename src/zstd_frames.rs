@@ -58,34 +58,29 @@ pub(crate) fn zero_runs(data: &[u8]) -> Option<Vec<u8>> {
     if runs.is_empty() {
         return None;
     }
-    // Alternating raw and RLE parts, without empty ones.
-    let mut parts = Vec::with_capacity(2 * runs.len() + 1);
-    let mut at = 0;
-    for &(start, end) in &runs {
-        if start > at {
-            parts.push((Block::Raw, at, start));
-        }
-        parts.push((Block::Rle, start, end));
-        at = end;
-    }
-    if at < data.len() {
-        parts.push((Block::Raw, at, data.len()));
-    }
     let zeros: usize = runs.iter().map(|r| r.1 - r.0).sum();
     let mut out = Vec::with_capacity(data.len() - zeros + 16 + 7 * runs.len());
     frame_header(&mut out, data.len() as u64);
-    let n = parts.len();
-    for (i, (kind, start, end)) in parts.into_iter().enumerate() {
-        let mut pieces = data[start..end].chunks(MAX_BLOCK).peekable();
-        while let Some(piece) = pieces.next() {
-            let last = i + 1 == n && pieces.peek().is_none();
-            out.extend_from_slice(&block_header(kind, piece.len(), last));
+    // Where the last block header starts: it gets the Last_Block bit once all are written.
+    let mut last = 0;
+    let mut put = |out: &mut Vec<u8>, kind: Block, bytes: &[u8]| {
+        for piece in bytes.chunks(MAX_BLOCK) {
+            last = out.len();
+            out.extend_from_slice(&block_header(kind, piece.len(), false));
             match kind {
                 Block::Rle => out.push(0),
                 Block::Raw => out.extend_from_slice(piece),
             }
         }
+    };
+    let mut at = 0;
+    for &(start, end) in &runs {
+        put(&mut out, Block::Raw, &data[at..start]);
+        put(&mut out, Block::Rle, &data[start..end]);
+        at = end;
     }
+    put(&mut out, Block::Raw, &data[at..]);
+    out[last] |= 1;
     Some(out)
 }
 
