@@ -169,6 +169,8 @@ struct Walk {
     after: std::cell::RefCell<BTreeSet<String>>,
     /// For a restore into the live agent: it is one of these afterwards.
     live: Option<(LiveImage, LiveImage)>,
+    /// For an export: the bundle it writes, relative to the walk's folder.
+    bundle: Option<&'static str>,
     op: Box<Op>,
 }
 
@@ -259,6 +261,30 @@ impl Walk {
         listed.into_keys().collect()
     }
 
+    /// An export's bundle is whole (it passes verify-bundle) or absent; after a failure that
+    /// was no crash, neither it nor a temporary file is left in its folder.
+    fn check_bundle(&self, root: &Path, what: &str, failed_cleanly: bool) {
+        let Some(rel) = self.bundle else { return };
+        let bundle = root.join(rel);
+        if bundle.exists() {
+            assert!(!failed_cleanly, "{what}: failed, yet the bundle is there");
+            let report = memsnap::verify_bundle(&bundle, None)
+                .unwrap_or_else(|e| panic!("{what}: verify-bundle: {e}"));
+            assert!(report.ok(), "{what}: verify-bundle: {report:?}");
+        }
+        if failed_cleanly {
+            let dir = bundle.parent().expect("a folder");
+            let left: Vec<_> = std::fs::read_dir(dir)
+                .expect("the bundle's folder")
+                .map(|e| e.expect("entry").file_name())
+                .collect();
+            assert!(
+                left.is_empty(),
+                "{what}: left in the bundle's folder: {left:?}"
+            );
+        }
+    }
+
     fn run(&self, scratch: &Path) -> Tally {
         // A clean run: how many sync points and operations there are to walk.
         let root = self.fresh(scratch, 0);
@@ -269,6 +295,14 @@ impl Walk {
         let (syncs, ops) = (fs.syncs(), fs.ops());
         drop(m);
         *self.after.borrow_mut() = self.check(&root, &format!("{}: clean run", self.name));
+        self.check_bundle(&root, &format!("{}: clean run", self.name), false);
+        if let Some(rel) = self.bundle {
+            assert!(
+                root.join(rel).exists(),
+                "{}: clean run wrote no bundle",
+                self.name
+            );
+        }
         std::fs::remove_dir_all(&root).expect("clean up");
         assert!(syncs > 0, "{}: the operation syncs nothing", self.name);
         eprintln!("{}: {syncs} sync points, {ops} operations", self.name);
@@ -299,6 +333,7 @@ impl Walk {
             );
             fs.restore_durable().expect("back to the durable state");
             self.check(&root, &what);
+            self.check_bundle(&root, &what, false);
             std::fs::remove_dir_all(&root).expect("clean up");
             tally.crashes += 1;
         }
@@ -332,14 +367,18 @@ impl Walk {
             match result {
                 Ok(()) => {
                     // Only redb's bookkeeping when a session closes (its allocator state and
-                    // header) may fail unseen: redb ignores it, and the next open repairs.
-                    // (A run may do fewer operations than the counting run, so the fault may
-                    // not have fired at all.)
+                    // header) may fail unseen: redb ignores it, and the next open repairs. So
+                    // may the removal of a finished operation's scratch folder in the store's
+                    // `tmp/`: the next one of its kind sweeps it. (A run may do fewer
+                    // operations than the counting run, so the fault may not have fired.)
+                    let scratch_removal =
+                        faulted.contains(" remove_dir_all ") && faulted.contains("/store/tmp/");
                     assert!(
-                        faulted.is_empty() || faulted.contains("index.redb"),
+                        faulted.is_empty() || faulted.contains("index.redb") || scratch_removal,
                         "{what}: the operation succeeded, the failure was swallowed"
                     );
                     self.check(&root, &what);
+                    self.check_bundle(&root, &what, false);
                 }
                 Err(e) => {
                     tally.failed += 1;
@@ -354,6 +393,7 @@ impl Walk {
                     );
                     let left = store_leftovers(&root);
                     assert!(left.is_empty(), "{what}: left behind {left:?}");
+                    self.check_bundle(&root, &what, true);
                     // A failed sync of the index after its commit record was written leaves
                     // the commit visible (and perhaps durable): the one case where a failed
                     // operation may have happened, its packs rightly kept. Anywhere else,
@@ -469,6 +509,7 @@ fn snapshot_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
         after: Default::default(),
         before: set(&["one"]),
         live: None,
+        bundle: None,
         op: Box::new(|m, root| snapshot(m, root, "two").map(|_| ())),
     };
     walk.run(&b.dir);
@@ -505,6 +546,7 @@ fn restore_in_place_survives_a_crash_at_every_sync_and_a_fault_at_every_operatio
         after: Default::default(),
         before: set(&["one"]),
         live: Some((old, new)),
+        bundle: None,
         op: Box::new(restore_one),
     };
     walk.run(&b.dir);
@@ -531,9 +573,34 @@ fn import_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
         after: Default::default(),
         before: set(&["one"]),
         live: None,
+        bundle: None,
         op: Box::new(|m, root| {
             m.import(&ImportRequest::new(root.join("two.tar.zst")))
                 .map(|_| ())
+        }),
+    };
+    walk.run(&b.dir);
+}
+
+/// Export only reads the store; what it writes is the bundle and its `.sha256`, through the
+/// same storage, so their writes, syncs and renames are walked too.
+#[test]
+fn export_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
+    let b = base();
+    let template = b.dir.join("template");
+    std::fs::create_dir(template.join("out")).expect("out");
+    let walk = Walk {
+        name: "export",
+        template,
+        images: images(&b, &["one"]),
+        must: set(&["one"]),
+        after: Default::default(),
+        before: set(&["one"]),
+        live: None,
+        bundle: Some("out/one.tar.zst"),
+        op: Box::new(|m, root| {
+            let req = ExportRequest::new("latest", root.join("out/one.tar.zst")).agent(agent_id());
+            m.export(&req).map(|_| ())
         }),
     };
     walk.run(&b.dir);
@@ -553,6 +620,7 @@ fn forget_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
         after: Default::default(),
         before: set(&["one", "two"]),
         live: None,
+        bundle: None,
         op: Box::new(|m, _| {
             m.forget(&ForgetRequest::new(RetentionPolicy::default().keep_last(1)))
                 .map(|_| ())
@@ -580,6 +648,7 @@ fn prune_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
         after: Default::default(),
         before: set(&["two"]),
         live: None,
+        bundle: None,
         op: Box::new(|m, _| {
             m.prune(&PruneRequest::default().max_unused_percent(0.0))
                 .map(|report| {

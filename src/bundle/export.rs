@@ -533,20 +533,37 @@ pub(crate) fn export(
         "export: synced"
     );
     let sibling = sibling_sha256(&req.out);
-    store
-        .fs
-        .write_atomic(&sibling, sha256.as_bytes(), 0o644)
-        .map_err(|e| Error::io(&sibling, e))?;
-    crate::failpoint::hit("export:before-rename")?;
-    store
-        .fs
-        .rename(&tmp, &req.out)
-        .map_err(|e| Error::io(&req.out, e))?;
-    scratch.tmp_bundle = None;
-    store
-        .fs
-        .sync_dir(&out_dir)
-        .map_err(|e| Error::io(&out_dir, e))?;
+    // An export that fails leaves nothing: what it made visible before the failure goes again.
+    let (mut wrote_sibling, mut renamed) = (false, false);
+    let published = (|| -> Result<(), Error> {
+        // Set first: a failed sync of the folder comes after the rename. (A `.sha256` beside no
+        // bundle, as one found here would be, is stale anyway.)
+        wrote_sibling = true;
+        store
+            .fs
+            .write_atomic(&sibling, sha256.as_bytes(), 0o644)
+            .map_err(|e| Error::io(&sibling, e))?;
+        crate::failpoint::hit("export:before-rename")?;
+        store
+            .fs
+            .rename(&tmp, &req.out)
+            .map_err(|e| Error::io(&req.out, e))?;
+        renamed = true;
+        scratch.tmp_bundle = None;
+        store
+            .fs
+            .sync_dir(&out_dir)
+            .map_err(|e| Error::io(&out_dir, e))
+    })();
+    if let Err(e) = published {
+        if renamed {
+            let _ = store.fs.remove_file(&req.out);
+        }
+        if wrote_sibling {
+            let _ = store.fs.remove_file(&sibling);
+        }
+        return Err(e);
+    }
     progress.finish();
 
     Ok(ExportReport {
