@@ -3,7 +3,7 @@
 //! which comes first, needs every artifact's SHA-256, so a first pass hashes them).
 
 use std::fs;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::frames::FrameWriter;
-use super::io::{HashWriter, StoredReader, sha256_of};
+use super::io::{HashWriter, OffThread, StoredReader, sha256_of};
 use super::manifest::{
     ArtifactMeta, BUNDLE_FORMAT, BundleGit, BundleManifest, EXT_VERSION, EncryptionMeta, EntryMeta,
     MANIFEST_ENTRY, MANIFEST_VERSION, MemsnapSection, RedactionDetail, RedactionReport,
@@ -374,7 +374,7 @@ pub(crate) fn export(
         let r = item
             .reader(&packs, true)
             .map_err(|e| Error::io(&item.meta.path_in_bundle, e))?;
-        let (sha, size) = sha256_of(r, |b| {
+        let (sha, size) = sha256_of(r, item.size, |b| {
             progress.advance(b.len() as u64);
             if let Some(s) = scanner.as_mut() {
                 s.feed(b);
@@ -392,14 +392,16 @@ pub(crate) fn export(
         item.meta.size_bytes = size;
         Ok(())
     };
-    // Large artifacts one at a time (their reads are parallel behind the hashing thread),
-    // then the many small ones in parallel.
+    // Large artifacts one at a time (their reads are parallel behind the hashing thread).
     let (large, small): (Vec<&mut Item>, Vec<&mut Item>) =
         items.iter_mut().partition(|i| i.size > LARGE);
-    for item in large {
-        hash_item(item)?;
-    }
-    small.into_par_iter().try_for_each(hash_item)?;
+    // Beside them on the pool, the many small ones: the large ones' SHA-256 is one thread's.
+    let (large, small) = rayon::join(
+        || large.into_iter().try_for_each(hash_item),
+        || small.into_par_iter().try_for_each(hash_item),
+    );
+    large?;
+    small?;
     progress.finish();
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -694,9 +696,12 @@ fn redact_one(
 }
 
 /// The byte sink under the compressor: the file, through age when encrypting.
+/// The bundle file, its SHA-256 and its write calls each on a thread of their own.
+type Output = OffThread<HashWriter<OffThread<WritebackFile>>>;
+
 enum Sink {
-    Plain(HashWriter<BufWriter<WritebackFile>>),
-    Age(age::stream::StreamWriter<HashWriter<BufWriter<WritebackFile>>>),
+    Plain(Output),
+    Age(age::stream::StreamWriter<Output>),
 }
 
 impl Write for Sink {
@@ -730,7 +735,7 @@ fn open_sink(
     file: Box<dyn StorageFile>,
     recipients: &[age::x25519::Recipient],
 ) -> io::Result<Sink> {
-    let hashed = HashWriter::new(BufWriter::with_capacity(1 << 20, WritebackFile::new(file)));
+    let hashed = OffThread::new(HashWriter::new(OffThread::new(WritebackFile::new(file))?))?;
     if recipients.is_empty() {
         return Ok(Sink::Plain(hashed));
     }
@@ -744,9 +749,8 @@ fn close_sink(sink: Sink) -> io::Result<(Box<dyn StorageFile>, String, u64)> {
         Sink::Plain(h) => h,
         Sink::Age(w) => w.finish()?,
     };
-    let (buf, sha, bytes) = hashed.finish();
-    let file = buf.into_inner().map_err(|e| e.into_error())?.into_inner();
-    Ok((file, sha, bytes))
+    let (file, sha, bytes) = hashed.finish()?.finish();
+    Ok((file.finish()?.into_inner(), sha, bytes))
 }
 
 /// A tar header (with GNU long-name records when the path needs them) for `size` bytes.

@@ -458,7 +458,7 @@ fn read_sibling(bundle: &Path) -> Result<Option<String>, BundleError> {
 
 fn file_sha256(bundle: &Path) -> Result<String, BundleError> {
     let f = fs::File::open(bundle).map_err(|e| BundleError::io(bundle, e))?;
-    sha256_of(io::BufReader::with_capacity(1 << 20, f), |_| {})
+    sha256_of(io::BufReader::with_capacity(1 << 20, f), u64::MAX, |_| {})
         .map(|(h, _)| h)
         .map_err(|e| BundleError::io(bundle, e))
 }

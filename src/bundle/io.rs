@@ -47,6 +47,114 @@ impl<W: Write> Write for HashWriter<W> {
     }
 }
 
+/// Bytes per block handed to an [`OffThread`] writer, and blocks in flight.
+const OFF_THREAD_BLOCK: usize = 1 << 20;
+const OFF_THREAD_DEPTH: usize = 2;
+
+/// A writer whose work (export: the bundle's SHA-256 and the file's write calls, a third of
+/// its CPU) runs on a thread of its own, a block at a time, beside the code producing the
+/// bytes. An error of the inner writer is returned by the next call after it happened, and at
+/// the latest by [`OffThread::finish`]; dropped unfinished, it waits for the thread.
+pub(crate) struct OffThread<W: Write + Send + 'static> {
+    block: Vec<u8>,
+    full: Option<mpsc::SyncSender<Vec<u8>>>,
+    /// Written blocks coming back, so that the steady state allocates nothing.
+    empty: mpsc::Receiver<Vec<u8>>,
+    thread: Option<std::thread::JoinHandle<io::Result<W>>>,
+}
+
+impl<W: Write + Send + 'static> OffThread<W> {
+    pub(crate) fn new(mut inner: W) -> io::Result<Self> {
+        let (full, blocks) = mpsc::sync_channel::<Vec<u8>>(OFF_THREAD_DEPTH);
+        let (give_back, empty) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("memsnap-writer".into())
+            .spawn(move || {
+                for mut b in blocks {
+                    inner.write_all(&b)?;
+                    b.clear();
+                    let _ = give_back.send(b);
+                }
+                inner.flush()?;
+                Ok(inner)
+            })?;
+        Ok(Self {
+            block: Vec::with_capacity(OFF_THREAD_BLOCK),
+            full: Some(full),
+            empty,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands the block over; a closed channel means the thread stopped on an error.
+    fn send(&mut self) -> io::Result<()> {
+        let next = self
+            .empty
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(OFF_THREAD_BLOCK));
+        let block = std::mem::replace(&mut self.block, next);
+        let sent = match &self.full {
+            Some(tx) => tx.send(block).is_ok(),
+            None => false,
+        };
+        match sent {
+            true => Ok(()),
+            false => Err(self
+                .join()
+                .err()
+                .unwrap_or_else(|| io::Error::other("the writer thread stopped before the end"))),
+        }
+    }
+
+    /// Closes the channel and waits for the thread: the inner writer, or its error.
+    fn join(&mut self) -> io::Result<W> {
+        self.full = None;
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked"))),
+            None => Err(io::Error::other("the writer failed earlier")),
+        }
+    }
+
+    /// Writes what is left and returns the inner writer once every byte reached it.
+    pub(crate) fn finish(mut self) -> io::Result<W> {
+        if !self.block.is_empty() {
+            self.send()?;
+        }
+        self.join()
+    }
+}
+
+impl<W: Write + Send + 'static> Write for OffThread<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(OFF_THREAD_BLOCK - self.block.len());
+        self.block.extend_from_slice(&buf[..n]);
+        if self.block.len() == OFF_THREAD_BLOCK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    /// Hands the partial block over without waiting for it to be written ([`finish`] waits).
+    ///
+    /// [`finish`]: OffThread::finish
+    fn flush(&mut self) -> io::Result<()> {
+        match self.block.is_empty() {
+            true => Ok(()),
+            false => self.send(),
+        }
+    }
+}
+
+impl<W: Write + Send + 'static> Drop for OffThread<W> {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.join();
+        }
+    }
+}
+
 /// SHA-256 of everything read through it. Shared state so that the hash of the raw bundle file
 /// can be taken after the decompressor and tar reader that own the reader are done.
 pub(crate) struct HashReader<R> {
@@ -301,14 +409,18 @@ pub(crate) fn stored_chunks(packs: Arc<PackFiles>, source: ChunkSource) -> ReadA
     })
 }
 
-/// SHA-256 and length of a stream, fed to `also` on the way (e.g. a secret scanner).
+/// SHA-256 and length of a stream of about `size` bytes, fed to `also` on the way (e.g. a
+/// secret scanner).
 pub(crate) fn sha256_of(
     mut r: impl Read,
+    size: u64,
     mut also: impl FnMut(&[u8]),
 ) -> io::Result<(String, u64)> {
     let mut h = Sha256::new();
-    // Small enough that thousands of small artifacts do not each zero a large buffer.
-    let mut buf = vec![0u8; 256 << 10];
+    // Sized to the stream: each of thousands of small artifacts zeroing 256 KiB was a quarter
+    // of an export's first pass.
+    let len = size.saturating_add(1).clamp(4 << 10, 256 << 10) as usize;
+    let mut buf = vec![0u8; len];
     let mut n_total = 0u64;
     loop {
         let n = match r.read(&mut buf) {
@@ -378,7 +490,7 @@ mod tests {
             proptest::prop_assert_eq!((&out, hex, n), (&data, one_shot.clone(), data.len() as u64));
 
             let mut also = Vec::new();
-            let (hex, n) = sha256_of(pieces(), |b| also.extend_from_slice(b)).expect("read");
+            let (hex, n) = sha256_of(pieces(), data.len() as u64, |b| also.extend_from_slice(b)).expect("read");
             proptest::prop_assert_eq!((hex, n), (one_shot, data.len() as u64));
             proptest::prop_assert_eq!(also, data);
         }
@@ -403,5 +515,120 @@ mod read_ahead_tests {
         let source = ChunkSource::Listed(Arc::new(vec![(ChunkId([1; 32]), loc); 3]));
         let mut ahead = read_ahead::<u8>(source, |_| panic!("reader thread dies"));
         assert!(ahead.next_batch().is_err());
+    }
+}
+
+#[cfg(test)]
+mod off_thread_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Takes `room` bytes, then fails as a full disk does; says when it is dropped.
+    struct Disk {
+        data: Vec<u8>,
+        room: usize,
+        dropped: Arc<AtomicBool>,
+        panics: bool,
+    }
+
+    impl Write for Disk {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            assert!(!self.panics, "the disk's driver panics");
+            if self.data.len() + buf.len() > self.room {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            self.data.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Drop for Disk {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn disk(room: usize) -> (Disk, Arc<AtomicBool>) {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let d = Disk {
+            data: Vec::new(),
+            room,
+            dropped: dropped.clone(),
+            panics: false,
+        };
+        (d, dropped)
+    }
+
+    /// 3.5 blocks of numbered bytes, in writes of odd sizes.
+    fn write_pattern(w: &mut impl Write) -> io::Result<Vec<u8>> {
+        let data: Vec<u8> = (0..OFF_THREAD_BLOCK * 7 / 2)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut rest = data.as_slice();
+        for n in [1usize, 4095, 300_001, 7, OFF_THREAD_BLOCK + 3]
+            .iter()
+            .cycle()
+        {
+            if rest.is_empty() {
+                break;
+            }
+            let (a, b) = rest.split_at((*n).min(rest.len()));
+            w.write_all(a)?;
+            rest = b;
+        }
+        Ok(data)
+    }
+
+    #[test]
+    fn blocks_reach_the_inner_writer_whole_and_in_order() {
+        let (d, _) = disk(usize::MAX);
+        let mut w = OffThread::new(HashWriter::new(d)).expect("thread");
+        let data = write_pattern(&mut w).expect("write");
+        w.flush().expect("flush");
+        let (d, hex, n) = w.finish().expect("finish").finish();
+        assert_eq!(n, data.len() as u64);
+        assert_eq!(hex, hex::encode(Sha256::digest(&data)));
+        assert!(d.data == data, "the bytes differ");
+    }
+
+    #[test]
+    fn the_inner_writers_error_comes_back_and_nothing_hangs() {
+        // Fails inside the second block: while the producer is still writing, or at the end.
+        let (d, dropped) = disk(OFF_THREAD_BLOCK + 10);
+        let mut w = OffThread::new(d).expect("thread");
+        let e = match write_pattern(&mut w) {
+            Err(e) => e,
+            Ok(_) => w.finish().err().expect("a full disk is an error"),
+        };
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the writer thread still runs"
+        );
+    }
+
+    #[test]
+    fn a_panic_on_the_writer_thread_is_an_error() {
+        let (mut d, _) = disk(usize::MAX);
+        d.panics = true;
+        let mut w = OffThread::new(d).expect("thread");
+        w.write_all(b"one block").expect("buffered");
+        let e = w.finish().err().expect("the thread panicked");
+        assert!(e.to_string().contains("panicked"), "{e}");
+    }
+
+    #[test]
+    fn dropped_unfinished_it_waits_for_its_thread() {
+        let (d, dropped) = disk(usize::MAX);
+        let mut w = OffThread::new(d).expect("thread");
+        write_pattern(&mut w).expect("write");
+        drop(w);
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the writer thread outlived the writer"
+        );
     }
 }
