@@ -54,7 +54,7 @@ pub use ops::verify::{Damage, VerifyReport};
 pub use ops::{ArtifactInfo, NoProgress, Progress, SnapshotDetails};
 pub use source::SourceSpec;
 pub use source::state::{FsStateProvider, StateItem, StateProvider};
-pub use storage::{OpenMode, OsStorage, Storage, StorageFile};
+pub use storage::{DIRECT_ALIGN, OpenMode, OsStorage, Storage, StorageFile};
 pub use time::format_utc;
 
 /// Milliseconds since the Unix epoch.

@@ -58,7 +58,19 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     /// A hint to start writing `len` bytes at `offset` back now, so that a later sync finds them
     /// on disk; durability still comes only from [`StorageFile::sync`].
     fn start_writeback(&self, _offset: u64, _len: u64) {}
+
+    /// Asks that later writes bypass the page cache (`O_DIRECT`); returns whether they will.
+    /// Such writes must be aligned to [`DIRECT_ALIGN`] in memory, offset and length. A write the
+    /// file system still refuses is made through the page cache instead, as are all writes of a
+    /// storage that cannot (the default).
+    fn write_direct(&self) -> bool {
+        false
+    }
 }
+
+/// Alignment of memory, offset and length that writes after [`StorageFile::write_direct`] keep:
+/// the page size, a multiple of any disk's logical block size that Linux accepts for `O_DIRECT`.
+pub const DIRECT_ALIGN: usize = 4096;
 
 /// File operations on paths. Implementations must be usable from many threads at once.
 pub trait Storage: Send + Sync + fmt::Debug {
@@ -86,14 +98,49 @@ pub trait Storage: Send + Sync + fmt::Debug {
 pub struct OsStorage;
 
 #[derive(Debug)]
-struct OsFile(fs::File);
+struct OsFile {
+    file: fs::File,
+    /// `O_DIRECT` is set on the descriptor.
+    direct: std::sync::atomic::AtomicBool,
+}
+
+impl OsFile {
+    fn new(file: fs::File) -> Self {
+        Self {
+            file,
+            direct: false.into(),
+        }
+    }
+
+    /// Sets or clears `O_DIRECT` on the open descriptor.
+    fn set_direct(&self, on: bool) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        // SAFETY: the descriptor is open for both calls, which only read and set status flags.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let flags = match on {
+                true => flags | libc::O_DIRECT,
+                false => flags & !libc::O_DIRECT,
+            };
+            if libc::fcntl(fd, libc::F_SETFL, flags) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        self.direct.store(on, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
 
 impl StorageFile for OsFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         use std::os::unix::fs::FileExt;
         let mut n = 0;
         while n < buf.len() {
-            match self.0.read_at(&mut buf[n..], offset + n as u64) {
+            match self.file.read_at(&mut buf[n..], offset + n as u64) {
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -104,19 +151,31 @@ impl StorageFile for OsFile {
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(&self.0, buf, offset)
+        use std::os::unix::fs::FileExt;
+        match self.file.write_all_at(buf, offset) {
+            // A file system that takes O_DIRECT yet not this write (stricter alignment): the
+            // page cache takes this one and the rest.
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINVAL)
+                    && self.direct.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                self.set_direct(false)?;
+                self.file.write_all_at(buf, offset)
+            }
+            r => r,
+        }
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.0.sync_all()
+        self.file.sync_all()
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {
@@ -124,12 +183,17 @@ impl StorageFile for OsFile {
         // SAFETY: the descriptor is open for the call; the flag only schedules writeback.
         unsafe {
             libc::sync_file_range(
-                self.0.as_raw_fd(),
+                self.file.as_raw_fd(),
                 offset as libc::off64_t,
                 len as libc::off64_t,
                 libc::SYNC_FILE_RANGE_WRITE,
             );
         }
+    }
+
+    fn write_direct(&self) -> bool {
+        // tmpfs and some FUSE file systems refuse the flag (EINVAL).
+        self.set_direct(true).is_ok()
     }
 }
 
@@ -150,7 +214,7 @@ impl Storage for OsStorage {
                 o.write(true).create(true).truncate(false).mode(mode);
             }
         }
-        Ok(Box::new(OsFile(o.open(path)?)))
+        Ok(Box::new(OsFile::new(o.open(path)?)))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
