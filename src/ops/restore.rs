@@ -924,20 +924,19 @@ fn write_content(
             }
         };
         let buf = std::mem::take(&mut spare);
+        let region = &batch.buf[batch.start..batch.start + lead + batch.len];
+        // A direct write waits for the disk: the hashing goes with the next read instead.
         let (written, read) = rayon::join(
-            || -> Result<Vec<u8>, Error> {
-                let region = &batch.buf[batch.start..batch.start + lead + batch.len];
+            || out.write(region).map_err(|err| Error::io(path, err)),
+            || {
                 hasher.update(&region[lead..]);
                 progress.advance(batch.len as u64);
-                out.write(region).map_err(|err| Error::io(path, err))?;
-                Ok(batch.buf)
-            },
-            || {
                 next.map(|b| read_batch(packs, &b, buf, next_lead))
                     .transpose()
             },
         );
-        spare = written?;
+        written?;
+        spare = batch.buf;
         current = read?;
     }
     out.finish().map_err(|err| Error::io(path, err))?;
