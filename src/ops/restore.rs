@@ -925,16 +925,33 @@ fn write_content(
         };
         let buf = std::mem::take(&mut spare);
         let region = &batch.buf[batch.start..batch.start + lead + batch.len];
-        // A direct write waits for the disk: the hashing goes with the next read instead.
-        let (written, read) = rayon::join(
-            || out.write(region).map_err(|err| Error::io(path, err)),
-            || {
-                hasher.update(&region[lead..]);
-                progress.advance(batch.len as u64);
-                next.map(|b| read_batch(packs, &b, buf, next_lead))
-                    .transpose()
-            },
-        );
+        let write = |out: &mut Out| out.write(region).map_err(|err| Error::io(path, err));
+        let last = next.is_none();
+        // The hashing goes with the next read, not with the write, which may wait for the disk.
+        let hash_and_read = || {
+            hasher.update(&region[lead..]);
+            progress.advance(batch.len as u64);
+            next.map(|b| read_batch(packs, &b, buf, next_lead))
+                .transpose()
+        };
+        let (written, read) = match &out {
+            // A direct write blocks its thread until the disk has the bytes: on a thread of
+            // its own, so that both of the pool's threads read, check and decompress.
+            Out::Direct { .. } if !last => std::thread::scope(|s| {
+                let w = s.spawn(|| write(&mut out));
+                let read = hash_and_read();
+                let written = w
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (written, read)
+            }),
+            _ if !last => rayon::join(|| write(&mut out), hash_and_read),
+            // The last batch (a small file's only one): nothing to overlap.
+            _ => {
+                let read = hash_and_read();
+                (write(&mut out), read)
+            }
+        };
         written?;
         spare = batch.buf;
         current = read?;
