@@ -19,6 +19,8 @@ use memsnap::{
 
 #[derive(Debug, Default)]
 struct Seen {
+    /// Fail the direct write with this number (from 1) with ENOSPC; 0: none.
+    fail_at: AtomicU64,
     direct_writes: AtomicU64,
     cut_after_direct: AtomicU64,
     misaligned: Mutex<Vec<String>>,
@@ -43,7 +45,10 @@ impl StorageFile for CheckedFile {
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         if self.direct.load(Ordering::SeqCst) {
-            self.seen.direct_writes.fetch_add(1, Ordering::SeqCst);
+            let n = self.seen.direct_writes.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == self.seen.fail_at.load(Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+            }
             let a = DIRECT_ALIGN as u64;
             let aligned = [buf.as_ptr() as u64, offset, buf.len() as u64]
                 .iter()
@@ -134,24 +139,27 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn large_files_restore_byte_for_byte_through_aligned_direct_writes() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let agent = SampleAgent::create(&tmp.path().join("agent"), &SampleSpec::tiny()).expect("agent");
-    // Over two restore batches (8 MiB), ending mid-block; one just over the direct minimum with
-    // whole blocks only; one under it (cached).
-    let files = [
-        ("attachments/big.bin", (17 << 20) + 4097 + 123),
-        ("attachments/whole.bin", (1 << 20) + 8 * 4096),
-        ("attachments/small.bin", (1 << 20) - 1),
-    ];
+/// Over two restore batches (8 MiB), ending mid-block; one just over the direct minimum with
+/// whole blocks only; one under it (cached).
+const FILES: [(&str, usize); 3] = [
+    ("attachments/big.bin", (17 << 20) + 4097 + 123),
+    ("attachments/whole.bin", (1 << 20) + 8 * 4096),
+    ("attachments/small.bin", (1 << 20) - 1),
+];
+
+/// A tiny agent with [`FILES`] in its memdir, snapshotted into a store on a [`Checking`]
+/// storage; then a restore of that snapshot into `restored/`.
+fn restore_through(
+    tmp: &Path,
+    seen: &Arc<Seen>,
+) -> (SampleAgent, std::path::PathBuf, memsnap::Result<()>) {
+    let agent = SampleAgent::create(&tmp.join("agent"), &SampleSpec::tiny()).expect("agent");
     std::fs::create_dir_all(agent.memdir().join("attachments")).expect("folder");
-    for (i, (name, len)) in files.iter().enumerate() {
+    for (i, (name, len)) in FILES.iter().enumerate() {
         std::fs::write(agent.memdir().join(name), noise(*len, i as u64 + 7)).expect("write");
     }
-    let seen = Arc::new(Seen::default());
     let m = Memsnap::create(
-        tmp.path().join("store"),
+        tmp.join("store"),
         StoreOptions::default().storage(Arc::new(Checking { seen: seen.clone() })),
     )
     .expect("store");
@@ -159,9 +167,19 @@ fn large_files_restore_byte_for_byte_through_aligned_direct_writes() {
     let snap = m
         .snapshot(&SnapshotRequest::new(id.clone()).sources(SourceSpec::from_root(agent.root())))
         .expect("snapshot");
-    let target = tmp.path().join("restored");
-    m.restore(&RestoreRequest::new(&snap.id).agent(id).target(&target))
-        .expect("restore");
+    let target = tmp.join("restored");
+    let result = m
+        .restore(&RestoreRequest::new(&snap.id).agent(id).target(&target))
+        .map(|_| ());
+    (agent, target, result)
+}
+
+#[test]
+fn large_files_restore_byte_for_byte_through_aligned_direct_writes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let seen = Arc::new(Seen::default());
+    let (agent, target, result) = restore_through(tmp.path(), &seen);
+    result.expect("restore");
 
     let misaligned = seen.misaligned.lock().expect("lock").clone();
     assert!(
@@ -178,11 +196,50 @@ fn large_files_restore_byte_for_byte_through_aligned_direct_writes() {
         &tree(&target.join("memdir"), false),
         "the restored memdir",
     );
-    for (name, _) in files {
+    for (name, _) in FILES {
         assert!(
             std::fs::read(agent.memdir().join(name)).expect("original")
                 == std::fs::read(target.join("memdir").join(name)).expect("restored"),
             "{name} differs"
         );
     }
+}
+
+/// A direct write that fails (here the second of big.bin, written while the next batch is
+/// read) fails the restore with the path and the cause, and leaves nothing in the target, so
+/// that the retry is accepted.
+#[test]
+fn a_failed_direct_write_fails_the_restore_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let seen = Arc::new(Seen::default());
+    seen.fail_at.store(2, Ordering::SeqCst);
+    let (_, target, result) = restore_through(tmp.path(), &seen);
+    let msg = result.expect_err("the disk is full").to_string();
+    assert!(
+        msg.contains("No space left on device") && msg.contains("big.bin"),
+        "{msg}"
+    );
+    let left: Vec<_> = match std::fs::read_dir(&target) {
+        Ok(d) => d.map(|e| e.expect("entry").path()).collect(),
+        Err(_) => Vec::new(),
+    };
+    assert!(left.is_empty(), "left in the target: {left:?}");
+
+    // So the same restore, retried once the disk has room, is accepted and completes.
+    seen.fail_at.store(0, Ordering::SeqCst);
+    let m = Memsnap::open(
+        tmp.path().join("store"),
+        StoreOptions::default().storage(Arc::new(Checking { seen: seen.clone() })),
+    )
+    .expect("store");
+    let snap = m.list(None, None).expect("list").remove(0);
+    let id = AgentId::new(TENANT, AGENT).expect("id");
+    m.restore(&RestoreRequest::new(&snap.id).agent(id).target(&target))
+        .expect("the retry");
+    let (name, _) = FILES[0];
+    assert!(
+        std::fs::read(tmp.path().join("agent/memdir").join(name)).expect("original")
+            == std::fs::read(target.join("memdir").join(name)).expect("restored"),
+        "{name} differs"
+    );
 }

@@ -485,6 +485,11 @@ pub(crate) fn restore(
             // Nothing live was touched: undo the staging now rather than on the next command;
             // if that fails, the journal stays so that the next command retries.
             if cleanup(&store.fs, &journal).is_ok() {
+                // A --target folder is left as empty as it was found, so that a retry is
+                // accepted: staging created its sqlite/ (removed only if empty).
+                if req.target.is_some() {
+                    let _ = store.fs.remove_dir(&journal.sqlite_dir);
+                }
                 let _ = remove_journal(store, &agent);
             }
             return Err(e);
