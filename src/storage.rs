@@ -473,6 +473,24 @@ mod tests {
         }
     }
 
+    /// A write `O_DIRECT` refuses (misaligned) goes through the page cache instead. On a file
+    /// system without `O_DIRECT` (tmpfs) every write does, and this checks only that.
+    #[test]
+    fn a_misaligned_write_after_write_direct_still_lands() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("f");
+        let f = OsStorage
+            .open(&path, OpenMode::CreateNew { mode: 0o600 })
+            .expect("open");
+        let direct = f.write_direct();
+        f.write_all_at(b"not a block", 1)
+            .expect("a misaligned write");
+        let mut back = vec![0u8; 12];
+        f.read_exact_at(&mut back, 0).expect("read");
+        assert_eq!(&back, b"\0not a block");
+        eprintln!("direct writes on this file system: {direct}");
+    }
+
     #[test]
     fn an_index_error_after_a_failed_write_names_the_first_cause() {
         use redb::StorageBackend;

@@ -878,7 +878,9 @@ fn aligned(buf: &mut Vec<u8>, len: usize) -> usize {
     if buf.len() < want {
         buf.resize(want, 0);
     }
-    buf.as_ptr().align_offset(DIRECT_ALIGN)
+    // By hand: `align_offset` may answer "never" (usize::MAX).
+    let at = buf.as_ptr() as usize;
+    at.next_multiple_of(DIRECT_ALIGN) - at
 }
 
 fn write_content(
