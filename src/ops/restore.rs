@@ -831,14 +831,6 @@ enum Out {
 }
 
 impl Out {
-    /// Bytes of earlier batches that the next one must start with.
-    fn carry_len(&self) -> usize {
-        match self {
-            Out::Cached(_) => 0,
-            Out::Direct { carry, .. } => carry.len(),
-        }
-    }
-
     /// Writes `region` (which starts with the carried bytes, at an aligned address when direct).
     fn write(&mut self, region: &[u8]) -> std::io::Result<()> {
         match self {
@@ -921,13 +913,13 @@ fn write_content(
     let mut spare = Vec::new();
     while let Some(mut batch) = current.take() {
         let next = stream.next_batch(READ_BATCH_BYTES)?;
-        // The tail this batch leaves unwritten is known before it is written.
-        let lead = out.carry_len();
-        let next_lead = match &out {
-            Out::Cached(_) => 0,
+        // The batch starts with the tail the last one left unwritten; the tail it leaves is
+        // known before it is written.
+        let (lead, next_lead) = match &out {
+            Out::Cached(_) => (0, 0),
             Out::Direct { carry, .. } => {
-                batch.buf[batch.start..batch.start + lead].copy_from_slice(carry);
-                (lead + batch.len) % DIRECT_ALIGN
+                batch.buf[batch.start..batch.start + carry.len()].copy_from_slice(carry);
+                (carry.len(), (carry.len() + batch.len) % DIRECT_ALIGN)
             }
         };
         let buf = std::mem::take(&mut spare);
@@ -941,10 +933,15 @@ fn write_content(
             next.map(|b| read_batch(packs, &b, buf, next_lead))
                 .transpose()
         };
-        let (written, read) = match &out {
-            // A direct write blocks its thread until the disk has the bytes: on a thread of
-            // its own, so that both of the pool's threads read, check and decompress.
-            Out::Direct { .. } if !last => std::thread::scope(|s| {
+        let (written, read) = match last {
+            // The last batch (a small file's only one): nothing to overlap.
+            true => {
+                let read = hash_and_read();
+                (write(&mut out), read)
+            }
+            // The write on a thread of its own: a direct one blocks until the disk has the
+            // bytes, and both of the pool's threads read, check and decompress meanwhile.
+            false => std::thread::scope(|s| {
                 let w = s.spawn(|| write(&mut out));
                 let read = hash_and_read();
                 let written = w
@@ -952,12 +949,6 @@ fn write_content(
                     .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
                 (written, read)
             }),
-            _ if !last => rayon::join(|| write(&mut out), hash_and_read),
-            // The last batch (a small file's only one): nothing to overlap.
-            _ => {
-                let read = hash_and_read();
-                (write(&mut out), read)
-            }
         };
         written?;
         spare = batch.buf;
