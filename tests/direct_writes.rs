@@ -21,6 +21,8 @@ use memsnap::{
 struct Seen {
     /// Fail the direct write with this number (from 1) with ENOSPC; 0: none.
     fail_at: AtomicU64,
+    /// Answer no to `write_direct`, as tmpfs does.
+    refuse: AtomicBool,
     direct_writes: AtomicU64,
     cut_after_direct: AtomicU64,
     misaligned: Mutex<Vec<String>>,
@@ -83,9 +85,12 @@ impl StorageFile for CheckedFile {
         self.inner.start_writeback(offset, len)
     }
 
-    /// Yes, whatever the file system says: the OS file writes through the page cache when it
+    /// Yes (unless told to refuse), whatever the file system says: the OS file writes through the page cache when it
     /// cannot write direct, with the same aligned writes.
     fn write_direct(&self) -> bool {
+        if self.seen.refuse.load(Ordering::SeqCst) {
+            return false;
+        }
         let _ = self.inner.write_direct();
         self.direct.store(true, Ordering::SeqCst);
         true
@@ -174,6 +179,17 @@ fn restore_through(
     (agent, target, result)
 }
 
+/// Each of [`FILES`] in the restored `target` is the original's bytes.
+fn assert_restored(memdir: &Path, target: &Path) {
+    for (name, _) in FILES {
+        assert!(
+            std::fs::read(memdir.join(name)).expect("original")
+                == std::fs::read(target.join("memdir").join(name)).expect("restored"),
+            "{name} differs"
+        );
+    }
+}
+
 #[test]
 fn large_files_restore_byte_for_byte_through_aligned_direct_writes() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -196,13 +212,20 @@ fn large_files_restore_byte_for_byte_through_aligned_direct_writes() {
         &tree(&target.join("memdir"), false),
         "the restored memdir",
     );
-    for (name, _) in FILES {
-        assert!(
-            std::fs::read(agent.memdir().join(name)).expect("original")
-                == std::fs::read(target.join("memdir").join(name)).expect("restored"),
-            "{name} differs"
-        );
-    }
+    assert_restored(&agent.memdir(), &target);
+}
+
+/// Where the storage refuses direct writes, the same files go through the page cache, the
+/// write of each batch still beside the read of the next.
+#[test]
+fn large_files_restore_byte_for_byte_through_the_page_cache_too() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let seen = Arc::new(Seen::default());
+    seen.refuse.store(true, Ordering::SeqCst);
+    let (agent, target, result) = restore_through(tmp.path(), &seen);
+    result.expect("restore");
+    assert_eq!(seen.direct_writes.load(Ordering::SeqCst), 0);
+    assert_restored(&agent.memdir(), &target);
 }
 
 /// A direct write that fails (here the second of big.bin, written while the next batch is
@@ -236,10 +259,5 @@ fn a_failed_direct_write_fails_the_restore_and_leaves_nothing() {
     let id = AgentId::new(TENANT, AGENT).expect("id");
     m.restore(&RestoreRequest::new(&snap.id).agent(id).target(&target))
         .expect("the retry");
-    let (name, _) = FILES[0];
-    assert!(
-        std::fs::read(tmp.path().join("agent/memdir").join(name)).expect("original")
-            == std::fs::read(target.join("memdir").join(name)).expect("restored"),
-        "{name} differs"
-    );
+    assert_restored(&tmp.path().join("agent/memdir"), &target);
 }
