@@ -695,10 +695,10 @@ fn redact_one(
     })
 }
 
-/// The byte sink under the compressor: the file, through age when encrypting.
 /// The bundle file, its SHA-256 and its write calls each on a thread of their own.
 type Output = OffThread<HashWriter<OffThread<WritebackFile>>>;
 
+/// The byte sink under the compressor: the file, through age when encrypting.
 enum Sink {
     Plain(Output),
     Age(age::stream::StreamWriter<Output>),
