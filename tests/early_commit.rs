@@ -105,6 +105,58 @@ fn a_snapshot_with_early_commits_restores_and_a_dead_one_leaves_only_garbage() {
     );
 }
 
+/// An update day's tree nodes over unchanged pages wait for the final commit; past a limit (2
+/// here, 4,096 by default) they wait in a scratch file under `tmp/`. A snapshot killed with
+/// nodes spilled leaves its folder, which the next snapshot sweeps; one that spills restores
+/// byte for byte and leaves `tmp/` empty.
+#[test]
+fn an_update_day_spills_its_tree_nodes_and_restores() {
+    let (tmp, agent) = agent_of(6 << 20, 9);
+    let store = tmp.path().join("store");
+    snapshot_with_knobs(&store, agent.root()).json();
+    agent.update_day(11, 0.02).expect("update day");
+    let scratch = || -> Vec<String> {
+        fs::read_dir(store.join("tmp"))
+            .expect("tmp")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+
+    snapshot_with_knobs(&store, agent.root())
+        .env("MEMSNAP_TEST_NODES_IN_MEMORY", "2")
+        .env("MEMSNAP_FAILPOINT", "snapshot:before-pack-sync")
+        .assert_crashed();
+    let left = scratch();
+    assert!(
+        left.len() == 1 && left[0].starts_with("nodes-"),
+        "the killed snapshot spilled: {left:?}"
+    );
+
+    // One that does not spill sweeps it.
+    snapshot_with_knobs(&store, agent.root()).json();
+    assert_eq!(scratch(), Vec::<String>::new(), "swept");
+
+    agent.update_day(12, 0.02).expect("update day");
+    let snap = snapshot_with_knobs(&store, agent.root())
+        .env("MEMSNAP_TEST_NODES_IN_MEMORY", "2")
+        .json();
+    assert_eq!(scratch(), Vec::<String>::new(), "its own folder removed");
+    TestCommand::new(&store)
+        .args(["verify", "--read-data"])
+        .json();
+    let target = tmp.path().join("restored");
+    restore_to(&store, str_of(&snap, "id"), &target);
+    for db in databases(&agent) {
+        let name = db.file_name().expect("name");
+        assert_eq!(
+            fs::read(&db).expect("live"),
+            fs::read(target.join("sqlite").join(name)).expect("restored"),
+            "{}",
+            db.display()
+        );
+    }
+}
+
 #[test]
 fn an_import_commits_early_too_and_a_dead_one_leaves_only_garbage() {
     let (tmp, agent) = agent_of(6 << 20, 5);

@@ -186,11 +186,12 @@ impl Store {
         w
     }
 
-    /// Where a writer's early commits open the index, and its lock.
+    /// Where a writer's early commits open the index, its lock, and where it spills.
     pub(crate) fn early_commit(&self) -> writer::EarlyCommit {
         writer::EarlyCommit {
             index: self.root.join(INDEX_FILE),
             lock: self.root.join("locks").join("index.lock"),
+            tmp: self.tmp_dir(),
         }
     }
 

@@ -75,6 +75,9 @@ impl ChunkLoc {
         flags: 0,
     };
 
+    /// The length of [`ChunkLoc::encode`]'s output.
+    pub(crate) const ENCODED: usize = 33;
+
     pub(crate) fn encode(&self) -> [u8; 33] {
         let mut b = [0u8; 33];
         b[..16].copy_from_slice(&self.pack.0);

@@ -31,6 +31,10 @@ const EARLY_COMMIT_CHUNKS: usize = 65_536;
 /// in flight): an append day of a 4 GiB agent leaves ~550k below its changed tree nodes.
 const CONFIRM_BATCH: usize = 32_768;
 
+/// Tree nodes left to the final commit that a writer with early commits keeps in memory
+/// (~0.5 MB of map); past this they go to a scratch file (see [`NodeSpill`]).
+const NODES_IN_MEMORY: usize = 4_096;
+
 /// Lets a long write put the entries of its durable packs in the index before its final commit
 /// (store-format.md, "Write ordering", step 2), so that what it holds in memory does not grow
 /// with the data: ~100 B per new chunk otherwise, 100 MB for a first snapshot of 4 GiB.
@@ -39,6 +43,67 @@ const CONFIRM_BATCH: usize = 32_768;
 pub(crate) struct EarlyCommit {
     pub index: PathBuf,
     pub lock: PathBuf,
+    /// The store's scratch folder, for [`NodeSpill`].
+    pub tmp: PathBuf,
+}
+
+/// Tree nodes left to the final commit, moved out of memory: an update day of a 4 GiB agent
+/// writes ~36k nodes over filter hits, whose map raised its peak RSS by ~3 MB (71 -> 68 MB
+/// spilled). Entries are `id [32] | ChunkLoc::encode [33]`; the file is scratch
+/// (`tmp/nodes-<pid>-<hex>/`), read back by [`ChunkWriter::finish`]. A node spilled is no
+/// longer recognised as written: met again, it is written again (garbage, I5).
+struct NodeSpill {
+    dir: crate::fsutil::ScratchDir,
+    file: std::io::BufWriter<std::fs::File>,
+    count: usize,
+}
+
+impl NodeSpill {
+    const PREFIX: &'static str = "nodes";
+    const FILE: &'static str = "nodes";
+
+    fn create(fs: &Fs, tmp: &std::path::Path) -> Result<Self, StoreError> {
+        let dir = crate::fsutil::ScratchDir::create(fs, tmp, Self::PREFIX)
+            .map_err(|e| StoreError::io(tmp, e))?;
+        let path = dir.path.join(Self::FILE);
+        let file = std::fs::File::create(&path).map_err(|e| StoreError::io(&path, e))?;
+        Ok(Self {
+            dir,
+            file: std::io::BufWriter::with_capacity(64 << 10, file),
+            count: 0,
+        })
+    }
+
+    fn write(&mut self, nodes: &HashMap<ChunkId, ChunkLoc>) -> Result<(), StoreError> {
+        use std::io::Write;
+        for (id, loc) in nodes {
+            self.file
+                .write_all(&id.0)
+                .and_then(|()| self.file.write_all(&loc.encode()))
+                .map_err(|e| StoreError::io(self.dir.path.join(Self::FILE), e))?;
+        }
+        self.count += nodes.len();
+        Ok(())
+    }
+
+    /// Every entry written, into `into`; the scratch folder goes when `self` is dropped.
+    fn read_into(self, into: &mut HashMap<ChunkId, ChunkLoc>) -> Result<(), StoreError> {
+        use std::io::Read;
+        let path = self.dir.path.join(Self::FILE);
+        let err = |e| StoreError::io(&path, e);
+        drop(self.file.into_inner().map_err(|e| err(e.into_error()))?);
+        let file = std::fs::File::open(&path).map_err(err)?;
+        let mut r = std::io::BufReader::with_capacity(64 << 10, file);
+        into.reserve(self.count);
+        let (mut id, mut loc) = ([0u8; 32], [0u8; ChunkLoc::ENCODED]);
+        for _ in 0..self.count {
+            r.read_exact(&mut id)
+                .and_then(|()| r.read_exact(&mut loc))
+                .map_err(err)?;
+            into.insert(ChunkId(id), ChunkLoc::decode(&loc));
+        }
+        Ok(())
+    }
 }
 
 /// A number from the environment that tests use to reach, with little data, what only large
@@ -219,8 +284,10 @@ pub(crate) struct ChunkWriter {
     /// without early commits.
     new_chunks: HashMap<ChunkId, ChunkLoc>,
     /// Tree nodes that vouch for filter hits: they wait for the final commit. Apart from the
-    /// rest, whose maps then stay the size of the pipeline.
+    /// rest, whose maps then stay the size of the pipeline; with early commits, at most
+    /// [`NODES_IN_MEMORY`], the rest in `spill`.
     new_nodes: HashMap<ChunkId, ChunkLoc>,
+    spill: Option<NodeSpill>,
     pack: Option<PackWriter>,
     done: Vec<(PackId, u64, u32)>,
     /// Sealed packs being made durable on threads of their own, oldest first, with their chunks.
@@ -234,6 +301,7 @@ pub(crate) struct ChunkWriter {
     committed_packs: HashSet<PackId>,
     early_commit_chunks: usize,
     confirm_batch: usize,
+    nodes_in_memory: usize,
     /// The index session in flight (an early commit, or a confirmation alone), the packs it
     /// names, and whether it has called redb's commit.
     committing: Option<(Session, Vec<PackId>, Arc<AtomicBool>)>,
@@ -362,6 +430,8 @@ impl ChunkWriter {
                 .map_or(EARLY_COMMIT_CHUNKS, |n| n as usize),
             confirm_batch: test_knob("MEMSNAP_TEST_CONFIRM_BATCH")
                 .map_or(CONFIRM_BATCH, |n| (n as usize).max(1)),
+            nodes_in_memory: test_knob("MEMSNAP_TEST_NODES_IN_MEMORY")
+                .map_or(NODES_IN_MEMORY, |n| (n as usize).max(1)),
             committing: None,
             finished: false,
             known: Arc::new(known),
@@ -369,6 +439,7 @@ impl ChunkWriter {
             last_appended: None,
             new_chunks: HashMap::new(),
             new_nodes: HashMap::new(),
+            spill: None,
             pack: None,
             done: Vec::new(),
             syncing: std::collections::VecDeque::new(),
@@ -533,6 +604,9 @@ impl ChunkWriter {
             }
             early = self.in_flight(&put.id);
         }
+        if self.new_nodes.len() >= self.nodes_in_memory {
+            self.spill_nodes()?;
+        }
         Ok((put, early))
     }
 
@@ -552,6 +626,7 @@ impl ChunkWriter {
             return Ok(());
         };
         let loc = pack.append(id, raw_len, flags, stored)?;
+        let full = pack.full(self.pack_target);
         self.last_appended = Some(id);
         self.stats.new_chunks += 1;
         self.stats.new_raw_bytes += raw_len as u64;
@@ -560,9 +635,24 @@ impl ChunkWriter {
             0 => self.open_chunks.insert(id, loc),
             _ => self.new_nodes.insert(id, loc),
         };
-        if pack.full(self.pack_target) {
+        if full {
             self.close_pack()?;
         }
+        Ok(())
+    }
+
+    /// Moves the tree nodes in `new_nodes` to the spill file, with early commits (a snapshot,
+    /// an import): only those bound memory. The map keeps its capacity for the next ones.
+    fn spill_nodes(&mut self) -> Result<(), StoreError> {
+        let Some(early) = &self.early else {
+            return Ok(());
+        };
+        let spill = match &mut self.spill {
+            Some(s) => s,
+            None => self.spill.insert(NodeSpill::create(&self.fs, &early.tmp)?),
+        };
+        spill.write(&self.new_nodes)?;
+        self.new_nodes.clear();
         Ok(())
     }
 
@@ -694,6 +784,8 @@ impl ChunkWriter {
 
     /// Enables early commits into the index at `index` (a snapshot: see [`EarlyCommit`]).
     pub(crate) fn early_commit(&mut self, early: EarlyCommit) {
+        // What a killed writer spilled; a live one's folder stays.
+        crate::fsutil::sweep_scratch(&self.fs, &early.tmp, NodeSpill::PREFIX);
         self.early = Some(early);
     }
 
@@ -749,6 +841,9 @@ impl ChunkWriter {
         };
         new_chunks.extend(rest);
         new_chunks.extend(take(&mut self.durable));
+        if let Some(spill) = self.spill.take() {
+            spill.read_into(&mut new_chunks)?;
+        }
         let committed = take(&mut self.committed_packs);
         let confirm = self.take_confirm();
         self.finished = true;
@@ -1053,6 +1148,83 @@ mod tests {
             }
         }
         assert!(nodes > 50, "nodes over new chunks went early: {nodes}");
+    }
+
+    /// Tree nodes over filter hits, spilled past the limit, all reach the final commit with
+    /// their places, and the spill's scratch folder is gone after `finish`.
+    #[test]
+    fn spilled_nodes_reach_the_commit_and_their_scratch_goes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::for_test(dir.path());
+        let pages: Vec<Vec<u8>> = (0..3000u32)
+            .map(|i| ChunkId::of(&i.to_le_bytes()).0.repeat(4))
+            .collect();
+        // Every fifth page "stored before": a hit, so that nodes over it wait.
+        let prefix = |p: &[u8]| ChunkId::of(p).prefix();
+        let known = || {
+            KnownFilter::new(
+                pages.iter().step_by(5).map(|p| prefix(p)).collect(),
+                HashSet::new(),
+            )
+        };
+        let nodes_of = |limit: usize| {
+            let mut w = ChunkWriter::new(&store.fs, store.packs_dir(), &store.config, known());
+            w.early_commit(store.early_commit());
+            w.nodes_in_memory = limit;
+            let mut t = crate::tree::TreeBuilder::new(4, 16);
+            for page in &pages {
+                let mut batch = Batch::default();
+                batch.push(page);
+                for put in w.put_batch(batch, 0).expect("put") {
+                    t.push(&mut w, put).expect("push");
+                }
+            }
+            t.finish(&mut w).expect("tree");
+            let spilled = std::fs::read_dir(store.tmp_dir())
+                .expect("tmp")
+                .filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("nodes-"))
+                })
+                .count();
+            let pending = w.finish().expect("finish");
+            let left = std::fs::read_dir(store.tmp_dir()).expect("tmp").count();
+            // Each at its place (read before `pending`, uncommitted, deletes its packs).
+            let packs = crate::store::reader::PackFiles::new(&store.fs, store.packs_dir());
+            let mut nodes: Vec<ChunkId> = Vec::new();
+            for (id, loc) in &pending.new_chunks {
+                if loc.flags & FLAG_TREE != 0 {
+                    let bytes = packs.read(id, loc).expect("node reads");
+                    assert_eq!(ChunkId::of(&bytes), *id);
+                    nodes.push(*id);
+                }
+            }
+            nodes.sort_unstable();
+            (nodes, spilled, left)
+        };
+        let (kept, spilled, _) = nodes_of(usize::MAX);
+        assert_eq!(spilled, 0);
+        assert!(kept.len() > 100, "nodes waiting: {}", kept.len());
+        let (from_spill, spilled, left) = nodes_of(8);
+        assert_eq!(spilled, 1, "one scratch folder while writing");
+        assert_eq!(left, 0, "and none after finish");
+        assert_eq!(from_spill, kept, "the same nodes");
+    }
+
+    /// A spill that cannot be written fails the write with the path named, and the writer's
+    /// packs go with it.
+    #[test]
+    fn a_spill_that_cannot_be_created_names_its_folder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, mut w) = writer_in(dir.path());
+        let mut early = store.early_commit();
+        early.tmp = dir.path().join("not-a-folder");
+        std::fs::write(&early.tmp, b"a file").expect("file");
+        w.early_commit(early);
+        w.nodes_in_memory = 1;
+        w.new_nodes.insert(ChunkId::of(b"node"), ChunkLoc::UNSET);
+        let e = w.spill_nodes().expect_err("no folder");
+        assert!(e.to_string().contains("not-a-folder"), "{e}");
     }
 
     /// A chunk met again is stored once, whether its pack is open, syncing or durable.
