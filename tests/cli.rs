@@ -563,7 +563,7 @@ fn damaged_pack_byte_is_found_by_verify_read_data_and_blocks_restore() {
     let clean = f.cmd().args(["verify", "--read-data"]).json();
     assert_eq!(clean["ok"], Value::Bool(true), "{clean:#}");
 
-    corrupt_largest_pack(&f.store);
+    let pack = corrupt_largest_pack(&f.store);
 
     // Without --read-data only the chunks' places are checked.
     let out = f.cmd().args(["verify", "--json"]).run();
@@ -605,6 +605,12 @@ fn damaged_pack_byte_is_found_by_verify_read_data_and_blocks_restore() {
     let live = tree(f.agent.root(), false);
     let out = f.cmd().args(["restore", &id]).assert_exit_code(1);
     assert!(out.stderr.contains("is damaged"), "{out}");
+    // Restore checks a content's hash, not each chunk's; a mismatch is traced to its chunk.
+    let name = pack.file_stem().expect("name").to_string_lossy();
+    assert!(
+        out.stderr.contains(&*name),
+        "the damaged pack is named\n{out}"
+    );
     assert_same_tree(
         &live,
         &tree(f.agent.root(), false),

@@ -21,6 +21,11 @@ pub(crate) const MAX_CHUNK: u32 = 16 * 1024 * 1024;
 
 const MAX_OPEN_PACKS: usize = 128;
 
+/// The most stored bytes [`PackFiles::read_into`] reads with one call, and the most bytes
+/// between two chunks it reads over (a content's tree nodes lie between its data chunks).
+const RUN_BYTES: u64 = 1 << 20;
+const RUN_GAP: u64 = 8 << 10;
+
 /// Open pack files, shared by reader threads.
 pub(crate) struct PackFiles {
     fs: Fs,
@@ -89,44 +94,137 @@ impl PackFiles {
         check_sizes(id, loc, &path)?;
         let file = self.chunk_file(id, loc)?;
         let mut stored = vec![0u8; loc.stored_len as usize];
-        read_at(file.as_ref(), &mut stored, id, loc, &path)?;
+        read_at(
+            file.as_ref(),
+            &mut stored,
+            &[(*id, *loc)],
+            loc.offset,
+            &path,
+        )?;
         Ok(stored)
     }
 
-    /// Reads, decompresses and checks one chunk into `out`, which must be `loc.raw_len` long:
-    /// no allocation for a raw chunk, one reused buffer per thread for a compressed one.
+    /// Reads, decompresses and (with `verify`) checks `chunks` into `out`, their raw bytes back
+    /// to back. Chunks that lie back to back in one pack (a content written in one go) are read
+    /// with one call: a restore read every 4 KiB page with a `pread` of its own (327k calls for
+    /// a 1 GiB agent). No allocation for raw chunks; one reused buffer per thread otherwise.
     pub(crate) fn read_into(
         &self,
-        id: &ChunkId,
-        loc: &ChunkLoc,
+        chunks: &[(ChunkId, ChunkLoc)],
+        out: &mut [u8],
+        verify: bool,
+    ) -> Result<(), StoreError> {
+        let total: u64 = chunks.iter().map(|(_, l)| u64::from(l.raw_len)).sum();
+        if total != out.len() as u64 {
+            let (id, loc) = chunks
+                .first()
+                .copied()
+                .unwrap_or((ChunkId([0; 32]), ChunkLoc::UNSET));
+            return Err(damaged(
+                &id,
+                &self.path(&loc.pack),
+                "buffer of the wrong size".into(),
+            ));
+        }
+        let mut rest = out;
+        let mut i = 0;
+        while i < chunks.len() {
+            let (first, loc) = &chunks[i];
+            check_sizes(first, loc, &|| self.path(&loc.pack))?;
+            let mut end = loc.offset + u64::from(loc.stored_len);
+            let mut j = i + 1;
+            while let Some((id, next)) = chunks.get(j)
+                && next.pack == loc.pack
+                && (end..=end + RUN_GAP).contains(&next.offset)
+                && end - loc.offset < RUN_BYTES
+            {
+                check_sizes(id, next, &|| self.path(&next.pack))?;
+                end = next.offset + u64::from(next.stored_len);
+                j += 1;
+            }
+            let run = &chunks[i..j];
+            let raw: usize = run.iter().map(|(_, l)| l.raw_len as usize).sum();
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(raw);
+            rest = tail;
+            self.read_run(run, (loc.offset, end), dst)?;
+            if verify {
+                let mut at = 0;
+                for (id, loc) in run {
+                    let slot = &dst[at..at + loc.raw_len as usize];
+                    at += slot.len();
+                    if ChunkId::of(slot) != *id {
+                        return Err(damaged(
+                            id,
+                            &self.path(&loc.pack),
+                            "content does not match its hash".into(),
+                        ));
+                    }
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Reads the chunks of `run`, stored in this order in one pack within `span`, into `out`,
+    /// their raw bytes back to back: straight into `out` when all are raw and nothing lies
+    /// between them, else through a buffer.
+    fn read_run(
+        &self,
+        run: &[(ChunkId, ChunkLoc)],
+        span: (u64, u64),
         out: &mut [u8],
     ) -> Result<(), StoreError> {
         thread_local! {
             static SCRATCH: std::cell::RefCell<(Vec<u8>, Option<zstd::bulk::Decompressor<'static>>)> =
                 const { std::cell::RefCell::new((Vec::new(), None)) };
         }
+        let Some((first, loc)) = run.first() else {
+            return Ok(());
+        };
         // Named only on an error: formatting it per chunk was ~1.5% of a restore.
         let path = || self.path(&loc.pack);
-        check_sizes(id, loc, &path)?;
-        if out.len() != loc.raw_len as usize {
-            return Err(damaged(id, &path(), "buffer of the wrong size".into()));
-        }
-        let file = self.chunk_file(id, loc)?;
-        if loc.flags & FLAG_ZSTD == 0 {
-            if loc.stored_len != loc.raw_len {
-                return Err(damaged(
-                    id,
-                    &path(),
-                    format!("{} bytes, the index says {}", loc.stored_len, loc.raw_len),
-                ));
+        let file = self.chunk_file(first, loc)?;
+        let stored_len = (span.1 - span.0) as usize;
+        let packed = run
+            .iter()
+            .map(|(_, l)| l.stored_len as usize)
+            .sum::<usize>()
+            == stored_len;
+        if packed && run.iter().all(|(_, l)| l.flags & FLAG_ZSTD == 0) {
+            for (id, l) in run {
+                if l.stored_len != l.raw_len {
+                    return Err(damaged(
+                        id,
+                        &path(),
+                        format!("{} bytes, the index says {}", l.stored_len, l.raw_len),
+                    ));
+                }
             }
-            read_at(file.as_ref(), out, id, loc, &path)?;
-        } else {
-            SCRATCH.with(|cell| -> Result<(), StoreError> {
-                let mut guard = cell.borrow_mut();
-                let (stored, dctx) = &mut *guard;
-                stored.resize(loc.stored_len as usize, 0);
-                read_at(file.as_ref(), stored, id, loc, &path)?;
+            return read_at(file.as_ref(), out, run, span.0, &path);
+        }
+        SCRATCH.with(|cell| -> Result<(), StoreError> {
+            let mut guard = cell.borrow_mut();
+            let (stored, dctx) = &mut *guard;
+            stored.resize(stored_len, 0);
+            read_at(file.as_ref(), stored, run, span.0, &path)?;
+            let mut slots = out;
+            for (id, l) in run {
+                let (slot, tail) = std::mem::take(&mut slots).split_at_mut(l.raw_len as usize);
+                slots = tail;
+                let at = (l.offset - span.0) as usize;
+                let bytes = &stored[at..at + l.stored_len as usize];
+                if l.flags & FLAG_ZSTD == 0 {
+                    if l.stored_len != l.raw_len {
+                        return Err(damaged(
+                            id,
+                            &path(),
+                            format!("{} bytes, the index says {}", l.stored_len, l.raw_len),
+                        ));
+                    }
+                    slot.copy_from_slice(bytes);
+                    continue;
+                }
                 if dctx.is_none() {
                     *dctx = Some(
                         zstd::bulk::Decompressor::new().map_err(|e| StoreError::io(path(), e))?,
@@ -136,26 +234,18 @@ impl PackFiles {
                     return Err(damaged(id, &path(), "no decompressor".into()));
                 };
                 let n = d
-                    .decompress_to_buffer(stored.as_slice(), out)
+                    .decompress_to_buffer(bytes, slot)
                     .map_err(|e| damaged(id, &path(), format!("cannot decompress: {e}")))?;
-                if n != loc.raw_len as usize {
+                if n != l.raw_len as usize {
                     return Err(damaged(
                         id,
                         &path(),
-                        format!("{n} bytes, the index says {}", loc.raw_len),
+                        format!("{n} bytes, the index says {}", l.raw_len),
                     ));
                 }
-                Ok(())
-            })?;
-        }
-        if ChunkId::of(out) != *id {
-            return Err(damaged(
-                id,
-                &path(),
-                "content does not match its hash".into(),
-            ));
-        }
-        Ok(())
+            }
+            Ok(())
+        })
     }
 
     /// Like [`PackFiles::read`]; without `verify` the BLAKE3 check is skipped (for a second
@@ -221,22 +311,34 @@ impl PackFiles {
 }
 
 /// A chunk's stored bytes at their place in its pack; a pack too short for them is damaged.
+/// Reads the stored bytes of `chunks` (in pack order) from `offset` on; a pack that ends
+/// early is blamed on the first of them that reaches past its end.
 fn read_at(
     file: &dyn StorageFile,
     buf: &mut [u8],
-    id: &ChunkId,
-    loc: &ChunkLoc,
+    chunks: &[(ChunkId, ChunkLoc)],
+    offset: u64,
     path: &dyn Fn() -> PathBuf,
 ) -> Result<(), StoreError> {
-    file.read_exact_at(buf, loc.offset).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            damaged(
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() != std::io::ErrorKind::UnexpectedEof {
+            return StoreError::io(path(), e);
+        }
+        let len = match file.len() {
+            Ok(len) => len,
+            Err(e) => return StoreError::io(path(), e),
+        };
+        let short = chunks
+            .iter()
+            .find(|(_, l)| l.offset + u64::from(l.stored_len) > len)
+            .or(chunks.first());
+        match short {
+            Some((id, _)) => damaged(
                 id,
                 &path(),
                 "the pack is shorter than the index says (truncated)".into(),
-            )
-        } else {
-            StoreError::io(path(), e)
+            ),
+            None => StoreError::io(path(), e),
         }
     })
 }
@@ -485,5 +587,166 @@ impl<'i> ChunkReader<'i> {
                 Ok((id, loc))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::writer::{Batch, ChunkWriter, KnownFilter};
+
+    /// 4 KiB pages, random (stored raw) or mostly zeros (stored as zstd frames), written as one
+    /// content: its tree nodes lie in the pack between the data chunks. Returns the pages and
+    /// their chunks in content order; the store keeps the packs (the writer's `Pending` is
+    /// kept from deleting them).
+    fn content(
+        store: &crate::store::Store,
+    ) -> (
+        Vec<Vec<u8>>,
+        Vec<(ChunkId, ChunkLoc)>,
+        super::super::writer::Pending,
+    ) {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let pages: Vec<Vec<u8>> = (0..600u32)
+            .map(|i| match i % 3 {
+                0 => {
+                    let mut p = vec![0u8; 4096];
+                    p[..4].copy_from_slice(&i.to_le_bytes());
+                    p
+                }
+                _ => (0..512).flat_map(|_| random().to_le_bytes()).collect(),
+            })
+            .collect();
+        let mut w = ChunkWriter::new(
+            &store.fs,
+            store.packs_dir(),
+            &store.config,
+            KnownFilter::default(),
+        );
+        let mut t = crate::tree::TreeBuilder::new(4, 16);
+        for page in &pages {
+            let mut batch = Batch::default();
+            batch.push(page);
+            for put in w.put_batch(batch, 0).expect("put") {
+                t.push(&mut w, put).expect("push");
+            }
+        }
+        t.finish(&mut w).expect("tree");
+        let pending = w.finish().expect("finish");
+        pending.keep();
+        let chunks = pages
+            .iter()
+            .map(|p| {
+                let id = ChunkId::of(p);
+                (id, pending.new_chunks[&id])
+            })
+            .collect();
+        (pages, chunks, pending)
+    }
+
+    #[test]
+    fn chunks_read_in_runs_are_the_pages_whatever_lies_between_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::for_test(dir.path());
+        let (pages, chunks, _pending) = content(&store);
+        let flags: std::collections::HashSet<u8> = chunks.iter().map(|(_, l)| l.flags).collect();
+        assert_eq!(flags.len(), 2, "raw and zstd chunks: {flags:?}");
+        let gaps = chunks
+            .windows(2)
+            .filter(|w| w[1].1.offset != w[0].1.offset + u64::from(w[0].1.stored_len))
+            .count();
+        assert!(gaps > 20, "tree nodes between data chunks: {gaps}");
+        let packs = PackFiles::new(&store.fs, store.packs_dir());
+        let expected = pages.concat();
+        for verify in [true, false] {
+            let mut out = vec![0u8; expected.len()];
+            packs.read_into(&chunks, &mut out, verify).expect("read");
+            assert!(out == expected, "verify {verify}");
+        }
+        // One read for a run with gaps and both kinds of chunks: the whole of it.
+        let run = &chunks[..40];
+        let span = (
+            run[0].1.offset,
+            run[39].1.offset + u64::from(run[39].1.stored_len),
+        );
+        let mut out = vec![0u8; 40 * 4096];
+        packs.read_run(run, span, &mut out).expect("one read");
+        assert!(out == pages[..40].concat());
+        let mut short = vec![0u8; 4095];
+        assert!(packs.read_into(&chunks[..1], &mut short, true).is_err());
+    }
+
+    /// A pack cut short inside a run: the error names the first chunk that reaches past its
+    /// end, not the run's first.
+    #[test]
+    fn a_pack_cut_inside_a_run_names_the_chunk_cut() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::for_test(dir.path());
+        let (pages, chunks, _pending) = content(&store);
+        let packs = PackFiles::new(&store.fs, store.packs_dir());
+        let (id, loc) = chunks[25];
+        assert_eq!(chunks[0].1.pack, loc.pack, "one pack");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(packs.path(&loc.pack))
+            .expect("pack");
+        file.set_len(loc.offset + 10).expect("cut");
+        let mut out = vec![0u8; pages.len() * 4096];
+        match packs.read_into(&chunks, &mut out, false) {
+            Err(StoreError::CorruptChunk {
+                id: named, message, ..
+            }) => {
+                assert_eq!(named, id.hex());
+                assert!(message.contains("truncated"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A byte changed in a chunk inside a run: with `verify`, the error names that chunk and its
+    /// pack; without, the bytes come back changed (restore then checks the content's hash).
+    #[test]
+    fn damage_inside_a_run_is_named_by_its_chunk() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::for_test(dir.path());
+        let (pages, chunks, _pending) = content(&store);
+        let packs = PackFiles::new(&store.fs, store.packs_dir());
+        for victim in [30, 31] {
+            let (id, loc) = chunks[victim];
+            let path = packs.path(&loc.pack);
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .expect("pack");
+            let at = loc.offset + u64::from(loc.stored_len) - 2;
+            let mut byte = [0u8; 1];
+            file.read_exact_at(&mut byte, at).expect("read");
+            file.write_all_at(&[byte[0] ^ 0x5a], at).expect("flip");
+            let mut out = vec![0u8; pages.len() * 4096];
+            match packs.read_into(&chunks, &mut out, true) {
+                Err(StoreError::CorruptChunk {
+                    id: named, pack, ..
+                }) => {
+                    assert_eq!(named, id.hex(), "chunk {victim} flags {}", loc.flags);
+                    assert_eq!(pack, path);
+                }
+                other => panic!("chunk {victim}: {other:?}"),
+            }
+            if loc.flags & FLAG_ZSTD == 0 {
+                packs
+                    .read_into(&chunks, &mut out, false)
+                    .expect("unchecked");
+                assert!(out[victim * 4096..(victim + 1) * 4096] != pages[victim][..]);
+            }
+            file.write_all_at(&byte, at).expect("restore the byte");
+        }
     }
 }
