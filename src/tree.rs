@@ -128,6 +128,20 @@ impl TreeBuilder {
     }
 }
 
+/// Stores `pages` as one content, a chunk each, as a snapshot would (tests).
+#[cfg(test)]
+pub(crate) fn store_pages(w: &mut ChunkWriter, pages: &[Vec<u8>]) -> ContentRef {
+    let mut t = TreeBuilder::new(4, 16);
+    for page in pages {
+        let mut batch = crate::store::writer::Batch::default();
+        batch.push(page);
+        for put in w.put_batch(batch, 0).expect("put") {
+            t.push(w, put).expect("push");
+        }
+    }
+    t.finish(w).expect("tree")
+}
+
 pub(crate) fn encode_node(level: u8, entries: &[(ChunkId, u64)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(NODE_HEADER + entries.len() * NODE_ENTRY);
     out.push(NODE_VERSION);

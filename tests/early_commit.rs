@@ -26,6 +26,19 @@ fn snapshot_with_knobs(store: &Path, agent: &Path) -> TestCommand {
     c
 }
 
+/// Every database of `agent` is byte for byte the one restored into `target`.
+fn assert_databases_restored(agent: &SampleAgent, target: &Path) {
+    for db in databases(agent) {
+        let name = db.file_name().expect("name");
+        assert_eq!(
+            fs::read(&db).expect("live"),
+            fs::read(target.join("sqlite").join(name)).expect("restored"),
+            "{}",
+            db.display()
+        );
+    }
+}
+
 /// A sample agent of about `bytes` in a new temporary folder (kept as long as the folder).
 fn agent_of(bytes: u64, seed: u64) -> (tempfile::TempDir, SampleAgent) {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -77,15 +90,7 @@ fn a_snapshot_with_early_commits_restores_and_a_dead_one_leaves_only_garbage() {
         .json();
     let target = tmp.path().join("restored");
     restore_to(&store, &id, &target);
-    for db in databases(&agent) {
-        let name = db.file_name().expect("name");
-        assert_eq!(
-            fs::read(&db).expect("live"),
-            fs::read(target.join("sqlite").join(name)).expect("restored"),
-            "{}",
-            db.display()
-        );
-    }
+    assert_databases_restored(&agent, &target);
 
     // Prune collects the dead snapshots' chunks and keeps the live one whole.
     TestCommand::new(&store)
@@ -146,15 +151,7 @@ fn an_update_day_spills_its_tree_nodes_and_restores() {
         .json();
     let target = tmp.path().join("restored");
     restore_to(&store, str_of(&snap, "id"), &target);
-    for db in databases(&agent) {
-        let name = db.file_name().expect("name");
-        assert_eq!(
-            fs::read(&db).expect("live"),
-            fs::read(target.join("sqlite").join(name)).expect("restored"),
-            "{}",
-            db.display()
-        );
-    }
+    assert_databases_restored(&agent, &target);
 }
 
 #[test]

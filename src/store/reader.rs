@@ -593,7 +593,7 @@ impl<'i> ChunkReader<'i> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::writer::{Batch, ChunkWriter, KnownFilter};
+    use crate::store::writer::{ChunkWriter, KnownFilter};
 
     /// 4 KiB pages, random (stored raw) or mostly zeros (stored as zstd frames), written as one
     /// content: its tree nodes lie in the pack between the data chunks. Returns the pages and
@@ -629,15 +629,7 @@ mod tests {
             &store.config,
             KnownFilter::default(),
         );
-        let mut t = crate::tree::TreeBuilder::new(4, 16);
-        for page in &pages {
-            let mut batch = Batch::default();
-            batch.push(page);
-            for put in w.put_batch(batch, 0).expect("put") {
-                t.push(&mut w, put).expect("push");
-            }
-        }
-        t.finish(&mut w).expect("tree");
+        crate::tree::store_pages(&mut w, &pages);
         let pending = w.finish().expect("finish");
         pending.keep();
         let chunks = pages

@@ -1171,15 +1171,7 @@ mod tests {
             let mut w = ChunkWriter::new(&store.fs, store.packs_dir(), &store.config, known());
             w.early_commit(store.early_commit());
             w.nodes_in_memory = limit;
-            let mut t = crate::tree::TreeBuilder::new(4, 16);
-            for page in &pages {
-                let mut batch = Batch::default();
-                batch.push(page);
-                for put in w.put_batch(batch, 0).expect("put") {
-                    t.push(&mut w, put).expect("push");
-                }
-            }
-            t.finish(&mut w).expect("tree");
+            crate::tree::store_pages(&mut w, &pages);
             let spilled = std::fs::read_dir(store.tmp_dir())
                 .expect("tmp")
                 .filter(|e| {
