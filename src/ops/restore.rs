@@ -940,7 +940,7 @@ fn write_content(
                 (write(&mut out), read)
             }
             // The write on a thread of its own: a direct one blocks until the disk has the
-            // bytes, and both of the pool's threads read, check and decompress meanwhile.
+            // bytes, and both of the pool's threads read and decompress meanwhile.
             false => std::thread::scope(|s| {
                 let w = s.spawn(|| write(&mut out));
                 let read = hash_and_read();
@@ -972,7 +972,7 @@ fn write_content(
 }
 
 /// Bytes of chunks that one task of the pool reads (see [`read_batch`]).
-const PIECE_BYTES: usize = 1 << 20;
+const PIECE_BYTES: u64 = 1 << 20;
 
 /// One batch read into a buffer: `len` bytes at `buf[start + lead..]`, after `lead` bytes left
 /// for the previous batch's unwritten tail; `start` is aligned to [`DIRECT_ALIGN`].
@@ -996,23 +996,15 @@ fn read_batch(
     let total: usize = batch.iter().map(|(_, l)| l.raw_len as usize).sum();
     let start = aligned(&mut buf, lead + total);
     // Pieces of ~1 MiB for the pool: each one read per pack run (PackFiles::read_into).
-    let mut pieces = Vec::new();
     let mut rest = &mut buf[start + lead..start + lead + total];
-    let mut chunks = batch;
-    while !chunks.is_empty() {
-        let (mut n, mut bytes) = (0, 0);
-        while let Some((_, l)) = chunks.get(n)
-            && bytes < PIECE_BYTES
-        {
-            bytes += l.raw_len as usize;
-            n += 1;
-        }
-        let (piece, later) = chunks.split_at(n);
-        let (slot, tail) = std::mem::take(&mut rest).split_at_mut(bytes);
-        pieces.push((piece, slot));
-        chunks = later;
-        rest = tail;
-    }
+    let pieces: Vec<_> = crate::store::stream::byte_batches(batch, PIECE_BYTES)
+        .map(|piece| {
+            let bytes = piece.iter().map(|(_, l)| l.raw_len as usize).sum();
+            let (slot, tail) = std::mem::take(&mut rest).split_at_mut(bytes);
+            rest = tail;
+            (piece, slot)
+        })
+        .collect();
     pieces
         .into_par_iter()
         .try_for_each(|(piece, slot)| packs.read_into(piece, slot, verify))?;

@@ -78,8 +78,8 @@ impl ChunkLoc {
     /// The length of [`ChunkLoc::encode`]'s output.
     pub(crate) const ENCODED: usize = 33;
 
-    pub(crate) fn encode(&self) -> [u8; 33] {
-        let mut b = [0u8; 33];
+    pub(crate) fn encode(&self) -> [u8; Self::ENCODED] {
+        let mut b = [0u8; Self::ENCODED];
         b[..16].copy_from_slice(&self.pack.0);
         b[16..24].copy_from_slice(&self.offset.to_le_bytes());
         b[24..28].copy_from_slice(&self.stored_len.to_le_bytes());
@@ -88,7 +88,7 @@ impl ChunkLoc {
         b
     }
 
-    pub(crate) fn decode(b: &[u8; 33]) -> Self {
+    pub(crate) fn decode(b: &[u8; Self::ENCODED]) -> Self {
         let mut pack = [0u8; 16];
         pack.copy_from_slice(&b[..16]);
         Self {

@@ -185,22 +185,25 @@ impl PackFiles {
         // Named only on an error: formatting it per chunk was ~1.5% of a restore.
         let path = || self.path(&loc.pack);
         let file = self.chunk_file(first, loc)?;
+        // A raw chunk's stored bytes are its bytes.
+        let raw = |l: &ChunkLoc| l.flags & FLAG_ZSTD == 0;
+        if let Some((id, l)) = run
+            .iter()
+            .find(|(_, l)| raw(l) && l.stored_len != l.raw_len)
+        {
+            return Err(damaged(
+                id,
+                &path(),
+                format!("{} bytes, the index says {}", l.stored_len, l.raw_len),
+            ));
+        }
         let stored_len = (span.1 - span.0) as usize;
         let packed = run
             .iter()
             .map(|(_, l)| l.stored_len as usize)
             .sum::<usize>()
             == stored_len;
-        if packed && run.iter().all(|(_, l)| l.flags & FLAG_ZSTD == 0) {
-            for (id, l) in run {
-                if l.stored_len != l.raw_len {
-                    return Err(damaged(
-                        id,
-                        &path(),
-                        format!("{} bytes, the index says {}", l.stored_len, l.raw_len),
-                    ));
-                }
-            }
+        if packed && run.iter().all(|(_, l)| raw(l)) {
             return read_at(file.as_ref(), out, run, span.0, &path);
         }
         SCRATCH.with(|cell| -> Result<(), StoreError> {
@@ -214,14 +217,7 @@ impl PackFiles {
                 slots = tail;
                 let at = (l.offset - span.0) as usize;
                 let bytes = &stored[at..at + l.stored_len as usize];
-                if l.flags & FLAG_ZSTD == 0 {
-                    if l.stored_len != l.raw_len {
-                        return Err(damaged(
-                            id,
-                            &path(),
-                            format!("{} bytes, the index says {}", l.stored_len, l.raw_len),
-                        ));
-                    }
+                if raw(l) {
                     slot.copy_from_slice(bytes);
                     continue;
                 }
@@ -310,7 +306,6 @@ impl PackFiles {
     }
 }
 
-/// A chunk's stored bytes at their place in its pack; a pack too short for them is damaged.
 /// Reads the stored bytes of `chunks` (in pack order) from `offset` on; a pack that ends
 /// early is blamed on the first of them that reaches past its end.
 fn read_at(

@@ -249,7 +249,7 @@ pub(crate) fn plan(
 }
 
 /// Consecutive runs of `chunks` of about `bytes` raw bytes each.
-fn byte_batches(
+pub(crate) fn byte_batches(
     chunks: &[(ChunkId, ChunkLoc)],
     bytes: u64,
 ) -> impl Iterator<Item = &[(ChunkId, ChunkLoc)]> {
