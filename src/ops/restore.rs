@@ -1284,7 +1284,95 @@ fn make_writable(root: &Path) {
 
 #[cfg(test)]
 mod tests {
-    use super::is_plain_path;
+    use super::*;
+
+    /// Restore checks a content's hash, not each chunk's: a hash that differs while every chunk
+    /// is whole says so; a damaged chunk is traced and named with its pack.
+    #[test]
+    fn a_hash_mismatch_is_reported_and_a_damaged_chunk_named() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::for_test(dir.path());
+        // Random, so stored raw: a changed byte reads back without error, changed.
+        let pages: Vec<Vec<u8>> = (0..700u32)
+            .map(|i| {
+                (0..128u32)
+                    .flat_map(|k| ChunkId::of(&[i.to_le_bytes(), k.to_le_bytes()].concat()).0)
+                    .collect()
+            })
+            .collect();
+        let mut w = crate::store::writer::ChunkWriter::new(
+            &store.fs,
+            store.packs_dir(),
+            &store.config,
+            crate::store::writer::KnownFilter::default(),
+        );
+        let content = crate::tree::store_pages(&mut w, &pages);
+        let pending = w.finish().expect("finish");
+        pending.keep();
+        let list: Vec<(ChunkId, ChunkLoc)> = pages
+            .iter()
+            .map(|p| (ChunkId::of(p), pending.new_chunks[&ChunkId::of(p)]))
+            .collect();
+        let source = crate::store::stream::ChunkSource::Listed(Arc::new(list.clone()));
+        let packs = PackFiles::new(&store.fs, store.packs_dir());
+        let mut entry = ArtifactEntry {
+            part: Part::Sqlite,
+            path: b"db.sqlite".to_vec(),
+            kind: EntryKind::File,
+            mode: 0o600,
+            mtime_ns: 0,
+            size: content.size,
+            hash: *blake3::hash(&pages.concat()).as_bytes(),
+            content: Some(content),
+        };
+        let restore = |entry: &ArtifactEntry, name: &str| {
+            let path = dir.path().join(name);
+            let r = write_content(
+                &store.fs,
+                &packs,
+                entry,
+                Some(&source),
+                &path,
+                true,
+                &super::super::NoProgress,
+            );
+            (r, path)
+        };
+        let (r, path) = restore(&entry, "whole");
+        r.expect("restores");
+        assert!(fs::read(&path).expect("restored") == pages.concat());
+
+        entry.hash[0] ^= 1;
+        match restore(&entry, "wrong-hash") {
+            (Err(Error::RestoredHashMismatch { path: named, .. }), path) => {
+                assert_eq!(named, path)
+            }
+            (other, _) => panic!("{other:?}"),
+        }
+
+        entry.hash[0] ^= 1;
+        let (id, loc) = list[500];
+        assert_eq!(loc.flags, 0, "a raw chunk");
+        let pack = packs.path(&loc.pack);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&pack)
+            .expect("pack");
+        file.write_all_at(b"X", loc.offset + 7).expect("damage");
+        match restore(&entry, "damaged") {
+            (
+                Err(Error::Store(StoreError::CorruptChunk {
+                    id: named, pack: p, ..
+                })),
+                _,
+            ) => {
+                assert_eq!(named, id.hex());
+                assert_eq!(p, pack);
+            }
+            (other, _) => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn only_plain_relative_paths_are_staged() {

@@ -626,7 +626,6 @@ impl ChunkWriter {
             return Ok(());
         };
         let loc = pack.append(id, raw_len, flags, stored)?;
-        let full = pack.full(self.pack_target);
         self.last_appended = Some(id);
         self.stats.new_chunks += 1;
         self.stats.new_raw_bytes += raw_len as u64;
@@ -635,7 +634,7 @@ impl ChunkWriter {
             0 => self.open_chunks.insert(id, loc),
             _ => self.new_nodes.insert(id, loc),
         };
-        if full {
+        if pack.full(self.pack_target) {
             self.close_pack()?;
         }
         Ok(())
@@ -1160,10 +1159,13 @@ mod tests {
             .map(|i| ChunkId::of(&i.to_le_bytes()).0.repeat(4))
             .collect();
         // Every fifth page "stored before": a hit, so that nodes over it wait.
-        let prefix = |p: &[u8]| ChunkId::of(p).prefix();
         let known = || {
             KnownFilter::new(
-                pages.iter().step_by(5).map(|p| prefix(p)).collect(),
+                pages
+                    .iter()
+                    .step_by(5)
+                    .map(|p| ChunkId::of(p).prefix())
+                    .collect(),
                 HashSet::new(),
             )
         };
@@ -1203,8 +1205,43 @@ mod tests {
         assert_eq!(from_spill, kept, "the same nodes");
     }
 
-    /// A spill that cannot be written fails the write with the path named, and the writer's
-    /// packs go with it.
+    /// A spill that cannot be read back fails the writer's `finish` with its file named, and
+    /// the packs written go with the writer: nothing committed names them.
+    #[test]
+    fn a_spill_lost_before_finish_fails_it_and_leaves_no_pack() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::for_test(dir.path());
+        let pages: Vec<Vec<u8>> = (0..1000u32)
+            .map(|i| ChunkId::of(&i.to_le_bytes()).0.repeat(4))
+            .collect();
+        let known = KnownFilter::new(
+            pages
+                .iter()
+                .step_by(5)
+                .map(|p| ChunkId::of(p).prefix())
+                .collect(),
+            HashSet::new(),
+        );
+        let mut w = ChunkWriter::new(&store.fs, store.packs_dir(), &store.config, known);
+        w.early_commit(store.early_commit());
+        w.nodes_in_memory = 8;
+        crate::tree::store_pages(&mut w, &pages);
+        let spill = std::fs::read_dir(store.tmp_dir())
+            .expect("tmp")
+            .map(|e| e.expect("entry").path())
+            .next()
+            .expect("a spill folder");
+        std::fs::remove_file(spill.join("nodes")).expect("lose the spill");
+        let e = w.finish().err().expect("finish fails");
+        assert!(e.to_string().contains("nodes"), "{e}");
+        let packs = walkdir::WalkDir::new(store.packs_dir())
+            .into_iter()
+            .filter(|e| e.as_ref().is_ok_and(|e| e.file_type().is_file()))
+            .count();
+        assert_eq!(packs, 0, "the failed writer's packs are deleted");
+    }
+
+    /// A spill whose folder cannot be created fails with the path named.
     #[test]
     fn a_spill_that_cannot_be_created_names_its_folder() {
         let dir = tempfile::tempdir().expect("tempdir");
