@@ -1149,28 +1149,36 @@ mod tests {
         assert!(nodes > 50, "nodes over new chunks went early: {nodes}");
     }
 
+    /// `n` distinct 128-byte pages.
+    fn pages(n: u32) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| ChunkId::of(&i.to_le_bytes()).0.repeat(4))
+            .collect()
+    }
+
+    /// A filter in which every fifth page was "stored before": a hit, so that the tree nodes
+    /// over it wait for the final commit.
+    fn hits_of(pages: &[Vec<u8>]) -> KnownFilter {
+        KnownFilter::new(
+            pages
+                .iter()
+                .step_by(5)
+                .map(|p| ChunkId::of(p).prefix())
+                .collect(),
+            HashSet::new(),
+        )
+    }
+
     /// Tree nodes over filter hits, spilled past the limit, all reach the final commit with
     /// their places, and the spill's scratch folder is gone after `finish`.
     #[test]
     fn spilled_nodes_reach_the_commit_and_their_scratch_goes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = crate::store::Store::for_test(dir.path());
-        let pages: Vec<Vec<u8>> = (0..3000u32)
-            .map(|i| ChunkId::of(&i.to_le_bytes()).0.repeat(4))
-            .collect();
-        // Every fifth page "stored before": a hit, so that nodes over it wait.
-        let known = || {
-            KnownFilter::new(
-                pages
-                    .iter()
-                    .step_by(5)
-                    .map(|p| ChunkId::of(p).prefix())
-                    .collect(),
-                HashSet::new(),
-            )
-        };
+        let pages = pages(3000);
         let nodes_of = |limit: usize| {
-            let mut w = ChunkWriter::new(&store.fs, store.packs_dir(), &store.config, known());
+            let mut w =
+                ChunkWriter::new(&store.fs, store.packs_dir(), &store.config, hits_of(&pages));
             w.early_commit(store.early_commit());
             w.nodes_in_memory = limit;
             crate::tree::store_pages(&mut w, &pages);
@@ -1211,18 +1219,8 @@ mod tests {
     fn a_spill_lost_before_finish_fails_it_and_leaves_no_pack() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = crate::store::Store::for_test(dir.path());
-        let pages: Vec<Vec<u8>> = (0..1000u32)
-            .map(|i| ChunkId::of(&i.to_le_bytes()).0.repeat(4))
-            .collect();
-        let known = KnownFilter::new(
-            pages
-                .iter()
-                .step_by(5)
-                .map(|p| ChunkId::of(p).prefix())
-                .collect(),
-            HashSet::new(),
-        );
-        let mut w = ChunkWriter::new(&store.fs, store.packs_dir(), &store.config, known);
+        let pages = pages(1000);
+        let mut w = ChunkWriter::new(&store.fs, store.packs_dir(), &store.config, hits_of(&pages));
         w.early_commit(store.early_commit());
         w.nodes_in_memory = 8;
         crate::tree::store_pages(&mut w, &pages);
