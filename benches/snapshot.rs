@@ -4,7 +4,8 @@
 //! same steps with restic, printing time, peak RSS and store growth side by side.
 //! Then bundles: export, export --level 3 and `tar | zstd -3 -T0` (needs the zstd CLI) of the
 //! same agent, verify-bundle, import into a fresh store and again.
-//! Results are written down by hand in benches/RESULTS.md.
+//! Results are written down by hand in benches/RESULTS.md. Each size's folder is kept until the
+//! run ends (see the restores for why): 256M and 1G need ~12 GB free, 4G ~40 GB.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -273,9 +274,18 @@ fn bench_size(base: &Path, size: u64, have_restic: bool) {
             });
         }
     }
-    for (tool, res) in tools.iter().zip(results.iter_mut()) {
-        let target = dir.join(format!("restore-{}", tool.name()));
-        let (wall, cpu, rss) = run(&mut tool.restore(&target));
+    // Nothing is removed before or between the restores, and sizes are removed only at the end:
+    // on ext4 without a journal (this VM's root file system) every file create steps over the
+    // free inodes of its group deleted in the last 60 s, or 360 s once creates have dirtied their
+    // inode table block (`recently_deleted` in the kernel's `find_inode_bit`), one buffer lookup
+    // each. A restore of the memdir's ~4,200 files after the other tool's restore was removed
+    // took 2-5x as long, nearly all of it system time.
+    let targets: Vec<PathBuf> = tools
+        .iter()
+        .map(|tool| dir.join(format!("restore-{}", tool.name())))
+        .collect();
+    for ((tool, res), target) in tools.iter().zip(results.iter_mut()).zip(&targets) {
+        let (wall, cpu, rss) = run(&mut tool.restore(target));
         res.push(Step {
             name: "restore",
             wall,
@@ -283,7 +293,6 @@ fn bench_size(base: &Path, size: u64, have_restic: bool) {
             rss_mib: rss,
             growth: 0,
         });
-        let _ = std::fs::remove_dir_all(&target);
         let (wall, cpu, rss) = run(&mut tool.check());
         res.push(Step {
             name: "verify --read-data",
@@ -292,6 +301,9 @@ fn bench_size(base: &Path, size: u64, have_restic: bool) {
             rss_mib: rss,
             growth: 0,
         });
+    }
+    for target in &targets {
+        let _ = std::fs::remove_dir_all(target);
     }
 
     println!(
@@ -336,7 +348,6 @@ fn bench_size(base: &Path, size: u64, have_restic: bool) {
         println!("{line}");
     }
     bench_bundles(&dir, &agent_dir, &dir.join("memsnap-store"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Export of the last snapshot (default framing and `--level 3`) against `tar | zstd -3 -T0` of

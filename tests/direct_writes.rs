@@ -1,8 +1,8 @@
-//! Restore writes large files past the page cache (`O_DIRECT`) in whole aligned blocks, with a
-//! tail carried from batch to batch and written last, padded, then cut off. A storage that
-//! accepts direct writes on any file system checks every such write's alignment (memory, offset,
-//! length) and passes it on to the OS, which makes it direct where the file system allows: the
-//! restored files must be the snapshot's, byte for byte.
+//! Restore writes large files, and snapshots their packs, past the page cache (`O_DIRECT`) in
+//! whole aligned blocks, the last one written padded, then cut off (restore carries a tail from
+//! batch to batch). A storage that accepts direct writes on any file system checks every such
+//! write's alignment (memory, offset, length) and passes it on to the OS, which makes it direct
+//! where the file system allows: the restored files must be the snapshot's, byte for byte.
 
 mod common;
 
@@ -152,26 +152,59 @@ const FILES: [(&str, usize); 3] = [
     ("attachments/small.bin", (1 << 20) - 1),
 ];
 
-/// A tiny agent with [`FILES`] in its memdir, snapshotted into a store on a [`Checking`]
-/// storage; then a restore of that snapshot into `restored/`.
-fn restore_through(
-    tmp: &Path,
-    seen: &Arc<Seen>,
-) -> (SampleAgent, std::path::PathBuf, memsnap::Result<()>) {
+impl Seen {
+    /// Counts from zero, failing the `fail_at`th direct write from now on (0: none).
+    fn restart(&self, fail_at: u64) {
+        self.direct_writes.store(0, Ordering::SeqCst);
+        self.cut_after_direct.store(0, Ordering::SeqCst);
+        self.fail_at.store(fail_at, Ordering::SeqCst);
+    }
+
+    fn assert_aligned(&self) {
+        let misaligned = self.misaligned.lock().expect("lock").clone();
+        assert!(
+            misaligned.is_empty(),
+            "misaligned direct writes: {misaligned:?}"
+        );
+    }
+}
+
+/// A tiny agent with [`FILES`] in its memdir.
+fn agent_with_files(tmp: &Path) -> SampleAgent {
     let agent = SampleAgent::create(&tmp.join("agent"), &SampleSpec::tiny()).expect("agent");
     std::fs::create_dir_all(agent.memdir().join("attachments")).expect("folder");
     for (i, (name, len)) in FILES.iter().enumerate() {
         std::fs::write(agent.memdir().join(name), noise(*len, i as u64 + 7)).expect("write");
     }
-    let m = Memsnap::create(
+    agent
+}
+
+fn store_on(tmp: &Path, seen: &Arc<Seen>) -> Memsnap {
+    Memsnap::create(
         tmp.join("store"),
         StoreOptions::default().storage(Arc::new(Checking { seen: seen.clone() })),
     )
-    .expect("store");
+    .expect("store")
+}
+
+fn snapshot(m: &Memsnap, agent: &SampleAgent) -> memsnap::Result<memsnap::SnapshotInfo> {
     let id = AgentId::new(TENANT, AGENT).expect("id");
-    let snap = m
-        .snapshot(&SnapshotRequest::new(id.clone()).sources(SourceSpec::from_root(agent.root())))
-        .expect("snapshot");
+    m.snapshot(&SnapshotRequest::new(id).sources(SourceSpec::from_root(agent.root())))
+}
+
+/// [`agent_with_files`] snapshotted into a store on a [`Checking`] storage; then a restore of
+/// that snapshot into `restored/`, its direct writes counted from zero and the
+/// `fail_at`th failed.
+fn restore_through(
+    tmp: &Path,
+    seen: &Arc<Seen>,
+    fail_at: u64,
+) -> (SampleAgent, std::path::PathBuf, memsnap::Result<()>) {
+    let agent = agent_with_files(tmp);
+    let m = store_on(tmp, seen);
+    let id = AgentId::new(TENANT, AGENT).expect("id");
+    let snap = snapshot(&m, &agent).expect("snapshot");
+    seen.restart(fail_at);
     let target = tmp.join("restored");
     let result = m
         .restore(&RestoreRequest::new(&snap.id).agent(id).target(&target))
@@ -194,14 +227,9 @@ fn assert_restored(memdir: &Path, target: &Path) {
 fn large_files_restore_byte_for_byte_through_aligned_direct_writes() {
     let tmp = tempfile::tempdir().expect("tmp");
     let seen = Arc::new(Seen::default());
-    let (agent, target, result) = restore_through(tmp.path(), &seen);
+    let (agent, target, result) = restore_through(tmp.path(), &seen, 0);
     result.expect("restore");
-
-    let misaligned = seen.misaligned.lock().expect("lock").clone();
-    assert!(
-        misaligned.is_empty(),
-        "misaligned direct writes: {misaligned:?}"
-    );
+    seen.assert_aligned();
     // big.bin: 17 MiB in whole blocks over at least three batches, plus its padded tail.
     let direct = seen.direct_writes.load(Ordering::SeqCst);
     assert!(direct >= 4, "{direct} direct writes");
@@ -222,7 +250,7 @@ fn large_files_restore_byte_for_byte_through_the_page_cache_too() {
     let tmp = tempfile::tempdir().expect("tmp");
     let seen = Arc::new(Seen::default());
     seen.refuse.store(true, Ordering::SeqCst);
-    let (agent, target, result) = restore_through(tmp.path(), &seen);
+    let (agent, target, result) = restore_through(tmp.path(), &seen, 0);
     result.expect("restore");
     assert_eq!(seen.direct_writes.load(Ordering::SeqCst), 0);
     assert_restored(&agent.memdir(), &target);
@@ -235,8 +263,7 @@ fn large_files_restore_byte_for_byte_through_the_page_cache_too() {
 fn a_failed_direct_write_fails_the_restore_and_leaves_nothing() {
     let tmp = tempfile::tempdir().expect("tmp");
     let seen = Arc::new(Seen::default());
-    seen.fail_at.store(2, Ordering::SeqCst);
-    let (_, target, result) = restore_through(tmp.path(), &seen);
+    let (_, target, result) = restore_through(tmp.path(), &seen, 2);
     let msg = result.expect_err("the disk is full").to_string();
     assert!(
         msg.contains("No space left on device") && msg.contains("big.bin"),
@@ -260,4 +287,74 @@ fn a_failed_direct_write_fails_the_restore_and_leaves_nothing() {
     m.restore(&RestoreRequest::new(&snap.id).agent(id).target(&target))
         .expect("the retry");
     assert_restored(&tmp.path().join("agent/memdir"), &target);
+}
+
+/// Lengths of the pack files under `store`.
+fn pack_lengths(store: &Path) -> Vec<u64> {
+    common::pack_files(store)
+        .iter()
+        .map(|p| std::fs::metadata(p).expect("pack").len())
+        .collect()
+}
+
+/// Snapshots write their packs past the page cache too: whole aligned blocks, each pack's tail
+/// padded and then cut off. What they wrote reads back whole.
+#[test]
+fn packs_are_written_in_aligned_direct_blocks_and_read_back_whole() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let seen = Arc::new(Seen::default());
+    let agent = agent_with_files(tmp.path());
+    let m = store_on(tmp.path(), &seen);
+    snapshot(&m, &agent).expect("snapshot");
+    seen.assert_aligned();
+    // ~19 MiB of noise, stored raw: at least that many 1 MiB blocks.
+    let direct = seen.direct_writes.load(Ordering::SeqCst);
+    assert!(direct >= 19, "{direct} direct writes");
+    let lengths = pack_lengths(&tmp.path().join("store"));
+    let mid_block = lengths
+        .iter()
+        .filter(|l| !l.is_multiple_of(DIRECT_ALIGN as u64))
+        .count();
+    assert!(mid_block > 0, "pack lengths {lengths:?}");
+    // Each pack that ends mid-block is cut once, to its length.
+    assert_eq!(
+        seen.cut_after_direct.load(Ordering::SeqCst),
+        mid_block as u64
+    );
+    let report = m.verify(None, None, true).expect("verify");
+    assert!(report.ok(), "{report:?}");
+
+    seen.refuse.store(true, Ordering::SeqCst);
+    let snap = m.list(None, None).expect("list").remove(0);
+    let id = AgentId::new(TENANT, AGENT).expect("id");
+    let target = tmp.path().join("restored");
+    m.restore(&RestoreRequest::new(&snap.id).agent(id).target(&target))
+        .expect("restore");
+    assert_restored(&agent.memdir(), &target);
+}
+
+/// A pack's direct write that fails (the disk is full) fails the snapshot with the pack and
+/// the cause; it records no snapshot and leaves no pack, and the same snapshot completes once
+/// the disk has room.
+#[test]
+fn a_failed_direct_pack_write_fails_the_snapshot_and_leaves_no_pack() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let seen = Arc::new(Seen::default());
+    let agent = agent_with_files(tmp.path());
+    let m = store_on(tmp.path(), &seen);
+    seen.restart(3);
+    let msg = snapshot(&m, &agent)
+        .expect_err("the disk is full")
+        .to_string();
+    assert!(
+        msg.contains("No space left on device") && msg.contains("packs"),
+        "{msg}"
+    );
+    assert!(m.list(None, None).expect("list").is_empty());
+    assert_eq!(common::pack_count(&tmp.path().join("store")), 0);
+
+    seen.restart(0);
+    snapshot(&m, &agent).expect("snapshot once the disk has room");
+    let report = m.verify(None, None, true).expect("verify");
+    assert!(report.ok(), "{report:?}");
 }

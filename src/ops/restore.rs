@@ -29,7 +29,7 @@ use crate::manifest::snapshot::SnapshotRecord;
 use crate::names::AgentId;
 use crate::source::SourceSpec;
 use crate::source::state::{FsStateProvider, StateItem, StateProvider};
-use crate::storage::{DIRECT_ALIGN, Fs, OpenMode, StorageFile, WritebackFile};
+use crate::storage::{DIRECT_ALIGN, Fs, OpenMode, StorageFile, WritebackFile, aligned_start};
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::pack::ChunkLoc;
@@ -854,25 +854,13 @@ impl Out {
                     return Ok(());
                 }
                 let mut buf = Vec::new();
-                let start = aligned(&mut buf, DIRECT_ALIGN);
+                let start = aligned_start(&mut buf, DIRECT_ALIGN);
                 buf[start..start + carry.len()].copy_from_slice(&carry);
                 file.write_all_at(&buf[start..start + DIRECT_ALIGN], at)?;
                 file.set_len(at + carry.len() as u64)
             }
         }
     }
-}
-
-/// Grows `buf` to hold `len` bytes from an address aligned to [`DIRECT_ALIGN`], and returns that
-/// offset. Reused buffers keep their bytes; only growth is zeroed.
-fn aligned(buf: &mut Vec<u8>, len: usize) -> usize {
-    let want = len + DIRECT_ALIGN;
-    if buf.len() < want {
-        buf.resize(want, 0);
-    }
-    // By hand: `align_offset` may answer "never" (usize::MAX).
-    let at = buf.as_ptr() as usize;
-    at.next_multiple_of(DIRECT_ALIGN) - at
 }
 
 fn write_content(
@@ -994,7 +982,7 @@ fn read_batch(
 ) -> Result<Batch, Error> {
     use rayon::prelude::*;
     let total: usize = batch.iter().map(|(_, l)| l.raw_len as usize).sum();
-    let start = aligned(&mut buf, lead + total);
+    let start = aligned_start(&mut buf, lead + total);
     // Pieces of ~1 MiB for the pool: each one read per pack run (PackFiles::read_into).
     let mut rest = &mut buf[start + lead..start + lead + total];
     let pieces: Vec<_> = crate::store::stream::byte_batches(batch, PIECE_BYTES)

@@ -3,12 +3,12 @@
 //! A pack is written once, front to back, and never modified after its footer is durable; a pack
 //! without a valid footer is an interrupted write that no index entry references.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::chunk_id::ChunkId;
 use crate::error::StoreError;
-use crate::storage::{Fs, OpenMode, StorageFile, WritebackFile};
+use crate::storage::{DirectFile, Fs, OpenMode, StorageFile};
 
 pub(crate) const HEADER_MAGIC: &[u8; 8] = b"MEMSNAPP";
 pub(crate) const TRAILER_MAGIC: &[u8; 8] = b"MEMSNAPF";
@@ -150,7 +150,8 @@ impl FooterEntry {
 pub(crate) struct PackWriter {
     pub id: PackId,
     pub path: PathBuf,
-    file: BufWriter<WritebackFile>,
+    /// Past the page cache where the storage allows.
+    file: DirectFile,
     offset: u64,
     entries: Vec<FooterEntry>,
 }
@@ -165,10 +166,11 @@ impl PackWriter {
         let file = fs
             .open(&path, OpenMode::CreateNew { mode: 0o666 })
             .map_err(|e| StoreError::io(&path, e))?;
+        let file = DirectFile::new(file);
         let mut w = Self {
             id,
             path,
-            file: BufWriter::with_capacity(1 << 20, WritebackFile::new(file)),
+            file,
             offset: 0,
             entries: Vec::new(),
         };
@@ -245,9 +247,8 @@ impl PackWriter {
         self.write(&footer)?;
         let file = self
             .file
-            .into_inner()
-            .map_err(|e| StoreError::io(&self.path, e.into_error()))?
-            .into_inner();
+            .finish()
+            .map_err(|e| StoreError::io(&self.path, e))?;
         Ok(SealedPack {
             id: self.id,
             path: self.path,
