@@ -59,6 +59,10 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     /// on disk; durability still comes only from [`StorageFile::sync`].
     fn start_writeback(&self, _offset: u64, _len: u64) {}
 
+    /// A hint that `len` bytes at `offset` will be read soon, so that they can be fetched in
+    /// the background now.
+    fn will_need(&self, _offset: u64, _len: u64) {}
+
     /// Asks that later writes bypass the page cache (`O_DIRECT`); returns whether they will.
     /// Such writes must be aligned to [`DIRECT_ALIGN`] in memory, offset and length. A write the
     /// file system still refuses is made through the page cache instead, as are all writes of a
@@ -187,6 +191,19 @@ impl StorageFile for OsFile {
                 offset as libc::off64_t,
                 len as libc::off64_t,
                 libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is open for the call; the advice only schedules reads.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::POSIX_FADV_WILLNEED,
             );
         }
     }

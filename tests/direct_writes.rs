@@ -26,6 +26,8 @@ struct Seen {
     direct_writes: AtomicU64,
     cut_after_direct: AtomicU64,
     misaligned: Mutex<Vec<String>>,
+    /// Read-ahead hints: (offset, length, the file's length).
+    hints: Mutex<Vec<(u64, u64, u64)>>,
 }
 
 #[derive(Debug)]
@@ -83,6 +85,16 @@ impl StorageFile for CheckedFile {
 
     fn start_writeback(&self, offset: u64, len: u64) {
         self.inner.start_writeback(offset, len)
+    }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        let file_len = self.inner.len().expect("len");
+        self.seen
+            .hints
+            .lock()
+            .expect("lock")
+            .push((offset, len, file_len));
+        self.inner.will_need(offset, len)
     }
 
     /// Yes (unless told to refuse), whatever the file system says: the OS file writes through the page cache when it
@@ -235,6 +247,16 @@ fn large_files_restore_byte_for_byte_through_aligned_direct_writes() {
     assert!(direct >= 4, "{direct} direct writes");
     // Only big.bin ends mid-block.
     assert_eq!(seen.cut_after_direct.load(Ordering::SeqCst), 1);
+    // Its packs were read ahead, at least a batch (8 MiB) at a time, within each pack.
+    let hints = seen.hints.lock().expect("lock").clone();
+    let hinted: u64 = hints.iter().map(|(_, len, _)| len).sum();
+    assert!(hinted >= 17 << 20, "{hinted} bytes hinted: {hints:?}");
+    assert!(
+        hints
+            .iter()
+            .all(|(at, len, file)| *len > 0 && at + len <= *file),
+        "hints outside their pack: {hints:?}"
+    );
     assert_same_tree(
         &tree(&agent.memdir(), false),
         &tree(&target.join("memdir"), false),

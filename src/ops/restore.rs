@@ -892,7 +892,18 @@ fn write_content(
     };
     let mut hasher = blake3::Hasher::new();
     let mut stream = source.stream();
-    let mut current = match stream.next_batch(READ_BATCH_BYTES)? {
+    // Packs not in the page cache (written past it) are read ahead a batch beyond the one
+    // being read: the disk gets many requests at once instead of a thread's one at a time.
+    let mut ahead = |packs: &PackFiles| -> Result<_, Error> {
+        let b = stream.next_batch(READ_BATCH_BYTES)?;
+        if let Some(b) = &b {
+            packs.will_need(b);
+        }
+        Ok(b)
+    };
+    let first = ahead(packs)?;
+    let mut after = ahead(packs)?;
+    let mut current = match first {
         Some(b) => Some(read_batch(packs, &b, Vec::new(), 0, false)?),
         None => None,
     };
@@ -900,7 +911,10 @@ fn write_content(
     // of a restore's CPU), since glibc maps them anew each time.
     let mut spare = Vec::new();
     while let Some(mut batch) = current.take() {
-        let next = stream.next_batch(READ_BATCH_BYTES)?;
+        let next = after.take();
+        if next.is_some() {
+            after = ahead(packs)?;
+        }
         // The batch starts with the tail the last one left unwritten; the tail it leaves is
         // known before it is written.
         let (lead, next_lead) = match &out {

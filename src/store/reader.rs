@@ -104,6 +104,27 @@ impl PackFiles {
         Ok(stored)
     }
 
+    /// Asks for the stored bytes of `chunks` to be read in the background: a span per pack run
+    /// (as [`PackFiles::read_into`] forms them, without the size limit). Packs that cannot be
+    /// opened are left to the read that follows to report.
+    pub(crate) fn will_need(&self, chunks: &[(ChunkId, ChunkLoc)]) {
+        let mut i = 0;
+        while let Some((first, loc)) = chunks.get(i) {
+            let mut end = loc.offset + u64::from(loc.stored_len);
+            i += 1;
+            while let Some((_, next)) = chunks.get(i)
+                && next.pack == loc.pack
+                && (end..=end + RUN_GAP).contains(&next.offset)
+            {
+                end = next.offset + u64::from(next.stored_len);
+                i += 1;
+            }
+            if let Ok(file) = self.chunk_file(first, loc) {
+                file.will_need(loc.offset, end - loc.offset);
+            }
+        }
+    }
+
     /// Reads, decompresses and (with `verify`) checks `chunks` into `out`, their raw bytes back
     /// to back. Chunks that lie back to back in one pack (a content written in one go) are read
     /// with one call: a restore read every 4 KiB page with a `pread` of its own (327k calls for
