@@ -110,18 +110,11 @@ impl PackFiles {
     pub(crate) fn will_need(&self, chunks: &[(ChunkId, ChunkLoc)]) {
         let mut i = 0;
         while let Some((first, loc)) = chunks.get(i) {
-            let mut end = loc.offset + u64::from(loc.stored_len);
-            i += 1;
-            while let Some((_, next)) = chunks.get(i)
-                && next.pack == loc.pack
-                && (end..=end + RUN_GAP).contains(&next.offset)
-            {
-                end = next.offset + u64::from(next.stored_len);
-                i += 1;
-            }
+            let (j, end) = run_from(chunks, i, u64::MAX);
             if let Ok(file) = self.chunk_file(first, loc) {
                 file.will_need(loc.offset, end - loc.offset);
             }
+            i = j;
         }
     }
 
@@ -149,21 +142,12 @@ impl PackFiles {
         }
         let mut rest = out;
         let mut i = 0;
-        while i < chunks.len() {
-            let (first, loc) = &chunks[i];
-            check_sizes(first, loc, &|| self.path(&loc.pack))?;
-            let mut end = loc.offset + u64::from(loc.stored_len);
-            let mut j = i + 1;
-            while let Some((id, next)) = chunks.get(j)
-                && next.pack == loc.pack
-                && (end..=end + RUN_GAP).contains(&next.offset)
-                && end - loc.offset < RUN_BYTES
-            {
-                check_sizes(id, next, &|| self.path(&next.pack))?;
-                end = next.offset + u64::from(next.stored_len);
-                j += 1;
-            }
+        while let Some((_, loc)) = chunks.get(i) {
+            let (j, end) = run_from(chunks, i, RUN_BYTES);
             let run = &chunks[i..j];
+            for (id, l) in run {
+                check_sizes(id, l, &|| self.path(&l.pack))?;
+            }
             let raw: usize = run.iter().map(|(_, l)| l.raw_len as usize).sum();
             let (dst, tail) = std::mem::take(&mut rest).split_at_mut(raw);
             rest = tail;
@@ -325,6 +309,27 @@ impl PackFiles {
         }
         Ok(raw)
     }
+}
+
+/// The run of `chunks` from `i`: those that lie in this order in one pack, each within
+/// [`RUN_GAP`] of the one before, added while the run spans under `max` bytes. Returns the index
+/// after it and the end of its last chunk.
+fn run_from(chunks: &[(ChunkId, ChunkLoc)], i: usize, max: u64) -> (usize, u64) {
+    let Some((_, loc)) = chunks.get(i) else {
+        return (i, 0);
+    };
+    let end_of = |l: &ChunkLoc| l.offset.saturating_add(u64::from(l.stored_len));
+    let mut end = end_of(loc);
+    let mut j = i + 1;
+    while let Some((_, next)) = chunks.get(j)
+        && next.pack == loc.pack
+        && (end..=end.saturating_add(RUN_GAP)).contains(&next.offset)
+        && end - loc.offset < max
+    {
+        end = end_of(next);
+        j += 1;
+    }
+    (j, end)
 }
 
 /// Reads the stored bytes of `chunks` (in pack order) from `offset` on; a pack that ends
@@ -688,6 +693,37 @@ mod tests {
         assert!(out == pages[..40].concat());
         let mut short = vec![0u8; 4095];
         assert!(packs.read_into(&chunks[..1], &mut short, true).is_err());
+    }
+
+    /// Runs stop at another pack, at a gap over [`RUN_GAP`], and once they span `max` bytes;
+    /// offsets near the end of `u64` (a damaged index) do not overflow.
+    #[test]
+    fn runs_stop_at_a_pack_a_gap_or_their_size() {
+        let (a, b) = (PackId([1; 16]), PackId([2; 16]));
+        let at = |pack, offset| {
+            let loc = ChunkLoc {
+                pack,
+                offset,
+                stored_len: 4096,
+                raw_len: 4096,
+                flags: 0,
+            };
+            (ChunkId([0; 32]), loc)
+        };
+        let gap = 4096 + RUN_GAP;
+        let chunks = [
+            at(a, 0),
+            at(a, 4096),
+            at(a, 8192 + RUN_GAP),
+            at(b, 0),
+            at(b, 4096 + gap),
+            at(b, u64::MAX - 1),
+        ];
+        assert_eq!(run_from(&chunks, 0, u64::MAX), (3, 3 * 4096 + RUN_GAP));
+        assert_eq!(run_from(&chunks, 0, 4096), (1, 4096));
+        assert_eq!(run_from(&chunks, 3, u64::MAX), (4, 4096));
+        assert_eq!(run_from(&chunks, 5, u64::MAX), (6, u64::MAX));
+        assert_eq!(run_from(&chunks, 6, u64::MAX), (6, 0));
     }
 
     /// A pack cut short inside a run: the error names the first chunk that reaches past its
