@@ -368,10 +368,6 @@ impl WritebackFile {
             hinted: 0,
         }
     }
-
-    pub(crate) fn into_inner(self) -> Box<dyn StorageFile> {
-        self.file
-    }
 }
 
 impl io::Write for WritebackFile {

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use common::{AGENT, TENANT, assert_same_tree, tree};
 use memsnap::sample::{SampleAgent, SampleSpec};
 use memsnap::{
-    AgentId, DIRECT_ALIGN, Memsnap, OpenMode, OsStorage, RestoreRequest, SnapshotRequest,
-    SourceSpec, Storage, StorageFile, StoreOptions,
+    AgentId, DIRECT_ALIGN, ExportRequest, Memsnap, OpenMode, OsStorage, RestoreRequest,
+    SnapshotRequest, SourceSpec, Storage, StorageFile, StoreOptions,
 };
 
 #[derive(Debug, Default)]
@@ -378,5 +378,42 @@ fn a_failed_direct_pack_write_fails_the_snapshot_and_leaves_no_pack() {
     seen.restart(0);
     snapshot(&m, &agent).expect("snapshot once the disk has room");
     let report = m.verify(None, None, true).expect("verify");
+    assert!(report.ok(), "{report:?}");
+}
+
+/// Export writes its bundle past the page cache too: aligned blocks, the tail cut off, and a
+/// bundle that verifies whole against its `.sha256`. A failed direct write leaves nothing.
+#[test]
+fn bundles_are_written_in_aligned_direct_blocks_and_verify() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let seen = Arc::new(Seen::default());
+    let agent = agent_with_files(tmp.path());
+    let m = store_on(tmp.path(), &seen);
+    let snap = snapshot(&m, &agent).expect("snapshot");
+    let id = AgentId::new(TENANT, AGENT).expect("id");
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).expect("out");
+    let bundle = out.join("agent.tar.zst");
+    let export = || m.export(&ExportRequest::new(&snap.id, &bundle).agent(id.clone()));
+
+    seen.restart(2);
+    let msg = export().expect_err("the disk is full").to_string();
+    assert!(msg.contains("No space left on device"), "{msg}");
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .expect("out")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    seen.restart(0);
+    export().expect("export");
+    seen.assert_aligned();
+    // ~19 MiB of noise, stored raw and so framed raw.
+    let direct = seen.direct_writes.load(Ordering::SeqCst);
+    assert!(direct >= 19, "{direct} direct writes");
+    let len = std::fs::metadata(&bundle).expect("bundle").len();
+    let cut = u64::from(!len.is_multiple_of(DIRECT_ALIGN as u64));
+    assert_eq!(seen.cut_after_direct.load(Ordering::SeqCst), cut);
+    let report = memsnap::verify_bundle(&bundle, None).expect("verify-bundle");
     assert!(report.ok(), "{report:?}");
 }

@@ -25,7 +25,7 @@ use crate::lock::Mode;
 use crate::manifest::artifact::{EntryKind, Part};
 use crate::names::AgentId;
 use crate::ops::Progress;
-use crate::storage::{Fs, OpenMode, StorageFile, WritebackFile};
+use crate::storage::{DirectFile, Fs, OpenMode, StorageFile};
 use crate::store::Store;
 use crate::store::reader::{ChunkReader, PackFiles};
 use crate::store::stream::ChunkSource;
@@ -695,8 +695,9 @@ fn redact_one(
     })
 }
 
-/// The bundle file, its SHA-256 and its write calls each on a thread of their own.
-type Output = OffThread<HashWriter<OffThread<WritebackFile>>>;
+/// The bundle file, its SHA-256 and its write calls each on a thread of their own; the file
+/// written past the page cache where the storage allows.
+type Output = OffThread<HashWriter<OffThread<DirectFile>>>;
 
 /// The byte sink under the compressor: the file, through age when encrypting.
 enum Sink {
@@ -735,7 +736,7 @@ fn open_sink(
     file: Box<dyn StorageFile>,
     recipients: &[age::x25519::Recipient],
 ) -> io::Result<Sink> {
-    let hashed = OffThread::new(HashWriter::new(OffThread::new(WritebackFile::new(file))?))?;
+    let hashed = OffThread::new(HashWriter::new(OffThread::new(DirectFile::new(file))?))?;
     if recipients.is_empty() {
         return Ok(Sink::Plain(hashed));
     }
@@ -750,7 +751,7 @@ fn close_sink(sink: Sink) -> io::Result<(Box<dyn StorageFile>, String, u64)> {
         Sink::Age(w) => w.finish()?,
     };
     let (file, sha, bytes) = hashed.finish()?.finish();
-    Ok((file.finish()?.into_inner(), sha, bytes))
+    Ok((file.finish()?.finish()?, sha, bytes))
 }
 
 /// A tar header (with GNU long-name records when the path needs them) for `size` bytes.
