@@ -199,6 +199,15 @@ fn store_on(tmp: &Path, seen: &Arc<Seen>) -> Memsnap {
     .expect("store")
 }
 
+/// [`agent_with_files`] and an empty store on a [`Checking`] storage, in a new folder.
+fn agent_and_store() -> (tempfile::TempDir, Arc<Seen>, SampleAgent, Memsnap) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let seen = Arc::new(Seen::default());
+    let agent = agent_with_files(tmp.path());
+    let m = store_on(tmp.path(), &seen);
+    (tmp, seen, agent, m)
+}
+
 fn snapshot(m: &Memsnap, agent: &SampleAgent) -> memsnap::Result<memsnap::SnapshotInfo> {
     let id = AgentId::new(TENANT, AGENT).expect("id");
     m.snapshot(&SnapshotRequest::new(id).sources(SourceSpec::from_root(agent.root())))
@@ -323,10 +332,7 @@ fn pack_lengths(store: &Path) -> Vec<u64> {
 /// padded and then cut off. What they wrote reads back whole.
 #[test]
 fn packs_are_written_in_aligned_direct_blocks_and_read_back_whole() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let seen = Arc::new(Seen::default());
-    let agent = agent_with_files(tmp.path());
-    let m = store_on(tmp.path(), &seen);
+    let (tmp, seen, agent, m) = agent_and_store();
     snapshot(&m, &agent).expect("snapshot");
     seen.assert_aligned();
     // ~19 MiB of noise, stored raw: at least that many 1 MiB blocks.
@@ -360,10 +366,7 @@ fn packs_are_written_in_aligned_direct_blocks_and_read_back_whole() {
 /// the disk has room.
 #[test]
 fn a_failed_direct_pack_write_fails_the_snapshot_and_leaves_no_pack() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let seen = Arc::new(Seen::default());
-    let agent = agent_with_files(tmp.path());
-    let m = store_on(tmp.path(), &seen);
+    let (tmp, seen, agent, m) = agent_and_store();
     seen.restart(3);
     let msg = snapshot(&m, &agent)
         .expect_err("the disk is full")
@@ -385,10 +388,7 @@ fn a_failed_direct_pack_write_fails_the_snapshot_and_leaves_no_pack() {
 /// bundle that verifies whole against its `.sha256`. A failed direct write leaves nothing.
 #[test]
 fn bundles_are_written_in_aligned_direct_blocks_and_verify() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let seen = Arc::new(Seen::default());
-    let agent = agent_with_files(tmp.path());
-    let m = store_on(tmp.path(), &seen);
+    let (tmp, seen, agent, m) = agent_and_store();
     let snap = snapshot(&m, &agent).expect("snapshot");
     let id = AgentId::new(TENANT, AGENT).expect("id");
     let out = tmp.path().join("out");
