@@ -897,7 +897,7 @@ fn write_content(
     let mut ahead = |packs: &PackFiles| -> Result<_, Error> {
         let b = stream.next_batch(READ_BATCH_BYTES)?;
         if let Some(b) = &b {
-            packs.will_need(b);
+            packs.will_need(b)?;
         }
         Ok(b)
     };

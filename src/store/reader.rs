@@ -105,17 +105,18 @@ impl PackFiles {
     }
 
     /// Asks for the stored bytes of `chunks` to be read in the background: a span per pack run
-    /// (as [`PackFiles::read_into`] forms them, without the size limit). Packs that cannot be
-    /// opened are left to the read that follows to report.
-    pub(crate) fn will_need(&self, chunks: &[(ChunkId, ChunkLoc)]) {
+    /// (as [`PackFiles::read_into`] forms them, without the size limit). A pack that cannot be
+    /// opened is an error here: a later open that succeeds must not hide it (the crash walk
+    /// caught that).
+    pub(crate) fn will_need(&self, chunks: &[(ChunkId, ChunkLoc)]) -> Result<(), StoreError> {
         let mut i = 0;
         while let Some((first, loc)) = chunks.get(i) {
             let (j, end) = run_from(chunks, i, u64::MAX);
-            if let Ok(file) = self.chunk_file(first, loc) {
-                file.will_need(loc.offset, end - loc.offset);
-            }
+            self.chunk_file(first, loc)?
+                .will_need(loc.offset, end - loc.offset);
             i = j;
         }
+        Ok(())
     }
 
     /// Reads, decompresses and (with `verify`) checks `chunks` into `out`, their raw bytes back
