@@ -894,15 +894,15 @@ fn write_content(
     let mut stream = source.stream();
     // Packs not in the page cache (written past it) are read ahead a batch beyond the one
     // being read: the disk gets many requests at once instead of a thread's one at a time.
-    let mut ahead = |packs: &PackFiles| -> Result<_, Error> {
+    let mut ahead = || -> Result<_, Error> {
         let b = stream.next_batch(READ_BATCH_BYTES)?;
         if let Some(b) = &b {
             packs.will_need(b)?;
         }
         Ok(b)
     };
-    let first = ahead(packs)?;
-    let mut after = ahead(packs)?;
+    let first = ahead()?;
+    let mut after = ahead()?;
     let mut current = match first {
         Some(b) => Some(read_batch(packs, &b, Vec::new(), 0, false)?),
         None => None,
@@ -913,7 +913,7 @@ fn write_content(
     while let Some(mut batch) = current.take() {
         let next = after.take();
         if next.is_some() {
-            after = ahead(packs)?;
+            after = ahead()?;
         }
         // The batch starts with the tail the last one left unwritten; the tail it leaves is
         // known before it is written.
