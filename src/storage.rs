@@ -16,6 +16,7 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::path::Path;
+use std::time::SystemTime;
 
 use crate::fsutil::{parent_of, tmp_name};
 use std::sync::Arc;
@@ -69,6 +70,21 @@ pub trait StorageFile: Send + Sync + fmt::Debug {
     /// storage that cannot (the default).
     fn write_direct(&self) -> bool {
         false
+    }
+
+    /// Asks that later reads bypass the page cache (`O_DIRECT`); returns whether they will.
+    /// Such reads are aligned to [`DIRECT_ALIGN`] in memory, offset and length (the last may
+    /// end short, at the end of the file). A read the file system still refuses is made
+    /// through the page cache instead, as are all reads of a storage that cannot (the default).
+    fn read_direct(&self) -> bool {
+        false
+    }
+
+    /// Sets the permission bits and the modification time through the open file, sparing
+    /// two lookups of its path; `Ok(false)` where this storage cannot (the default), and the
+    /// caller sets them by path.
+    fn set_mode_and_mtime(&self, _mode: u32, _mtime: Option<SystemTime>) -> io::Result<bool> {
+        Ok(false)
     }
 }
 
@@ -146,8 +162,24 @@ impl StorageFile for OsFile {
         while n < buf.len() {
             match self.file.read_at(&mut buf[n..], offset + n as u64) {
                 Ok(0) => break,
+                // A direct read that ends off a block has met the end of the file: asking on
+                // from there (unaligned) would fail.
+                Ok(k)
+                    if k % DIRECT_ALIGN != 0
+                        && self.direct.load(std::sync::atomic::Ordering::Relaxed) =>
+                {
+                    n += k;
+                    break;
+                }
                 Ok(k) => n += k,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // As for writes: a file system that takes O_DIRECT yet not this read.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EINVAL)
+                        && self.direct.load(std::sync::atomic::Ordering::Relaxed) =>
+                {
+                    self.set_direct(false)?;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -211,6 +243,20 @@ impl StorageFile for OsFile {
     fn write_direct(&self) -> bool {
         // tmpfs and some FUSE file systems refuse the flag (EINVAL).
         self.set_direct(true).is_ok()
+    }
+
+    fn read_direct(&self) -> bool {
+        self.set_direct(true).is_ok()
+    }
+
+    fn set_mode_and_mtime(&self, mode: u32, mtime: Option<SystemTime>) -> io::Result<bool> {
+        use std::os::unix::fs::PermissionsExt;
+        self.file
+            .set_permissions(fs::Permissions::from_mode(mode))?;
+        if let Some(t) = mtime {
+            self.file.set_modified(t)?;
+        }
+        Ok(true)
     }
 }
 
@@ -367,6 +413,10 @@ impl WritebackFile {
             written: 0,
             hinted: 0,
         }
+    }
+
+    pub(crate) fn into_inner(self) -> Box<dyn StorageFile> {
+        self.file
     }
 }
 

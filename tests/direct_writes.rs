@@ -21,9 +21,12 @@ use memsnap::{
 struct Seen {
     /// Fail the direct write with this number (from 1) with ENOSPC; 0: none.
     fail_at: AtomicU64,
-    /// Answer no to `write_direct`, as tmpfs does.
+    /// Answer no to `write_direct` and `read_direct`, as tmpfs does.
     refuse: AtomicBool,
     direct_writes: AtomicU64,
+    direct_reads: AtomicU64,
+    /// Read-ahead hints on files read past the page cache, where they buy nothing.
+    hints_on_direct: AtomicU64,
     cut_after_direct: AtomicU64,
     misaligned: Mutex<Vec<String>>,
     /// Read-ahead hints: (offset, length, the file's length).
@@ -39,11 +42,32 @@ struct Checking {
 struct CheckedFile {
     inner: Box<dyn StorageFile>,
     direct: AtomicBool,
+    direct_reads: AtomicBool,
     seen: Arc<Seen>,
+}
+
+impl CheckedFile {
+    fn check_aligned(&self, what: &str, buf: &[u8], offset: u64) {
+        let a = DIRECT_ALIGN as u64;
+        let aligned = [buf.as_ptr() as u64, offset, buf.len() as u64]
+            .iter()
+            .all(|v| v.is_multiple_of(a));
+        if !aligned {
+            self.seen.misaligned.lock().expect("lock").push(format!(
+                "{what} of {} bytes at offset {offset} from address {:p}",
+                buf.len(),
+                buf.as_ptr()
+            ));
+        }
+    }
 }
 
 impl StorageFile for CheckedFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        if self.direct_reads.load(Ordering::SeqCst) {
+            self.seen.direct_reads.fetch_add(1, Ordering::SeqCst);
+            self.check_aligned("read", buf, offset);
+        }
         self.inner.read_at(buf, offset)
     }
 
@@ -53,17 +77,7 @@ impl StorageFile for CheckedFile {
             if n == self.seen.fail_at.load(Ordering::SeqCst) {
                 return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
             }
-            let a = DIRECT_ALIGN as u64;
-            let aligned = [buf.as_ptr() as u64, offset, buf.len() as u64]
-                .iter()
-                .all(|v| v.is_multiple_of(a));
-            if !aligned {
-                self.seen.misaligned.lock().expect("lock").push(format!(
-                    "{} bytes at offset {offset} from address {:p}",
-                    buf.len(),
-                    buf.as_ptr()
-                ));
-            }
+            self.check_aligned("write", buf, offset);
         }
         self.inner.write_all_at(buf, offset)
     }
@@ -88,6 +102,9 @@ impl StorageFile for CheckedFile {
     }
 
     fn will_need(&self, offset: u64, len: u64) {
+        if self.direct_reads.load(Ordering::SeqCst) {
+            self.seen.hints_on_direct.fetch_add(1, Ordering::SeqCst);
+        }
         let file_len = self.inner.len().expect("len");
         self.seen
             .hints
@@ -107,6 +124,17 @@ impl StorageFile for CheckedFile {
         self.direct.store(true, Ordering::SeqCst);
         true
     }
+
+    /// The same for reads: where the OS cannot, it reads the same aligned blocks through the
+    /// page cache.
+    fn read_direct(&self) -> bool {
+        if self.seen.refuse.load(Ordering::SeqCst) {
+            return false;
+        }
+        let _ = self.inner.read_direct();
+        self.direct_reads.store(true, Ordering::SeqCst);
+        true
+    }
 }
 
 impl Storage for Checking {
@@ -114,6 +142,7 @@ impl Storage for Checking {
         Ok(Box::new(CheckedFile {
             inner: OsStorage.open(path, mode)?,
             direct: AtomicBool::new(false),
+            direct_reads: AtomicBool::new(false),
             seen: self.seen.clone(),
         }))
     }
@@ -168,6 +197,9 @@ impl Seen {
     /// Counts from zero, failing the `fail_at`th direct write from now on (0: none).
     fn restart(&self, fail_at: u64) {
         self.direct_writes.store(0, Ordering::SeqCst);
+        self.direct_reads.store(0, Ordering::SeqCst);
+        self.hints_on_direct.store(0, Ordering::SeqCst);
+        self.hints.lock().expect("lock").clear();
         self.cut_after_direct.store(0, Ordering::SeqCst);
         self.fail_at.store(fail_at, Ordering::SeqCst);
     }
@@ -176,7 +208,7 @@ impl Seen {
         let misaligned = self.misaligned.lock().expect("lock").clone();
         assert!(
             misaligned.is_empty(),
-            "misaligned direct writes: {misaligned:?}"
+            "misaligned direct reads or writes: {misaligned:?}"
         );
     }
 }
@@ -256,16 +288,11 @@ fn large_files_restore_byte_for_byte_through_aligned_direct_writes() {
     assert!(direct >= 4, "{direct} direct writes");
     // Only big.bin ends mid-block.
     assert_eq!(seen.cut_after_direct.load(Ordering::SeqCst), 1);
-    // Its packs were read ahead, at least a batch (8 MiB) at a time, within each pack.
-    let hints = seen.hints.lock().expect("lock").clone();
-    let hinted: u64 = hints.iter().map(|(_, len, _)| len).sum();
-    assert!(hinted >= 17 << 20, "{hinted} bytes hinted: {hints:?}");
-    assert!(
-        hints
-            .iter()
-            .all(|(at, len, file)| *len > 0 && at + len <= *file),
-        "hints outside their pack: {hints:?}"
-    );
+    // The large files' packs were read past the page cache, in runs of up to 1 MiB (checked
+    // aligned above), and not hinted.
+    let reads = seen.direct_reads.load(Ordering::SeqCst);
+    assert!(reads >= 19, "{reads} direct reads");
+    assert_eq!(seen.hints_on_direct.load(Ordering::SeqCst), 0);
     assert_same_tree(
         &tree(&agent.memdir(), false),
         &tree(&target.join("memdir"), false),
@@ -284,6 +311,17 @@ fn large_files_restore_byte_for_byte_through_the_page_cache_too() {
     let (agent, target, result) = restore_through(tmp.path(), &seen, 0);
     result.expect("restore");
     assert_eq!(seen.direct_writes.load(Ordering::SeqCst), 0);
+    assert_eq!(seen.direct_reads.load(Ordering::SeqCst), 0);
+    // The packs were read ahead instead, at least a batch (8 MiB) at a time, within each pack.
+    let hints = seen.hints.lock().expect("lock").clone();
+    let hinted: u64 = hints.iter().map(|(_, len, _)| len).sum();
+    assert!(hinted >= 17 << 20, "{hinted} bytes hinted: {hints:?}");
+    assert!(
+        hints
+            .iter()
+            .all(|(at, len, file)| *len > 0 && at + len <= *file),
+        "hints outside their pack: {hints:?}"
+    );
     assert_restored(&agent.memdir(), &target);
 }
 
