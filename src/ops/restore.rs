@@ -833,19 +833,12 @@ fn write_group(
     Ok(())
 }
 
-/// Writes one file's content (past the page cache when `direct` and it is large enough), then
-/// sets its mode and modification time.
-fn write_file(
-    fsys: &Fs,
-    packs: &PackFiles,
+/// Sets a written file's mode and modification time, through `file` where the storage can.
+fn set_mode_and_mtime(
+    file: Box<dyn StorageFile>,
     e: &ArtifactEntry,
-    source: Option<&ChunkSource>,
     path: &Path,
-    direct: bool,
-    progress: &dyn Progress,
 ) -> Result<(), Error> {
-    let direct = direct && e.size >= DIRECT_MIN;
-    let file = write_content(fsys, packs, e, source, path, direct, progress)?;
     let mtime = (e.mtime_ns != 0).then(|| mtime_of(e.mtime_ns));
     let done = file
         .set_mode_and_mtime(e.mode, mtime)
@@ -934,7 +927,9 @@ impl Out {
     }
 }
 
-fn write_content(
+/// Writes one file: its content (past the page cache when `direct` and it is large enough),
+/// checked against its hash, then its mode and modification time.
+fn write_file(
     fsys: &Fs,
     packs: &PackFiles,
     e: &ArtifactEntry,
@@ -942,7 +937,8 @@ fn write_content(
     path: &Path,
     direct: bool,
     progress: &dyn Progress,
-) -> Result<Box<dyn StorageFile>, Error> {
+) -> Result<(), Error> {
+    let direct = direct && e.size >= DIRECT_MIN;
     let Some(source) = source else {
         return Err(StoreError::CorruptRecord {
             what: format!("entry {}", e.path_lossy()),
@@ -1062,7 +1058,7 @@ fn write_content(
             path: path.to_path_buf(),
         });
     }
-    Ok(file)
+    set_mode_and_mtime(file, e, path)
 }
 
 /// What a scoped thread returned; its panic goes on.
@@ -1449,7 +1445,7 @@ mod tests {
         };
         let restore = |entry: &ArtifactEntry, name: &str| {
             let path = dir.path().join(name);
-            let r = write_content(
+            let r = write_file(
                 &store.fs,
                 &packs,
                 entry,
