@@ -204,15 +204,39 @@ pub(crate) fn verify(
         }
         (records, parts, ids)
     };
+    // Each range of ids located in an index session of its own. With several ranges, the
+    // located chunks are regrouped by pack (`PackParts`) so that pass 2 reads each pack once.
+    // Both sets of spill files are closed once written: file descriptors are few.
+    ids.seal()?;
+    let mut by_pack = match parts {
+        1 => None,
+        n => Some(PackParts::new(store, n)?),
+    };
+    let mut only = Vec::new();
     for part in 0..parts {
         let mut located = ids.take(part)?;
         if located.is_empty() {
             continue;
         }
-        {
-            let index = store.index_for_reading()?;
-            let mut reader = ChunkReader::new(&index, store.packs_dir())?;
-            locate_in_pack_order(&mut reader, &mut located, &mut bad)?;
+        let index = store.index_for_reading()?;
+        let mut reader = ChunkReader::new(&index, store.packs_dir())?;
+        locate_in_pack_order(&mut reader, &mut located, &mut bad)?;
+        match &mut by_pack {
+            Some(b) => b.push_all(&located)?,
+            None => only = located,
+        }
+    }
+    drop(ids);
+    if let Some(b) = &mut by_pack {
+        seal(&mut b.files, |p| b.dir.path.join(format!("packs-{p}")))?;
+    }
+    for part in 0..parts {
+        let located = match &mut by_pack {
+            Some(b) => b.take(part)?,
+            None => std::mem::take(&mut only),
+        };
+        if located.is_empty() {
+            continue;
         }
 
         // Pass 2, without the index.
@@ -251,7 +275,7 @@ pub(crate) fn verify(
             note_fault(&mut bad, id, e)?;
         }
     }
-    drop(ids);
+    drop(by_pack);
     // Per pack: missing, shorter than its chunks need, or (read_data) a damaged footer. The
     // packs of chunks that failed in pass 1 (tree nodes, manifests) count too.
     for fault in bad.values().chain(manifest_damage.values().map(|(_, f)| f)) {
@@ -496,6 +520,14 @@ impl IdParts {
         }
     }
 
+    /// Closes the spill files once every id is pushed.
+    fn seal(&mut self) -> Result<(), Error> {
+        match self {
+            Self::Memory { .. } => Ok(()),
+            Self::Spilled { dir, files } => seal(files, |p| dir.path.join(p.to_string())),
+        }
+    }
+
     fn parts(&self) -> u64 {
         match self {
             Self::Memory { .. } => 1,
@@ -534,6 +566,99 @@ impl IdParts {
     }
 }
 
+/// Located chunks regrouped by pack: `parts` groups of whole packs (pack ids are random, so the
+/// groups are alike), each spilled to a file under `tmp/` like [`IdParts`], so that pass 2
+/// reads each pack once, front to back. Read by range of ids instead, every range read a little
+/// of every pack, and once the packs outgrew the page cache each range read most of the store
+/// from the disk again (4 GiB agent, 32 ranges, packs not cached: 3.7 -> 10.5 s).
+struct PackParts {
+    dir: crate::fsutil::ScratchDir,
+    /// Closed once their part is taken.
+    files: Vec<Option<std::io::BufWriter<std::fs::File>>>,
+}
+
+/// Flushes and closes spill files whose writing is over; their parts are read by path.
+fn seal(
+    files: &mut [Option<std::io::BufWriter<std::fs::File>>],
+    path: impl Fn(usize) -> std::path::PathBuf,
+) -> Result<(), Error> {
+    for (part, f) in files.iter_mut().enumerate() {
+        if let Some(f) = f.take() {
+            f.into_inner()
+                .map_err(|e| Error::io(path(part), e.into_error()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of one spilled record: a chunk id and its location.
+const LOCATED: usize = 32 + ChunkLoc::ENCODED;
+
+impl PackParts {
+    fn new(store: &Store, parts: u64) -> Result<Self, Error> {
+        let tmp = store.tmp_dir();
+        let dir = crate::fsutil::ScratchDir::create(&store.fs, &tmp, "verify")
+            .map_err(|e| Error::io(&tmp, e))?;
+        let files = (0..parts)
+            .map(|p| {
+                let path = dir.path.join(format!("packs-{p}"));
+                std::fs::File::create(&path)
+                    .map(|f| Some(std::io::BufWriter::with_capacity(16 << 10, f)))
+                    .map_err(|e| Error::io(&path, e))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { dir, files })
+    }
+
+    fn push_all(&mut self, located: &[(ChunkId, ChunkLoc)]) -> Result<(), Error> {
+        use std::io::Write;
+        let parts = self.files.len() as u64;
+        for (id, loc) in located {
+            let mut prefix = [0u8; 8];
+            prefix.copy_from_slice(&loc.pack.0[..8]);
+            let part =
+                ((u128::from(u64::from_be_bytes(prefix)) * u128::from(parts)) >> 64) as usize;
+            let path = || self.dir.path.join(format!("packs-{part}"));
+            let Some(f) = self.files.get_mut(part).and_then(Option::as_mut) else {
+                return Err(Error::io(
+                    path(),
+                    std::io::Error::other("written after its part was taken"),
+                ));
+            };
+            f.write_all(&id.0)
+                .and_then(|()| f.write_all(&loc.encode()))
+                .map_err(|e| Error::io(path(), e))?;
+        }
+        Ok(())
+    }
+
+    /// The chunks of `part`, in pack order.
+    fn take(&mut self, part: u64) -> Result<Vec<(ChunkId, ChunkLoc)>, Error> {
+        use std::io::Write;
+        let path = self.dir.path.join(format!("packs-{part}"));
+        let io = |e| Error::io(&path, e);
+        if let Some(mut f) = self.files.get_mut(part as usize).and_then(Option::take) {
+            f.flush().map_err(io)?;
+        }
+        let mut f =
+            std::io::BufReader::with_capacity(1 << 16, std::fs::File::open(&path).map_err(io)?);
+        let mut located = Vec::new();
+        let mut rec = [0u8; LOCATED];
+        while crate::fsutil::read_full(&mut f, &mut rec).map_err(io)? == LOCATED {
+            let (id, loc) = rec.split_at(32);
+            let mut a = [0u8; 32];
+            a.copy_from_slice(id);
+            let mut b = [0u8; ChunkLoc::ENCODED];
+            b.copy_from_slice(loc);
+            located.push((ChunkId(a), ChunkLoc::decode(&b)));
+        }
+        drop(f);
+        std::fs::remove_file(&path).map_err(io)?;
+        located.sort_unstable_by_key(|(_, l)| (l.pack, l.offset));
+        Ok(located)
+    }
+}
+
 /// Appends `id`, sorting and deduplicating whenever the list has doubled since the last time:
 /// it stays within twice the distinct ids.
 fn push_dedup(ids: &mut Vec<(ChunkId, ChunkLoc)>, deduped: &mut usize, id: ChunkId) {
@@ -565,6 +690,60 @@ fn part_of(id: &ChunkId, parts: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chunks pushed from several ranges of ids come back once each, every pack's chunks in one
+    /// part, in pack order; the spill files go with their parts.
+    #[test]
+    fn pack_parts_hold_whole_packs_in_pack_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::for_test(dir.path());
+        let mut parts = PackParts::new(&store, 5).expect("parts");
+        let packs: Vec<PackId> = (0..40u8)
+            .map(|i| PackId(*blake3::hash(&[i]).as_bytes().first_chunk().expect("16")))
+            .collect();
+        let mut all = Vec::new();
+        for range in 0..3u32 {
+            let located: Vec<(ChunkId, ChunkLoc)> = (0..400u32)
+                .map(|i| {
+                    let n = range * 1000 + i;
+                    let loc = ChunkLoc {
+                        pack: packs[(n * 7 % 40) as usize],
+                        offset: u64::from(n) * 4096,
+                        stored_len: 100 + n,
+                        raw_len: 4096,
+                        flags: (n % 2) as u8,
+                    };
+                    (ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes()), loc)
+                })
+                .collect();
+            parts.push_all(&located).expect("push");
+            all.extend(located);
+        }
+        seal(&mut parts.files, |p| p.to_string().into()).expect("seal");
+        let mut back = Vec::new();
+        let mut owner: HashMap<PackId, u64> = HashMap::new();
+        for part in 0..5 {
+            let got = parts.take(part).expect("take");
+            assert!(
+                got.is_sorted_by_key(|(_, l)| (l.pack, l.offset)),
+                "part {part} in pack order"
+            );
+            for (_, l) in &got {
+                assert_eq!(
+                    *owner.entry(l.pack).or_insert(part),
+                    part,
+                    "one part per pack"
+                );
+            }
+            assert!(!parts.dir.path.join(format!("packs-{part}")).exists());
+            back.extend(got);
+        }
+        assert!(owner.len() == 40 && owner.values().collect::<HashSet<_>>().len() > 1);
+        let key = |v: &mut Vec<(ChunkId, ChunkLoc)>| v.sort_unstable_by_key(|(id, _)| *id);
+        key(&mut all);
+        key(&mut back);
+        assert!(all == back, "every chunk back once, with its location");
+    }
 
     #[test]
     fn parts_split_the_ids_in_order() {
