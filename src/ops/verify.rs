@@ -616,8 +616,7 @@ impl PackParts {
         for (id, loc) in located {
             let mut prefix = [0u8; 8];
             prefix.copy_from_slice(&loc.pack.0[..8]);
-            let part =
-                ((u128::from(u64::from_be_bytes(prefix)) * u128::from(parts)) >> 64) as usize;
+            let part = range_of(u64::from_be_bytes(prefix), parts);
             let path = || self.dir.path.join(format!("packs-{part}"));
             let Some(f) = self.files.get_mut(part).and_then(Option::as_mut) else {
                 return Err(Error::io(
@@ -684,7 +683,12 @@ const LEAF_PARTS_PER: u64 = 8;
 
 /// Which of `parts` equal ranges of ids `id` falls in; ids are uniform, so parts are alike.
 fn part_of(id: &ChunkId, parts: u64) -> usize {
-    ((u128::from(id.prefix()) * u128::from(parts)) >> 64) as usize
+    range_of(id.prefix(), parts)
+}
+
+/// Which of `parts` equal ranges of the `u64`s `prefix` falls in.
+fn range_of(prefix: u64, parts: u64) -> usize {
+    ((u128::from(prefix) * u128::from(parts)) >> 64) as usize
 }
 
 #[cfg(test)]
