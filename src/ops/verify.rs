@@ -738,7 +738,9 @@ mod tests {
         }
         assert!(owner.len() == 40 && owner.values().collect::<HashSet<_>>().len() > 1);
         // A write after its part was read is refused, naming the file, not lost.
-        let late = parts.push_all(&all[..1]).expect_err("written after its part was read");
+        let late = parts
+            .push_all(&all[..1])
+            .expect_err("written after its part was read");
         assert!(late.to_string().contains("packs-"), "{late}");
         let key = |v: &mut Vec<(ChunkId, ChunkLoc)>| v.sort_unstable_by_key(|(id, _)| *id);
         key(&mut all);
