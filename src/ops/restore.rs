@@ -752,10 +752,6 @@ fn stage(
                     .map_err(|err| Error::io(&path, err))?;
             }
             EntryKind::File | EntryKind::Sqlite { .. } => {
-                // The switch reads a staged database back into a live one (SQLite's backup):
-                // that one stays in the page cache. Everything else is only renamed.
-                let read_back = e.part == Part::Sqlite
-                    && crate::source::sqlite::is_database(&j.sqlite_dir.join(e.path_lossy()));
                 if e.size < DIRECT_MIN {
                     small.push((e, source, path));
                     if small.len() == GROUP_FILES {
@@ -763,6 +759,10 @@ fn stage(
                     }
                     continue;
                 }
+                // The switch reads a staged database back into a live one (SQLite's backup):
+                // that one stays in the page cache. Everything else is only renamed.
+                let read_back = e.part == Part::Sqlite
+                    && crate::source::sqlite::is_database(&j.sqlite_dir.join(e.path_lossy()));
                 write_file(
                     &store.fs,
                     &direct_packs,
