@@ -446,6 +446,11 @@ fn bundles_are_written_in_aligned_direct_blocks_and_verify() {
     seen.restart(0);
     export().expect("export");
     seen.assert_aligned();
+    // big.bin was read past the page cache twice (its digest, then its frames), in runs of up
+    // to 1 MiB (checked aligned above), and not hinted.
+    let reads = seen.direct_reads.load(Ordering::SeqCst);
+    assert!(reads >= 34, "{reads} direct reads");
+    assert_eq!(seen.hints_on_direct.load(Ordering::SeqCst), 0);
     // ~19 MiB of noise, stored raw and so framed raw.
     let direct = seen.direct_writes.load(Ordering::SeqCst);
     assert!(direct >= 19, "{direct} direct writes");

@@ -9,10 +9,11 @@ use std::sync::{Arc, mpsc};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use crate::error::StoreError;
 use crate::store::chunk_id::ChunkId;
 use crate::store::pack::{ChunkLoc, FLAG_ZSTD};
 use crate::store::reader::PackFiles;
-use crate::store::stream::ChunkSource;
+use crate::store::stream::{ChunkSource, PIECE_BYTES, byte_batches};
 
 pub(crate) struct HashWriter<W> {
     inner: W,
@@ -242,12 +243,13 @@ impl<R: Read> Read for LimitReader<R> {
 const PREFETCH_BATCH: u64 = 4 << 20;
 const PREFETCH_DEPTH: usize = 4;
 /// Reader threads of their own: a prefetch must never wait for a pool whose threads are
-/// blocked consuming it.
+/// blocked consuming it. Twice the cores, as restore's: a read past the page cache holds its
+/// thread until the disk answers.
 fn prefetch_pool() -> &'static rayon::ThreadPool {
     static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .num_threads(2 * std::thread::available_parallelism().map_or(2, |n| n.get()))
             .thread_name(|i| format!("memsnap-prefetch-{i}"))
             .build()
             .unwrap_or_else(|_| {
@@ -333,8 +335,25 @@ impl<T> Drop for ReadAhead<T> {
     }
 }
 
-/// Reads a stored artifact in order, its chunks read, checked and decompressed ahead of the
-/// consumer (in parallel within a batch), so that hashing or compression overlaps the reads.
+/// Runs `read` over the pieces of `batch` (about [`PIECE_BYTES`] each), in parallel on the
+/// prefetch pool, or in place on a rayon worker (a small artifact read inline by a parallel
+/// caller): a worker blocked in `install` steals more of its own pool's tasks, each of which
+/// would block the same way, until the stack runs out.
+fn by_pieces<T: Send>(
+    batch: &[(ChunkId, ChunkLoc)],
+    read: impl Fn(&[(ChunkId, ChunkLoc)]) -> Result<T, StoreError> + Sync + Send,
+) -> Result<Vec<T>, String> {
+    let pieces: Vec<_> = byte_batches(batch, PIECE_BYTES).collect();
+    let parts: Result<Vec<_>, _> = match rayon::current_thread_index() {
+        Some(_) => pieces.into_iter().map(read).collect(),
+        None => prefetch_pool().install(|| pieces.into_par_iter().map(&read).collect()),
+    };
+    parts.map_err(|e| e.to_string())
+}
+
+/// Reads a stored artifact in order, its chunks read (a call per pack run), checked and
+/// decompressed ahead of the consumer, in parallel within a batch, so that hashing or
+/// compression overlaps the reads.
 pub(crate) struct StoredReader {
     ahead: ReadAhead<Vec<u8>>,
     parts: std::vec::IntoIter<Vec<u8>>,
@@ -346,16 +365,11 @@ pub(crate) struct StoredReader {
 impl StoredReader {
     pub(crate) fn new(packs: Arc<PackFiles>, source: ChunkSource, verify: bool) -> Self {
         let ahead = read_ahead(source, move |batch| {
-            let read = |(id, loc): &(ChunkId, ChunkLoc)| packs.read_checked(id, loc, verify);
-            // On a rayon worker (a small artifact read inline by a parallel caller), read in
-            // place: a worker blocked in `install` steals more of its own pool's tasks, each of
-            // which would block the same way, until the stack runs out.
-            let parts: Result<Vec<_>, _> = if rayon::current_thread_index().is_some() {
-                batch.iter().map(read).collect()
-            } else {
-                prefetch_pool().install(|| batch.par_iter().map(read).collect())
-            };
-            parts.map_err(|e| e.to_string())
+            by_pieces(batch, |piece| {
+                let len = piece.iter().map(|(_, l)| l.raw_len as usize).sum();
+                let mut buf = vec![0u8; len];
+                packs.read_into(piece, &mut buf, verify).map(|()| buf)
+            })
         });
         Self {
             ahead,
@@ -397,15 +411,12 @@ pub(crate) type StoredChunk = (bool, u32, Vec<u8>);
 /// The chunks of a stored artifact as the packs hold them (not decompressed), read ahead.
 pub(crate) fn stored_chunks(packs: Arc<PackFiles>, source: ChunkSource) -> ReadAhead<StoredChunk> {
     read_ahead(source, move |batch| {
-        batch
+        let stored = by_pieces(batch, |piece| packs.read_stored_runs(piece))?;
+        Ok(batch
             .iter()
-            .map(|(id, loc)| {
-                packs
-                    .read_stored(id, loc)
-                    .map(|b| (loc.flags & FLAG_ZSTD != 0, loc.raw_len, b))
-                    .map_err(|e| e.to_string())
-            })
-            .collect()
+            .zip(stored.into_iter().flatten())
+            .map(|((_, loc), b)| (loc.flags & FLAG_ZSTD != 0, loc.raw_len, b))
+            .collect())
     })
 }
 

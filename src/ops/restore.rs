@@ -1067,9 +1067,6 @@ fn joined<T>(t: std::thread::ScopedJoinHandle<'_, T>) -> T {
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
-/// Bytes of chunks that one task of the pool reads (see [`read_batch`]).
-const PIECE_BYTES: u64 = 1 << 20;
-
 /// Threads that read and decompress the batches of files read past the page cache: such a
 /// read holds its thread until the disk answers, so twice as many threads as cores keep both
 /// the disk and the cores busy. `None` if the pool cannot be made (the caller's pool then).
@@ -1108,14 +1105,15 @@ fn read_batch(
     let start = aligned_start(&mut buf, lead + total);
     // Pieces of ~1 MiB for the pool: each one read per pack run (PackFiles::read_into).
     let mut rest = &mut buf[start + lead..start + lead + total];
-    let pieces: Vec<_> = crate::store::stream::byte_batches(batch, PIECE_BYTES)
-        .map(|piece| {
-            let bytes = piece.iter().map(|(_, l)| l.raw_len as usize).sum();
-            let (slot, tail) = std::mem::take(&mut rest).split_at_mut(bytes);
-            rest = tail;
-            (piece, slot)
-        })
-        .collect();
+    let pieces: Vec<_> =
+        crate::store::stream::byte_batches(batch, crate::store::stream::PIECE_BYTES)
+            .map(|piece| {
+                let bytes = piece.iter().map(|(_, l)| l.raw_len as usize).sum();
+                let (slot, tail) = std::mem::take(&mut rest).split_at_mut(bytes);
+                rest = tail;
+                (piece, slot)
+            })
+            .collect();
     let read = || {
         pieces
             .into_par_iter()

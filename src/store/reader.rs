@@ -206,8 +206,8 @@ impl PackFiles {
         out: &mut [u8],
     ) -> Result<(), StoreError> {
         thread_local! {
-            static SCRATCH: std::cell::RefCell<(Vec<u8>, Option<zstd::bulk::Decompressor<'static>>)> =
-                const { std::cell::RefCell::new((Vec::new(), None)) };
+            static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
         }
         let Some((first, loc)) = run.first() else {
             return Ok(());
@@ -227,42 +227,15 @@ impl PackFiles {
                 format!("{} bytes, the index says {}", l.stored_len, l.raw_len),
             ));
         }
-        let stored_len = (span.1 - span.0) as usize;
         let packed = run
             .iter()
-            .map(|(_, l)| l.stored_len as usize)
-            .sum::<usize>()
-            == stored_len;
+            .map(|(_, l)| u64::from(l.stored_len))
+            .sum::<u64>()
+            == span.1 - span.0;
         if !direct && packed && run.iter().all(|(_, l)| raw(l)) {
             return read_at(file.as_ref(), out, run, span.0, &path);
         }
-        SCRATCH.with(|cell| -> Result<(), StoreError> {
-            let mut guard = cell.borrow_mut();
-            let (scratch, dctx) = &mut *guard;
-            let (from, stored) = match direct {
-                // Whole blocks around the run, into an aligned place; the last may end short,
-                // with the pack.
-                true => {
-                    let a = DIRECT_ALIGN as u64;
-                    let from = span.0 / a * a;
-                    let len = (span.1.div_ceil(a) * a - from) as usize;
-                    let at = aligned_start(scratch, len);
-                    let blocks = &mut scratch[at..at + len];
-                    let n = file
-                        .read_at(blocks, from)
-                        .map_err(|e| StoreError::io(path(), e))?;
-                    if n < (span.1 - from) as usize {
-                        let eof = std::io::ErrorKind::UnexpectedEof.into();
-                        return Err(truncated(file.as_ref(), run, &path, eof));
-                    }
-                    (from, &blocks[..])
-                }
-                false => {
-                    scratch.resize(stored_len, 0);
-                    read_at(file.as_ref(), scratch, run, span.0, &path)?;
-                    (span.0, &scratch[..stored_len])
-                }
-            };
+        self.with_span(run, span, |from, stored| {
             let mut slots = out;
             for (id, l) in run {
                 let (slot, tail) = std::mem::take(&mut slots).split_at_mut(l.raw_len as usize);
@@ -273,17 +246,21 @@ impl PackFiles {
                     slot.copy_from_slice(bytes);
                     continue;
                 }
-                if dctx.is_none() {
-                    *dctx = Some(
-                        zstd::bulk::Decompressor::new().map_err(|e| StoreError::io(path(), e))?,
-                    );
-                }
-                let Some(d) = dctx.as_mut() else {
-                    return Err(damaged(id, &path(), "no decompressor".into()));
-                };
-                let n = d
-                    .decompress_to_buffer(bytes, slot)
-                    .map_err(|e| damaged(id, &path(), format!("cannot decompress: {e}")))?;
+                let n = DCTX.with(|cell| {
+                    let mut dctx = cell.borrow_mut();
+                    if dctx.is_none() {
+                        *dctx = Some(
+                            zstd::bulk::Decompressor::new()
+                                .map_err(|e| StoreError::io(path(), e))?,
+                        );
+                    }
+                    match dctx.as_mut() {
+                        Some(d) => d
+                            .decompress_to_buffer(bytes, slot)
+                            .map_err(|e| damaged(id, &path(), format!("cannot decompress: {e}"))),
+                        None => Err(damaged(id, &path(), "no decompressor".into())),
+                    }
+                })?;
                 if n != l.raw_len as usize {
                     return Err(damaged(
                         id,
@@ -293,6 +270,79 @@ impl PackFiles {
                 }
             }
             Ok(())
+        })
+    }
+
+    /// The stored bytes of `chunks` (each a zstd frame when its flags say so), not decompressed
+    /// nor checked: a call per pack run, as [`PackFiles::read_into`] reads them. For export,
+    /// which copies chunks as stored after a first pass checked them.
+    pub(crate) fn read_stored_runs(
+        &self,
+        chunks: &[(ChunkId, ChunkLoc)],
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut i = 0;
+        while let Some((_, loc)) = chunks.get(i) {
+            let (j, end) = run_from(chunks, i, RUN_BYTES);
+            let run = &chunks[i..j];
+            for (id, l) in run {
+                check_sizes(id, l, &|| self.path(&l.pack))?;
+            }
+            self.with_span(run, (loc.offset, end), |from, stored| {
+                for (_, l) in run {
+                    let at = (l.offset - from) as usize;
+                    out.push(stored[at..at + l.stored_len as usize].to_vec());
+                }
+                Ok(())
+            })?;
+            i = j;
+        }
+        Ok(out)
+    }
+
+    /// Reads `span` of the pack holding `run` (chunks in pack order within it) into a buffer of
+    /// this thread and hands it to `f` with the pack offset its first byte has: whole aligned
+    /// blocks around the span when the pack is read past the cache, the last of which may end
+    /// short, with the pack.
+    fn with_span<R>(
+        &self,
+        run: &[(ChunkId, ChunkLoc)],
+        span: (u64, u64),
+        f: impl FnOnce(u64, &[u8]) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let Some((first, loc)) = run.first() else {
+            return f(span.0, &[]);
+        };
+        let path = || self.path(&loc.pack);
+        let (file, direct) = self.chunk_file(first, loc)?;
+        SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            match direct {
+                true => {
+                    let a = DIRECT_ALIGN as u64;
+                    let from = span.0 / a * a;
+                    let len = (span.1.div_ceil(a) * a - from) as usize;
+                    let at = aligned_start(&mut scratch, len);
+                    let blocks = &mut scratch[at..at + len];
+                    let n = file
+                        .read_at(blocks, from)
+                        .map_err(|e| StoreError::io(path(), e))?;
+                    if n < (span.1 - from) as usize {
+                        let eof = std::io::ErrorKind::UnexpectedEof.into();
+                        return Err(truncated(file.as_ref(), run, &path, eof));
+                    }
+                    f(from, blocks)
+                }
+                false => {
+                    let len = (span.1 - span.0) as usize;
+                    scratch.resize(len, 0);
+                    read_at(file.as_ref(), &mut scratch[..len], run, span.0, &path)?;
+                    f(span.0, &scratch[..len])
+                }
+            }
         })
     }
 
@@ -752,6 +802,13 @@ mod tests {
             assert!(out == pages[..40].concat(), "direct {direct}");
             let mut short = vec![0u8; 4095];
             assert!(packs.read_into(&chunks[..1], &mut short, true).is_err());
+            // Stored bytes read by runs are each chunk's stored bytes, read one by one.
+            let stored = packs.read_stored_runs(&chunks).expect("stored");
+            assert_eq!(stored.len(), chunks.len());
+            for ((id, loc), bytes) in chunks.iter().zip(&stored) {
+                let one = packs.read_stored(id, loc).expect("one");
+                assert!(*bytes == one, "direct {direct}: {}", id.hex());
+            }
         }
     }
 

@@ -248,6 +248,10 @@ pub(crate) fn plan(
         .collect())
 }
 
+/// Bytes of chunks that one task of a reading pool reads: each piece is read a call per pack
+/// run ([`PackFiles::read_into`](crate::store::reader::PackFiles::read_into)).
+pub(crate) const PIECE_BYTES: u64 = 1 << 20;
+
 /// Consecutive runs of `chunks` of about `bytes` raw bytes each.
 pub(crate) fn byte_batches(
     chunks: &[(ChunkId, ChunkLoc)],
