@@ -138,8 +138,8 @@ struct Item {
 /// The packs, read through the page cache for small artifacts and past it for large ones
 /// (`PackFiles::with_direct_reads`): packs are written past the cache, so an export reads them
 /// from the disk, and a 4 GiB agent's first pass through the cache, a chunk per call, took
-/// 11.8 s with 13 s of system time (by hand, packs not cached). A direct read waits for the
-/// disk, so small artifacts, read a few chunks each, stay cached.
+/// 7.7-12.3 s with 8-13 s of system time (by hand). A direct read waits for the disk, so small
+/// artifacts, read a few chunks each, stay cached.
 struct Packs {
     cached: Arc<PackFiles>,
     direct: Arc<PackFiles>,
