@@ -221,6 +221,40 @@ fn restore_into_non_empty_target_folder_fails_and_writes_nothing() {
     assert_same_tree(&before, &tree(&target, true), "the non-empty target");
 }
 
+/// A `--target` restore killed while staging leaves the folder as the next command finds it:
+/// the rollback removes the staging and the `sqlite/` staging created, so the same command
+/// succeeds when run again (it refused "not empty" before).
+#[test]
+fn restore_into_target_crashed_while_staging_can_be_run_again() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let image = AgentImage::capture(&f.agent);
+    let target = f.path("restored");
+    fs::create_dir(&target).expect("mkdir target");
+    let restore = || {
+        let mut c = f.cmd();
+        c.args(["restore", &id, "--target"]).arg(&target);
+        c
+    };
+
+    restore()
+        .env("MEMSNAP_FAILPOINT", "restore:staged")
+        .assert_crashed();
+    assert!(f.journal().exists(), "the crash left its journal");
+    assert!(target.join("sqlite").is_dir(), "staging created sqlite/");
+
+    f.cmd().args(["list"]).assert_exit_code(0);
+    assert!(!f.journal().exists(), "the next command rolled back");
+    let left: Vec<_> = fs::read_dir(&target)
+        .expect("target")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "the rollback left {left:?} in the target");
+
+    restore().assert_exit_code(0);
+    image.assert_matches(&SampleAgent::open(&target), "restored on the second try");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Dry run
 // ---------------------------------------------------------------------------------------------

@@ -175,6 +175,11 @@ struct Journal {
     /// the store.
     #[serde(default)]
     state: Option<Vec<JournalState>>,
+    /// Staging created `sqlite_dir` (a `--target` folder, or an agent without one): a rollback
+    /// removes it again if it is empty, so that the folder is left as it was found and a
+    /// `--target` retry is accepted. Absent in older journals: kept.
+    #[serde(default)]
+    created_sqlite_dir: bool,
 }
 
 impl Journal {
@@ -266,7 +271,7 @@ pub(crate) fn recover(store: &Store, agent: &AgentId) -> Result<Option<String>, 
     let done = match j.phase {
         Phase::Staging => {
             tracing::warn!(snapshot = %j.snapshot_id, "rolling back a restore interrupted while staging");
-            cleanup(&store.fs, &j).map_err(|e| context(e, "rolling back"))?;
+            roll_back(&store.fs, &j).map_err(|e| context(e, "rolling back"))?;
             "rolled back"
         }
         Phase::Switching => {
@@ -469,6 +474,7 @@ pub(crate) fn restore(
             .collect(),
         fs_state: req.state.is_none(),
         state: None,
+        created_sqlite_dir: paths.sqlite_dir.symlink_metadata().is_err(),
     };
     write_journal(store, &agent, &journal)?;
     progress.start("restore", plan.bytes);
@@ -484,12 +490,7 @@ pub(crate) fn restore(
         Err(e) => {
             // Nothing live was touched: undo the staging now rather than on the next command;
             // if that fails, the journal stays so that the next command retries.
-            if cleanup(&store.fs, &journal).is_ok() {
-                // A --target folder is left as empty as it was found, so that a retry is
-                // accepted: staging created its sqlite/ (removed only if empty).
-                if req.target.is_some() {
-                    let _ = store.fs.remove_dir(&journal.sqlite_dir);
-                }
+            if roll_back(&store.fs, &journal).is_ok() {
                 let _ = remove_journal(store, &agent);
             }
             return Err(e);
@@ -1369,6 +1370,20 @@ fn check_switchable(j: &Journal, entries: &[ArtifactEntry]) -> Result<(), Error>
     Ok(())
 }
 
+/// Undoes a restore that did not reach `Switching`: removes staging, and the sqlite folder
+/// staging created if nothing else is in it.
+fn roll_back(fsys: &Fs, j: &Journal) -> Result<(), Error> {
+    cleanup(fsys, j)?;
+    let empty = fs::read_dir(&j.sqlite_dir).is_ok_and(|mut d| d.next().is_none());
+    if j.created_sqlite_dir && empty {
+        fsys.remove_dir(&j.sqlite_dir)
+            .map_err(|e| Error::io(&j.sqlite_dir, e))?;
+        let parent = fsutil::parent_of(&j.sqlite_dir);
+        fsys.sync_dir(&parent).map_err(|e| Error::io(&parent, e))?;
+    }
+    Ok(())
+}
+
 /// Removes staging and the moved-aside memdir.
 fn cleanup(fsys: &Fs, j: &Journal) -> Result<(), Error> {
     for p in [j.staged_memdir(), j.old_memdir(), j.staged_sqlite()] {
@@ -1499,5 +1514,37 @@ mod tests {
         ] {
             assert!(!is_plain_path(bad.as_bytes()), "{bad}");
         }
+    }
+
+    /// A journal written before `created_sqlite_dir` existed still reads, as "not created": its
+    /// rollback removes staging and keeps the sqlite folder, as that memsnap did.
+    #[test]
+    fn an_older_journal_reads_and_its_rollback_keeps_the_sqlite_folder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sqlite = dir.path().join("sqlite");
+        let old = serde_json::json!({
+            "version": 1, "phase": "Staging", "snapshot_id": "s", "tenant": "t", "agent": "a",
+            "token": "tok", "memdir": dir.path().join("memdir"), "sqlite_dir": sqlite,
+            "state_dir": dir.path().join("state"), "has_memdir": false, "databases": [],
+            "fs_state": true,
+        });
+        let j: Journal = serde_json::from_value(old).expect("an older journal reads");
+        assert!(!j.created_sqlite_dir);
+        fs::create_dir_all(j.staged_sqlite()).expect("staging");
+        let fsys = Fs::default();
+        roll_back(&fsys, &j).expect("rolls back");
+        assert!(!j.staged_sqlite().exists(), "staging removed");
+        assert!(sqlite.is_dir(), "the folder it did not create is kept");
+
+        let created = Journal {
+            created_sqlite_dir: true,
+            ..j
+        };
+        fs::create_dir_all(created.staged_sqlite()).expect("staging");
+        roll_back(&fsys, &created).expect("rolls back");
+        assert!(
+            !sqlite.exists(),
+            "the empty folder staging created is removed"
+        );
     }
 }
