@@ -662,22 +662,23 @@ fn prune_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
     walk.run(&b.dir);
 }
 
-/// The one failure after which a snapshot may be visible, made deterministic: each sync of
-/// `index.redb` in turn fails with ENOSPC (matched by place, not by count). One of them is the
-/// sync that follows the commit record: that snapshot must be listed, restore whole, and the
-/// error must say it may be gone after a crash. Every other one must leave the store as it was.
-#[test]
-fn a_snapshot_whose_index_sync_fails_after_the_commit_record_says_so() {
-    let b = base();
-    let template = b.dir.join("template");
+/// Runs `op` on a copy of `template` once per sync of `index.redb` that a clean run makes, the
+/// k-th of them failing with ENOSPC (matched by place, not by count), and hands each result to
+/// `check` with the store reopened on the plain file system. The store must verify after each.
+fn walk_index_syncs(
+    dir: &Path,
+    template: &Path,
+    op: impl Fn(&Memsnap, &Path) -> memsnap::Result<()>,
+    mut check: impl FnMut(memsnap::Result<()>, &Memsnap, &Path),
+) {
     let is_index_sync = |what: &str| what.starts_with("sync ") && what.ends_with("index.redb");
     let count = {
-        let root = b.dir.join("count");
-        copy_tree(&template, &root);
+        let root = dir.join("count");
+        copy_tree(template, &root);
         let fs = CrashFs::new();
         let m = open(&root, fs.clone());
         fs.reset().expect("reset");
-        snapshot(&m, &root, "two").expect("clean run");
+        op(&m, &root).expect("clean run");
         drop(m);
         std::fs::remove_dir_all(&root).expect("clean up");
         fs.op_log()
@@ -686,36 +687,165 @@ fn a_snapshot_whose_index_sync_fails_after_the_commit_record_says_so() {
             .filter(|what| is_index_sync(what))
             .count() as u64
     };
-    assert!(count > 0, "a snapshot syncs its index");
-    let mut visible = 0;
+    assert!(count > 0, "the operation syncs its index");
     for k in 1..=count {
-        let root = b.dir.join(format!("sync-{k}"));
-        copy_tree(&template, &root);
+        let root = dir.join(format!("sync-{k}"));
+        copy_tree(template, &root);
         let fs = CrashFs::new();
         let m = open(&root, fs.clone());
         fs.reset().expect("reset");
         fs.fail_matching(k, Fault::NoSpace, is_index_sync);
-        let result = snapshot(&m, &root, "two");
+        let result = op(&m, &root);
         drop(m);
         let m = open(&root, os());
-        let listed = labels(&m);
-        match result {
-            Err(e) if e.to_string().contains("may be gone after a crash") => {
-                visible += 1;
-                let id = listed.get("two").expect("the snapshot is listed");
-                assert_same_tree(&b.two, &restored_image(&m, id, &root), "snapshot two");
-            }
-            Err(e) => {
-                assert!(e.to_string().contains("No space left on device"), "{e}");
-                assert_eq!(listed.into_keys().collect::<Vec<_>>(), ["one"], "{e}");
-            }
-            // A sync when an index session closes: redb ignores its failure.
-            Ok(_) => {}
-        }
-        assert!(m.verify(None, None, true).expect("verify").ok());
+        check(result, &m, &root);
+        assert!(m.verify(None, None, true).expect("verify").ok(), "sync {k}");
         drop(m);
         std::fs::remove_dir_all(&root).expect("clean up");
     }
+}
+
+/// The one failure after which a snapshot may be visible, made deterministic: each sync of
+/// `index.redb` in turn fails. One of them is the sync that follows the commit record: that
+/// snapshot must be listed, restore whole, and the error must say it may be gone after a crash.
+/// Every other one must leave the store as it was.
+#[test]
+fn a_snapshot_whose_index_sync_fails_after_the_commit_record_says_so() {
+    let b = base();
+    let mut visible = 0;
+    walk_index_syncs(
+        &b.dir,
+        &b.dir.join("template"),
+        |m, root| snapshot(m, root, "two").map(|_| ()),
+        |result, m, root| {
+            let listed = labels(m);
+            match result {
+                Err(e) if e.to_string().contains("may be gone after a crash") => {
+                    visible += 1;
+                    let id = listed.get("two").expect("the snapshot is listed");
+                    assert_same_tree(&b.two, &restored_image(m, id, root), "snapshot two");
+                }
+                Err(e) => {
+                    assert!(e.to_string().contains("No space left on device"), "{e}");
+                    assert_eq!(listed.into_keys().collect::<Vec<_>>(), ["one"], "{e}");
+                }
+                // A sync when an index session closes: redb ignores its failure.
+                Ok(()) => {}
+            }
+        },
+    );
+    assert_eq!(
+        visible, 1,
+        "exactly one index sync follows the commit record"
+    );
+}
+
+/// As for a snapshot: an import whose index sync fails after its commit record says that the
+/// imported snapshot may be gone after a crash, and is listed whole; any other failing sync
+/// leaves the store as it was, with no pack file the index does not name.
+#[test]
+fn an_import_whose_index_sync_fails_after_the_commit_record_says_so() {
+    let b = base();
+    let template = b.dir.join("template");
+    let probe = b.dir.join("probe");
+    copy_tree(&template, &probe);
+    let m = open(&probe, os());
+    let two = snapshot(&m, &probe, "two").expect("two");
+    m.export(&ExportRequest::new(two.id, template.join("two.tar.zst")))
+        .expect("export");
+    drop(m);
+    std::fs::remove_dir_all(&probe).expect("clean up");
+    let mut visible = 0;
+    walk_index_syncs(
+        &b.dir,
+        &template,
+        |m, root| {
+            m.import(&ImportRequest::new(root.join("two.tar.zst")))
+                .map(|_| ())
+        },
+        |result, m, root| {
+            let listed = labels(m);
+            match result {
+                Err(e) if e.to_string().contains("may be gone after a crash") => {
+                    visible += 1;
+                    let id = listed.get("two").expect("the import is listed");
+                    assert_same_tree(&b.two, &restored_image(m, id, root), "imported two");
+                }
+                Err(e) => {
+                    assert!(e.to_string().contains("No space left on device"), "{e}");
+                    assert_eq!(listed.into_keys().collect::<Vec<_>>(), ["one"], "{e}");
+                    let orphans = m
+                        .prune(&PruneRequest::default().dry_run(true))
+                        .expect("prune --dry-run")
+                        .packs_orphaned;
+                    assert_eq!(orphans, 0, "{e}: the import left pack files behind");
+                }
+                Ok(()) => {}
+            }
+        },
+    );
+    assert_eq!(
+        visible, 1,
+        "exactly one index sync follows the commit record"
+    );
+}
+
+/// Prune's switch commit, each index sync failing in turn: before the commit record, the store
+/// is as it was (same pack files); after it, the switch is visible and the packs it replaced
+/// are kept (an older index may name them again after a crash) for the next prune to free.
+/// "two" restores exactly either way, and a prune run again leaves a store that verifies.
+#[test]
+fn a_prune_whose_index_sync_fails_keeps_every_pack_an_index_may_name() {
+    let b = base();
+    let template = b.dir.join("template");
+    let m = open(&template, os());
+    snapshot(&m, &template, "two").expect("two");
+    m.forget(&ForgetRequest::new(RetentionPolicy::default().keep_last(1)))
+        .expect("forget");
+    drop(m);
+    let packs_before = pack_files(&template);
+    let mut visible = 0;
+    walk_index_syncs(
+        &b.dir,
+        &template,
+        |m, _| {
+            m.prune(&PruneRequest::default().max_unused_percent(0.0))
+                .map(|_| ())
+        },
+        |result, m, root| {
+            let id = labels(m).remove("two").expect("two is listed");
+            assert_same_tree(&b.two, &restored_image(m, &id, root), "snapshot two");
+            if let Err(e) = &result {
+                assert!(e.to_string().contains("No space left on device"), "{e}");
+                let kept = pack_files(root);
+                let orphans = m
+                    .prune(&PruneRequest::default().dry_run(true))
+                    .expect("prune --dry-run")
+                    .packs_orphaned;
+                if orphans > 0 {
+                    visible += 1;
+                    assert!(
+                        kept.is_superset(&packs_before),
+                        "{e}: a replaced pack was deleted"
+                    );
+                } else {
+                    assert_eq!(
+                        kept, packs_before,
+                        "{e}: the failed prune changed the packs"
+                    );
+                }
+            }
+            m.prune(&PruneRequest::default().max_unused_percent(0.0))
+                .expect("prune again");
+            assert_eq!(
+                m.prune(&PruneRequest::default().dry_run(true))
+                    .expect("prune --dry-run")
+                    .packs_orphaned,
+                0,
+                "the second prune freed what the first left"
+            );
+        },
+    );
     assert_eq!(
         visible, 1,
         "exactly one index sync follows the commit record"
