@@ -447,9 +447,9 @@ fn bundles_are_written_in_aligned_direct_blocks_and_verify() {
     export().expect("export");
     seen.assert_aligned();
     // big.bin was read past the page cache twice (its digest, then its frames), in runs of up
-    // to 1 MiB (checked aligned above), and not hinted.
+    // to 1 MiB (checked aligned above; a read per 16 KiB chunk would be ~2,200), not hinted.
     let reads = seen.direct_reads.load(Ordering::SeqCst);
-    assert!(reads >= 34, "{reads} direct reads");
+    assert!((34..=40).contains(&reads), "{reads} direct reads");
     assert_eq!(seen.hints_on_direct.load(Ordering::SeqCst), 0);
     // ~19 MiB of noise, stored raw and so framed raw.
     let direct = seen.direct_writes.load(Ordering::SeqCst);

@@ -366,6 +366,7 @@ impl StoredReader {
     pub(crate) fn new(packs: Arc<PackFiles>, source: ChunkSource, verify: bool) -> Self {
         let ahead = read_ahead(source, move |batch| {
             by_pieces(batch, |piece| {
+                packs.check_sizes(piece)?;
                 let len = piece.iter().map(|(_, l)| l.raw_len as usize).sum();
                 let mut buf = vec![0u8; len];
                 packs.read_into(piece, &mut buf, verify).map(|()| buf)
@@ -411,10 +412,16 @@ pub(crate) type StoredChunk = (bool, u32, Vec<u8>);
 /// The chunks of a stored artifact as the packs hold them (not decompressed), read ahead.
 pub(crate) fn stored_chunks(packs: Arc<PackFiles>, source: ChunkSource) -> ReadAhead<StoredChunk> {
     read_ahead(source, move |batch| {
-        let stored = by_pieces(batch, |piece| packs.read_stored_runs(piece))?;
+        let stored: Vec<Vec<u8>> = by_pieces(batch, |piece| packs.read_stored_runs(piece))?
+            .into_iter()
+            .flatten()
+            .collect();
+        if stored.len() != batch.len() {
+            return Err(format!("{} chunks read of {}", stored.len(), batch.len()));
+        }
         Ok(batch
             .iter()
-            .zip(stored.into_iter().flatten())
+            .zip(stored)
             .map(|((_, loc), b)| (loc.flags & FLAG_ZSTD != 0, loc.raw_len, b))
             .collect())
     })

@@ -175,9 +175,9 @@ struct Journal {
     /// the store.
     #[serde(default)]
     state: Option<Vec<JournalState>>,
-    /// Staging created `sqlite_dir` (a `--target` folder, or an agent without one): a rollback
-    /// removes it again if it is empty, so that the folder is left as it was found and a
-    /// `--target` retry is accepted. Absent in older journals: kept.
+    /// A `--target` restore found no `sqlite_dir` when it began: a rollback removes it again if
+    /// it is an empty folder, so that the target is left as it was found and a retry is
+    /// accepted. Absent in older journals: kept.
     #[serde(default)]
     created_sqlite_dir: bool,
 }
@@ -474,7 +474,13 @@ pub(crate) fn restore(
             .collect(),
         fs_state: req.state.is_none(),
         state: None,
-        created_sqlite_dir: paths.sqlite_dir.symlink_metadata().is_err(),
+        // Only for a --target folder, which the restore found empty and owns: a live agent
+        // may make its own sqlite folder meanwhile.
+        created_sqlite_dir: req.target.is_some()
+            && matches!(
+                paths.sqlite_dir.symlink_metadata(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound
+            ),
     };
     write_journal(store, &agent, &journal)?;
     progress.start("restore", plan.bytes);
@@ -1102,6 +1108,7 @@ fn read_batch(
     verify: bool,
 ) -> Result<Batch, Error> {
     use rayon::prelude::*;
+    packs.check_sizes(batch)?;
     let total: usize = batch.iter().map(|(_, l)| l.raw_len as usize).sum();
     let start = aligned_start(&mut buf, lead + total);
     // Pieces of ~1 MiB for the pool: each one read per pack run (PackFiles::read_into).
@@ -1370,16 +1377,20 @@ fn check_switchable(j: &Journal, entries: &[ArtifactEntry]) -> Result<(), Error>
     Ok(())
 }
 
-/// Undoes a restore that did not reach `Switching`: removes staging, and the sqlite folder
-/// staging created if nothing else is in it.
+/// Undoes a restore that did not reach `Switching`: removes staging, and the sqlite folder of
+/// a `--target` restore that began without one, if it is still an empty folder. Keeping that
+/// folder only costs a retry its "not empty": a failure to remove it is logged, never returned,
+/// so that it cannot leave the journal in place for every later command.
 fn roll_back(fsys: &Fs, j: &Journal) -> Result<(), Error> {
     cleanup(fsys, j)?;
-    let empty = fs::read_dir(&j.sqlite_dir).is_ok_and(|mut d| d.next().is_none());
-    if j.created_sqlite_dir && empty {
-        fsys.remove_dir(&j.sqlite_dir)
-            .map_err(|e| Error::io(&j.sqlite_dir, e))?;
-        let parent = fsutil::parent_of(&j.sqlite_dir);
-        fsys.sync_dir(&parent).map_err(|e| Error::io(&parent, e))?;
+    let dir = &j.sqlite_dir;
+    let is_dir = dir.symlink_metadata().is_ok_and(|m| m.is_dir());
+    if j.created_sqlite_dir && is_dir && fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
+        let parent = fsutil::parent_of(dir);
+        // `remove_dir` removes only an empty folder, whatever appeared in it since.
+        if let Err(e) = fsys.remove_dir(dir).and_then(|()| fsys.sync_dir(&parent)) {
+            tracing::warn!(path = %dir.display(), error = %e, "kept the restore's sqlite folder");
+        }
     }
     Ok(())
 }
@@ -1541,10 +1552,23 @@ mod tests {
             ..j
         };
         fs::create_dir_all(created.staged_sqlite()).expect("staging");
+        fs::write(sqlite.join("theirs.sqlite"), b"x").expect("a file");
         roll_back(&fsys, &created).expect("rolls back");
         assert!(
-            !sqlite.exists(),
-            "the empty folder staging created is removed"
+            sqlite.join("theirs.sqlite").is_file(),
+            "a folder with a file is kept"
         );
+
+        fs::remove_file(sqlite.join("theirs.sqlite")).expect("rm");
+        fs::create_dir_all(created.staged_sqlite()).expect("staging");
+        roll_back(&fsys, &created).expect("rolls back");
+        assert!(!sqlite.exists(), "the empty folder is removed");
+
+        // A symlink put in its place is neither followed nor an error.
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).expect("mkdir");
+        std::os::unix::fs::symlink(&elsewhere, &sqlite).expect("symlink");
+        roll_back(&fsys, &created).expect("rolls back");
+        assert!(sqlite.symlink_metadata().is_ok() && elsewhere.is_dir());
     }
 }

@@ -143,6 +143,15 @@ impl PackFiles {
         Ok(())
     }
 
+    /// Refuses an index entry claiming a size no chunk has or an offset no file has, before a
+    /// caller sizes a buffer by it.
+    pub(crate) fn check_sizes(&self, chunks: &[(ChunkId, ChunkLoc)]) -> Result<(), StoreError> {
+        for (id, l) in chunks {
+            check_sizes(id, l, &|| self.path(&l.pack))?;
+        }
+        Ok(())
+    }
+
     /// Reads, decompresses and (with `verify`) checks `chunks` into `out`, their raw bytes back
     /// to back. Chunks that lie back to back in one pack (a content written in one go) are read
     /// with one call: a restore read every 4 KiB page with a `pread` of its own (327k calls for
@@ -170,9 +179,7 @@ impl PackFiles {
         while let Some((_, loc)) = chunks.get(i) {
             let (j, end) = run_from(chunks, i, RUN_BYTES);
             let run = &chunks[i..j];
-            for (id, l) in run {
-                check_sizes(id, l, &|| self.path(&l.pack))?;
-            }
+            self.check_sizes(run)?;
             let raw: usize = run.iter().map(|(_, l)| l.raw_len as usize).sum();
             let (dst, tail) = std::mem::take(&mut rest).split_at_mut(raw);
             rest = tail;
@@ -285,9 +292,7 @@ impl PackFiles {
         while let Some((_, loc)) = chunks.get(i) {
             let (j, end) = run_from(chunks, i, RUN_BYTES);
             let run = &chunks[i..j];
-            for (id, l) in run {
-                check_sizes(id, l, &|| self.path(&l.pack))?;
-            }
+            self.check_sizes(run)?;
             self.with_span(run, (loc.offset, end), |from, stored| {
                 for (_, l) in run {
                     let at = (l.offset - from) as usize;
@@ -303,7 +308,7 @@ impl PackFiles {
     /// Reads `span` of the pack holding `run` (chunks in pack order within it) into a buffer of
     /// this thread and hands it to `f` with the pack offset its first byte has: whole aligned
     /// blocks around the span when the pack is read past the cache, the last of which may end
-    /// short, with the pack.
+    /// short, with the pack. `f` must not read packs: the buffer is borrowed while it runs.
     fn with_span<R>(
         &self,
         run: &[(ChunkId, ChunkLoc)],
@@ -483,6 +488,12 @@ fn check_sizes(id: &ChunkId, loc: &ChunkLoc, path: &dyn Fn() -> PathBuf) -> Resu
                 loc.raw_len.max(loc.stored_len)
             ),
         ));
+    }
+    // No file reaches past i64::MAX: such an offset is damage, not a read to try (the
+    // aligned blocks around it would wrap around u64).
+    if loc.offset > i64::MAX as u64 - u64::from(loc.stored_len) {
+        let message = format!("index entry claims offset {}, past any pack", loc.offset);
+        return Err(damaged(id, &path(), message));
     }
     Ok(())
 }
@@ -849,6 +860,40 @@ mod tests {
         assert_eq!(run_from(&chunks, 3, u64::MAX), (4, 4096));
         assert_eq!(run_from(&chunks, 5, u64::MAX), (6, u64::MAX));
         assert_eq!(run_from(&chunks, 6, u64::MAX), (6, 0));
+    }
+
+    /// A damaged index entry, an offset at the end of `u64` or a size no chunk has, is refused
+    /// as damage naming the chunk, both ways, before anything is sized by it.
+    #[test]
+    fn an_entry_past_any_pack_or_of_no_chunks_size_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::for_test(dir.path());
+        let (_pages, chunks, _pending) = content(&store);
+        let (id, loc) = chunks[1];
+        let far = ChunkLoc {
+            offset: u64::MAX - 100,
+            ..loc
+        };
+        let huge = ChunkLoc {
+            raw_len: MAX_CHUNK + 1,
+            ..loc
+        };
+        for packs in both_ways(&store) {
+            let direct = packs.reads_direct();
+            let mut out = vec![0u8; loc.raw_len as usize];
+            match packs.read_into(&[(id, far)], &mut out, false) {
+                Err(StoreError::CorruptChunk { id: named, .. }) => assert_eq!(named, id.hex()),
+                other => panic!("direct {direct}: {other:?}"),
+            }
+            assert!(
+                packs.read_stored_runs(&[(id, far)]).is_err(),
+                "direct {direct}"
+            );
+            match packs.check_sizes(&[chunks[0], (id, huge)]) {
+                Err(StoreError::CorruptChunk { id: named, .. }) => assert_eq!(named, id.hex()),
+                other => panic!("direct {direct}: {other:?}"),
+            }
+        }
     }
 
     /// A pack cut short inside a run: the error names the first chunk that reaches past its
