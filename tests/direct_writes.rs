@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -29,8 +29,8 @@ struct Seen {
     hints_on_direct: AtomicU64,
     cut_after_direct: AtomicU64,
     misaligned: Mutex<Vec<String>>,
-    /// Read-ahead hints: (offset, length, the file's length).
-    hints: Mutex<Vec<(u64, u64, u64)>>,
+    /// Read-ahead hints: (file, offset, length, the file's length).
+    hints: Mutex<Vec<(PathBuf, u64, u64, u64)>>,
 }
 
 #[derive(Debug)]
@@ -41,6 +41,7 @@ struct Checking {
 #[derive(Debug)]
 struct CheckedFile {
     inner: Box<dyn StorageFile>,
+    path: PathBuf,
     direct: AtomicBool,
     direct_reads: AtomicBool,
     seen: Arc<Seen>,
@@ -110,7 +111,7 @@ impl StorageFile for CheckedFile {
             .hints
             .lock()
             .expect("lock")
-            .push((offset, len, file_len));
+            .push((self.path.clone(), offset, len, file_len));
         self.inner.will_need(offset, len)
     }
 
@@ -141,6 +142,7 @@ impl Storage for Checking {
     fn open(&self, path: &Path, mode: OpenMode) -> std::io::Result<Box<dyn StorageFile>> {
         Ok(Box::new(CheckedFile {
             inner: OsStorage.open(path, mode)?,
+            path: path.to_path_buf(),
             direct: AtomicBool::new(false),
             direct_reads: AtomicBool::new(false),
             seen: self.seen.clone(),
@@ -313,7 +315,14 @@ fn large_files_restore_byte_for_byte_through_the_page_cache_too() {
     assert_eq!(seen.direct_writes.load(Ordering::SeqCst), 0);
     assert_eq!(seen.direct_reads.load(Ordering::SeqCst), 0);
     // The packs were read ahead instead, at least a batch (8 MiB) at a time, within each pack.
-    let hints = seen.hints.lock().expect("lock").clone();
+    let hints: Vec<_> = seen
+        .hints
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(path, ..)| path.extension().is_some_and(|e| e == "pack"))
+        .map(|(_, at, len, file)| (*at, *len, *file))
+        .collect();
     let hinted: u64 = hints.iter().map(|(_, len, _)| len).sum();
     assert!(hinted >= 17 << 20, "{hinted} bytes hinted: {hints:?}");
     assert!(
@@ -459,4 +468,48 @@ fn bundles_are_written_in_aligned_direct_blocks_and_verify() {
     assert_eq!(seen.cut_after_direct.load(Ordering::SeqCst), cut);
     let report = memsnap::verify_bundle(&bundle, None).expect("verify-bundle");
     assert!(report.ok(), "{report:?}");
+}
+
+/// A snapshot walks the whole chunk table for its filter of known chunks, and a restore of a
+/// small store locates most of it: each first asks for the whole index file ahead (redb reads a
+/// page per call, over leaves scattered in the file).
+#[test]
+fn sessions_that_read_most_of_the_chunk_table_read_the_whole_index_ahead() {
+    let (tmp, seen, agent, m) = agent_and_store();
+    let index = tmp.path().join("store").join("index.redb");
+    let assert_hinted_whole = |what: &str| {
+        let mut hints: Vec<(u64, u64, u64)> = seen
+            .hints
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(path, ..)| *path == index)
+            .map(|(_, at, len, file)| (*at, *len, *file))
+            .collect();
+        hints.sort();
+        let covered = hints.iter().try_fold(0u64, |end, (at, len, _)| {
+            (*at <= end).then_some(end.max(at + len))
+        });
+        let len = hints.first().map_or(0, |h| h.2);
+        assert!(len > 0, "{what}: no hint on the index");
+        assert_eq!(
+            covered,
+            Some(len),
+            "{what}: hints leave part of the index out: {hints:?}"
+        );
+    };
+    snapshot(&m, &agent).expect("first");
+    agent.append_day(1, 0.2).expect("append day");
+    seen.restart(0);
+    let second = snapshot(&m, &agent).expect("second");
+    assert_hinted_whole("snapshot");
+    seen.restart(0);
+    let id = AgentId::new(TENANT, AGENT).expect("id");
+    m.restore(
+        &RestoreRequest::new(&second.id)
+            .agent(id)
+            .target(tmp.path().join("restored")),
+    )
+    .expect("restore");
+    assert_hinted_whole("restore");
 }

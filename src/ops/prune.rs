@@ -154,6 +154,7 @@ pub(crate) fn prune(
         let mut dead = Vec::new();
         let mut demote = Vec::new();
         let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
+        index.read_ahead(u64::MAX);
         for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
             let (k, v) = item.map_err(|e| index.err()(e.into()))?;
             let id = ChunkId(*k.value());

@@ -622,6 +622,7 @@ impl<'i> ChunkReader<'i> {
         if distinct as u64 * 8 >= total {
             // Both sides in key order: a merge. Wanted ids below a key are absent: each is
             // reported by the content that needs it, below.
+            self.index.read_ahead(u64::MAX);
             for item in self.chunks.iter().map_err(err)? {
                 let (k, v) = item.map_err(err)?;
                 let key = ChunkId(*k.value());
@@ -636,6 +637,7 @@ impl<'i> ChunkReader<'i> {
                 }
             }
         } else {
+            self.index.read_ahead(distinct as u64);
             while i < order.len() {
                 let id = id_at(out, &order[i]);
                 match self.locate(&id)? {
@@ -671,6 +673,8 @@ impl<'i> ChunkReader<'i> {
         let span = (last.0.prefix() - first.0.prefix()) as u128;
         let between = ((u128::from(self.chunks.len().map_err(err)?) * span) >> 64) as u64;
         if chunks.len() as u64 * 8 >= between {
+            // A 4 KiB leaf holds ~40 entries.
+            self.index.read_ahead(between / 32);
             let mut i = 0;
             for item in self
                 .chunks
@@ -691,6 +695,7 @@ impl<'i> ChunkReader<'i> {
                 }
             }
         } else {
+            self.index.read_ahead(chunks.len() as u64);
             for c in chunks.iter_mut() {
                 if let Some(loc) = self.locate(&c.0)? {
                     c.1 = loc;
