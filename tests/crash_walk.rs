@@ -407,10 +407,7 @@ impl Walk {
                     // removal of a pack (prune deleting old packs after its commit), or a
                     // commit visible but not proven durable (prune keeps the packs it replaced:
                     // after a crash the old index may name them again; a later prune frees them).
-                    let orphans = m
-                        .prune(&PruneRequest::default().dry_run(true))
-                        .expect("prune --dry-run")
-                        .packs_orphaned;
+                    let orphans = orphans(&m);
                     drop(m);
                     assert!(
                         orphans == 0
@@ -445,6 +442,26 @@ impl Walk {
         );
         tally
     }
+}
+
+/// Puts `two.tar.zst` in `template`: a bundle of snapshot "two", taken in a throwaway copy.
+fn bundle_of_two(b: &Base, template: &Path) {
+    let probe = b.dir.join("probe");
+    copy_tree(template, &probe);
+    let m = open(&probe, os());
+    let two = snapshot(&m, &probe, "two").expect("two");
+    m.export(&ExportRequest::new(two.id, template.join("two.tar.zst")))
+        .expect("export");
+    drop(m);
+    std::fs::remove_dir_all(&probe).expect("clean up");
+}
+
+/// Takes snapshot "two" in `template`, then forgets "one": what prune has to work on.
+fn two_only(template: &Path) {
+    let m = open(template, os());
+    snapshot(&m, template, "two").expect("two");
+    m.forget(&ForgetRequest::new(RetentionPolicy::default().keep_last(1)))
+        .expect("forget");
 }
 
 /// `template/` with a tiny agent and a store holding snapshot "one"; the agent has changed
@@ -556,15 +573,7 @@ fn restore_in_place_survives_a_crash_at_every_sync_and_a_fault_at_every_operatio
 fn import_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
     let b = base();
     let template = b.dir.join("template");
-    // A bundle of "two", exported from a throwaway copy.
-    let probe = b.dir.join("probe");
-    copy_tree(&template, &probe);
-    let m = open(&probe, os());
-    let two = snapshot(&m, &probe, "two").expect("two");
-    m.export(&ExportRequest::new(two.id, template.join("two.tar.zst")))
-        .expect("export");
-    drop(m);
-    std::fs::remove_dir_all(&probe).expect("clean up");
+    bundle_of_two(&b, &template);
     let walk = Walk {
         name: "import",
         template,
@@ -635,11 +644,7 @@ fn forget_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
 fn prune_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
     let b = base();
     let template = b.dir.join("template");
-    let m = open(&template, os());
-    snapshot(&m, &template, "two").expect("two");
-    m.forget(&ForgetRequest::new(RetentionPolicy::default().keep_last(1)))
-        .expect("forget");
-    drop(m);
+    two_only(&template);
     let walk = Walk {
         name: "prune",
         template,
@@ -664,12 +669,14 @@ fn prune_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
 
 /// Runs `op` on a copy of `template` once per sync of `index.redb` that a clean run makes, the
 /// k-th of them failing with ENOSPC (matched by place, not by count), and hands each result to
-/// `check` with the store reopened on the plain file system. The store must verify after each.
+/// `check` with the store reopened on the plain file system; `check` says whether the
+/// operation's commit is visible. The store must verify after each, and exactly one failing
+/// sync (the one after the commit record) must leave the commit visible.
 fn walk_index_syncs(
     dir: &Path,
     template: &Path,
     op: impl Fn(&Memsnap, &Path) -> memsnap::Result<()>,
-    mut check: impl FnMut(memsnap::Result<()>, &Memsnap, &Path),
+    mut check: impl FnMut(memsnap::Result<()>, &Memsnap, &Path) -> bool,
 ) {
     let is_index_sync = |what: &str| what.starts_with("sync ") && what.ends_with("index.redb");
     let count = {
@@ -688,6 +695,7 @@ fn walk_index_syncs(
             .count() as u64
     };
     assert!(count > 0, "the operation syncs its index");
+    let mut visible = 0;
     for k in 1..=count {
         let root = dir.join(format!("sync-{k}"));
         copy_tree(template, &root);
@@ -698,64 +706,69 @@ fn walk_index_syncs(
         let result = op(&m, &root);
         drop(m);
         let m = open(&root, os());
-        check(result, &m, &root);
+        visible += u32::from(check(result, &m, &root));
         assert!(m.verify(None, None, true).expect("verify").ok(), "sync {k}");
         drop(m);
         std::fs::remove_dir_all(&root).expect("clean up");
     }
-}
-
-/// The one failure after which a snapshot may be visible, made deterministic: each sync of
-/// `index.redb` in turn fails. One of them is the sync that follows the commit record: that
-/// snapshot must be listed, restore whole, and the error must say it may be gone after a crash.
-/// Every other one must leave the store as it was.
-#[test]
-fn a_snapshot_whose_index_sync_fails_after_the_commit_record_says_so() {
-    let b = base();
-    let mut visible = 0;
-    walk_index_syncs(
-        &b.dir,
-        &b.dir.join("template"),
-        |m, root| snapshot(m, root, "two").map(|_| ()),
-        |result, m, root| {
-            let listed = labels(m);
-            match result {
-                Err(e) if e.to_string().contains("may be gone after a crash") => {
-                    visible += 1;
-                    let id = listed.get("two").expect("the snapshot is listed");
-                    assert_same_tree(&b.two, &restored_image(m, id, root), "snapshot two");
-                }
-                Err(e) => {
-                    assert!(e.to_string().contains("No space left on device"), "{e}");
-                    assert_eq!(listed.into_keys().collect::<Vec<_>>(), ["one"], "{e}");
-                }
-                // A sync when an index session closes: redb ignores its failure.
-                Ok(()) => {}
-            }
-        },
-    );
     assert_eq!(
         visible, 1,
         "exactly one index sync follows the commit record"
     );
 }
 
-/// As for a snapshot: an import whose index sync fails after its commit record says that the
-/// imported snapshot may be gone after a crash, and is listed whole; any other failing sync
-/// leaves the store as it was, with no pack file the index does not name.
+/// Pack files that the index of the store `m` does not name.
+fn orphans(m: &Memsnap) -> u64 {
+    m.prune(&PruneRequest::default().dry_run(true))
+        .expect("prune --dry-run")
+        .packs_orphaned
+}
+
+/// The check, for [`walk_index_syncs`], of an operation that commits snapshot "two" as a
+/// snapshot does (a snapshot, an import). The sync that follows the commit record leaves "two"
+/// listed and whole, and says that it may be gone after a crash; any other leaves the store as
+/// it was: "one" alone, and no pack file the index does not name.
+fn two_committed_or_nothing(b: &Base) -> impl FnMut(memsnap::Result<()>, &Memsnap, &Path) -> bool {
+    move |result, m, root| {
+        let listed = labels(m);
+        match result {
+            Err(e) if e.to_string().contains("may be gone after a crash") => {
+                let id = listed.get("two").expect("two is listed");
+                assert_same_tree(&b.two, &restored_image(m, id, root), "two");
+                true
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("No space left on device"), "{e}");
+                assert_eq!(listed.into_keys().collect::<Vec<_>>(), ["one"], "{e}");
+                assert_eq!(orphans(m), 0, "{e}: pack files left behind");
+                false
+            }
+            // A sync when an index session closes: redb ignores its failure.
+            Ok(()) => false,
+        }
+    }
+}
+
+/// The one failure after which a snapshot may be visible, made deterministic: each sync of
+/// `index.redb` in turn fails ([`two_committed_or_nothing`]); exactly one follows the commit
+/// record.
+#[test]
+fn a_snapshot_whose_index_sync_fails_after_the_commit_record_says_so() {
+    let b = base();
+    walk_index_syncs(
+        &b.dir,
+        &b.dir.join("template"),
+        |m, root| snapshot(m, root, "two").map(|_| ()),
+        two_committed_or_nothing(&b),
+    );
+}
+
+/// The same for an import, which commits through the snapshot's code.
 #[test]
 fn an_import_whose_index_sync_fails_after_the_commit_record_says_so() {
     let b = base();
     let template = b.dir.join("template");
-    let probe = b.dir.join("probe");
-    copy_tree(&template, &probe);
-    let m = open(&probe, os());
-    let two = snapshot(&m, &probe, "two").expect("two");
-    m.export(&ExportRequest::new(two.id, template.join("two.tar.zst")))
-        .expect("export");
-    drop(m);
-    std::fs::remove_dir_all(&probe).expect("clean up");
-    let mut visible = 0;
+    bundle_of_two(&b, &template);
     walk_index_syncs(
         &b.dir,
         &template,
@@ -763,30 +776,7 @@ fn an_import_whose_index_sync_fails_after_the_commit_record_says_so() {
             m.import(&ImportRequest::new(root.join("two.tar.zst")))
                 .map(|_| ())
         },
-        |result, m, root| {
-            let listed = labels(m);
-            match result {
-                Err(e) if e.to_string().contains("may be gone after a crash") => {
-                    visible += 1;
-                    let id = listed.get("two").expect("the import is listed");
-                    assert_same_tree(&b.two, &restored_image(m, id, root), "imported two");
-                }
-                Err(e) => {
-                    assert!(e.to_string().contains("No space left on device"), "{e}");
-                    assert_eq!(listed.into_keys().collect::<Vec<_>>(), ["one"], "{e}");
-                    let orphans = m
-                        .prune(&PruneRequest::default().dry_run(true))
-                        .expect("prune --dry-run")
-                        .packs_orphaned;
-                    assert_eq!(orphans, 0, "{e}: the import left pack files behind");
-                }
-                Ok(()) => {}
-            }
-        },
-    );
-    assert_eq!(
-        visible, 1,
-        "exactly one index sync follows the commit record"
+        two_committed_or_nothing(&b),
     );
 }
 
@@ -798,13 +788,8 @@ fn an_import_whose_index_sync_fails_after_the_commit_record_says_so() {
 fn a_prune_whose_index_sync_fails_keeps_every_pack_an_index_may_name() {
     let b = base();
     let template = b.dir.join("template");
-    let m = open(&template, os());
-    snapshot(&m, &template, "two").expect("two");
-    m.forget(&ForgetRequest::new(RetentionPolicy::default().keep_last(1)))
-        .expect("forget");
-    drop(m);
+    two_only(&template);
     let packs_before = pack_files(&template);
-    let mut visible = 0;
     walk_index_syncs(
         &b.dir,
         &template,
@@ -815,15 +800,12 @@ fn a_prune_whose_index_sync_fails_keeps_every_pack_an_index_may_name() {
         |result, m, root| {
             let id = labels(m).remove("two").expect("two is listed");
             assert_same_tree(&b.two, &restored_image(m, &id, root), "snapshot two");
+            let mut visible = false;
             if let Err(e) = &result {
                 assert!(e.to_string().contains("No space left on device"), "{e}");
                 let kept = pack_files(root);
-                let orphans = m
-                    .prune(&PruneRequest::default().dry_run(true))
-                    .expect("prune --dry-run")
-                    .packs_orphaned;
-                if orphans > 0 {
-                    visible += 1;
+                visible = orphans(m) > 0;
+                if visible {
                     assert!(
                         kept.is_superset(&packs_before),
                         "{e}: a replaced pack was deleted"
@@ -837,18 +819,9 @@ fn a_prune_whose_index_sync_fails_keeps_every_pack_an_index_may_name() {
             }
             m.prune(&PruneRequest::default().max_unused_percent(0.0))
                 .expect("prune again");
-            assert_eq!(
-                m.prune(&PruneRequest::default().dry_run(true))
-                    .expect("prune --dry-run")
-                    .packs_orphaned,
-                0,
-                "the second prune freed what the first left"
-            );
+            assert_eq!(orphans(m), 0, "the second prune freed what the first left");
+            visible
         },
-    );
-    assert_eq!(
-        visible, 1,
-        "exactly one index sync follows the commit record"
     );
 }
 
