@@ -368,7 +368,8 @@ impl Walk {
                 Ok(()) => {
                     // Only redb's bookkeeping when a session closes (its allocator state and
                     // header) may fail unseen: redb ignores it, and the next open repairs. So
-                    // may the removal of a finished operation's scratch folder in the store's
+                    // may the open behind a read-ahead hint of `index.redb` (only a hint), and
+                    // the removal of a finished operation's scratch folder in the store's
                     // `tmp/`: the next one of its kind sweeps it. (A run may do fewer
                     // operations than the counting run, so the fault may not have fired.)
                     let scratch_removal =
@@ -669,9 +670,9 @@ fn prune_survives_a_crash_at_every_sync_and_a_fault_at_every_operation() {
 
 /// Runs `op` on a copy of `template` once per sync of `index.redb` that a clean run makes, the
 /// k-th of them failing with ENOSPC (matched by place, not by count), and hands each result to
-/// `check` with the store reopened on the plain file system; `check` says whether the
-/// operation's commit is visible. The store must verify after each, and exactly one failing
-/// sync (the one after the commit record) must leave the commit visible.
+/// `check` with the store reopened on the plain file system (and verified first); `check` says
+/// whether the operation's commit is visible. Exactly one failing sync (the one after the commit
+/// record) must leave the commit visible.
 fn walk_index_syncs(
     dir: &Path,
     template: &Path,
@@ -706,8 +707,8 @@ fn walk_index_syncs(
         let result = op(&m, &root);
         drop(m);
         let m = open(&root, os());
-        visible += u32::from(check(result, &m, &root));
         assert!(m.verify(None, None, true).expect("verify").ok(), "sync {k}");
+        visible += u32::from(check(result, &m, &root));
         drop(m);
         std::fs::remove_dir_all(&root).expect("clean up");
     }

@@ -1388,8 +1388,15 @@ fn roll_back(fsys: &Fs, j: &Journal) -> Result<(), Error> {
     if j.created_sqlite_dir && is_dir && fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
         let parent = fsutil::parent_of(dir);
         // `remove_dir` removes only an empty folder, whatever appeared in it since.
-        if let Err(e) = fsys.remove_dir(dir).and_then(|()| fsys.sync_dir(&parent)) {
-            tracing::warn!(path = %dir.display(), error = %e, "kept the restore's sqlite folder");
+        match fsys.remove_dir(dir) {
+            Ok(()) => {
+                if let Err(e) = fsys.sync_dir(&parent) {
+                    tracing::warn!(path = %parent.display(), error = %e, "removed the restore's sqlite folder; its removal may not be durable");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(path = %dir.display(), error = %e, "kept the restore's sqlite folder");
+            }
         }
     }
     Ok(())

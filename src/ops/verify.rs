@@ -146,8 +146,10 @@ pub(crate) fn verify(
     // size (`IdParts`).
     let (records, parts, mut ids) = {
         let index = store.index_for_reading()?;
-        // Its ranges locate most of the chunk table between them.
-        index.read_ahead(u64::MAX);
+        // Verifying the whole store, its ranges locate most of the chunk table between them.
+        if spec.is_none() {
+            index.read_ahead(u64::MAX);
+        }
         let tx = index.begin_read()?;
         let records = match spec {
             Some(s) => vec![super::resolve(&index, &tx, s, agent)?],

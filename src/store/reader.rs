@@ -673,7 +673,7 @@ impl<'i> ChunkReader<'i> {
         let span = (last.0.prefix() - first.0.prefix()) as u128;
         let between = ((u128::from(self.chunks.len().map_err(err)?) * span) >> 64) as u64;
         if chunks.len() as u64 * 8 >= between {
-            // A 4 KiB leaf holds ~40 entries.
+            // A 4 KiB leaf holds at least 32 entries.
             self.index.read_ahead(between / 32);
             let mut i = 0;
             for item in self
