@@ -8,7 +8,6 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use redb::ReadableTable;
 use serde::Serialize;
 
 use super::Progress;
@@ -154,8 +153,7 @@ pub(crate) fn prune(
         let mut dead = Vec::new();
         let mut demote = Vec::new();
         let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
-        index.read_ahead(u64::MAX);
-        for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
+        for item in index.walk_chunks(&chunks)? {
             let (k, v) = item.map_err(|e| index.err()(e.into()))?;
             let id = ChunkId(*k.value());
             let loc = ChunkLoc::decode(v.value());

@@ -145,9 +145,8 @@ fn known_filter_in(
 ) -> Result<KnownFilter, Error> {
     let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
     let n = chunks.len().map_err(|e| index.err()(e.into()))? as usize;
-    index.read_ahead(u64::MAX);
     let mut filter = FilterBuilder::new(n, excluded.clone());
-    for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
+    for item in index.walk_chunks(&chunks)? {
         let (k, _) = item.map_err(|e| index.err()(e.into()))?;
         if !filter.push(ChunkId(*k.value()).prefix()) {
             return Err(StoreError::Index {

@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use redb::ReadableTable;
 use serde::Serialize;
 
 use crate::error::{Error, StoreError};
@@ -171,8 +170,7 @@ pub(crate) fn stats(
 
         let mut locs: HashMap<ChunkId, (u64, u64)> = HashMap::with_capacity(live.len());
         let chunks = tx.open_table(CHUNKS).map_err(|e| index.err()(e.into()))?;
-        index.read_ahead(u64::MAX);
-        for item in chunks.iter().map_err(|e| index.err()(e.into()))? {
+        for item in index.walk_chunks(&chunks)? {
             let (k, v) = item.map_err(|e| index.err()(e.into()))?;
             let id = ChunkId(*k.value());
             let loc = ChunkLoc::decode(v.value());

@@ -510,7 +510,7 @@ fn damaged(id: &ChunkId, pack: &std::path::Path, message: String) -> StoreError 
 pub(crate) struct ChunkReader<'i> {
     index: &'i Index,
     /// Opened once: opening a table per lookup was a visible share of a restore.
-    chunks: redb::ReadOnlyTable<&'static [u8; 32], &'static [u8; 33]>,
+    chunks: super::index::ChunkTable,
     pub(crate) packs: PackFiles,
 }
 
@@ -584,7 +584,7 @@ impl<'i> ChunkReader<'i> {
         &mut self,
         out: &mut [Vec<(ChunkId, ChunkLoc)>],
     ) -> Result<(), StoreError> {
-        use redb::{ReadableTable, ReadableTableMetadata};
+        use redb::ReadableTableMetadata;
         // (id prefix, content, position), in id order: a prefix sorts contiguously; equal
         // prefixes (repeated chunks, or a rare collision) fall back to the whole id.
         let mut order: Vec<(u64, u32, u32)> = Vec::with_capacity(out.iter().map(Vec::len).sum());
@@ -622,8 +622,7 @@ impl<'i> ChunkReader<'i> {
         if distinct as u64 * 8 >= total {
             // Both sides in key order: a merge. Wanted ids below a key are absent: each is
             // reported by the content that needs it, below.
-            self.index.read_ahead(u64::MAX);
-            for item in self.chunks.iter().map_err(err)? {
+            for item in self.index.walk_chunks(&self.chunks)? {
                 let (k, v) = item.map_err(err)?;
                 let key = ChunkId(*k.value());
                 while i < order.len() && id_at(out, &order[i]) < key {
