@@ -412,16 +412,12 @@ pub(crate) type StoredChunk = (bool, u32, Vec<u8>);
 /// The chunks of a stored artifact as the packs hold them (not decompressed), read ahead.
 pub(crate) fn stored_chunks(packs: Arc<PackFiles>, source: ChunkSource) -> ReadAhead<StoredChunk> {
     read_ahead(source, move |batch| {
-        let stored: Vec<Vec<u8>> = by_pieces(batch, |piece| packs.read_stored_runs(piece))?
-            .into_iter()
-            .flatten()
-            .collect();
-        if stored.len() != batch.len() {
-            return Err(format!("{} chunks read of {}", stored.len(), batch.len()));
-        }
+        let stored = by_pieces(batch, |piece| packs.read_stored_runs(piece))?;
+        // `read_stored_runs` gives one buffer per chunk asked for, or an error.
+        debug_assert_eq!(stored.iter().map(Vec::len).sum::<usize>(), batch.len());
         Ok(batch
             .iter()
-            .zip(stored)
+            .zip(stored.into_iter().flatten())
             .map(|((_, loc), b)| (loc.flags & FLAG_ZSTD != 0, loc.raw_len, b))
             .collect())
     })

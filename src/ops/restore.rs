@@ -1383,20 +1383,22 @@ fn check_switchable(j: &Journal, entries: &[ArtifactEntry]) -> Result<(), Error>
 /// so that it cannot leave the journal in place for every later command.
 fn roll_back(fsys: &Fs, j: &Journal) -> Result<(), Error> {
     cleanup(fsys, j)?;
+    if !j.created_sqlite_dir {
+        return Ok(());
+    }
     let dir = &j.sqlite_dir;
-    let is_dir = dir.symlink_metadata().is_ok_and(|m| m.is_dir());
-    if j.created_sqlite_dir && is_dir && fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none()) {
-        let parent = fsutil::parent_of(dir);
-        // `remove_dir` removes only an empty folder, whatever appeared in it since.
-        match fsys.remove_dir(dir) {
-            Ok(()) => {
-                if let Err(e) = fsys.sync_dir(&parent) {
-                    tracing::warn!(path = %parent.display(), error = %e, "removed the restore's sqlite folder; its removal may not be durable");
-                }
+    // `rmdir` removes only an empty folder: not one something was put in since, nor a symlink
+    // put in its place (ENOTDIR).
+    match fsys.remove_dir(dir) {
+        Ok(()) => {
+            let parent = fsutil::parent_of(dir);
+            if let Err(e) = fsys.sync_dir(&parent) {
+                tracing::warn!(path = %parent.display(), error = %e, "removed the restore's sqlite folder; its removal may not be durable");
             }
-            Err(e) => {
-                tracing::warn!(path = %dir.display(), error = %e, "kept the restore's sqlite folder");
-            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %dir.display(), error = %e, "kept the restore's sqlite folder");
         }
     }
     Ok(())
