@@ -206,6 +206,17 @@ impl Seen {
         self.fail_at.store(fail_at, Ordering::SeqCst);
     }
 
+    /// The read-ahead hints on files that `keep` accepts: (offset, length, the file's length).
+    fn hints_on(&self, keep: impl Fn(&Path) -> bool) -> Vec<(u64, u64, u64)> {
+        self.hints
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(path, ..)| keep(path))
+            .map(|(_, at, len, file)| (*at, *len, *file))
+            .collect()
+    }
+
     fn assert_aligned(&self) {
         let misaligned = self.misaligned.lock().expect("lock").clone();
         assert!(
@@ -315,14 +326,7 @@ fn large_files_restore_byte_for_byte_through_the_page_cache_too() {
     assert_eq!(seen.direct_writes.load(Ordering::SeqCst), 0);
     assert_eq!(seen.direct_reads.load(Ordering::SeqCst), 0);
     // The packs were read ahead instead, at least a batch (8 MiB) at a time, within each pack.
-    let hints: Vec<_> = seen
-        .hints
-        .lock()
-        .expect("lock")
-        .iter()
-        .filter(|(path, ..)| path.extension().is_some_and(|e| e == "pack"))
-        .map(|(_, at, len, file)| (*at, *len, *file))
-        .collect();
+    let hints = seen.hints_on(|path| path.extension().is_some_and(|e| e == "pack"));
     let hinted: u64 = hints.iter().map(|(_, len, _)| len).sum();
     assert!(hinted >= 17 << 20, "{hinted} bytes hinted: {hints:?}");
     assert!(
@@ -478,14 +482,7 @@ fn sessions_that_read_most_of_the_chunk_table_read_the_whole_index_ahead() {
     let (tmp, seen, agent, m) = agent_and_store();
     let index = tmp.path().join("store").join("index.redb");
     let assert_hinted_whole = |what: &str| {
-        let mut hints: Vec<(u64, u64, u64)> = seen
-            .hints
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|(path, ..)| *path == index)
-            .map(|(_, at, len, file)| (*at, *len, *file))
-            .collect();
+        let mut hints = seen.hints_on(|path| path == index);
         hints.sort();
         let covered = hints.iter().try_fold(0u64, |end, (at, len, _)| {
             (*at <= end).then_some(end.max(at + len))
