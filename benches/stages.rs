@@ -11,6 +11,9 @@ use memsnap::sample::{SampleAgent, SampleSpec};
 // The store's zero-run frames, compiled here from the same file: the codec is crate-private
 // (its unit tests compile here as well, unused).
 #[allow(dead_code, unused_imports)]
+#[path = "../src/store/planes.rs"]
+mod planes;
+#[allow(dead_code, unused_imports)]
 #[path = "../src/zstd_frames.rs"]
 mod zstd_frames;
 
@@ -168,6 +171,36 @@ fn main() {
         "vector.sqlite",
         mbs,
         &format!("{:.3} of input", out as f64 / vector.len() as f64),
+    );
+    // The plane codec the store uses for such pages when it saves more than the frames.
+    let mut out = 0usize;
+    let mbs = rate(vector.len(), || {
+        out = vector
+            .chunks(4096)
+            .map(|b| planes::encode(b, 0).map_or(b.len(), |f| f.len()))
+            .sum();
+    });
+    row(
+        "plane codec (Huffman sign-exponent plane), 4 KiB",
+        "vector.sqlite",
+        mbs,
+        &format!("{:.3} of input", out as f64 / vector.len() as f64),
+    );
+    let coded: Vec<Vec<u8>> = vector
+        .chunks(4096)
+        .filter_map(|b| planes::encode(b, 0))
+        .collect();
+    row(
+        "plane codec decode, 4 KiB",
+        "vector.sqlite (plane-coded pages)",
+        rate(coded.len() * 4096, || {
+            let mut page = vec![0u8; 4096];
+            for f in &coded {
+                planes::decode_into(f, &mut page).expect("decode");
+                std::hint::black_box(&page);
+            }
+        }),
+        &format!("{} of {} pages", coded.len(), vector.len() / 4096),
     );
     let mut d = zstd::bulk::Decompressor::new().expect("zstd");
     let frames: Vec<Vec<u8>> = vector

@@ -17,6 +17,7 @@ use crate::storage::Fs;
 use crate::store::chunk_id::ChunkId;
 use crate::store::index::{self, PackRecord};
 use crate::store::pack::{self, ChunkLoc, FLAG_TREE, PackId};
+use crate::store::planes;
 use crate::store::reader::PackFiles;
 use crate::tree;
 
@@ -88,6 +89,29 @@ pub fn pack(packs_dir: &Path, id: [u8; 16]) -> usize {
     decoded
 }
 
+/// A plane-coded chunk (store-format.md, "Plane-coded chunks") as a read decodes it, its raw
+/// length taken from its own header, as repair's scan does. Returns whether it decoded. What
+/// decodes and the encoder takes again must decode back to the same bytes.
+pub fn plane_chunk(bytes: &[u8]) -> bool {
+    let Some((n, raw_len)) = planes::lengths_at(bytes) else {
+        return false;
+    };
+    let mut raw = vec![0u8; raw_len];
+    if planes::decode_into(&bytes[..n], &mut raw).is_err() {
+        return false;
+    }
+    if let Some(again) = planes::encode(&raw, 0) {
+        let mut back = vec![0u8; raw_len];
+        assert_eq!(
+            planes::decode_into(&again, &mut back),
+            Ok(()),
+            "an encoded chunk decodes"
+        );
+        assert_eq!(back, raw, "plane codec round trip");
+    }
+    true
+}
+
 /// A tree node (store-format.md, "Tree nodes"): what decodes must encode to the same bytes.
 pub fn tree_node(bytes: &[u8], level: u8) {
     if let Ok(children) = tree::decode_node(bytes, level) {
@@ -143,6 +167,27 @@ where
         let back = index::decode_record::<T>(version, &again, what).expect("and decodes again");
         assert_eq!(back, value, "{what} round trip");
     }
+}
+
+/// Seeds for [`plane_chunk`]: the stored bytes of up to `max` plane-coded chunks of a pack file.
+pub fn plane_seeds(pack_path: &Path, max: usize) -> Vec<Vec<u8>> {
+    let Ok(entries) = pack::read_footer(&Fs::default(), pack_path) else {
+        return Vec::new();
+    };
+    let Ok(bytes) = std::fs::read(pack_path) else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter(|e| e.flags & pack::FLAG_PLANES != 0)
+        .filter_map(|e| {
+            let at = usize::try_from(e.offset).ok()?;
+            bytes
+                .get(at..at.checked_add(e.stored_len as usize)?)
+                .map(<[u8]>::to_vec)
+        })
+        .take(max)
+        .collect()
 }
 
 /// Seeds for [`index_value`] from a real store: `tag` then the bytes, for every value of the

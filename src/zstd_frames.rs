@@ -86,7 +86,7 @@ pub(crate) fn zero_runs(data: &[u8]) -> Option<Vec<u8>> {
 
 /// The zero runs of at least [`MIN_RUN`] bytes, as (start, end): found from the aligned zero
 /// words each must contain, so that other bytes are passed over a word at a time.
-fn find_zero_runs(data: &[u8]) -> Vec<(usize, usize)> {
+pub(crate) fn find_zero_runs(data: &[u8]) -> Vec<(usize, usize)> {
     let mut runs = Vec::new();
     let mut i = 0;
     let word = |i: usize| {
@@ -104,6 +104,9 @@ fn find_zero_runs(data: &[u8]) -> Vec<(usize, usize)> {
             start -= 1;
         }
         let mut end = i + 8;
+        while word(end) == Some(0) {
+            end += 8;
+        }
         while end < data.len() && data[end] == 0 {
             end += 1;
         }

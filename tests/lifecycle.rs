@@ -361,7 +361,7 @@ fn format_version(store: &Path) -> u8 {
 }
 
 #[test]
-fn a_store_written_by_memsnap_0_2_still_reads_and_a_snapshot_raises_it_to_format_3() {
+fn a_store_written_by_memsnap_0_2_still_reads_and_a_snapshot_raises_it() {
     let tmp = tempfile::tempdir().expect("tmp");
     let store = fixture_store(tmp.path(), "store-v2");
     assert_eq!(format_version(&store), 2);
@@ -396,11 +396,11 @@ fn a_store_written_by_memsnap_0_2_still_reads_and_a_snapshot_raises_it_to_format
         "reading does not raise the format"
     );
 
-    // A snapshot writes change-detection rows, raising the store to 3 in the same commit; the
+    // A snapshot writes change-detection rows, raising the store (to 4) in the same commit; the
     // next one finds the agent unchanged, deduplicated against the old data.
     std::thread::sleep(std::time::Duration::from_millis(250));
     let first_new = cmd().snapshot(&target).json();
-    assert_eq!(format_version(&store), 3);
+    assert_eq!(format_version(&store), 4);
     // The restored agent is the second snapshot again: every chunk is found in the old packs.
     assert_eq!(first_new["stats"]["new_chunks"], 0, "{first_new:#}");
     let again = cmd().snapshot(&target).json();
@@ -410,6 +410,55 @@ fn a_store_written_by_memsnap_0_2_still_reads_and_a_snapshot_raises_it_to_format
         .sum();
     assert_eq!(again["stats"]["bytes_read"], state_bytes, "{again:#}");
     cmd().args(["verify", "--read-data"]).json();
+}
+
+#[test]
+fn a_store_written_by_memsnap_0_3_still_reads_and_new_vector_pages_raise_it_to_format_4() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let store = fixture_store(tmp.path(), "store-v3");
+    assert_eq!(format_version(&store), 3);
+    let cmd = || TestCommand::new(&store);
+    let list = cmd().arg("list").json();
+    let list = list.as_array().expect("list");
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[1]["label"], "v3-second");
+    let second = str_of(&list[1], "id").to_owned();
+    cmd().args(["verify", "--read-data"]).json();
+    let target = tmp.path().join("restored");
+    cmd()
+        .args(["restore", &second, "--target"])
+        .arg(&target)
+        .json();
+    let r = SampleAgent::open(&target);
+    assert!(
+        fs::read_to_string(r.memdir().join("MEMORY.md"))
+            .expect("MEMORY.md")
+            .ends_with("# a note\n")
+    );
+    assert_eq!(
+        format_version(&store),
+        3,
+        "reading does not raise the format"
+    );
+
+    // New embedding pages are plane-coded; the snapshot that stores them raises the store to 4
+    // in the same commit. Old zero-run frames and new plane-coded pages then restore together.
+    r.append_day(6, 0.2).expect("append");
+    let rows = r.row_counts().expect("rows");
+    let day = cmd().snapshot(&target).json();
+    assert!(day["stats"]["new_chunks"].as_u64() > Some(0), "{day:#}");
+    assert_eq!(format_version(&store), 4);
+    cmd().args(["verify", "--read-data"]).json();
+    let again = tmp.path().join("again");
+    cmd()
+        .args(["restore", str_of(&day, "id"), "--target"])
+        .arg(&again)
+        .json();
+    assert_eq!(SampleAgent::open(&again).row_counts().expect("rows"), rows);
+    assert_eq!(
+        fs::read(again.join("sqlite/vector.sqlite")).expect("restored"),
+        fs::read(target.join("sqlite/vector.sqlite")).expect("source"),
+    );
 }
 
 #[test]

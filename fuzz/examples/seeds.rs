@@ -114,6 +114,9 @@ fn main() {
             let mut seed = vec![1u8];
             seed.extend(fs::read(pack).expect("pack"));
             fs::write(dir("pack").join(format!("{name}-{i}")), seed).expect("seed");
+            for (j, chunk) in memsnap::fuzzing::plane_seeds(pack, 8).iter().enumerate() {
+                fs::write(dir("planes").join(format!("{name}-{i}-{j}")), chunk).expect("seed");
+            }
         }
         let values = memsnap::fuzzing::index_seeds(store).expect("index values");
         for (i, v) in values.iter().enumerate() {

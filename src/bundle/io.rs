@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::StoreError;
 use crate::store::chunk_id::ChunkId;
-use crate::store::pack::{ChunkLoc, FLAG_ZSTD};
+use crate::store::pack::{ChunkLoc, FLAG_ZSTD, FLAGS_ENCODED};
 use crate::store::reader::PackFiles;
 use crate::store::stream::{ChunkSource, PIECE_BYTES, byte_batches};
 
@@ -412,14 +412,29 @@ pub(crate) type StoredChunk = (bool, u32, Vec<u8>);
 /// The chunks of a stored artifact as the packs hold them (not decompressed), read ahead.
 pub(crate) fn stored_chunks(packs: Arc<PackFiles>, source: ChunkSource) -> ReadAhead<StoredChunk> {
     read_ahead(source, move |batch| {
-        let stored = by_pieces(batch, |piece| packs.read_stored_runs(piece))?;
-        // `read_stored_runs` gives one buffer per chunk asked for, or an error.
-        debug_assert_eq!(stored.iter().map(Vec::len).sum::<usize>(), batch.len());
-        Ok(batch
-            .iter()
-            .zip(stored.into_iter().flatten())
-            .map(|((_, loc), b)| (loc.flags & FLAG_ZSTD != 0, loc.raw_len, b))
-            .collect())
+        let pieces = by_pieces(batch, |piece| {
+            let stored = packs.read_stored_runs(piece)?;
+            // `read_stored_runs` gives one buffer per chunk asked for, or an error.
+            debug_assert_eq!(stored.len(), piece.len());
+            piece
+                .iter()
+                .zip(stored)
+                .map(|((id, loc), b)| match loc.flags & FLAGS_ENCODED {
+                    0 => Ok((false, loc.raw_len, b)),
+                    FLAG_ZSTD => Ok((true, loc.raw_len, b)),
+                    // A bundle holds zstd frames only: a plane-coded page goes as its zero-run
+                    // frame (store-format.md, "Plane-coded chunks").
+                    _ => {
+                        let raw = packs.decode(id, loc, b, false)?;
+                        Ok(match crate::zstd_frames::zero_runs(&raw) {
+                            Some(frame) => (true, loc.raw_len, frame),
+                            None => (false, loc.raw_len, raw),
+                        })
+                    }
+                })
+                .collect::<Result<Vec<StoredChunk>, StoreError>>()
+        })?;
+        Ok(pieces.into_iter().flatten().collect())
     })
 }
 

@@ -57,7 +57,7 @@ pub(crate) fn set_pin(
                 .map_err(|e| index.err()(e.into()))?;
         }
     }
-    super::raise_format(store, &index, &tx)?;
+    crate::store::raise_format(&index, &tx)?;
     tx.commit().map_err(|e| index.err()(e.into()))?;
     Ok(record.info)
 }

@@ -91,28 +91,6 @@ pub(crate) fn all_records(
     Ok(out)
 }
 
-/// Raises an older store's `format_version` to this build's, in a transaction that writes a
-/// table the older version would ignore (store-format.md, "Version changes").
-pub(crate) fn raise_format(
-    store: &Store,
-    index: &Index,
-    tx: &redb::WriteTransaction,
-) -> Result<(), StoreError> {
-    use crate::store::config::FORMAT_VERSION;
-    if store.config.format_version >= FORMAT_VERSION {
-        return Ok(());
-    }
-    let mut config = store.config.clone();
-    config.format_version = FORMAT_VERSION;
-    let bytes = crate::store::index::encode_record(1, &config, "store config")?;
-    let mut meta = tx
-        .open_table(crate::store::index::META)
-        .map_err(|e| index.err()(e.into()))?;
-    meta.insert("config", bytes.as_slice())
-        .map_err(|e| index.err()(e.into()))?;
-    Ok(())
-}
-
 pub(crate) fn latest_of(
     index: &Index,
     tx: &redb::ReadTransaction,

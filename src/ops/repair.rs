@@ -40,7 +40,8 @@ use crate::store::index::{
     encode_record,
 };
 use crate::store::pack::{
-    ChunkLoc, FLAG_TREE, FooterEntry, PackId, PackWriter, ScanHints, list_packs, read_footer, scan,
+    ChunkLoc, FLAG_PLANES, FLAG_TREE, FooterEntry, PackId, PackWriter, ScanHints, list_packs,
+    read_footer, scan,
 };
 use crate::store::reader::{ChunkReader, PackFiles};
 use crate::tree::{self, ContentRef};
@@ -488,6 +489,9 @@ pub(crate) fn repair(
             for (k, v) in &old.pins {
                 t.insert(k.as_str(), *v).map_err(|e| err(e.into()))?;
             }
+        }
+        if chosen.iter().any(|(_, loc)| loc.flags & FLAG_PLANES != 0) {
+            crate::store::raise_format(&new, &tx)?;
         }
         tx.commit().map_err(|e| err(e.into()))?;
         // Which snapshots the new index serves whole.

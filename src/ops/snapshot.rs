@@ -655,7 +655,7 @@ pub(crate) fn commit(
                 .insert(key.as_str(), agent_rec.as_slice())
                 .map_err(|e| index.err()(e.into()))?;
             write_file_stats(&index, &tx, live.agent, live.previous, live.file_stats)?;
-            super::raise_format(store, &index, &tx)?;
+            crate::store::raise_format(&index, &tx)?;
         }
     }
     pending.keep();

@@ -5,6 +5,7 @@ pub(crate) mod chunk_id;
 pub(crate) mod config;
 pub(crate) mod index;
 pub(crate) mod pack;
+pub(crate) mod planes;
 pub(crate) mod reader;
 pub(crate) mod stream;
 pub(crate) mod writer;
@@ -231,6 +232,26 @@ impl Store {
             Holder::Store,
         )
     }
+}
+
+/// Raises the store's `format_version` to this build's in `tx`, read from the index itself
+/// (store-format.md, "Version changes"): done by each transaction that writes what an older
+/// memsnap would ignore or misread, so that it refuses the store instead.
+pub(crate) fn raise_format(index: &Index, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = tx.open_table(META).map_err(|e| index.err()(e.into()))?;
+    let found = meta
+        .get("config")
+        .map_err(|e| index.err()(e.into()))?
+        .map(|g| decode_config(&index.path, g.value()))
+        .transpose()?;
+    let Some(mut config) = found.filter(|c| c.format_version < FORMAT_VERSION) else {
+        return Ok(());
+    };
+    config.format_version = FORMAT_VERSION;
+    let bytes = index::encode_record(1, &config, "store config")?;
+    meta.insert("config", bytes.as_slice())
+        .map_err(|e| index.err()(e.into()))?;
+    Ok(())
 }
 
 pub(crate) fn decode_config(path: &Path, bytes: &[u8]) -> Result<StoreConfig, StoreError> {

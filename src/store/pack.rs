@@ -29,6 +29,50 @@ pub(crate) fn unused_bytes(size: u64, count: u32, live: u64) -> u64 {
 pub(crate) const FLAG_ZSTD: u8 = 1;
 /// Chunk flag: the chunk is a tree node (store-format.md, "Tree nodes").
 pub(crate) const FLAG_TREE: u8 = 2;
+/// Chunk flag: stored bytes are plane-coded (store-format.md, "Plane-coded chunks"; format 4).
+pub(crate) const FLAG_PLANES: u8 = 4;
+/// The flags that say how a chunk's bytes are stored; neither set: as they are.
+pub(crate) const FLAGS_ENCODED: u8 = FLAG_ZSTD | FLAG_PLANES;
+
+/// Decodes a chunk stored as `flags` say into `out`, sized to its raw length; returns how many
+/// bytes it wrote. The error says what is wrong with the stored bytes.
+pub(crate) fn decode_into(flags: u8, stored: &[u8], out: &mut [u8]) -> Result<usize, String> {
+    thread_local! {
+        // A context per thread: creating one per chunk costs more than decoding a page.
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    match flags & FLAGS_ENCODED {
+        0 if stored.len() == out.len() => {
+            out.copy_from_slice(stored);
+            Ok(out.len())
+        }
+        0 => Err(format!(
+            "{} bytes stored raw, the index says {}",
+            stored.len(),
+            out.len()
+        )),
+        FLAG_ZSTD => DCTX.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(
+                    zstd::bulk::Decompressor::new()
+                        .map_err(|e| format!("cannot make a zstd decompressor: {e}"))?,
+                );
+            }
+            match slot.as_mut() {
+                Some(d) => d
+                    .decompress_to_buffer(stored, out)
+                    .map_err(|e| format!("cannot decompress: {e}")),
+                None => Err("no decompressor".into()),
+            }
+        }),
+        FLAG_PLANES => super::planes::decode_into(stored, out)
+            .map(|()| out.len())
+            .map_err(|e| format!("cannot decode planes: {}", e.0)),
+        _ => Err("flags say both zstd and plane-coded".into()),
+    }
+}
 
 /// A pack also closes at this many chunks, whatever their size. A snapshot keeps an entry per
 /// chunk of its open and syncing packs until they are durable (and a pack writer one per chunk
@@ -385,8 +429,8 @@ pub(crate) struct ScanHints {
 
 /// The chunks of a pack whose footer is damaged, found from the start of the chunk data as far
 /// as records can be recognised: an index entry placed there whose bytes hash to its id, a zstd
-/// frame (self-delimiting), a tree node (its length follows from its header), or a raw chunk of
-/// a length some tree node names whose hash is that node's child. Then every hinted entry the
+/// frame or a plane-coded chunk (both self-delimiting), a tree node (its length follows from its
+/// header), or a raw chunk of a length some tree node names whose hash is that node's child. Then every hinted entry the
 /// walk did not reach, checked alone. Every returned entry's bytes hash to its id. Scanned
 /// chunks never carry the tree flag: only an entry that vouches for a subtree needs it (I3).
 pub(crate) fn scan(path: &Path, hints: &ScanHints) -> Result<Vec<FooterEntry>, StoreError> {
@@ -398,15 +442,12 @@ pub(crate) fn scan(path: &Path, hints: &ScanHints) -> Result<Vec<FooterEntry>, S
         else {
             return false;
         };
-        let raw = if e.flags & FLAG_ZSTD != 0 {
-            match zstd::bulk::decompress(stored, e.raw_len as usize) {
-                Ok(r) => r,
-                Err(_) => return false,
-            }
-        } else {
-            stored.to_vec()
-        };
-        raw.len() == e.raw_len as usize && ChunkId::of(&raw) == e.id
+        if e.raw_len > super::reader::MAX_CHUNK {
+            return false;
+        }
+        let mut raw = vec![0u8; e.raw_len as usize];
+        decode_into(e.flags, stored, &mut raw).is_ok_and(|n| n == raw.len())
+            && ChunkId::of(&raw) == e.id
     };
     let hinted: std::collections::HashMap<u64, &FooterEntry> =
         hints.entries.iter().map(|e| (e.offset, e)).collect();
@@ -433,6 +474,20 @@ pub(crate) fn scan(path: &Path, hints: &ScanHints) -> Result<Vec<FooterEntry>, S
             });
             p += n;
             continue;
+        }
+        if let Some((n, raw_len)) = super::planes::lengths_at(rest) {
+            let mut raw = vec![0u8; raw_len];
+            if super::planes::decode_into(&rest[..n], &mut raw).is_ok() {
+                found.push(FooterEntry {
+                    id: ChunkId::of(&raw),
+                    offset: at,
+                    stored_len: n as u32,
+                    raw_len: raw_len as u32,
+                    flags: FLAG_PLANES,
+                });
+                p += n;
+                continue;
+            }
         }
         if let Some(n) = node_len(rest) {
             found.push(FooterEntry {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use super::chunk_id::ChunkId;
 use super::index::{CHUNKS, Index};
-use super::pack::{ChunkLoc, FLAG_ZSTD, PackId};
+use super::pack::{ChunkLoc, FLAGS_ENCODED, PackId, decode_into};
 use crate::error::StoreError;
 use crate::storage::{DIRECT_ALIGN, Fs, OpenMode, StorageFile, aligned_start};
 
@@ -109,7 +109,7 @@ impl PackFiles {
         self.read_checked(id, loc, true)
     }
 
-    /// A chunk's bytes as stored (a zstd frame when `loc.flags` has the zstd bit), not yet
+    /// A chunk's bytes as stored (encoded as `loc.flags` say), not yet
     /// decompressed nor checked against `id` (see [`PackFiles::decode`]).
     pub(crate) fn read_stored(&self, id: &ChunkId, loc: &ChunkLoc) -> Result<Vec<u8>, StoreError> {
         let path = || self.path(&loc.pack);
@@ -212,10 +212,6 @@ impl PackFiles {
         span: (u64, u64),
         out: &mut [u8],
     ) -> Result<(), StoreError> {
-        thread_local! {
-            static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-                const { std::cell::RefCell::new(None) };
-        }
         let Some((first, loc)) = run.first() else {
             return Ok(());
         };
@@ -223,7 +219,7 @@ impl PackFiles {
         let path = || self.path(&loc.pack);
         let (file, direct) = self.chunk_file(first, loc)?;
         // A raw chunk's stored bytes are its bytes.
-        let raw = |l: &ChunkLoc| l.flags & FLAG_ZSTD == 0;
+        let raw = |l: &ChunkLoc| l.flags & FLAGS_ENCODED == 0;
         if let Some((id, l)) = run
             .iter()
             .find(|(_, l)| raw(l) && l.stored_len != l.raw_len)
@@ -249,25 +245,7 @@ impl PackFiles {
                 slots = tail;
                 let at = (l.offset - from) as usize;
                 let bytes = &stored[at..at + l.stored_len as usize];
-                if raw(l) {
-                    slot.copy_from_slice(bytes);
-                    continue;
-                }
-                let n = DCTX.with(|cell| {
-                    let mut dctx = cell.borrow_mut();
-                    if dctx.is_none() {
-                        *dctx = Some(
-                            zstd::bulk::Decompressor::new()
-                                .map_err(|e| StoreError::io(path(), e))?,
-                        );
-                    }
-                    match dctx.as_mut() {
-                        Some(d) => d
-                            .decompress_to_buffer(bytes, slot)
-                            .map_err(|e| damaged(id, &path(), format!("cannot decompress: {e}"))),
-                        None => Err(damaged(id, &path(), "no decompressor".into())),
-                    }
-                })?;
+                let n = decode_into(l.flags, bytes, slot).map_err(|m| damaged(id, &path(), m))?;
                 if n != l.raw_len as usize {
                     return Err(damaged(
                         id,
@@ -363,7 +341,7 @@ impl PackFiles {
         self.decode(id, loc, stored, verify)
     }
 
-    /// A chunk's content from its stored bytes: decompressed when stored so, its length and
+    /// A chunk's content from its stored bytes: decoded when stored so, its length and
     /// (with `verify`) its BLAKE3 checked against the index entry and `id`.
     pub(crate) fn decode(
         &self,
@@ -372,26 +350,14 @@ impl PackFiles {
         stored: Vec<u8>,
         verify: bool,
     ) -> Result<Vec<u8>, StoreError> {
-        thread_local! {
-            static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-                const { std::cell::RefCell::new(None) };
-        }
         let path = || self.path(&loc.pack);
-        let raw = if loc.flags & FLAG_ZSTD != 0 {
-            DCTX.with(|cell| {
-                let mut slot = cell.borrow_mut();
-                if slot.is_none() {
-                    *slot = Some(
-                        zstd::bulk::Decompressor::new().map_err(|e| StoreError::io(path(), e))?,
-                    );
-                }
-                match slot.as_mut() {
-                    Some(d) => d
-                        .decompress(&stored, loc.raw_len as usize)
-                        .map_err(|e| damaged(id, &path(), format!("cannot decompress: {e}"))),
-                    None => Err(damaged(id, &path(), "no decompressor".into())),
-                }
-            })?
+        let raw = if loc.flags & FLAGS_ENCODED != 0 {
+            check_sizes(id, loc, &path)?;
+            let mut raw = vec![0u8; loc.raw_len as usize];
+            let n =
+                decode_into(loc.flags, &stored, &mut raw).map_err(|m| damaged(id, &path(), m))?;
+            raw.truncate(n);
+            raw
         } else {
             stored
         };
@@ -737,6 +703,7 @@ impl<'i> ChunkReader<'i> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::pack::FLAG_ZSTD;
     use crate::store::writer::{ChunkWriter, KnownFilter};
 
     /// 4 KiB pages, random (stored raw) or mostly zeros (stored as zstd frames), written as one

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::chunk_id::ChunkId;
 use super::config::StoreConfig;
-use super::pack::{ChunkLoc, FLAG_TREE, FLAG_ZSTD, PackId, PackWriter};
+use super::pack::{ChunkLoc, FLAG_PLANES, FLAG_TREE, FLAG_ZSTD, PackId, PackWriter};
 use crate::error::StoreError;
 use crate::storage::Fs;
 
@@ -387,7 +387,8 @@ impl Batch {
 struct Prepared {
     id: ChunkId,
     hit: bool,
-    compressed: Option<Vec<u8>>,
+    /// Encoded bytes and their flag, when the chunk is not stored raw.
+    compressed: Option<(u8, Vec<u8>)>,
 }
 
 /// Batches smaller than this are prepared on the calling thread: handing them to the pool would
@@ -504,7 +505,7 @@ impl ChunkWriter {
             // have stored it.
             if !p.hit && !self.wrote(&p.id) {
                 match &p.compressed {
-                    Some(c) => self.append(p.id, raw_len, flags | FLAG_ZSTD, c)?,
+                    Some((encoding, c)) => self.append(p.id, raw_len, flags | encoding, c)?,
                     None => self.append(p.id, raw_len, flags, data)?,
                 }
             }
@@ -925,7 +926,9 @@ pub(crate) fn insert_chunks<'a>(
     let mut chunks = tx
         .open_table(super::index::CHUNKS)
         .map_err(|e| index.err()(e.into()))?;
+    let mut planes = false;
     for (id, loc) in entries {
+        planes |= loc.flags & FLAG_PLANES != 0;
         let previous = chunks
             .insert(&id.0, &loc.encode())
             .map_err(|e| index.err()(e.into()))?
@@ -938,6 +941,11 @@ pub(crate) fn insert_chunks<'a>(
                     .map_err(|e| index.err()(e.into()))?;
             }
         }
+    }
+    drop(chunks);
+    if planes {
+        // Format 4: an older memsnap cannot decode these entries' chunks.
+        super::raise_format(index, tx)?;
     }
     Ok(())
 }
@@ -999,15 +1007,17 @@ pub(crate) fn insert_packs(
     Ok(())
 }
 
-/// Order-0 entropy (bits per byte) at or above which Huffman coding cannot save an eighth and
-/// random data has no long matches either: such a chunk is stored raw without trying zstd.
+/// Order-0 entropy (bits per byte) at or above which Huffman coding of all bytes cannot save an
+/// eighth and random data has no long matches either: such a chunk is not given to zstd, only
+/// to the plane codec, which rejects it cheaply unless one byte lane is skewed (a page packed
+/// with float32 values).
 const RAW_ENTROPY_BITS: f32 = 7.2;
 
 /// At or above this, a chunk is mostly random bytes around runs of zeros: a SQLite page holding
 /// one float32 embedding and its free space (sampled pages estimate ~6.3; text pages 3.5-5.7).
-/// Only its zero runs are taken out ([`crate::zstd_frames::zero_runs`]), as zstd's fastest
-/// level would at twice the CPU. Huffman coding of the floats would save ~5% more at ~6x the
-/// compression and ~7x the decompression time (benches/stages.rs, RESULTS.md).
+/// zstd would code all its bytes with one Huffman table, which the three random lanes of each
+/// float flatten: the plane codec codes the sign-exponent lane alone, and the zero-run frame
+/// ([`crate::zstd_frames::zero_runs`]) is the fallback (benches/stages.rs, RESULTS.md run 18).
 const FAST_ENTROPY_BITS: f32 = 6.0;
 
 /// An estimate of `data`'s order-0 entropy from at most 1024 bytes sampled at an odd stride (an
@@ -1042,9 +1052,12 @@ fn entropy_bits(data: &[u8]) -> f32 {
     n.log2() - sum / n + (seen - 1.0) / (2.0 * n * std::f32::consts::LN_2)
 }
 
-/// Compresses with zstd when that saves at least 1/8 of the bytes, at a level chosen by the
-/// chunk's entropy (see the constants above); `None` stores the chunk raw.
-fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
+/// The chunk's bytes encoded and their flag (zstd or plane-coded), when that saves at least 1/8
+/// of them; `None` stores the chunk raw. The encoding follows the chunk's entropy (see the
+/// constants above): text through zstd at the store's level; random bytes with a skewed byte
+/// lane (float32 pages) plane-coded (a vector page: 0.65 of its size, where its zero-run frame
+/// is 0.77); other random bytes around zero runs as a zero-run frame.
+fn compress(data: &[u8], level: i32) -> Option<(u8, Vec<u8>)> {
     thread_local! {
         // Contexts per pool thread: creating a zstd context per chunk cost ~10% of a snapshot.
         static CCTX: std::cell::RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> =
@@ -1053,26 +1066,34 @@ fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
     if data.len() < 64 {
         return None;
     }
+    // Stored bytes must save an eighth to be worth a decode.
+    let most = data.len() - data.len() / 8;
     let h = entropy_bits(data);
-    if h >= RAW_ENTROPY_BITS {
-        return None;
+    if h >= FAST_ENTROPY_BITS {
+        // A page of floats takes the plane codec, which cuts out its free space too; the frame
+        // (zero runs only) is for what the codec declines.
+        if let Some(p) = super::planes::encode(data, data.len() - most) {
+            return Some((FLAG_PLANES, p));
+        }
+        if h >= RAW_ENTROPY_BITS {
+            return None;
+        }
+        return crate::zstd_frames::zero_runs(data)
+            .filter(|f| f.len() <= most)
+            .map(|f| (FLAG_ZSTD, f));
     }
-    let c = if h >= FAST_ENTROPY_BITS {
-        crate::zstd_frames::zero_runs(data)?
-    } else {
-        CCTX.with(|cell| {
-            let mut ctxs = cell.borrow_mut();
-            let i = match ctxs.iter().position(|(l, _)| *l == level) {
-                Some(i) => i,
-                None => {
-                    ctxs.push((level, zstd::bulk::Compressor::new(level).ok()?));
-                    ctxs.len() - 1
-                }
-            };
-            ctxs[i].1.compress(data).ok()
-        })?
-    };
-    (c.len() <= data.len() - data.len() / 8).then_some(c)
+    let c = CCTX.with(|cell| {
+        let mut ctxs = cell.borrow_mut();
+        let i = match ctxs.iter().position(|(l, _)| *l == level) {
+            Some(i) => i,
+            None => {
+                ctxs.push((level, zstd::bulk::Compressor::new(level).ok()?));
+                ctxs.len() - 1
+            }
+        };
+        ctxs[i].1.compress(data).ok()
+    })?;
+    (c.len() <= most).then_some((FLAG_ZSTD, c))
 }
 
 #[cfg(test)]
@@ -1438,38 +1459,56 @@ mod tests {
     }
 
     #[test]
-    fn text_and_sparse_pages_compress_random_floats_do_not() {
+    fn text_and_sparse_pages_compress_random_bytes_do_not_and_float_pages_are_plane_coded() {
         let text = "The user prefers short answers and works on memsnap. ".repeat(80);
-        assert!(compress(text.as_bytes(), 3).is_some());
+        assert_eq!(compress(text.as_bytes(), 3).map(|c| c.0), Some(FLAG_ZSTD));
         let mut page = vec![0u8; 4096];
         page[..100].copy_from_slice(&[7u8; 100]);
-        assert!(compress(&page, 3).is_some());
+        assert_eq!(compress(&page, 3).map(|c| c.0), Some(FLAG_ZSTD));
         let mut s = 0x1234_5678_u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let random: Vec<u8> = (0..4096).map(|_| next() as u8).collect();
+        assert!(entropy_bits(&random) >= RAW_ENTROPY_BITS);
+        assert!(
+            compress(&random, 3).is_none(),
+            "random bytes are stored raw"
+        );
         let floats: Vec<u8> = (0..1024)
             .flat_map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (((s >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 0.1).to_le_bytes()
+                (((next() >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 0.1).to_le_bytes()
             })
             .collect();
-        assert!(
-            entropy_bits(&floats) >= RAW_ENTROPY_BITS && compress(&floats, 3).is_none(),
-            "{}",
-            entropy_bits(&floats)
-        );
-        assert!(
-            compress(&floats, 3).is_none(),
-            "random float32 vectors should skip zstd"
-        );
-        // One embedding and the free space of its page: the zero run is taken out.
+        let h = entropy_bits(&floats);
+        assert!(h >= RAW_ENTROPY_BITS, "{h}");
+        let (flag, c) = compress(&floats, 3).expect("the exponent lane pays");
+        assert_eq!(flag, FLAG_PLANES);
+        assert!(c.len() < 4096 * 7 / 8, "{}", c.len());
+        // One embedding and the free space of its page: plane-coded, smaller than the zero-run
+        // frame.
         let mut page = floats[..3072].to_vec();
         page.resize(4096, 0);
         let h = entropy_bits(&page);
         assert!((FAST_ENTROPY_BITS..RAW_ENTROPY_BITS).contains(&h), "{h}");
-        let c = compress(&page, 3).expect("zero runs pay");
-        assert!(c.len() < 3200, "{}", c.len());
-        assert_eq!(zstd::bulk::decompress(&c, 4096).expect("frame"), page);
+        let (flag, c) = compress(&page, 3).expect("pays");
+        assert_eq!(flag, FLAG_PLANES);
+        let frame = crate::zstd_frames::zero_runs(&page).expect("zero runs");
+        assert!(
+            c.len() + 256 < frame.len(),
+            "{} against {}",
+            c.len(),
+            frame.len()
+        );
+        let mut back = vec![0u8; 4096];
+        assert_eq!(
+            crate::store::pack::decode_into(flag, &c, &mut back),
+            Ok(4096)
+        );
+        assert_eq!(back, page);
         assert!(entropy_bits(text.as_bytes()) < FAST_ENTROPY_BITS);
         assert_eq!(entropy_bits(&[7u8; 4096]), 0.0);
     }

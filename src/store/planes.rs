@@ -1,0 +1,716 @@
+//! The plane codec: a chunk whose every fourth byte is drawn from a small alphabet (a SQLite
+//! page of float32 embeddings, whose sign-and-exponent bytes take ~20 values) stored with that
+//! byte plane Huffman-coded, its longest zero run cut out and every other byte as it is. The
+//! record is in store-format.md ("Plane-coded chunks"); this file is its only encoder and decoder.
+//!
+//! Per 4 KiB vector page this stores ~0.65 of the page where the zero-run frame stores 0.77:
+//! zstd codes all literals of a block with one Huffman table, so the three random planes hide
+//! the skew of the fourth (RESULTS.md, run 18). The plane is coded as four interleaved
+//! streams so that decoding runs four independent chains of table lookups.
+
+/// First bytes of a plane-coded chunk, then the codec's record version. No tree node (version
+/// byte 1) or zstd frame starts so.
+const MAGIC: [u8; 2] = *b"MP";
+const VERSION: u8 = 1;
+
+/// Longest code. Decoding looks codes up in a table of `1 << MAX_LEN` entries, built per chunk.
+const MAX_LEN: u32 = 11;
+
+/// Streams the plane is dealt into, symbol `j` to stream `j % STREAMS`.
+const STREAMS: usize = 4;
+
+/// Fixed header: magic, version, phase, raw length, zero run start and length (u32 each),
+/// symbol count - 1.
+const HEADER: usize = 2 + 1 + 1 + 4 + 4 + 4 + 1;
+
+/// Largest chunk the codec takes: SQLite's largest page. It bounds a stream to under 64 KiB
+/// (16,384 symbols of at most 11 bits), so stream lengths are u16.
+pub(crate) const MAX_CHUNK: usize = 64 << 10;
+
+/// Why stored bytes do not decode. The reader reports it as damage to the chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Malformed(pub(crate) &'static str);
+
+/// `data` plane-coded, or `None` when that would not be at least `min_saving` bytes smaller than
+/// `data` (callers pass what their other encodings would save).
+pub(crate) fn encode(data: &[u8], min_saving: usize) -> Option<Vec<u8>> {
+    if data.len() < 64 || data.len() > MAX_CHUNK {
+        return None;
+    }
+    let (zero_at, zero_len) = longest_aligned_zero_run(data);
+    let segments = [&data[..zero_at], &data[zero_at + zero_len..]];
+    let phase = skewed_phase(&segments)?;
+    let kept = data.len() - zero_len;
+    let n = plane_count(kept, phase);
+    let mut plane = vec![0u8; n];
+    let mut rest = vec![0u8; kept - n];
+    let (mut p, mut q) = (0, 0);
+    for seg in segments {
+        let (dp, dq) = match phase {
+            0 => split::<0>(seg, &mut plane[p..], &mut rest[q..]),
+            1 => split::<1>(seg, &mut plane[p..], &mut rest[q..]),
+            2 => split::<2>(seg, &mut plane[p..], &mut rest[q..]),
+            _ => split::<3>(seg, &mut plane[p..], &mut rest[q..]),
+        };
+        p += dp;
+        q += dq;
+    }
+    // Four tables: a plane repeats few values, and one table would chain its increments.
+    let mut tables = [[0u32; 256]; 4];
+    let mut quads = plane.chunks_exact(4);
+    for q in &mut quads {
+        for (t, &b) in tables.iter_mut().zip(q) {
+            t[b as usize] += 1;
+        }
+    }
+    for &b in quads.remainder() {
+        tables[0][b as usize] += 1;
+    }
+    let mut counts = [0u32; 256];
+    for (s, c) in counts.iter_mut().enumerate() {
+        *c = tables.iter().map(|t| t[s]).sum();
+    }
+    let lens = code_lengths(&counts);
+    let bits: u64 = (0..256)
+        .map(|s| u64::from(counts[s]) * u64::from(lens[s]))
+        .sum();
+    let symbols: Vec<u8> = (0..=255u8).filter(|&s| lens[s as usize] > 0).collect();
+    let table_len = symbols.len() + symbols.len().div_ceil(2);
+    // Each stream may end in a partial byte.
+    let estimate =
+        HEADER + table_len + 2 * STREAMS + bits.div_ceil(8) as usize + STREAMS + rest.len();
+    if estimate + min_saving > data.len() {
+        return None;
+    }
+
+    let mut out = Vec::with_capacity(estimate);
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(phase as u8);
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(zero_at as u32).to_le_bytes());
+    out.extend_from_slice(&(zero_len as u32).to_le_bytes());
+    out.push((symbols.len() - 1) as u8);
+    out.extend_from_slice(&symbols);
+    for pair in symbols.chunks(2) {
+        let hi = lens[pair[0] as usize];
+        let lo = pair.get(1).map_or(0, |&s| lens[s as usize]);
+        out.push(hi << 4 | lo);
+    }
+    let codes = canonical_codes(&lens, &symbols);
+    // One pass deals the codes to four writers, each with room for its share at MAX_LEN bits.
+    let room = (n.div_ceil(STREAMS) * MAX_LEN as usize).div_ceil(8) + 8;
+    let mut scratch = vec![0u8; STREAMS * room];
+    let mut writers: Vec<BitWriter<'_>> = scratch
+        .chunks_exact_mut(room)
+        .map(|out| BitWriter {
+            out,
+            at: 0,
+            acc: 0,
+            n: 0,
+        })
+        .collect();
+    let mut quads = plane.chunks_exact(STREAMS);
+    for q in &mut quads {
+        for (w, &b) in writers.iter_mut().zip(q) {
+            let (code, len) = codes[b as usize];
+            w.put(code, len);
+        }
+    }
+    for (w, &b) in writers.iter_mut().zip(quads.remainder()) {
+        let (code, len) = codes[b as usize];
+        w.put(code, len);
+    }
+    let streams: Vec<&[u8]> = writers.into_iter().map(BitWriter::finish).collect();
+    for stream in &streams {
+        // At most 16,384 / 4 symbols of 11 bits: under 64 KiB (MAX_CHUNK).
+        out.extend_from_slice(&(stream.len() as u16).to_le_bytes());
+    }
+    for stream in &streams {
+        out.extend_from_slice(stream);
+    }
+    out.extend_from_slice(&rest);
+    debug_assert!(out.len() <= estimate);
+    Some(out)
+}
+
+/// Decodes `stored` into `out`, whose length is the chunk's raw length.
+pub(crate) fn decode_into(stored: &[u8], out: &mut [u8]) -> Result<(), Malformed> {
+    let c = Coded::parse(stored)?;
+    if c.raw_len != out.len() || c.stored_len != stored.len() {
+        return Err(Malformed("plane chunk length does not match its entry"));
+    }
+    let table = decode_table(&c.lens, c.symbols)?;
+    let kept = c.raw_len - c.zero_len;
+    let n = plane_count(kept, c.phase);
+    let plane = decode_plane(c.streams, &c.stream_lens, &table, n)?;
+    let (head, tail) = out.split_at_mut(c.zero_at);
+    let (zeros, tail) = tail.split_at_mut(c.zero_len);
+    zeros.fill(0);
+    let (mut p, mut q) = (0, 0);
+    for seg in [head, tail] {
+        let (plane, rest) = (&plane[p..], &c.rest[q..]);
+        let (dp, dq) = match c.phase {
+            0 => join::<0>(seg, plane, rest),
+            1 => join::<1>(seg, plane, rest),
+            2 => join::<2>(seg, plane, rest),
+            _ => join::<3>(seg, plane, rest),
+        };
+        p += dp;
+        q += dq;
+    }
+    Ok(())
+}
+
+/// The (stored, raw) lengths of the plane-coded chunk at the start of `bytes`, if its header is
+/// one: the record is self-delimiting, so repair finds it in a pack without a footer.
+pub(crate) fn lengths_at(bytes: &[u8]) -> Option<(usize, usize)> {
+    Coded::parse(bytes).ok().map(|c| (c.stored_len, c.raw_len))
+}
+
+/// A plane-coded record's fields, checked against each other but not decoded.
+struct Coded<'a> {
+    phase: usize,
+    raw_len: usize,
+    zero_at: usize,
+    zero_len: usize,
+    /// The coded byte values, in increasing order, each with a length in `lens`.
+    symbols: &'a [u8],
+    lens: [u8; 256],
+    stream_lens: [usize; STREAMS],
+    streams: &'a [u8],
+    rest: &'a [u8],
+    stored_len: usize,
+}
+
+impl<'a> Coded<'a> {
+    /// Parses the record at the start of `bytes` (which may go on past it).
+    fn parse(bytes: &'a [u8]) -> Result<Self, Malformed> {
+        let mut r = Reader(bytes);
+        if r.take(MAGIC.len())? != MAGIC {
+            return Err(Malformed("not a plane-coded chunk"));
+        }
+        if r.u8()? != VERSION {
+            return Err(Malformed("unknown plane codec version"));
+        }
+        let phase = r.u8()? as usize;
+        let raw_len = r.u32()? as usize;
+        let zero_at = r.u32()? as usize;
+        let zero_len = r.u32()? as usize;
+        if phase > 3
+            || raw_len > MAX_CHUNK
+            || !zero_at.is_multiple_of(4)
+            || !zero_len.is_multiple_of(4)
+            || zero_at
+                .checked_add(zero_len)
+                .is_none_or(|end| end > raw_len)
+        {
+            return Err(Malformed("plane header out of range"));
+        }
+        let count = usize::from(r.u8()?) + 1;
+        let symbols = r.take(count)?;
+        if symbols.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Malformed("plane symbols not in order"));
+        }
+        let packed = r.take(count.div_ceil(2))?;
+        let mut lens = [0u8; 256];
+        for (i, &s) in symbols.iter().enumerate() {
+            let shift = if i % 2 == 0 { 4 } else { 0 };
+            let nibble = (packed[i / 2] >> shift) & 0xf;
+            if nibble == 0 || u32::from(nibble) > MAX_LEN {
+                return Err(Malformed("plane code length out of range"));
+            }
+            lens[s as usize] = nibble;
+        }
+        let mut stream_lens = [0usize; STREAMS];
+        for l in &mut stream_lens {
+            *l = usize::from(r.u16()?);
+        }
+        let streams = r.take(stream_lens.iter().sum())?;
+        let kept = raw_len - zero_len;
+        let rest = r.take(kept - plane_count(kept, phase))?;
+        Ok(Self {
+            phase,
+            raw_len,
+            zero_at,
+            zero_len,
+            symbols,
+            lens,
+            stream_lens,
+            streams,
+            rest,
+            stored_len: bytes.len() - r.0.len(),
+        })
+    }
+}
+
+/// The phase whose bytes are the most skewed (largest sum of squared counts), from every
+/// fourth word of the segments; `None` when even that one is too flat to pay for a code table
+/// (under ~128 equally likely values' worth of skew), as random bytes are.
+fn skewed_phase(segments: &[&[u8]; 2]) -> Option<usize> {
+    let mut hist = [[0u16; 256]; 4];
+    let mut n = 0u32;
+    for seg in segments {
+        for word in seg.chunks_exact(16) {
+            for p in 0..4 {
+                hist[p][word[p] as usize] += 1;
+            }
+            n += 1;
+        }
+    }
+    let skew = |h: &[u16; 256]| h.iter().map(|&c| u32::from(c) * u32::from(c)).sum::<u32>();
+    let phase = (0..4).max_by_key(|&p| skew(&hist[p]))?;
+    (u64::from(skew(&hist[phase])) * 128 >= u64::from(n) * u64::from(n)).then_some(phase)
+}
+
+/// Copies byte `P` of each word of `seg` to `plane` and the others to `rest`, which have room
+/// for them. Returns how many of each it wrote.
+fn split<const P: usize>(seg: &[u8], plane: &mut [u8], rest: &mut [u8]) -> (usize, usize) {
+    let words = seg.len() / 4;
+    // Whole words through fixed-size pieces, so that the copies need no per-byte checks.
+    for ((word, p), r) in seg
+        .chunks_exact(4)
+        .zip(plane.iter_mut())
+        .zip(rest.chunks_exact_mut(3))
+    {
+        *p = word[P];
+        let others = others::<P>();
+        r.copy_from_slice(&[word[others[0]], word[others[1]], word[others[2]]]);
+    }
+    let (mut p, mut q) = (words, 3 * words);
+    for (i, &b) in seg[4 * words..].iter().enumerate() {
+        if i == P {
+            plane[p] = b;
+            p += 1;
+        } else {
+            rest[q] = b;
+            q += 1;
+        }
+    }
+    (p, q)
+}
+
+/// The positions in a word other than `P`, in order.
+const fn others<const P: usize>() -> [usize; 3] {
+    match P {
+        0 => [1, 2, 3],
+        1 => [0, 2, 3],
+        2 => [0, 1, 3],
+        _ => [0, 1, 2],
+    }
+}
+
+/// Fills `seg`: byte `P` of each word from `plane`, the others from `rest`, which hold enough
+/// (the caller checked the lengths). Returns how many of each it used.
+fn join<const P: usize>(seg: &mut [u8], plane: &[u8], rest: &[u8]) -> (usize, usize) {
+    let words = seg.len() / 4;
+    for ((word, &p), r) in seg
+        .chunks_exact_mut(4)
+        .zip(plane.iter())
+        .zip(rest.chunks_exact(3))
+    {
+        let others = others::<P>();
+        word[P] = p;
+        word[others[0]] = r[0];
+        word[others[1]] = r[1];
+        word[others[2]] = r[2];
+    }
+    let (mut p, mut q) = (words, 3 * words);
+    for (i, b) in seg[4 * words..].iter_mut().enumerate() {
+        if i == P {
+            *b = plane[p];
+            p += 1;
+        } else {
+            *b = rest[q];
+            q += 1;
+        }
+    }
+    (p, q)
+}
+
+/// The `n` plane symbols from their four streams, read in turn so that the four chains of
+/// lookups overlap.
+fn decode_plane(
+    streams: &[u8],
+    lens: &[usize; STREAMS],
+    table: &[u16],
+    n: usize,
+) -> Result<Vec<u8>, Malformed> {
+    // One copy padded with zeros: every window is one unaligned load. A stream read past its
+    // end sees the next one's bytes, which `end` catches.
+    let mut padded = Vec::with_capacity(streams.len() + 8);
+    padded.extend_from_slice(streams);
+    padded.extend_from_slice(&[0; 8]);
+    let mut at = [0usize; STREAMS];
+    let mut end = [0usize; STREAMS];
+    let mut start = 0;
+    for k in 0..STREAMS {
+        at[k] = start * 8;
+        start += lens[k];
+        end[k] = start * 8;
+    }
+    let window = |at: usize| {
+        let b = &padded[at / 8..at / 8 + 8];
+        let word = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        (word << (at % 8) >> (64 - MAX_LEN)) as usize
+    };
+    let mut plane = vec![0u8; n];
+    let mut unassigned = false;
+    for group in plane.chunks_mut(STREAMS) {
+        for (k, slot) in group.iter_mut().enumerate() {
+            // Clamped so that a damaged stream reads padding, not out of bounds.
+            let e = table[window(at[k].min(end[STREAMS - 1]))];
+            unassigned |= e >> 8 == 0;
+            at[k] += usize::from(e >> 8);
+            *slot = e as u8;
+        }
+    }
+    if unassigned {
+        return Err(Malformed("plane stream holds an unassigned code"));
+    }
+    if (0..STREAMS).any(|k| at[k] > end[k]) {
+        return Err(Malformed("plane stream too short"));
+    }
+    Ok(plane)
+}
+
+/// How many of `len` kept bytes sit at positions `phase` mod 4. The zero run is cut at
+/// multiples of 4, so positions keep their phase.
+fn plane_count(len: usize, phase: usize) -> usize {
+    len / 4 + usize::from(len % 4 > phase)
+}
+
+/// The longest run of zero bytes that starts and ends at multiples of 4, as (start, length);
+/// (0, 0) when there is none.
+fn longest_aligned_zero_run(data: &[u8]) -> (usize, usize) {
+    crate::zstd_frames::find_zero_runs(data)
+        .into_iter()
+        .map(|(s, e)| (s.next_multiple_of(4), e / 4 * 4))
+        .filter(|(s, e)| e > s)
+        .max_by_key(|(s, e)| (e - s, std::cmp::Reverse(*s)))
+        .map_or((0, 0), |(s, e)| (s, e - s))
+}
+
+/// Huffman code lengths (0 for absent symbols), none over [`MAX_LEN`]: rebuilt from flattened
+/// counts until they fit. A lone symbol gets length 1.
+fn code_lengths(counts: &[u32; 256]) -> [u8; 256] {
+    let mut c = *counts;
+    loop {
+        let lens = huffman_lengths(&c);
+        if lens.iter().all(|&l| u32::from(l) <= MAX_LEN) {
+            return lens;
+        }
+        for x in c.iter_mut().filter(|x| **x > 0) {
+            *x = (*x >> 1).max(1);
+        }
+    }
+}
+
+/// Unlimited Huffman code lengths by the two-queue method over the symbols sorted by count.
+fn huffman_lengths(counts: &[u32; 256]) -> [u8; 256] {
+    let mut lens = [0u8; 256];
+    // Leaves sorted by count, as (count, symbol); nodes 0..n are the leaves, internal nodes
+    // follow in the order they are made, which is also nondecreasing weight, so two queues give
+    // the two lightest in O(1).
+    let mut leaves = [(0u32, 0u8); 256];
+    let mut n = 0;
+    for (s, &c) in counts.iter().enumerate() {
+        if c > 0 {
+            leaves[n] = (c, s as u8);
+            n += 1;
+        }
+    }
+    let leaves = &mut leaves[..n];
+    match n {
+        0 => return lens,
+        1 => {
+            lens[leaves[0].1 as usize] = 1;
+            return lens;
+        }
+        _ => {}
+    }
+    leaves.sort_unstable();
+    let mut weight = [0u64; 511];
+    let mut parent = [0u16; 511];
+    for (w, &(c, _)) in weight.iter_mut().zip(leaves.iter()) {
+        *w = u64::from(c);
+    }
+    let (mut leaf, mut inner) = (0, n);
+    for made in n..2 * n - 1 {
+        let mut pick = || {
+            let take_leaf = leaf < n && (inner >= made || weight[leaf] <= weight[inner]);
+            if take_leaf {
+                leaf += 1;
+                leaf - 1
+            } else {
+                inner += 1;
+                inner - 1
+            }
+        };
+        let (a, b) = (pick(), pick());
+        weight[made] = weight[a] + weight[b];
+        parent[a] = made as u16;
+        parent[b] = made as u16;
+    }
+    // Depths from the root (the last node) down: a parent is always made after its children.
+    let mut depth = [0u8; 511];
+    for i in (0..2 * n - 2).rev() {
+        depth[i] = depth[parent[i] as usize].saturating_add(1);
+    }
+    for (i, &(_, s)) in leaves.iter().enumerate() {
+        lens[s as usize] = depth[i];
+    }
+    lens
+}
+
+/// Canonical codes for `lens` of `symbols` (those with a length, in increasing order; lengths
+/// at most [`MAX_LEN`], Kraft sum at most 1): symbols by (length,
+/// value), each code the previous one plus one, shifted left when the length grows. Computed as
+/// deflate does, from the first code of each length.
+fn canonical_codes(lens: &[u8; 256], symbols: &[u8]) -> [(u32, u32); 256] {
+    let mut per_len = [0u32; MAX_LEN as usize + 1];
+    for &s in symbols {
+        per_len[lens[s as usize] as usize] += 1;
+    }
+    per_len[0] = 0;
+    let mut next = [0u32; MAX_LEN as usize + 1];
+    let mut code = 0u32;
+    for len in 1..=MAX_LEN as usize {
+        code = (code + per_len[len - 1]) << 1;
+        next[len] = code;
+    }
+    let mut codes = [(0u32, 0u32); 256];
+    for &s in symbols {
+        let l = lens[s as usize];
+        if l > 0 {
+            codes[s as usize] = (next[l as usize], u32::from(l));
+            next[l as usize] += 1;
+        }
+    }
+    codes
+}
+
+/// The lookup table of [`MAX_LEN`] bits: entry = symbol | length << 8, length 0 where no code
+/// starts. Refuses lengths whose codes would not fit (Kraft sum over 1).
+fn decode_table(lens: &[u8; 256], symbols: &[u8]) -> Result<Vec<u16>, Malformed> {
+    let kraft: u32 = symbols
+        .iter()
+        .map(|&s| 1u32 << (MAX_LEN - u32::from(lens[s as usize])))
+        .sum();
+    if kraft > 1 << MAX_LEN {
+        return Err(Malformed("plane code lengths oversubscribed"));
+    }
+    let mut table = vec![0u16; 1 << MAX_LEN];
+    let codes = canonical_codes(lens, symbols);
+    for &s in symbols {
+        let (code, len) = codes[s as usize];
+        let shift = MAX_LEN - len;
+        let start = (code << shift) as usize;
+        table[start..start + (1 << shift)].fill(u16::from(s) | (len as u16) << 8);
+    }
+    Ok(table)
+}
+
+/// Writes codes most significant bit first into a slice with room for them; the last byte is
+/// padded with zero bits.
+struct BitWriter<'a> {
+    out: &'a mut [u8],
+    at: usize,
+    acc: u64,
+    n: u32,
+}
+
+impl<'a> BitWriter<'a> {
+    fn put(&mut self, code: u32, len: u32) {
+        self.acc = self.acc << len | u64::from(code);
+        self.n += len;
+        if self.n >= 32 {
+            self.n -= 32;
+            let word = ((self.acc >> self.n) as u32).to_be_bytes();
+            self.out[self.at..self.at + 4].copy_from_slice(&word);
+            self.at += 4;
+        }
+    }
+
+    /// The bytes written.
+    fn finish(mut self) -> &'a [u8] {
+        while self.n >= 8 {
+            self.n -= 8;
+            self.out[self.at] = (self.acc >> self.n) as u8;
+            self.at += 1;
+        }
+        if self.n > 0 {
+            self.out[self.at] = (self.acc << (8 - self.n)) as u8;
+            self.at += 1;
+        }
+        &self.out[..self.at]
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+        if self.0.len() < n {
+            return Err(Malformed("plane chunk too short"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+
+    fn u8(&mut self) -> Result<u8, Malformed> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, Malformed> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, Malformed> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn decode(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, Malformed> {
+        // Dirty, as the reader's reused buffers are.
+        let mut out = vec![0xa5; raw_len];
+        decode_into(stored, &mut out).map(|()| out)
+    }
+
+    /// A SQLite-like page: a header, zeros, then 768 float32 values of a unit vector at an
+    /// offset that is not a multiple of 4.
+    fn vector_page(seed: u64, misalign: usize) -> Vec<u8> {
+        let mut page = vec![0u8; 4096];
+        page[..8].copy_from_slice(&[13, 0, 0, 0, 1, 0x0f, 0xf0, 0]);
+        let mut x = seed | 1;
+        let start = 4096 - 3072 - 8 + misalign;
+        for i in 0..768 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Sum of uniforms: roughly normal, scaled like a component of a unit vector.
+            let u = (0..4)
+                .map(|k| ((x >> (k * 16)) & 0xffff) as f32 / 65536.0)
+                .sum::<f32>();
+            let v = (u - 2.0) * 0.06;
+            page[start + i * 4..start + i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        page
+    }
+
+    #[test]
+    fn a_vector_page_round_trips_at_about_two_thirds_of_its_size() {
+        for misalign in 0..4 {
+            let page = vector_page(7 + misalign as u64, misalign);
+            let stored = encode(&page, 0).expect("a vector page is plane-coded");
+            assert!(
+                stored.len() < 4096 * 70 / 100,
+                "misalign {misalign}: {} bytes",
+                stored.len()
+            );
+            assert_eq!(decode(&stored, page.len()).as_deref(), Ok(&page[..]));
+        }
+    }
+
+    #[test]
+    fn random_bytes_and_small_chunks_are_left_to_other_encodings() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert_eq!(encode(&random, 0), None);
+        assert_eq!(encode(&[1u8; 63], 0), None);
+        assert_eq!(encode(&vec![0u8; MAX_CHUNK + 1], 0), None);
+        let page = vector_page(1, 0);
+        assert_eq!(encode(&page, 4096), None, "a saving it cannot make");
+    }
+
+    #[test]
+    fn one_symbol_and_skewed_counts_beyond_the_longest_code_round_trip() {
+        // A plane of one value, and one whose counts follow a Fibonacci series (the worst case
+        // for code length), so the lengths must be limited.
+        let one: Vec<u8> = (0..4096)
+            .map(|i| if i % 4 == 2 { 0x3d } else { (i * 7) as u8 })
+            .collect();
+        let stored = encode(&one, 0).expect("coded");
+        assert_eq!(decode(&stored, one.len()).as_deref(), Ok(&one[..]));
+
+        let mut fib = vec![1usize, 1];
+        while fib.len() < 20 {
+            let n = fib.len();
+            fib.push(fib[n - 1] + fib[n - 2]);
+        }
+        let mut plane: Vec<u8> = Vec::new();
+        for (s, &c) in fib.iter().enumerate() {
+            plane.extend(std::iter::repeat_n(s as u8, c));
+        }
+        let mut data = Vec::new();
+        for (i, &p) in plane.iter().enumerate() {
+            data.extend_from_slice(&[p, (i * 31) as u8, (i * 17 + 3) as u8, (i >> 3) as u8]);
+        }
+        data.truncate(MAX_CHUNK);
+        let mut counts = [0u32; 256];
+        for &p in &plane {
+            counts[p as usize] += 1;
+        }
+        assert!(
+            huffman_lengths(&counts)
+                .iter()
+                .any(|&l| u32::from(l) > MAX_LEN)
+        );
+        let stored = encode(&data, 0).expect("coded");
+        assert_eq!(decode(&stored, data.len()).as_deref(), Ok(&data[..]));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any bytes whose plane is skewed enough to be coded come back exactly.
+        #[test]
+        fn what_is_encoded_decodes_to_itself(
+            plane in prop::collection::vec(prop::sample::select(vec![0x3bu8, 0x3c, 0x3d, 0xbc, 0xbd, 0x00]), 16..2000),
+            noise in prop::collection::vec(any::<u8>(), 6000),
+            zeros in 0usize..1500,
+            zeros_at in 0usize..1000,
+            tail in 0usize..4,
+        ) {
+            let mut data = Vec::new();
+            for (i, &p) in plane.iter().enumerate() {
+                data.extend_from_slice(&[noise[3 * i], noise[3 * i + 1], p, noise[3 * i + 2]]);
+            }
+            let at = zeros_at.min(data.len());
+            data.splice(at..at, std::iter::repeat_n(0u8, zeros));
+            data.extend_from_slice(&noise[..tail]);
+            if let Some(stored) = encode(&data, 0) {
+                prop_assert_eq!(decode(&stored, data.len()), Ok(data));
+            }
+        }
+
+        /// Damaged stored bytes are refused or decode to something else, never panic.
+        #[test]
+        fn damaged_bytes_never_panic(seed in any::<u64>(), flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..8), cut in any::<usize>()) {
+            let page = vector_page(seed, (seed % 4) as usize);
+            let mut stored = encode(&page, 0).expect("coded");
+            for (at, x) in flips {
+                let n = stored.len();
+                stored[at % n] ^= x | 1;
+            }
+            let _ = decode(&stored, page.len());
+            let _ = decode(&stored[..cut % stored.len()], page.len());
+            let _ = decode(&stored, cut % 70_000);
+        }
+    }
+}
