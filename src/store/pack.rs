@@ -430,8 +430,8 @@ pub(crate) struct ScanHints {
 /// The chunks of a pack whose footer is damaged, found from the start of the chunk data as far
 /// as records can be recognised: an index entry placed there whose bytes hash to its id, a zstd
 /// frame or a plane-coded chunk (both self-delimiting), a tree node (its length follows from its
-/// header), or a raw chunk of a length some tree node names whose hash is that node's child. Then every hinted entry the
-/// walk did not reach, checked alone. Every returned entry's bytes hash to its id. Scanned
+/// header), or a raw chunk of a length some tree node names whose hash is that node's child.
+/// Then every hinted entry the walk did not reach, checked alone. Every returned entry's bytes hash to its id. Scanned
 /// chunks never carry the tree flag: only an entry that vouches for a subtree needs it (I3).
 pub(crate) fn scan(path: &Path, hints: &ScanHints) -> Result<Vec<FooterEntry>, StoreError> {
     let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
@@ -581,5 +581,38 @@ mod tests {
                 .to_string()
                 .contains("no footer")
         );
+    }
+
+    /// Repair without an index: plane-coded chunks, like zstd frames, are found by their own
+    /// headers in a pack whose footer is gone, and decode to bytes that hash to their ids.
+    #[test]
+    fn a_pack_without_footer_or_hints_gives_back_its_plane_coded_chunks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = PackWriter::create(&Fs::default(), dir.path()).expect("create");
+        let mut written = Vec::new();
+        for seed in 0..4u64 {
+            let page = crate::store::planes::tests::vector_page(seed, seed as usize % 4);
+            let coded = crate::store::planes::encode(&page, 0).expect("plane-coded");
+            let text = format!("note {seed}: ").repeat(200).into_bytes();
+            let frame = zstd::bulk::compress(&text, 3).expect("zstd");
+            for (raw, stored, flags) in [(&page, &coded, FLAG_PLANES), (&text, &frame, FLAG_ZSTD)] {
+                let id = ChunkId::of(raw);
+                w.append(id, raw.len() as u32, flags, stored)
+                    .expect("append");
+                written.push((id, flags));
+            }
+        }
+        let (_, path, _, _) = w.finish().expect("finish");
+        let mut bytes = std::fs::read(&path).expect("read");
+        let footer = read_footer(&Fs::default(), &path).expect("footer");
+        let end = footer
+            .iter()
+            .map(|e| e.offset + u64::from(e.stored_len))
+            .max();
+        bytes.truncate(end.expect("chunks") as usize);
+        std::fs::write(&path, &bytes).expect("write");
+        let found = scan(&path, &ScanHints::default()).expect("scan");
+        let found: Vec<(ChunkId, u8)> = found.iter().map(|e| (e.id, e.flags)).collect();
+        assert_eq!(found, written);
     }
 }

@@ -575,7 +575,7 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -587,7 +587,7 @@ mod tests {
 
     /// A SQLite-like page: a header, zeros, then 768 float32 values of a unit vector at an
     /// offset that is not a multiple of 4.
-    fn vector_page(seed: u64, misalign: usize) -> Vec<u8> {
+    pub(crate) fn vector_page(seed: u64, misalign: usize) -> Vec<u8> {
         let mut page = vec![0u8; 4096];
         page[..8].copy_from_slice(&[13, 0, 0, 0, 1, 0x0f, 0xf0, 0]);
         let mut x = seed | 1;
