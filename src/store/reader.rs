@@ -706,7 +706,8 @@ mod tests {
     use crate::store::pack::FLAG_ZSTD;
     use crate::store::writer::{ChunkWriter, KnownFilter};
 
-    /// 4 KiB pages, random (stored raw) or mostly zeros (stored as zstd frames), written as one
+    /// 4 KiB pages, mostly zeros (stored as zstd frames), one float32 vector and free space
+    /// (plane-coded) or random (stored raw), in turn, written as one
     /// content: its tree nodes lie in the pack between the data chunks. Returns the pages and
     /// their chunks in content order; the store keeps the packs (the writer's `Pending` is
     /// kept from deleting them).
@@ -731,6 +732,7 @@ mod tests {
                     p[..4].copy_from_slice(&i.to_le_bytes());
                     p
                 }
+                1 => crate::store::planes::tests::vector_page(u64::from(i), i as usize % 4),
                 _ => (0..512).flat_map(|_| random().to_le_bytes()).collect(),
             })
             .collect();
@@ -759,7 +761,10 @@ mod tests {
         let store = crate::store::Store::for_test(dir.path());
         let (pages, chunks, _pending) = content(&store);
         let flags: std::collections::HashSet<u8> = chunks.iter().map(|(_, l)| l.flags).collect();
-        assert_eq!(flags.len(), 2, "raw and zstd chunks: {flags:?}");
+        let expected = [0, FLAG_ZSTD, crate::store::pack::FLAG_PLANES]
+            .into_iter()
+            .collect();
+        assert_eq!(flags, expected, "raw, zstd and plane-coded chunks");
         let gaps = chunks
             .windows(2)
             .filter(|w| w[1].1.offset != w[0].1.offset + u64::from(w[0].1.stored_len))
@@ -905,7 +910,7 @@ mod tests {
         let (pages, chunks, _pending) = content(&store);
         for (packs, victim) in both_ways(&store).into_iter().flat_map(|p| {
             let p = std::sync::Arc::new(p);
-            [(p.clone(), 30), (p, 31)]
+            [(p.clone(), 30), (p.clone(), 31), (p, 32)]
         }) {
             let (id, loc) = chunks[victim];
             let path = packs.path(&loc.pack);
