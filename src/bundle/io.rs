@@ -422,15 +422,15 @@ pub(crate) fn stored_chunks(packs: Arc<PackFiles>, source: ChunkSource) -> ReadA
                 .map(|((id, loc), b)| match loc.flags & FLAGS_ENCODED {
                     0 => Ok((false, loc.raw_len, b)),
                     FLAG_ZSTD => Ok((true, loc.raw_len, b)),
-                    // A bundle holds zstd frames only: a plane-coded page goes as its zero-run
-                    // frame (store-format.md, "Plane-coded chunks").
-                    _ => {
-                        let raw = packs.decode(id, loc, b, false)?;
-                        Ok(match crate::zstd_frames::zero_runs(&raw) {
-                            Some(frame) => (true, loc.raw_len, frame),
-                            None => (false, loc.raw_len, raw),
-                        })
-                    }
+                    // A bundle holds zstd frames only: a plane-coded page goes as a frame of
+                    // raw blocks and its zero run (store-format.md, "Plane-coded chunks").
+                    _ => crate::store::planes::decode_to_frame(&b, loc.raw_len as usize)
+                        .map(|frame| (true, loc.raw_len, frame))
+                        .map_err(|e| StoreError::CorruptChunk {
+                            id: id.hex(),
+                            pack: packs.path(&loc.pack),
+                            message: format!("cannot decode planes: {}", e.0),
+                        }),
                 })
                 .collect::<Result<Vec<StoredChunk>, StoreError>>()
         })?;

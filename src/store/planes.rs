@@ -136,41 +136,49 @@ pub(crate) fn encode(data: &[u8], min_saving: usize) -> Option<Vec<u8>> {
 
 /// Decodes `stored` into `out`, whose length is the chunk's raw length.
 pub(crate) fn decode_into(stored: &[u8], out: &mut [u8]) -> Result<(), Malformed> {
-    thread_local! {
-        // Per reader thread: a restore decodes ~260,000 pages a GiB.
-        static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch {
-            table: vec![0; 1 << MAX_LEN],
-            padded: Vec::new(),
-            plane: Vec::new(),
-        });
-    }
     let c = Coded::parse(stored)?;
-    if c.raw_len != out.len() || c.stored_len != stored.len() {
-        return Err(Malformed("plane chunk length does not match its entry"));
-    }
-    SCRATCH.with(|cell| {
-        let scratch = &mut *cell.borrow_mut();
-        fill_table(&mut scratch.table, &c.lens, c.symbols)?;
-        let n = plane_count(c.raw_len - c.zero_len, c.phase);
-        decode_plane(c.streams, &c.stream_lens, scratch, n)?;
-        let plane = &scratch.plane;
-        let (head, tail) = out.split_at_mut(c.zero_at);
-        let (zeros, tail) = tail.split_at_mut(c.zero_len);
-        zeros.fill(0);
-        let (mut p, mut q) = (0, 0);
-        for seg in [head, tail] {
-            let (plane, rest) = (&plane[p..], &c.rest[q..]);
-            let (dp, dq) = match c.phase {
-                0 => join::<0>(seg, plane, rest),
-                1 => join::<1>(seg, plane, rest),
-                2 => join::<2>(seg, plane, rest),
-                _ => join::<3>(seg, plane, rest),
-            };
-            p += dp;
-            q += dq;
+    c.check(stored, out.len())?;
+    let (head, tail) = out.split_at_mut(c.zero_at);
+    let (zeros, tail) = tail.split_at_mut(c.zero_len);
+    zeros.fill(0);
+    c.decode(head, tail)
+}
+
+/// The chunk `stored` encodes, of `raw_len` bytes, as a zstd frame (RFC 8878) that any decoder
+/// reads: the bytes around its zero run as raw blocks, decoded straight into the frame, the
+/// run as an RLE block. For export, whose bundles hold zstd frames only.
+pub(crate) fn decode_to_frame(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, Malformed> {
+    use crate::zstd_frames::{Block, block_header, frame_header};
+    let c = Coded::parse(stored)?;
+    c.check(stored, raw_len)?;
+    let tail_len = raw_len - c.zero_at - c.zero_len;
+    let mut out = Vec::with_capacity(raw_len - c.zero_len + 32);
+    frame_header(&mut out, raw_len as u64);
+    // Blocks in order, empty ones left out; the last one is marked as such. A chunk is at most
+    // MAX_CHUNK bytes, under zstd's largest block.
+    let blocks = [
+        (Block::Raw, c.zero_at),
+        (Block::Rle, c.zero_len),
+        (Block::Raw, tail_len),
+    ];
+    let last = blocks.iter().rposition(|b| b.1 > 0).unwrap_or(0);
+    let mut spans = [0..0, 0..0];
+    for (i, &(kind, len)) in blocks.iter().enumerate() {
+        if len == 0 && i != last {
+            continue;
         }
-        Ok(())
-    })
+        out.extend_from_slice(&block_header(kind, len, i == last));
+        match kind {
+            Block::Rle => out.push(0),
+            Block::Raw => {
+                spans[i / 2] = out.len()..out.len() + len;
+                out.resize(out.len() + len, 0);
+            }
+        }
+    }
+    let (front, back) = out.split_at_mut(spans[1].start);
+    c.decode(&mut front[spans[0].clone()], &mut back[..spans[1].len()])?;
+    Ok(out)
 }
 
 /// Buffers a decoding thread reuses from chunk to chunk.
@@ -205,6 +213,48 @@ struct Coded<'a> {
 }
 
 impl<'a> Coded<'a> {
+    /// Refuses a record whose lengths differ from its index entry's.
+    fn check(&self, stored: &[u8], raw_len: usize) -> Result<(), Malformed> {
+        if self.raw_len != raw_len || self.stored_len != stored.len() {
+            return Err(Malformed("plane chunk length does not match its entry"));
+        }
+        Ok(())
+    }
+
+    /// Decodes the kept bytes into `head` and `tail`, the parts of the chunk before and after
+    /// its zero run.
+    fn decode(&self, head: &mut [u8], tail: &mut [u8]) -> Result<(), Malformed> {
+        thread_local! {
+            // Per reader thread: a restore decodes ~260,000 pages a GiB.
+            static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch {
+                table: vec![0; 1 << MAX_LEN],
+                padded: Vec::new(),
+                plane: Vec::new(),
+            });
+        }
+        debug_assert_eq!(head.len() + tail.len(), self.raw_len - self.zero_len);
+        SCRATCH.with(|cell| {
+            let scratch = &mut *cell.borrow_mut();
+            fill_table(&mut scratch.table, &self.lens, self.symbols)?;
+            let n = plane_count(self.raw_len - self.zero_len, self.phase);
+            decode_plane(self.streams, &self.stream_lens, scratch, n)?;
+            let plane = &scratch.plane;
+            let (mut p, mut q) = (0, 0);
+            for seg in [head, tail] {
+                let (plane, rest) = (&plane[p..], &self.rest[q..]);
+                let (dp, dq) = match self.phase {
+                    0 => join::<0>(seg, plane, rest),
+                    1 => join::<1>(seg, plane, rest),
+                    2 => join::<2>(seg, plane, rest),
+                    _ => join::<3>(seg, plane, rest),
+                };
+                p += dp;
+                q += dq;
+            }
+            Ok(())
+        })
+    }
+
     /// Parses the record at the start of `bytes` (which may go on past it).
     fn parse(bytes: &'a [u8]) -> Result<Self, Malformed> {
         let mut r = Reader(bytes);
@@ -652,6 +702,32 @@ pub(crate) mod tests {
                 stored.len()
             );
             assert_eq!(decode(&stored, page.len()).as_deref(), Ok(&page[..]));
+        }
+    }
+
+    /// Export's frames: any zstd decoder reads them back to the chunk, with or without a zero
+    /// run, at either end.
+    #[test]
+    fn a_plane_coded_chunk_becomes_a_standard_zstd_frame() {
+        let mut pages = vec![vector_page(3, 1), vector_page(4, 2)];
+        pages[1][..1024].fill(0);
+        pages.push(pages[0][1024..].to_vec());
+        let mut no_run = vector_page(5, 0);
+        no_run[..8].fill(1);
+        no_run[8..1024]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i % 7) as u8 + 1);
+        pages.push(no_run);
+        for page in pages {
+            let stored = encode(&page, 0).expect("coded");
+            let frame = decode_to_frame(&stored, page.len()).expect("frame");
+            assert_eq!(
+                zstd::bulk::decompress(&frame, page.len()).expect("zstd"),
+                page
+            );
+            assert!(frame.len() <= page.len() + 16, "{}", frame.len());
+            assert!(decode_to_frame(&stored, page.len() + 1).is_err());
         }
     }
 
