@@ -100,6 +100,11 @@ pub fn plane_chunk(bytes: &[u8]) -> bool {
     if planes::decode_into(&bytes[..n], &mut raw).is_err() {
         return false;
     }
+    // Export's frame of the same record: any zstd decoder reads it back to the same bytes.
+    let frame =
+        planes::decode_to_frame(&bytes[..n], raw_len).expect("a record that decodes frames");
+    let back = zstd::bulk::decompress(&frame, raw_len.max(1)).expect("the frame is zstd");
+    assert_eq!(back, raw, "export's frame holds the decoded bytes");
     if let Some(again) = planes::encode(&raw, 0) {
         let mut back = vec![0u8; raw_len];
         assert_eq!(

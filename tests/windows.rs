@@ -269,10 +269,10 @@ fn damage_below_a_leaf_and_in_it_is_named_with_its_artifact() {
             .cloned()
     };
     let data = find(&|e, _| e.hex() == data_id).expect("the page's chunk is in a pack");
-    // A leaf: an uncompressed tree node of level 1 (store-format.md, "Tree nodes") that lists
-    // the page's chunk.
+    // A leaf: a tree node of level 1 (store-format.md, "Tree nodes") stored as it is (neither
+    // zstd nor plane-coded: flags 1 and 4) that lists the page's chunk.
     let leaf = find(&|e, b| {
-        e.is_tree() && e.flags & 1 == 0 && b.get(1) == Some(&1) && {
+        e.is_tree() && e.flags & 5 == 0 && b.get(1) == Some(&1) && {
             let id = blake3::Hash::from_hex(&data_id).expect("hex");
             b.windows(32).any(|w| w == id.as_bytes())
         }

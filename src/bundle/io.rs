@@ -406,10 +406,11 @@ impl Read for StoredReader {
 }
 
 /// A stored chunk for the frame writer: whether its bytes are a zstd frame, its length once
-/// decompressed, and its bytes as stored.
+/// decompressed, and its bytes as stored (a plane-coded chunk: a frame of its decoded bytes).
 pub(crate) type StoredChunk = (bool, u32, Vec<u8>);
 
-/// The chunks of a stored artifact as the packs hold them (not decompressed), read ahead.
+/// The chunks of a stored artifact as the packs hold them (not decompressed; plane-coded ones as
+/// frames), read ahead.
 pub(crate) fn stored_chunks(packs: Arc<PackFiles>, source: ChunkSource) -> ReadAhead<StoredChunk> {
     read_ahead(source, move |batch| {
         let pieces = by_pieces(batch, |piece| {

@@ -34,43 +34,50 @@ pub(crate) const FLAG_PLANES: u8 = 4;
 /// The flags that say how a chunk's bytes are stored; neither set: as they are.
 pub(crate) const FLAGS_ENCODED: u8 = FLAG_ZSTD | FLAG_PLANES;
 
+/// Why a stored chunk did not decode.
+#[derive(Debug)]
+pub(crate) enum DecodeError {
+    /// What is wrong with the stored bytes: damage to the chunk.
+    Damaged(String),
+    /// No decompressor could be made (memory): the chunk may well be intact.
+    NoDecoder(std::io::Error),
+}
+
 /// Decodes a chunk stored as `flags` say into `out`, sized to its raw length; returns how many
-/// bytes it wrote. The error says what is wrong with the stored bytes.
-pub(crate) fn decode_into(flags: u8, stored: &[u8], out: &mut [u8]) -> Result<usize, String> {
+/// bytes it wrote.
+pub(crate) fn decode_into(flags: u8, stored: &[u8], out: &mut [u8]) -> Result<usize, DecodeError> {
     thread_local! {
         // A context per thread: creating one per chunk costs more than decoding a page.
         static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
             const { std::cell::RefCell::new(None) };
     }
+    let damaged = DecodeError::Damaged;
     match flags & FLAGS_ENCODED {
         0 if stored.len() == out.len() => {
             out.copy_from_slice(stored);
             Ok(out.len())
         }
-        0 => Err(format!(
+        0 => Err(damaged(format!(
             "{} bytes stored raw, the index says {}",
             stored.len(),
             out.len()
-        )),
+        ))),
         FLAG_ZSTD => DCTX.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.is_none() {
-                *slot = Some(
-                    zstd::bulk::Decompressor::new()
-                        .map_err(|e| format!("cannot make a zstd decompressor: {e}"))?,
-                );
+                *slot = Some(zstd::bulk::Decompressor::new().map_err(DecodeError::NoDecoder)?);
             }
             match slot.as_mut() {
                 Some(d) => d
                     .decompress_to_buffer(stored, out)
-                    .map_err(|e| format!("cannot decompress: {e}")),
-                None => Err("no decompressor".into()),
+                    .map_err(|e| damaged(format!("cannot decompress: {e}"))),
+                None => Err(damaged("no decompressor".into())),
             }
         }),
         FLAG_PLANES => super::planes::decode_into(stored, out)
             .map(|()| out.len())
-            .map_err(|e| format!("cannot decode planes: {}", e.0)),
-        _ => Err("flags say both zstd and plane-coded".into()),
+            .map_err(|e| damaged(format!("cannot decode planes: {}", e.0))),
+        _ => Err(damaged("flags say both zstd and plane-coded".into())),
     }
 }
 
@@ -435,19 +442,23 @@ pub(crate) struct ScanHints {
 /// chunks never carry the tree flag: only an entry that vouches for a subtree needs it (I3).
 pub(crate) fn scan(path: &Path, hints: &ScanHints) -> Result<Vec<FooterEntry>, StoreError> {
     let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
-    let check = |e: &FooterEntry| -> bool {
+    // Whether `e` is intact in the file; an error only when no decoder could be made.
+    let check = |e: &FooterEntry| -> Result<bool, StoreError> {
         let Some(stored) = usize::try_from(e.offset)
             .ok()
             .and_then(|o| bytes.get(o..o.checked_add(e.stored_len as usize)?))
         else {
-            return false;
+            return Ok(false);
         };
         if e.raw_len > super::reader::MAX_CHUNK {
-            return false;
+            return Ok(false);
         }
         let mut raw = vec![0u8; e.raw_len as usize];
-        decode_into(e.flags, stored, &mut raw).is_ok_and(|n| n == raw.len())
-            && ChunkId::of(&raw) == e.id
+        match decode_into(e.flags, stored, &mut raw) {
+            Ok(n) => Ok(n == raw.len() && ChunkId::of(&raw) == e.id),
+            Err(DecodeError::Damaged(_)) => Ok(false),
+            Err(DecodeError::NoDecoder(err)) => Err(StoreError::io(path, err)),
+        }
     };
     let hinted: std::collections::HashMap<u64, &FooterEntry> =
         hints.entries.iter().map(|e| (e.offset, e)).collect();
@@ -456,7 +467,9 @@ pub(crate) fn scan(path: &Path, hints: &ScanHints) -> Result<Vec<FooterEntry>, S
     while p < bytes.len() {
         let rest = &bytes[p..];
         let at = p as u64;
-        if let Some(e) = hinted.get(&at).filter(|e| check(e)) {
+        if let Some(e) = hinted.get(&at)
+            && check(e)?
+        {
             found.push(**e);
             p += e.stored_len as usize;
             continue;
@@ -519,7 +532,7 @@ pub(crate) fn scan(path: &Path, hints: &ScanHints) -> Result<Vec<FooterEntry>, S
     }
     let reached: std::collections::HashSet<u64> = found.iter().map(|e| e.offset).collect();
     for e in &hints.entries {
-        if !reached.contains(&e.offset) && check(e) {
+        if !reached.contains(&e.offset) && check(e)? {
             found.push(*e);
         }
     }

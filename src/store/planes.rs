@@ -42,6 +42,10 @@ pub(crate) fn encode(data: &[u8], min_saving: usize) -> Option<Vec<u8>> {
     let phase = skewed_phase(&segments)?;
     let kept = data.len() - zero_len;
     let n = plane_count(kept, phase);
+    if n == 0 {
+        // All zeros: nothing to code, and zstd does better.
+        return None;
+    }
     let mut plane = vec![0u8; n];
     let mut rest = vec![0u8; kept - n];
     let (mut p, mut q) = (0, 0);
@@ -162,7 +166,8 @@ pub(crate) fn decode_to_frame(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, 
         (Block::Raw, tail_len),
     ];
     let last = blocks.iter().rposition(|b| b.1 > 0).unwrap_or(0);
-    let mut spans = [0..0, 0..0];
+    // Where the head's and the tail's bytes go; a segment left out is empty.
+    let (mut head, mut tail) = (None, None);
     for (i, &(kind, len)) in blocks.iter().enumerate() {
         if len == 0 && i != last {
             continue;
@@ -171,13 +176,24 @@ pub(crate) fn decode_to_frame(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, 
         match kind {
             Block::Rle => out.push(0),
             Block::Raw => {
-                spans[i / 2] = out.len()..out.len() + len;
+                let span = Some(out.len()..out.len() + len);
+                if i == 0 {
+                    head = span
+                } else {
+                    tail = span
+                }
                 out.resize(out.len() + len, 0);
             }
         }
     }
-    let (front, back) = out.split_at_mut(spans[1].start);
-    c.decode(&mut front[spans[0].clone()], &mut back[..spans[1].len()])?;
+    // A missing segment is an empty range where it would be, so that the head ends before the
+    // tail starts.
+    let end = out.len();
+    let tail = tail.unwrap_or(end..end);
+    let head = head.unwrap_or(tail.start..tail.start);
+    let (front, back) = out.split_at_mut(head.end);
+    let tail = tail.start - head.end..tail.end - head.end;
+    c.decode(&mut front[head], &mut back[tail])?;
     Ok(out)
 }
 
@@ -461,8 +477,8 @@ fn plane_count(len: usize, phase: usize) -> usize {
     len / 4 + usize::from(len % 4 > phase)
 }
 
-/// The longest run of zero bytes that starts and ends at multiples of 4, as (start, length);
-/// (0, 0) when there is none.
+/// The longest zero run of at least 16 bytes (`zstd_frames::find_zero_runs`), cut inward to
+/// multiples of 4, as (start, length); (0, 0) when there is none.
 fn longest_aligned_zero_run(data: &[u8]) -> (usize, usize) {
     crate::zstd_frames::find_zero_runs(data)
         .into_iter()
@@ -712,6 +728,10 @@ pub(crate) mod tests {
         let mut pages = vec![vector_page(3, 1), vector_page(4, 2)];
         pages[1][..1024].fill(0);
         pages.push(pages[0][1024..].to_vec());
+        // Floats, then zeros to the end of the page.
+        let mut floats_first = pages[0][1024..].to_vec();
+        floats_first.resize(4096, 0);
+        pages.push(floats_first);
         let mut no_run = vector_page(5, 0);
         no_run[..8].fill(1);
         no_run[8..1024]
@@ -744,6 +764,7 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(encode(&random, 0), None);
         assert_eq!(encode(&[1u8; 63], 0), None);
+        assert_eq!(encode(&[0u8; 4096], 0), None, "no plane to code");
         assert_eq!(encode(&vec![0u8; MAX_CHUNK + 1], 0), None);
         let page = vector_page(1, 0);
         assert_eq!(encode(&page, 4096), None, "a saving it cannot make");
@@ -806,6 +827,8 @@ pub(crate) mod tests {
             data.splice(at..at, std::iter::repeat_n(0u8, zeros));
             data.extend_from_slice(&noise[..tail]);
             if let Some(stored) = encode(&data, 0) {
+                let frame = decode_to_frame(&stored, data.len()).expect("frame");
+                prop_assert_eq!(&zstd::bulk::decompress(&frame, data.len()).expect("zstd"), &data);
                 prop_assert_eq!(decode(&stored, data.len()), Ok(data));
             }
         }
@@ -822,6 +845,8 @@ pub(crate) mod tests {
             let _ = decode(&stored, page.len());
             let _ = decode(&stored[..cut % stored.len()], page.len());
             let _ = decode(&stored, cut % 70_000);
+            let _ = decode_to_frame(&stored, page.len());
+            let _ = decode_to_frame(&stored, cut % 70_000);
         }
     }
 }

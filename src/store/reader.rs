@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use super::chunk_id::ChunkId;
 use super::index::{CHUNKS, Index};
-use super::pack::{ChunkLoc, FLAGS_ENCODED, PackId, decode_into};
+use super::pack::{ChunkLoc, DecodeError, FLAGS_ENCODED, PackId, decode_into};
 use crate::error::StoreError;
 use crate::storage::{DIRECT_ALIGN, Fs, OpenMode, StorageFile, aligned_start};
 
@@ -245,7 +245,7 @@ impl PackFiles {
                 slots = tail;
                 let at = (l.offset - from) as usize;
                 let bytes = &stored[at..at + l.stored_len as usize];
-                let n = decode_into(l.flags, bytes, slot).map_err(|m| damaged(id, &path(), m))?;
+                let n = decode_into(l.flags, bytes, slot).map_err(|e| undecoded(id, &path(), e))?;
                 if n != l.raw_len as usize {
                     return Err(damaged(
                         id,
@@ -258,8 +258,8 @@ impl PackFiles {
         })
     }
 
-    /// The stored bytes of `chunks` (each a zstd frame when its flags say so), not decompressed
-    /// nor checked: a call per pack run, as [`PackFiles::read_into`] reads them. For export,
+    /// The stored bytes of `chunks` (encoded as their flags say), not decoded nor checked: a
+    /// call per pack run, as [`PackFiles::read_into`] reads them. For export,
     /// which copies chunks as stored after a first pass checked them.
     pub(crate) fn read_stored_runs(
         &self,
@@ -355,7 +355,7 @@ impl PackFiles {
             check_sizes(id, loc, &path)?;
             let mut raw = vec![0u8; loc.raw_len as usize];
             let n =
-                decode_into(loc.flags, &stored, &mut raw).map_err(|m| damaged(id, &path(), m))?;
+                decode_into(loc.flags, &stored, &mut raw).map_err(|e| undecoded(id, &path(), e))?;
             raw.truncate(n);
             raw
         } else {
@@ -462,6 +462,14 @@ fn check_sizes(id: &ChunkId, loc: &ChunkLoc, path: &dyn Fn() -> PathBuf) -> Resu
         return Err(damaged(id, &path(), message));
     }
     Ok(())
+}
+
+/// A chunk that did not decode: damage, unless no decoder could be made.
+fn undecoded(id: &ChunkId, pack: &std::path::Path, e: DecodeError) -> StoreError {
+    match e {
+        DecodeError::Damaged(message) => damaged(id, pack, message),
+        DecodeError::NoDecoder(e) => StoreError::io(pack, e),
+    }
 }
 
 fn damaged(id: &ChunkId, pack: &std::path::Path, message: String) -> StoreError {
