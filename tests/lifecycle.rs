@@ -360,20 +360,21 @@ fn format_version(store: &Path) -> u8 {
     config.value()[1]
 }
 
-#[test]
-fn a_store_written_by_memsnap_0_2_still_reads_and_a_snapshot_raises_it() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let store = fixture_store(tmp.path(), "store-v2");
-    assert_eq!(format_version(&store), 2);
+/// A copy of `tests/fixtures/store-v<version>` (two snapshots labelled `v<version>` and
+/// `v<version>-second`, see its README), checked to list, verify and restore its second snapshot
+/// (into `restored`) without raising its format. Returns the store and the restored agent.
+fn old_store_restored(tmp: &Path, version: u8) -> (PathBuf, SampleAgent) {
+    let store = fixture_store(tmp, &format!("store-v{version}"));
+    assert_eq!(format_version(&store), version);
     let cmd = || TestCommand::new(&store);
     let list = cmd().arg("list").json();
     let list = list.as_array().expect("list");
     assert_eq!(list.len(), 2);
-    assert_eq!(list[0]["label"], "v2");
-    assert_eq!(list[1]["label"], "v2-second");
+    assert_eq!(list[0]["label"], format!("v{version}"));
+    assert_eq!(list[1]["label"], format!("v{version}-second"));
     let second = str_of(&list[1], "id").to_owned();
     cmd().args(["verify", "--read-data"]).json();
-    let target = tmp.path().join("restored");
+    let target = tmp.join("restored");
     cmd()
         .args(["restore", &second, "--target"])
         .arg(&target)
@@ -384,6 +385,20 @@ fn a_store_written_by_memsnap_0_2_still_reads_and_a_snapshot_raises_it() {
             .expect("MEMORY.md")
             .ends_with("# a note\n")
     );
+    assert_eq!(
+        format_version(&store),
+        version,
+        "reading does not raise the format"
+    );
+    (store, r)
+}
+
+#[test]
+fn a_store_written_by_memsnap_0_2_still_reads_and_a_snapshot_raises_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (store, r) = old_store_restored(tmp.path(), 2);
+    let target = r.root().to_path_buf();
+    let cmd = || TestCommand::new(&store);
     // The pin of format 2 still holds.
     cmd().args(["forget", "--keep-last", "1"]).json();
     assert_eq!(
@@ -415,31 +430,9 @@ fn a_store_written_by_memsnap_0_2_still_reads_and_a_snapshot_raises_it() {
 #[test]
 fn a_store_written_by_memsnap_0_3_still_reads_and_new_vector_pages_raise_it_to_format_4() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let store = fixture_store(tmp.path(), "store-v3");
-    assert_eq!(format_version(&store), 3);
+    let (store, r) = old_store_restored(tmp.path(), 3);
+    let target = r.root().to_path_buf();
     let cmd = || TestCommand::new(&store);
-    let list = cmd().arg("list").json();
-    let list = list.as_array().expect("list");
-    assert_eq!(list.len(), 2);
-    assert_eq!(list[1]["label"], "v3-second");
-    let second = str_of(&list[1], "id").to_owned();
-    cmd().args(["verify", "--read-data"]).json();
-    let target = tmp.path().join("restored");
-    cmd()
-        .args(["restore", &second, "--target"])
-        .arg(&target)
-        .json();
-    let r = SampleAgent::open(&target);
-    assert!(
-        fs::read_to_string(r.memdir().join("MEMORY.md"))
-            .expect("MEMORY.md")
-            .ends_with("# a note\n")
-    );
-    assert_eq!(
-        format_version(&store),
-        3,
-        "reading does not raise the format"
-    );
 
     // New embedding pages are plane-coded; the snapshot that stores them raises the store to 4
     // in the same commit. Old zero-run frames and new plane-coded pages then restore together.
