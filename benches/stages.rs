@@ -172,7 +172,7 @@ fn main() {
         mbs,
         &format!("{:.3} of input", out as f64 / vector.len() as f64),
     );
-    // The plane codec the store uses for such pages when it saves more than the frames.
+    // The plane codec, which the store uses for such pages.
     let mut out = 0usize;
     let mbs = rate(vector.len(), || {
         out = vector

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::error::StoreError;
 use crate::store::chunk_id::ChunkId;
 use crate::store::pack::{ChunkLoc, FLAG_ZSTD, FLAGS_ENCODED};
-use crate::store::reader::PackFiles;
+use crate::store::reader::{PackFiles, damaged};
 use crate::store::stream::{ChunkSource, PIECE_BYTES, byte_batches};
 
 pub(crate) struct HashWriter<W> {
@@ -427,11 +427,7 @@ pub(crate) fn stored_chunks(packs: Arc<PackFiles>, source: ChunkSource) -> ReadA
                     // raw blocks and its zero run (store-format.md, "Plane-coded chunks").
                     _ => crate::store::planes::decode_to_frame(&b, loc.raw_len as usize)
                         .map(|frame| (true, loc.raw_len, frame))
-                        .map_err(|e| StoreError::CorruptChunk {
-                            id: id.hex(),
-                            pack: packs.path(&loc.pack),
-                            message: format!("cannot decode planes: {}", e.0),
-                        }),
+                        .map_err(|e| damaged(id, &packs.path(&loc.pack), e.to_string())),
                 })
                 .collect::<Result<Vec<StoredChunk>, StoreError>>()
         })?;

@@ -76,7 +76,7 @@ pub(crate) fn decode_into(flags: u8, stored: &[u8], out: &mut [u8]) -> Result<us
         }),
         FLAG_PLANES => super::planes::decode_into(stored, out)
             .map(|()| out.len())
-            .map_err(|e| damaged(format!("cannot decode planes: {}", e.0))),
+            .map_err(|e| damaged(e.to_string())),
         _ => Err(damaged("flags say both zstd and plane-coded".into())),
     }
 }
@@ -438,8 +438,9 @@ pub(crate) struct ScanHints {
 /// as records can be recognised: an index entry placed there whose bytes hash to its id, a zstd
 /// frame or a plane-coded chunk (both self-delimiting), a tree node (its length follows from its
 /// header), or a raw chunk of a length some tree node names whose hash is that node's child.
-/// Then every hinted entry the walk did not reach, checked alone. Every returned entry's bytes hash to its id. Scanned
-/// chunks never carry the tree flag: only an entry that vouches for a subtree needs it (I3).
+/// Then every hinted entry the walk did not reach, checked alone. Every returned entry's bytes
+/// hash to its id. Scanned chunks never carry the tree flag: only an entry that vouches for a
+/// subtree needs it (I3).
 pub(crate) fn scan(path: &Path, hints: &ScanHints) -> Result<Vec<FooterEntry>, StoreError> {
     let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
     // Whether `e` is intact in the file; an error only when no decoder could be made.

@@ -31,8 +31,14 @@ pub(crate) const MAX_CHUNK: usize = 64 << 10;
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Malformed(pub(crate) &'static str);
 
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot decode planes: {}", self.0)
+    }
+}
+
 /// `data` plane-coded, or `None` when that would not be at least `min_saving` bytes smaller than
-/// `data` (callers pass what their other encodings would save).
+/// `data`.
 pub(crate) fn encode(data: &[u8], min_saving: usize) -> Option<Vec<u8>> {
     if data.len() < 64 || data.len() > MAX_CHUNK {
         return None;
@@ -50,12 +56,7 @@ pub(crate) fn encode(data: &[u8], min_saving: usize) -> Option<Vec<u8>> {
     let mut rest = vec![0u8; kept - n];
     let (mut p, mut q) = (0, 0);
     for seg in segments {
-        let (dp, dq) = match phase {
-            0 => split::<0>(seg, &mut plane[p..], &mut rest[q..]),
-            1 => split::<1>(seg, &mut plane[p..], &mut rest[q..]),
-            2 => split::<2>(seg, &mut plane[p..], &mut rest[q..]),
-            _ => split::<3>(seg, &mut plane[p..], &mut rest[q..]),
-        };
+        let (dp, dq) = SPLIT[phase](seg, &mut plane[p..], &mut rest[q..]);
         p += dp;
         q += dq;
     }
@@ -166,31 +167,23 @@ pub(crate) fn decode_to_frame(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, 
         (Block::Raw, tail_len),
     ];
     let last = blocks.iter().rposition(|b| b.1 > 0).unwrap_or(0);
-    // Where the head's and the tail's bytes go; a segment left out is empty.
-    let (mut head, mut tail) = (None, None);
+    // Where the head's and the tail's bytes go: an empty segment is an empty range where its
+    // block would be, so the head always ends before the tail starts.
+    let mut spans = [0..0, 0..0];
     for (i, &(kind, len)) in blocks.iter().enumerate() {
-        if len == 0 && i != last {
-            continue;
+        if len > 0 || i == last {
+            out.extend_from_slice(&block_header(kind, len, i == last));
         }
-        out.extend_from_slice(&block_header(kind, len, i == last));
         match kind {
-            Block::Rle => out.push(0),
+            Block::Rle if len > 0 || i == last => out.push(0),
+            Block::Rle => {}
             Block::Raw => {
-                let span = Some(out.len()..out.len() + len);
-                if i == 0 {
-                    head = span
-                } else {
-                    tail = span
-                }
+                spans[i / 2] = out.len()..out.len() + len;
                 out.resize(out.len() + len, 0);
             }
         }
     }
-    // A missing segment is an empty range where it would be, so that the head ends before the
-    // tail starts.
-    let end = out.len();
-    let tail = tail.unwrap_or(end..end);
-    let head = head.unwrap_or(tail.start..tail.start);
+    let [head, tail] = spans;
     let (front, back) = out.split_at_mut(head.end);
     let tail = tail.start - head.end..tail.end - head.end;
     c.decode(&mut front[head], &mut back[tail])?;
@@ -257,13 +250,7 @@ impl<'a> Coded<'a> {
             let plane = &scratch.plane;
             let (mut p, mut q) = (0, 0);
             for seg in [head, tail] {
-                let (plane, rest) = (&plane[p..], &self.rest[q..]);
-                let (dp, dq) = match self.phase {
-                    0 => join::<0>(seg, plane, rest),
-                    1 => join::<1>(seg, plane, rest),
-                    2 => join::<2>(seg, plane, rest),
-                    _ => join::<3>(seg, plane, rest),
-                };
+                let (dp, dq) = JOIN[self.phase](seg, &plane[p..], &self.rest[q..]);
                 p += dp;
                 q += dq;
             }
@@ -350,6 +337,13 @@ fn skewed_phase(segments: &[&[u8]; 2]) -> Option<usize> {
     (u64::from(skew(&hist[phase])) * 128 >= u64::from(n) * u64::from(n)).then_some(phase)
 }
 
+/// Moves a segment's bytes between the chunk and (plane, rest); returns how many of each.
+type SplitFn = fn(&[u8], &mut [u8], &mut [u8]) -> (usize, usize);
+type JoinFn = fn(&mut [u8], &[u8], &[u8]) -> (usize, usize);
+
+/// [`split`] for each phase.
+const SPLIT: [SplitFn; 4] = [split::<0>, split::<1>, split::<2>, split::<3>];
+
 /// Copies byte `P` of each word of `seg` to `plane` and the others to `rest`, which have room
 /// for them. Returns how many of each it wrote.
 fn split<const P: usize>(seg: &[u8], plane: &mut [u8], rest: &mut [u8]) -> (usize, usize) {
@@ -386,6 +380,9 @@ const fn others<const P: usize>() -> [usize; 3] {
         _ => [0, 1, 2],
     }
 }
+
+/// [`join`] for each phase.
+const JOIN: [JoinFn; 4] = [join::<0>, join::<1>, join::<2>, join::<3>];
 
 /// Fills `seg`: byte `P` of each word from `plane`, the others from `rest`, which hold enough
 /// (the caller checked the lengths). Returns how many of each it used.
@@ -560,16 +557,15 @@ fn huffman_lengths(counts: &[u32; 256]) -> [u8; 256] {
     lens
 }
 
-/// Canonical codes for `lens` of `symbols` (those with a length, in increasing order; lengths
-/// at most [`MAX_LEN`], Kraft sum at most 1): symbols by (length,
-/// value), each code the previous one plus one, shifted left when the length grows. Computed as
-/// deflate does, from the first code of each length.
+/// Canonical codes for `lens` of `symbols` (those with a length, 1..=[`MAX_LEN`], in increasing
+/// order; Kraft sum at most 1): symbols by (length, value), each code the previous one plus one,
+/// shifted left when the length grows. Computed as deflate does, from the first code of each
+/// length.
 fn canonical_codes(lens: &[u8; 256], symbols: &[u8]) -> [(u32, u32); 256] {
     let mut per_len = [0u32; MAX_LEN as usize + 1];
     for &s in symbols {
         per_len[lens[s as usize] as usize] += 1;
     }
-    per_len[0] = 0;
     let mut next = [0u32; MAX_LEN as usize + 1];
     let mut code = 0u32;
     for len in 1..=MAX_LEN as usize {
@@ -578,11 +574,9 @@ fn canonical_codes(lens: &[u8; 256], symbols: &[u8]) -> [(u32, u32); 256] {
     }
     let mut codes = [(0u32, 0u32); 256];
     for &s in symbols {
-        let l = lens[s as usize];
-        if l > 0 {
-            codes[s as usize] = (next[l as usize], u32::from(l));
-            next[l as usize] += 1;
-        }
+        let l = lens[s as usize] as usize;
+        codes[s as usize] = (next[l], l as u32);
+        next[l] += 1;
     }
     codes
 }

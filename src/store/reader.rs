@@ -472,7 +472,8 @@ fn undecoded(id: &ChunkId, pack: &std::path::Path, e: DecodeError) -> StoreError
     }
 }
 
-fn damaged(id: &ChunkId, pack: &std::path::Path, message: String) -> StoreError {
+/// Damage to chunk `id` in `pack`, as `message` says.
+pub(crate) fn damaged(id: &ChunkId, pack: &std::path::Path, message: String) -> StoreError {
     StoreError::CorruptChunk {
         id: id.hex(),
         pack: pack.to_path_buf(),

@@ -383,12 +383,12 @@ impl Batch {
     }
 }
 
-/// One chunk of a batch, hashed and (if probably new) compressed.
+/// One chunk of a batch, hashed and (if probably new) encoded.
 struct Prepared {
     id: ChunkId,
     hit: bool,
     /// Encoded bytes and their flag, when the chunk is not stored raw.
-    compressed: Option<(u8, Vec<u8>)>,
+    encoded: Option<(u8, Vec<u8>)>,
 }
 
 /// Batches smaller than this are prepared on the calling thread: handing them to the pool would
@@ -407,12 +407,8 @@ fn prepare(batch: &Batch, i: usize, known: &KnownFilter, level: i32) -> Prepared
     let data = batch.chunk(i);
     let id = ChunkId::of(data);
     let hit = known.probably_has(&id);
-    let compressed = if hit { None } else { compress(data, level) };
-    Prepared {
-        id,
-        hit,
-        compressed,
-    }
+    let encoded = if hit { None } else { compress(data, level) };
+    Prepared { id, hit, encoded }
 }
 
 impl ChunkWriter {
@@ -504,7 +500,7 @@ impl ChunkWriter {
             // A batch may hold one new chunk twice, and an earlier batch of this snapshot may
             // have stored it.
             if !p.hit && !self.wrote(&p.id) {
-                match &p.compressed {
+                match &p.encoded {
                     Some((encoding, c)) => self.append(p.id, raw_len, flags | encoding, c)?,
                     None => self.append(p.id, raw_len, flags, data)?,
                 }
