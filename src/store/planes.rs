@@ -81,6 +81,11 @@ pub(crate) fn encode(data: &[u8], min_saving: usize) -> Option<Vec<u8>> {
         .sum();
     let symbols: Vec<u8> = (0..=255u8).filter(|&s| lens[s as usize] > 0).collect();
     let table_len = symbols.len() + symbols.len().div_ceil(2);
+    // The code must pay for its table against the plane left as it is (what the zero-run frame
+    // does with it).
+    if table_len + 2 * STREAMS + bits.div_ceil(8) as usize >= n {
+        return None;
+    }
     // Each stream may end in a partial byte.
     let estimate =
         HEADER + table_len + 2 * STREAMS + bits.div_ceil(8) as usize + STREAMS + rest.len();
@@ -318,8 +323,8 @@ impl<'a> Coded<'a> {
     }
 }
 
-/// The phase whose bytes are the most skewed (largest sum of squared counts), from every
-/// fourth word of the segments; `None` when even that one is too flat to pay for a code table
+/// The phase whose bytes are the most skewed (most pairs of equal bytes), from every fourth
+/// word of the segments; `None` when even that one is too flat to pay for a code table
 /// (under ~128 equally likely values' worth of skew), as random bytes are.
 fn skewed_phase(segments: &[&[u8]; 2]) -> Option<usize> {
     let mut hist = [[0u16; 256]; 4];
@@ -332,9 +337,16 @@ fn skewed_phase(segments: &[&[u8]; 2]) -> Option<usize> {
             n += 1;
         }
     }
-    let skew = |h: &[u16; 256]| h.iter().map(|&c| u32::from(c) * u32::from(c)).sum::<u32>();
+    // Pairs of equal bytes: over all pairs, an unbiased estimate of the chance that two bytes
+    // are equal (1/256 for random bytes, ~0.17 for exponent bytes).
+    let skew = |h: &[u16; 256]| {
+        h.iter()
+            .map(|&c| u32::from(c) * u32::from(c.saturating_sub(1)))
+            .sum::<u32>()
+    };
     let phase = (0..4).max_by_key(|&p| skew(&hist[p]))?;
-    (u64::from(skew(&hist[phase])) * 128 >= u64::from(n) * u64::from(n)).then_some(phase)
+    let pairs = u64::from(n) * u64::from(n.saturating_sub(1));
+    (u64::from(skew(&hist[phase])) * 128 >= pairs).then_some(phase)
 }
 
 /// Moves a segment's bytes between the chunk and (plane, rest); returns how many of each.

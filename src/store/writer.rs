@@ -1474,6 +1474,13 @@ mod tests {
             compress(&random, 3).is_none(),
             "random bytes are stored raw"
         );
+        // Random bytes around free space, no skewed lane: the plane codec declines, the zero-run
+        // frame takes the run out.
+        let mut sparse = random[..3072].to_vec();
+        sparse.resize(4096, 0);
+        let (flag, c) = compress(&sparse, 3).expect("the zero run pays");
+        assert_eq!(flag, FLAG_ZSTD);
+        assert_eq!(zstd::bulk::decompress(&c, 4096).expect("frame"), sparse);
         let floats: Vec<u8> = (0..1024)
             .flat_map(|_| {
                 (((next() >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * 0.1).to_le_bytes()
