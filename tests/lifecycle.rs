@@ -411,11 +411,11 @@ fn a_store_written_by_memsnap_0_2_still_reads_and_a_snapshot_raises_it() {
         "reading does not raise the format"
     );
 
-    // A snapshot writes change-detection rows, raising the store (to 4) in the same commit; the
+    // A snapshot writes change-detection rows, raising the store (to 5) in the same commit; the
     // next one finds the agent unchanged, deduplicated against the old data.
     std::thread::sleep(std::time::Duration::from_millis(250));
     let first_new = cmd().snapshot(&target).json();
-    assert_eq!(format_version(&store), 4);
+    assert_eq!(format_version(&store), 5);
     // The restored agent is the second snapshot again: every chunk is found in the old packs.
     assert_eq!(first_new["stats"]["new_chunks"], 0, "{first_new:#}");
     let again = cmd().snapshot(&target).json();
@@ -428,20 +428,32 @@ fn a_store_written_by_memsnap_0_2_still_reads_and_a_snapshot_raises_it() {
 }
 
 #[test]
-fn a_store_written_by_memsnap_0_3_still_reads_and_new_vector_pages_raise_it_to_format_4() {
+fn a_store_written_by_memsnap_0_3_still_reads_and_new_vector_pages_raise_it_to_format_5() {
+    new_vector_pages_raise_an_old_store(3);
+}
+
+/// Format 4 holds version 1 plane-coded records, which the version 2 ones written now join.
+#[test]
+fn a_store_written_by_memsnap_0_4_still_reads_and_new_vector_pages_raise_it_to_format_5() {
+    new_vector_pages_raise_an_old_store(4);
+}
+
+/// The old store fixture of `version` reads and restores; new embedding pages are snapshotted
+/// into it, and imported into another copy of it, each raising its format to 5.
+fn new_vector_pages_raise_an_old_store(version: u8) {
     let tmp = tempfile::tempdir().expect("tmp");
-    let (store, r) = old_store_restored(tmp.path(), 3);
+    let (store, r) = old_store_restored(tmp.path(), version);
     let target = r.root().to_path_buf();
     let cmd = || TestCommand::new(&store);
 
-    // New embedding pages are plane-coded. A snapshot's commit raises the store to 4 (the import
+    // New embedding pages are plane-coded. A snapshot's commit raises the store to 5 (the import
     // below checks the raise that plane-coded entries make); old zero-run frames and new
     // plane-coded pages then restore together.
     r.append_day(6, 0.2).expect("append");
     let rows = r.row_counts().expect("rows");
     let day = cmd().snapshot(&target).json();
     let day = str_of(&day, "id").to_owned();
-    assert_eq!(format_version(&store), 4);
+    assert_eq!(format_version(&store), 5);
     cmd().args(["verify", "--read-data"]).json();
     // The day restored from `store` into `dir`: its vector database's bytes.
     let restored_vector = |store: &Path, dir: &str| {
@@ -456,13 +468,13 @@ fn a_store_written_by_memsnap_0_3_still_reads_and_new_vector_pages_raise_it_to_f
     let vector = fs::read(target.join("sqlite/vector.sqlite")).expect("source");
     assert_eq!(restored_vector(&store, "again"), vector);
 
-    // Importing that snapshot into another copy of the 0.3 store raises it as well: the bundle
+    // Importing that snapshot into another copy of the old store raises it as well: the bundle
     // holds the plane-coded pages as zstd frames, and the import codes them again.
     let bundle = tmp.path().join("day.tar.zst");
     cmd().args(["export", &day, "--out"]).arg(&bundle).json();
-    let other = fixture_store(&tmp.path().join("other"), "store-v3");
+    let other = fixture_store(&tmp.path().join("other"), &format!("store-v{version}"));
     TestCommand::new(&other).arg("import").arg(&bundle).json();
-    assert_eq!(format_version(&other), 4);
+    assert_eq!(format_version(&other), 5);
     TestCommand::new(&other)
         .args(["verify", "--read-data"])
         .json();

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 /// The on-disk format version this build writes and reads (store-format.md, "Version changes").
 /// 2 added the `pins` table, 3 the `file_stats` table; an older store is read as one without
 /// them, and raised by the first write of either.
-pub(crate) const FORMAT_VERSION: u32 = 4;
+pub(crate) const FORMAT_VERSION: u32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct StoreConfig {

@@ -940,7 +940,7 @@ pub(crate) fn insert_chunks<'a>(
     }
     drop(chunks);
     if planes {
-        // Format 4: an older memsnap cannot decode these entries' chunks.
+        // Format 5 (4 for version 1 records): an older memsnap cannot decode these chunks.
         super::raise_format(index, tx)?;
     }
     Ok(())
