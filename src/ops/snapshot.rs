@@ -634,7 +634,7 @@ pub(crate) fn commit(
             return Ok(Commit::Missing(missing));
         }
         drop(chunks);
-        crate::store::writer::insert_chunks(&index, &tx, pending.new_chunks.iter())?;
+        crate::store::writer::insert_chunks(&index, &tx, pending.entries()?)?;
         crate::store::writer::insert_packs(&index, &tx, &pending.packs)?;
         let mut snaps = tx
             .open_table(SNAPSHOTS)

@@ -7,6 +7,7 @@ pub(crate) mod index;
 pub(crate) mod pack;
 pub(crate) mod planes;
 pub(crate) mod reader;
+pub(crate) mod runs;
 pub(crate) mod stream;
 pub(crate) mod writer;
 
@@ -175,21 +176,21 @@ impl Store {
     }
 
     fn open_index(&self, cache: usize) -> Result<Index, Error> {
-        let e = self.early_commit();
+        let e = self.long_write();
         Index::open(&self.fs, &e.index, &e.lock, cache)
     }
 
-    /// A writer into this store for a snapshot or an import: it commits early (see
-    /// [`writer::EarlyCommit`]) and so confirms its filter hits in batches.
+    /// A writer into this store for a snapshot or an import: it bounds its memory (see
+    /// [`writer::LongWrite`]).
     pub(crate) fn writer(&self, known: writer::KnownFilter) -> writer::ChunkWriter {
         let mut w = writer::ChunkWriter::new(&self.fs, self.packs_dir(), &self.config, known);
-        w.early_commit(self.early_commit());
+        w.long_write(self.long_write());
         w
     }
 
-    /// Where a writer's early commits open the index, its lock, and where it spills.
-    pub(crate) fn early_commit(&self) -> writer::EarlyCommit {
-        writer::EarlyCommit {
+    /// Where a long write's sessions open the index, its lock, and where it spills.
+    pub(crate) fn long_write(&self) -> writer::LongWrite {
+        writer::LongWrite {
             index: self.root.join(INDEX_FILE),
             lock: self.root.join("locks").join("index.lock"),
             tmp: self.tmp_dir(),

@@ -1,8 +1,9 @@
-//! Early commits (store-format.md, "Write ordering", step 2): a long snapshot puts the entries of
-//! its durable data chunks in the index before its final commit, so that its memory does not
-//! grow with the data. Small packs and a low threshold (test knobs) make a small agent do what a
-//! snapshot of gigabytes does. A snapshot that dies after early commits leaves no snapshot, only
-//! garbage that verify accepts and prune collects.
+//! Long writes (store-format.md, "Write ordering", sorted runs): a long snapshot or import keeps
+//! the entries of its durable chunks in sorted runs on disk until its final commit, so that its
+//! memory does not grow with the data, and confirms its filter hits in batches. Small packs and
+//! low thresholds (test knobs) make a small agent do what a snapshot of gigabytes does. One that
+//! dies leaves no snapshot and no index entry, only pack files that prune deletes and a scratch
+//! folder that the next writer sweeps.
 
 mod common;
 
@@ -14,7 +15,7 @@ use memsnap::sample::{SampleAgent, SampleSpec};
 
 const KNOBS: [(&str, &str); 2] = [
     ("MEMSNAP_TEST_PACK_BYTES", "524288"),
-    ("MEMSNAP_TEST_EARLY_COMMIT_CHUNKS", "200"),
+    ("MEMSNAP_TEST_RUN_CHUNKS", "200"),
 ];
 
 fn snapshot_with_knobs(store: &Path, agent: &Path) -> TestCommand {
@@ -50,41 +51,61 @@ fn agent_of(bytes: u64, seed: u64) -> (tempfile::TempDir, SampleAgent) {
     (tmp, agent)
 }
 
+/// The names in the store's scratch folder.
+fn scratch(store: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(store.join("tmp"))
+        .expect("tmp")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// What a dead long write left: no snapshot, no chunk entry, and pack files prune deletes.
+fn assert_nothing_but_orphans(store: &Path) -> u64 {
+    assert_eq!(
+        TestCommand::new(store).arg("list").json(),
+        serde_json::json!([])
+    );
+    let stats = TestCommand::new(store).arg("stats").json();
+    assert_eq!(
+        stats["store"]["chunks"], 0,
+        "no entry before the commit: {stats:#}"
+    );
+    TestCommand::new(store)
+        .args(["verify", "--read-data"])
+        .json();
+    pack_count(store) as u64
+}
+
 #[test]
-fn a_snapshot_with_early_commits_restores_and_a_dead_one_leaves_only_garbage() {
+fn a_long_snapshot_restores_and_a_dead_one_leaves_only_orphan_packs() {
     let (tmp, agent) = agent_of(6 << 20, 3);
     let store = tmp.path().join("store");
 
-    // Killed before its final commit, after early commits: nothing listed, the store verifies,
-    // and the early-committed packs are there for prune.
+    // Killed before its final commit, after writing sorted runs.
     snapshot_with_knobs(&store, agent.root())
         .env("MEMSNAP_FAILPOINT", "snapshot:before-commit")
         .assert_crashed();
-    assert_eq!(
-        TestCommand::new(&store).arg("list").json(),
-        serde_json::json!([])
-    );
-    assert!(pack_count(&store) > 10, "small packs were written");
-    TestCommand::new(&store)
-        .args(["verify", "--read-data"])
-        .json();
-    let stats = TestCommand::new(&store).arg("stats").json();
+    let orphans = assert_nothing_but_orphans(&store);
+    assert!(orphans > 10, "small packs were written");
+    let left = scratch(&store);
     assert!(
-        stats["store"]["chunks"].as_u64().unwrap_or(0) > 200,
-        "early commits put chunk entries in the index: {stats:#}"
+        left.len() == 1 && left[0].starts_with("runs-"),
+        "the killed snapshot wrote runs: {left:?}"
     );
 
-    // Failing with an error instead: the writer deletes what no early commit named.
+    // Failing with an error instead: the writer deletes its packs and its runs.
     snapshot_with_knobs(&store, agent.root())
         .env("MEMSNAP_FAILPOINT", "snapshot:before-commit:error")
         .assert_exit_code(1);
-    TestCommand::new(&store)
-        .args(["verify", "--read-data"])
-        .json();
+    assert_eq!(assert_nothing_but_orphans(&store), orphans);
+    assert_eq!(scratch(&store), Vec::<String>::new(), "swept and removed");
 
-    // A whole snapshot with early commits restores byte for byte.
+    // A whole one restores byte for byte and leaves no scratch.
     let snap = snapshot_with_knobs(&store, agent.root()).json();
     let id = str_of(&snap, "id").to_owned();
+    assert_eq!(scratch(&store), Vec::<String>::new());
     TestCommand::new(&store)
         .args(["verify", "--read-data"])
         .json();
@@ -92,10 +113,11 @@ fn a_snapshot_with_early_commits_restores_and_a_dead_one_leaves_only_garbage() {
     restore_to(&store, &id, &target);
     assert_databases_restored(&agent, &target);
 
-    // Prune collects the dead snapshots' chunks and keeps the live one whole.
-    TestCommand::new(&store)
+    // Prune deletes the dead one's packs and keeps the live one whole.
+    let report = TestCommand::new(&store)
         .args(["prune", "--max-unused", "0"])
         .json();
+    assert_eq!(report["packs_orphaned"], orphans, "{report:#}");
     let stats = TestCommand::new(&store).arg("stats").json();
     assert_eq!(stats["store"]["chunks_unused"], 0, "{stats:#}");
     TestCommand::new(&store)
@@ -120,12 +142,7 @@ fn an_update_day_spills_its_tree_nodes_and_restores() {
     let store = tmp.path().join("store");
     snapshot_with_knobs(&store, agent.root()).json();
     agent.update_day(11, 0.02).expect("update day");
-    let scratch = || -> Vec<String> {
-        fs::read_dir(store.join("tmp"))
-            .expect("tmp")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .collect()
-    };
+    let scratch = || scratch(&store);
 
     snapshot_with_knobs(&store, agent.root())
         .env("MEMSNAP_TEST_NODES_IN_MEMORY", "2")
@@ -133,7 +150,10 @@ fn an_update_day_spills_its_tree_nodes_and_restores() {
         .assert_crashed();
     let left = scratch();
     assert!(
-        left.len() == 1 && left[0].starts_with("nodes-"),
+        left.iter().any(|n| n.starts_with("nodes-"))
+            && left
+                .iter()
+                .all(|n| n.starts_with("nodes-") || n.starts_with("runs-")),
         "the killed snapshot spilled: {left:?}"
     );
 
@@ -155,7 +175,7 @@ fn an_update_day_spills_its_tree_nodes_and_restores() {
 }
 
 #[test]
-fn an_import_commits_early_too_and_a_dead_one_leaves_only_garbage() {
+fn a_long_import_restores_and_a_dead_one_leaves_only_orphan_packs() {
     let (tmp, agent) = agent_of(6 << 20, 5);
     let (id, bundle) = snapshot_and_export(tmp.path(), &agent);
 
@@ -171,24 +191,17 @@ fn an_import_commits_early_too_and_a_dead_one_leaves_only_garbage() {
     import(&store2)
         .env("MEMSNAP_FAILPOINT", "import:before-commit")
         .assert_crashed();
-    assert_eq!(
-        TestCommand::new(&store2).arg("list").json(),
-        serde_json::json!([])
-    );
-    let stats = TestCommand::new(&store2).arg("stats").json();
-    assert!(
-        stats["store"]["chunks"].as_u64().unwrap_or(0) > 200,
-        "early commits put chunk entries in the index: {stats:#}"
-    );
-    TestCommand::new(&store2)
-        .args(["verify", "--read-data"])
-        .json();
+    let orphans = assert_nothing_but_orphans(&store2);
+    assert!(orphans > 10, "small packs were written");
+    assert!(scratch(&store2).iter().all(|n| n.starts_with("runs-")));
 
-    // A whole import after it restores byte for byte, and prune keeps it whole.
+    // A whole import after it restores byte for byte, and prune deletes only the orphans.
     import(&store2).json();
-    TestCommand::new(&store2)
+    assert_eq!(scratch(&store2), Vec::<String>::new(), "swept and removed");
+    let report = TestCommand::new(&store2)
         .args(["prune", "--max-unused", "0"])
         .json();
+    assert_eq!(report["packs_orphaned"], orphans, "{report:#}");
     TestCommand::new(&store2)
         .args(["verify", "--read-data"])
         .json();
@@ -197,15 +210,14 @@ fn an_import_commits_early_too_and_a_dead_one_leaves_only_garbage() {
     assert_same_tree(
         &tree(&agent.sqlite_dir(), false),
         &tree(&target.join("sqlite"), false),
-        "imported with early commits",
+        "imported as a long write",
     );
 }
 
 /// A filter hit that the index does not hold (a prefix collision, made here by a test knob) is
 /// caught whether an index session confirms it during the snapshot (batches of one hit) or the
 /// final commit does: the snapshot is redone with the chunk written, and restores byte for byte.
-/// A miss a session finds before the databases are read stops the attempt there. (Sessions
-/// that go with an early commit: the writer's unit tests.)
+/// A miss a session finds before the databases are read stops the attempt there.
 #[test]
 fn a_false_filter_hit_is_caught_and_the_snapshot_redone() {
     let (tmp, agent) = agent_of(6 << 20, 7);
