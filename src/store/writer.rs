@@ -108,7 +108,7 @@ impl NodeSpill {
 }
 
 /// A number from the environment that tests use to reach, with little data, what only large
-/// data reaches otherwise (many packs, early commits). Like MEMSNAP_FAILPOINT: not for users.
+/// data reaches otherwise (many packs, sorted runs). Like MEMSNAP_FAILPOINT: not for users.
 pub(crate) fn test_knob(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.parse().ok()
 }
@@ -286,7 +286,7 @@ pub(crate) struct ChunkWriter {
     /// `durable`).
     new_chunks: HashMap<ChunkId, ChunkLoc>,
     /// Tree nodes that vouch for filter hits: they wait for the final commit. Apart from the
-    /// rest, whose maps then stay the size of the pipeline; with early commits, at most
+    /// rest, whose maps then stay the size of the pipeline; in a [`LongWrite`], at most
     /// [`NODES_IN_MEMORY`], the rest in `spill`.
     new_nodes: HashMap<ChunkId, ChunkLoc>,
     spill: Option<NodeSpill>,
@@ -295,7 +295,7 @@ pub(crate) struct ChunkWriter {
     /// Sealed packs being made durable on threads of their own, oldest first, with their chunks.
     syncing: std::collections::VecDeque<Syncing>,
     /// Set for a snapshot or an import: see [`LongWrite`].
-    early: Option<LongWrite>,
+    long: Option<LongWrite>,
     /// Chunks durable in packs, for the next sorted run.
     durable: Vec<(ChunkId, ChunkLoc)>,
     runs: Option<SortedRuns>,
@@ -303,7 +303,7 @@ pub(crate) struct ChunkWriter {
     confirm_batch: usize,
     nodes_in_memory: usize,
     /// The confirmation session in flight.
-    committing: Option<Session>,
+    confirming: Option<Session>,
     /// Handed over by `finish`: the packs are the commit's (through [`Pending`]) to keep.
     finished: bool,
     dirs: BTreeSet<PathBuf>,
@@ -427,7 +427,7 @@ impl ChunkWriter {
                 .map_or(CONFIRM_BATCH, |n| (n as usize).max(1)),
             nodes_in_memory: test_knob("MEMSNAP_TEST_NODES_IN_MEMORY")
                 .map_or(NODES_IN_MEMORY, |n| (n as usize).max(1)),
-            committing: None,
+            confirming: None,
             finished: false,
             known: Arc::new(known),
             open_chunks: HashMap::new(),
@@ -438,7 +438,7 @@ impl ChunkWriter {
             pack: None,
             done: Vec::new(),
             syncing: std::collections::VecDeque::new(),
-            early: None,
+            long: None,
             durable: Vec::new(),
             runs: None,
             dirs: BTreeSet::new(),
@@ -544,7 +544,7 @@ impl ChunkWriter {
         nodes: bool,
     ) -> Result<(), StoreError> {
         self.confirm.extend(hits.into_iter().map(|id| (id, nodes)));
-        if self.early.is_some() && self.confirm.len() >= self.confirm_batch {
+        if self.long.is_some() && self.confirm.len() >= self.confirm_batch {
             self.confirm_now()?;
         }
         Ok(())
@@ -586,8 +586,8 @@ impl ChunkWriter {
             what: "tree node".into(),
             message: "writer returned no result".into(),
         })?;
-        let mut early = false;
-        if new_subtree && !put.hit && self.early.is_some() {
+        let mut with_data = false;
+        if new_subtree && !put.hit && self.long.is_some() {
             // Handed over only while its pack is open: the pack's sync moves it to `durable`.
             // A node already handed over (the same subtree twice) goes too; anything else is
             // held apart.
@@ -596,12 +596,12 @@ impl ChunkWriter {
             {
                 self.open_chunks.insert(put.id, loc);
             }
-            early = self.in_flight(&put.id);
+            with_data = self.in_flight(&put.id);
         }
         if self.new_nodes.len() >= self.nodes_in_memory {
             self.spill_nodes()?;
         }
-        Ok((put, early))
+        Ok((put, with_data))
     }
 
     fn append(
@@ -637,12 +637,12 @@ impl ChunkWriter {
     /// Moves the tree nodes in `new_nodes` to the spill file, in a [`LongWrite`]: only those
     /// bound memory. The map keeps its capacity for the next ones.
     fn spill_nodes(&mut self) -> Result<(), StoreError> {
-        let Some(early) = &self.early else {
+        let Some(long) = &self.long else {
             return Ok(());
         };
         let spill = match &mut self.spill {
             Some(s) => s,
-            None => self.spill.insert(NodeSpill::create(&self.fs, &early.tmp)?),
+            None => self.spill.insert(NodeSpill::create(&self.fs, &long.tmp)?),
         };
         spill.write(&self.new_nodes)?;
         self.new_nodes.clear();
@@ -680,13 +680,13 @@ impl ChunkWriter {
             Ok(r) => r?,
             Err(panic) => std::panic::resume_unwind(panic),
         }
-        if let Some(early) = &self.early {
+        if let Some(long) = &self.long {
             // Data chunks and nodes over new chunks only: other tree nodes are held apart.
             self.durable.extend(s.chunks);
             if self.durable.len() >= self.run_chunks {
                 let runs = match &mut self.runs {
                     Some(r) => r,
-                    None => self.runs.insert(SortedRuns::create(&self.fs, &early.tmp)?),
+                    None => self.runs.insert(SortedRuns::create(&self.fs, &long.tmp)?),
                 };
                 runs.push(&mut self.durable)?;
             }
@@ -700,7 +700,7 @@ impl ChunkWriter {
     /// thread: the pipeline goes on meanwhile.
     fn confirm_now(&mut self) -> Result<(), StoreError> {
         let Some((index_path, lock)) = self
-            .early
+            .long
             .as_ref()
             .map(|e| (e.index.clone(), e.lock.clone()))
         else {
@@ -725,13 +725,13 @@ impl ChunkWriter {
             let tx = index.begin_read()?;
             unconfirmed_in(&index, tx.open_table(super::index::CHUNKS), &confirm)
         });
-        self.committing = Some(handle);
+        self.confirming = Some(handle);
         Ok(())
     }
 
     /// Waits for the confirmation session in flight and keeps the hits it found missing.
     fn join_confirm(&mut self) -> Result<(), StoreError> {
-        let Some(handle) = self.committing.take() else {
+        let Some(handle) = self.confirming.take() else {
             return Ok(());
         };
         match handle.join() {
@@ -744,20 +744,20 @@ impl ChunkWriter {
     }
 
     /// Makes this writer a [`LongWrite`] (a snapshot, an import).
-    pub(crate) fn long_write(&mut self, early: LongWrite) {
+    pub(crate) fn long_write(&mut self, long: LongWrite) {
         // What a killed writer spilled; a live one's folders stay.
-        crate::fsutil::sweep_scratch(&self.fs, &early.tmp, NodeSpill::PREFIX);
-        crate::fsutil::sweep_scratch(&self.fs, &early.tmp, SortedRuns::PREFIX);
-        self.early = Some(early);
+        crate::fsutil::sweep_scratch(&self.fs, &long.tmp, NodeSpill::PREFIX);
+        crate::fsutil::sweep_scratch(&self.fs, &long.tmp, SortedRuns::PREFIX);
+        self.long = Some(long);
     }
 
     /// What dropping an unfinished writer does (an error on the way): deletes the packs written
     /// so far, since what they were written for will not be committed and nothing else can
     /// reference chunks that no index entry names.
     fn delete_unnamed(&mut self) {
-        self.early = None;
+        self.long = None;
         // Runs in Drop: a panic of the session thread must not unwind from here.
-        if let Some(handle) = self.committing.take() {
+        if let Some(handle) = self.confirming.take() {
             let _ = handle.join();
         }
         while let Some(s) = self.syncing.pop_front() {
@@ -1119,7 +1119,7 @@ mod tests {
     use super::*;
     use crate::store::pack::MAX_PACK_CHUNKS;
 
-    /// A new store in `dir` and a writer into it, without early commits.
+    /// A new store in `dir` and a writer into it, not a [`LongWrite`].
     fn writer_in(dir: &std::path::Path) -> (crate::store::Store, ChunkWriter) {
         let store = crate::store::Store::for_test(dir);
         let w = ChunkWriter::new(
