@@ -1182,16 +1182,9 @@ mod tests {
 
         let reader =
             crate::store::reader::ChunkReader::new(&index, store.packs_dir()).expect("reader");
-        let tx = index.db.begin_read().expect("read");
-        let table = tx.open_table(super::super::index::CHUNKS).expect("table");
-        assert_eq!(table.len().expect("len"), entries.len() as u64, "no filler");
+        assert_index_holds_exactly(&index, &entries);
         let mut nodes = 0;
         for (id, loc) in &entries {
-            let stored = table
-                .get(&id.0)
-                .expect("get")
-                .map(|g| ChunkLoc::decode(g.value()));
-            assert_eq!(stored.as_ref(), Some(loc));
             if loc.flags & FLAG_TREE == 0 {
                 continue;
             }
@@ -1205,11 +1198,28 @@ mod tests {
         assert!(nodes > 50, "{nodes} nodes");
     }
 
+    /// The chunk table holds `entries` and nothing else (no filler).
+    fn assert_index_holds_exactly(
+        index: &super::super::index::Index,
+        entries: &[(ChunkId, ChunkLoc)],
+    ) {
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let tx = index.db.begin_read().expect("read");
+        let table = tx.open_table(super::super::index::CHUNKS).expect("table");
+        assert_eq!(table.len().expect("len"), entries.len() as u64);
+        for (id, loc) in entries {
+            let stored = table
+                .get(&id.0)
+                .expect("get")
+                .map(|g| ChunkLoc::decode(g.value()));
+            assert_eq!(stored.as_ref(), Some(loc));
+        }
+    }
+
     /// Fillers go between entries in key order and only into an empty table; out-of-order
     /// entries and one that lands on a filler's key are kept.
     #[test]
     fn fillers_leave_room_in_a_new_table_and_never_outlive_the_transaction() {
-        use redb::{ReadableDatabase, ReadableTableMetadata};
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, _w) = writer_in(dir.path());
         let index = store.index().expect("index");
@@ -1239,17 +1249,7 @@ mod tests {
         insert_chunks(&index, &tx, entries.iter().map(|e| Ok(*e))).expect("insert");
         tx.commit().expect("commit");
         let leaves = size(&index);
-        let tx = index.db.begin_read().expect("read");
-        let table = tx.open_table(super::super::index::CHUNKS).expect("table");
-        assert_eq!(table.len().expect("len"), entries.len() as u64);
-        for (id, l) in &entries {
-            let got = table
-                .get(&id.0)
-                .expect("get")
-                .map(|g| ChunkLoc::decode(g.value()));
-            assert_eq!(got.as_ref(), Some(l));
-        }
-        drop((table, tx));
+        assert_index_holds_exactly(&index, &entries);
 
         // The same entries in key order with no filler pack their leaves full: a seventh fewer.
         let other = tempfile::tempdir().expect("tempdir");
