@@ -30,9 +30,9 @@ pub(crate) const FILE_STATS: TableDefinition<&[u8], &[u8]> = TableDefinition::ne
 const INDEX_LOCK_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// redb's page cache per open index. A snapshot's or import's commit fills it as the chunk table
-/// grows (early commits did, when this was measured): 16 MiB made the peak of a 4 GiB import 13% above a 1 GiB one's; 8 MiB cost no
-/// time measurable in a first snapshot, an import or a snapshot whose every chunk was known
-/// (benches/RESULTS.md, run 7). 4 MiB cost ~15% more CPU.
+/// grows (early commits did, when this was measured): 16 MiB made the peak of a 4 GiB import
+/// 13% above a 1 GiB one's; 8 MiB cost no time measurable in a first snapshot, an import or a
+/// snapshot whose every chunk was known (benches/RESULTS.md, run 7). 4 MiB cost ~15% more CPU.
 pub(crate) const INDEX_CACHE_BYTES: usize = 8 << 20;
 
 /// redb's page cache for a session that only reads (restore, export and verify): they walk the

@@ -516,7 +516,9 @@ impl ChunkWriter {
         self.open_chunks.contains_key(id) || self.syncing.iter().any(|s| s.chunks.contains_key(id))
     }
 
-    /// Whether this writer stored `id` and it is not yet in the index.
+    /// Whether this writer stored `id` and still recognises it: entries moved to `durable` or
+    /// to a sorted run are not looked at, so a chunk met again after that is written again
+    /// (garbage, I5).
     fn wrote(&self, id: &ChunkId) -> bool {
         self.in_flight(id) || self.new_chunks.contains_key(id) || self.new_nodes.contains_key(id)
     }
@@ -949,7 +951,7 @@ pub(crate) fn insert_chunks(
     }
     drop(chunks);
     if planes {
-        // Format 5 (4 for version 1 records): an older memsnap cannot decode these chunks.
+        // Format 5, whatever the record version: 0.3 decodes neither, 0.4 not version 2.
         super::raise_format(index, tx)?;
     }
     Ok(())
