@@ -898,7 +898,7 @@ pub(crate) fn insert_chunks(
         .open_table(super::index::CHUNKS)
         .map_err(|e| err(e.into()))?;
     let bulk = chunks.is_empty().map_err(|e| err(e.into()))?;
-    let mut fillers = Vec::new();
+    let mut fillers = false;
     let mut planes = false;
     let mut entries = entries.peekable();
     let mut n = 0usize;
@@ -934,20 +934,17 @@ pub(crate) fn insert_chunks(
                     // Not a filler's place after all (entries out of order): put it back.
                     chunks.insert(&filler.0, &v).map_err(|e| err(e.into()))?;
                 } else {
-                    fillers.push(filler);
+                    fillers = true;
                 }
             }
         }
     }
-    for filler in fillers {
-        let removed = chunks
-            .remove(&filler.0)
-            .map_err(|e| err(e.into()))?
-            .map(|g| *g.value());
-        if let Some(v) = removed.filter(|v| *v != FILLER) {
-            // A real entry took the filler's key (entries out of order): it stays.
-            chunks.insert(&filler.0, &v).map_err(|e| err(e.into()))?;
-        }
+    if fillers {
+        // Found by their value, not listed: a list would grow with the data. A real entry that
+        // took a filler's key (entries out of order) stays.
+        chunks
+            .retain(|_, v| *v != FILLER)
+            .map_err(|e| err(e.into()))?;
     }
     drop(chunks);
     if planes {
