@@ -89,17 +89,18 @@ pub fn pack(packs_dir: &Path, id: [u8; 16]) -> usize {
     decoded
 }
 
-/// A plane-coded chunk (store-format.md, "Plane-coded chunks") as a read decodes it, its raw
-/// length taken from its own header, as repair's scan does. Returns whether it decoded. What
-/// decodes and the encoder takes again must decode back to the same bytes.
+/// A plane-coded chunk (store-format.md, "Plane-coded chunks") as repair's scan decodes it (its
+/// raw length from its own header) and as a read does. Returns whether it decoded. What decodes
+/// and the encoder takes again must decode back to the same bytes.
 pub fn plane_chunk(bytes: &[u8]) -> bool {
-    let Some((n, raw_len)) = planes::lengths_at(bytes) else {
+    let Ok((n, raw)) = planes::decode_at(bytes) else {
         return false;
     };
-    let mut raw = vec![0u8; raw_len];
-    if planes::decode_into(&bytes[..n], &mut raw).is_err() {
-        return false;
-    }
+    let raw_len = raw.len();
+    // Read as an index entry names it: the same bytes.
+    let mut again = vec![0u8; raw_len];
+    assert_eq!(planes::decode_into(&bytes[..n], &mut again), Ok(()));
+    assert_eq!(again, raw, "decoded alone and in a scan alike");
     // Export's frame of the same record: any zstd decoder reads it back to the same bytes.
     let frame =
         planes::decode_to_frame(&bytes[..n], raw_len).expect("a record that decodes frames");

@@ -64,15 +64,14 @@ pub(crate) fn decode_into(flags: u8, stored: &[u8], out: &mut [u8]) -> Result<us
         ))),
         FLAG_ZSTD => DCTX.with(|cell| {
             let mut slot = cell.borrow_mut();
-            if slot.is_none() {
-                *slot = Some(zstd::bulk::Decompressor::new().map_err(DecodeError::NoDecoder)?);
-            }
-            match slot.as_mut() {
-                Some(d) => d
-                    .decompress_to_buffer(stored, out)
-                    .map_err(|e| damaged(format!("cannot decompress: {e}"))),
-                None => Err(damaged("no decompressor".into())),
-            }
+            let d = match &mut *slot {
+                Some(d) => d,
+                None => {
+                    slot.insert(zstd::bulk::Decompressor::new().map_err(DecodeError::NoDecoder)?)
+                }
+            };
+            d.decompress_to_buffer(stored, out)
+                .map_err(|e| damaged(format!("cannot decompress: {e}")))
         }),
         FLAG_PLANES => super::planes::decode_into(stored, out)
             .map(|()| out.len())
@@ -489,19 +488,16 @@ pub(crate) fn scan(path: &Path, hints: &ScanHints) -> Result<Vec<FooterEntry>, S
             p += n;
             continue;
         }
-        if let Some((n, raw_len)) = super::planes::lengths_at(rest) {
-            let mut raw = vec![0u8; raw_len];
-            if super::planes::decode_into(&rest[..n], &mut raw).is_ok() {
-                found.push(FooterEntry {
-                    id: ChunkId::of(&raw),
-                    offset: at,
-                    stored_len: n as u32,
-                    raw_len: raw_len as u32,
-                    flags: FLAG_PLANES,
-                });
-                p += n;
-                continue;
-            }
+        if let Ok((n, raw)) = super::planes::decode_at(rest) {
+            found.push(FooterEntry {
+                id: ChunkId::of(&raw),
+                offset: at,
+                stored_len: n as u32,
+                raw_len: raw.len() as u32,
+                flags: FLAG_PLANES,
+            });
+            p += n;
+            continue;
         }
         if let Some(n) = node_len(rest) {
             found.push(FooterEntry {

@@ -78,11 +78,12 @@ fn encode_as(data: &[u8], min_saving: usize, paired: Option<bool>) -> Option<Vec
         }
         false => VERSION,
     };
-    let PlaneCode {
-        lens,
-        bits,
-        symbols,
-    } = PlaneCode::of(&counts(&plane));
+    let counts = counts(&plane);
+    let lens = code_lengths(&counts);
+    let bits: u64 = (0..256)
+        .map(|s| u64::from(counts[s]) * u64::from(lens[s]))
+        .sum();
+    let symbols: Vec<u8> = (0..=255u8).filter(|&s| lens[s as usize] > 0).collect();
     let table_len = symbols.len() + symbols.len().div_ceil(2);
     // The code must pay for its table against the plane left as it is (what the zero-run frame
     // does with it).
@@ -145,28 +146,6 @@ fn encode_as(data: &[u8], min_saving: usize, paired: Option<bool>) -> Option<Vec
     out.extend_from_slice(&rest);
     debug_assert!(out.len() <= estimate);
     Some(out)
-}
-
-/// A plane's Huffman code: lengths, the coded size in bits and the symbols present.
-struct PlaneCode {
-    lens: [u8; 256],
-    bits: u64,
-    symbols: Vec<u8>,
-}
-
-impl PlaneCode {
-    fn of(counts: &[u32; 256]) -> Self {
-        let lens = code_lengths(counts);
-        let bits = (0..256)
-            .map(|s| u64::from(counts[s]) * u64::from(lens[s]))
-            .sum();
-        let symbols = (0..=255u8).filter(|&s| lens[s as usize] > 0).collect();
-        Self {
-            lens,
-            bits,
-            symbols,
-        }
-    }
 }
 
 /// How often each byte value occurs in `plane`.
@@ -244,10 +223,7 @@ fn for_pairs<const P: usize, const PAIR: bool>(plane: &mut [u8], rest: &mut [u8]
 pub(crate) fn decode_into(stored: &[u8], out: &mut [u8]) -> Result<(), Malformed> {
     let c = Coded::parse(stored)?;
     c.check(stored, out.len())?;
-    let (head, tail) = out.split_at_mut(c.zero_at);
-    let (zeros, tail) = tail.split_at_mut(c.zero_len);
-    zeros.fill(0);
-    c.decode(head, tail)
+    c.decode_whole(out)
 }
 
 /// The chunk `stored` encodes, of `raw_len` bytes, as a zstd frame (RFC 8878) that any decoder
@@ -303,10 +279,13 @@ struct Scratch {
     rest: Vec<u8>,
 }
 
-/// The (stored, raw) lengths of the plane-coded chunk at the start of `bytes`, if its header is
-/// one: the record is self-delimiting, so repair finds it in a pack without a footer.
-pub(crate) fn lengths_at(bytes: &[u8]) -> Option<(usize, usize)> {
-    Coded::parse(bytes).ok().map(|c| (c.stored_len, c.raw_len))
+/// The plane-coded chunk at the start of `bytes` (which may go on past it), decoded, and its
+/// stored length: the record is self-delimiting, so repair finds it in a pack without a footer.
+pub(crate) fn decode_at(bytes: &[u8]) -> Result<(usize, Vec<u8>), Malformed> {
+    let c = Coded::parse(bytes)?;
+    let mut out = vec![0u8; c.raw_len];
+    c.decode_whole(&mut out)?;
+    Ok((c.stored_len, out))
 }
 
 /// A plane-coded record's fields, checked against each other but not decoded.
@@ -333,6 +312,14 @@ impl<'a> Coded<'a> {
             return Err(Malformed("plane chunk length does not match its entry"));
         }
         Ok(())
+    }
+
+    /// Decodes the chunk into `out`, of its raw length.
+    fn decode_whole(&self, out: &mut [u8]) -> Result<(), Malformed> {
+        let (head, tail) = out.split_at_mut(self.zero_at);
+        let (zeros, tail) = tail.split_at_mut(self.zero_len);
+        zeros.fill(0);
+        self.decode(head, tail)
     }
 
     /// Decodes the kept bytes into `head` and `tail`, the parts of the chunk before and after
