@@ -1215,6 +1215,48 @@ mod tests {
         }
     }
 
+    /// A merge that cannot read its runs, or fails midway through the commit's inserts, is an
+    /// error that names the file, and the aborted transaction leaves the table as it was: no
+    /// entry, no filler.
+    #[test]
+    fn a_failed_merge_names_its_file_and_leaves_the_index_empty() {
+        use redb::{ReadableDatabase, ReadableTableMetadata};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _w) = writer_in(dir.path());
+        let mut runs = SortedRuns::create(&store.fs, &store.tmp_dir()).expect("runs");
+        let mut entries: Vec<(ChunkId, ChunkLoc)> = (0..100u32)
+            .map(|i| (ChunkId::of(&i.to_le_bytes()), ChunkLoc::UNSET))
+            .collect();
+        runs.push(&mut entries).expect("push");
+        let index = store.index().expect("index");
+        // The run file cut short: the merge reads ten entries, then hits the end.
+        let path = std::fs::read_dir(store.tmp_dir())
+            .expect("tmp")
+            .map(|e| e.expect("entry").path().join("runs"))
+            .next()
+            .expect("scratch folder");
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_len(65 * 10))
+            .expect("truncate");
+        let merged = super::super::runs::merged(Some(&runs), &HashMap::new()).expect("merge");
+        let tx = index.begin_write().expect("tx");
+        let e = insert_chunks(&index, &tx, merged).expect_err("a short run");
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        drop(tx);
+        let tx = index.db.begin_read().expect("read");
+        let table = tx.open_table(super::super::index::CHUNKS).expect("table");
+        assert!(table.is_empty().expect("len"), "nothing committed");
+        drop((table, tx));
+
+        std::fs::remove_file(&path).expect("remove");
+        let e = super::super::runs::merged(Some(&runs), &HashMap::new())
+            .err()
+            .expect("a missing run file");
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    }
+
     /// Fillers go between entries in key order and only into an empty table; out-of-order
     /// entries and one that lands on a filler's key are kept.
     #[test]
