@@ -433,6 +433,18 @@ pub(crate) struct ScanHints {
     pub ids: std::collections::HashSet<ChunkId>,
 }
 
+/// The record at the start of `bytes` when it says its own length, a zstd frame or a
+/// plane-coded chunk: (stored length, decoded bytes, flags).
+fn self_delimiting(bytes: &[u8]) -> Option<(usize, Vec<u8>, u8)> {
+    if bytes.starts_with(&ZSTD_MAGIC) {
+        let n = zstd::zstd_safe::find_frame_compressed_size(bytes).ok()?;
+        let raw = zstd::bulk::decompress(bytes.get(..n)?, super::reader::MAX_CHUNK as usize);
+        return raw.ok().map(|raw| (n, raw, FLAG_ZSTD));
+    }
+    let (n, raw) = super::planes::decode_at(bytes).ok()?;
+    Some((n, raw, FLAG_PLANES))
+}
+
 /// The chunks of a pack whose footer is damaged, found from the start of the chunk data as far
 /// as records can be recognised: an index entry placed there whose bytes hash to its id, a zstd
 /// frame or a plane-coded chunk (both self-delimiting), a tree node (its length follows from its
@@ -474,27 +486,13 @@ pub(crate) fn scan(path: &Path, hints: &ScanHints) -> Result<Vec<FooterEntry>, S
             p += e.stored_len as usize;
             continue;
         }
-        if rest.starts_with(&ZSTD_MAGIC)
-            && let Ok(n) = zstd::zstd_safe::find_frame_compressed_size(rest)
-            && let Ok(raw) = zstd::bulk::decompress(&rest[..n], super::reader::MAX_CHUNK as usize)
-        {
+        if let Some((n, raw, flags)) = self_delimiting(rest) {
             found.push(FooterEntry {
                 id: ChunkId::of(&raw),
                 offset: at,
                 stored_len: n as u32,
                 raw_len: raw.len() as u32,
-                flags: FLAG_ZSTD,
-            });
-            p += n;
-            continue;
-        }
-        if let Ok((n, raw)) = super::planes::decode_at(rest) {
-            found.push(FooterEntry {
-                id: ChunkId::of(&raw),
-                offset: at,
-                stored_len: n as u32,
-                raw_len: raw.len() as u32,
-                flags: FLAG_PLANES,
+                flags,
             });
             p += n;
             continue;
