@@ -172,42 +172,21 @@ fn pair(plane: &mut [u8], rest: &mut [u8], phase: usize) {
     PAIR[phase](plane, rest);
 }
 
-/// The inverse of [`pair`].
-fn unpair(plane: &mut [u8], rest: &mut [u8], phase: usize) {
-    UNPAIR[phase](plane, rest);
-}
-
 type PairFn = fn(&mut [u8], &mut [u8]);
-const PAIR: [PairFn; 4] = [
-    for_pairs::<0, true>,
-    for_pairs::<1, true>,
-    for_pairs::<2, true>,
-    for_pairs::<3, true>,
-];
-const UNPAIR: [PairFn; 4] = [
-    for_pairs::<0, false>,
-    for_pairs::<1, false>,
-    for_pairs::<2, false>,
-    for_pairs::<3, false>,
-];
+const PAIR: [PairFn; 4] = [pair_at::<0>, pair_at::<1>, pair_at::<2>, pair_at::<3>];
 
-/// [`pair`] (`PAIR`) or [`unpair`] for phase `P`. The byte before each plane byte is at a fixed
-/// place of the three [`split`] kept of its word (of the word before, for phase 0); only the
-/// chunk's last word may be partial, and it holds that byte when it holds a plane byte.
-fn for_pairs<const P: usize, const PAIR: bool>(plane: &mut [u8], rest: &mut [u8]) {
+/// [`pair`] for phase `P`. The byte before each plane byte is at a fixed place of the three
+/// [`split`] kept of its word (of the word before, for phase 0); only the chunk's last word may
+/// be partial, and it holds that byte when it holds a plane byte.
+fn pair_at<const P: usize>(plane: &mut [u8], rest: &mut [u8]) {
     let (plane, at) = match P {
         0 => (plane.get_mut(1..).unwrap_or_default(), 2),
         _ => (plane, P.saturating_sub(1)),
     };
     let f = |t: &mut u8, u: &mut u8| {
         let (t0, u0) = (*t, *u);
-        if PAIR {
-            *t = t0 << 1 | u0 >> 7;
-            *u = u0 & 0x7f | t0 & 0x80;
-        } else {
-            *t = u0 & 0x80 | t0 >> 1;
-            *u = u0 & 0x7f | (t0 & 1) << 7;
-        }
+        *t = t0 << 1 | u0 >> 7;
+        *u = u0 & 0x7f | t0 & 0x80;
     };
     let mut words = rest.chunks_exact_mut(3);
     let whole = words.len().min(plane.len());
@@ -216,6 +195,42 @@ fn for_pairs<const P: usize, const PAIR: bool>(plane: &mut [u8], rest: &mut [u8]
     }
     if let (Some(t), Some(u)) = (plane.get_mut(whole), words.into_remainder().get_mut(at)) {
         f(t, u);
+    }
+}
+
+/// The inverse of [`pair`], on the decoded chunk: `head` and `tail` are its bytes before and
+/// after the zero run, joined as stored. In the kept bytes (`head` then `tail`, whose positions
+/// keep their phase: the run is cut at multiples of 4) each plane byte but the first of all was
+/// paired with the kept byte before it, so one pair may straddle the run.
+fn unpair(head: &mut [u8], tail: &mut [u8], phase: usize) {
+    // A pair as the low half of a little-endian u32, `u` lowest: the 9 bits from `u`'s top bit
+    // up rotate right by one, which gives `t` back its low bit and `u` its top bit. Two pairs
+    // (4-byte windows) to a u64: the shift moves no bit the masks keep across a window.
+    const KEEP: u64 = 0xffff_007f_ffff_007f;
+    let undo = |x: u64| x & KEEP | (x >> 1) & 0x7f80_0000_7f80 | (x & 0x80_0000_0080) << 8;
+    // The first pair of a segment starts at `u`'s place: `phase - 1`, or 3 (the word before).
+    let start = (phase + 3) % 4;
+    for seg in [&mut *head, &mut *tail] {
+        let Some(from) = seg.get_mut(start..) else {
+            continue;
+        };
+        let mut twos = from.chunks_exact_mut(8);
+        for w in &mut twos {
+            let x = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+            w.copy_from_slice(&undo(x).to_le_bytes());
+        }
+        let mut ones = twos.into_remainder().chunks_mut(4);
+        for w in &mut ones {
+            if let [u, t, ..] = w {
+                [*u, *t, ..] = undo(u64::from_le_bytes([*u, *t, 0, 0, 0, 0, 0, 0])).to_le_bytes();
+            }
+        }
+    }
+    // Phase 0: the tail's first byte is a plane byte, paired with the head's last.
+    if phase == 0
+        && let (Some(u), Some(t)) = (head.last_mut(), tail.first_mut())
+    {
+        [*u, *t, ..] = undo(u64::from_le_bytes([*u, *t, 0, 0, 0, 0, 0, 0])).to_le_bytes();
     }
 }
 
@@ -275,8 +290,6 @@ struct Scratch {
     padded: Vec<u8>,
     /// The decoded plane.
     plane: Vec<u8>,
-    /// A paired record's other bytes, unpaired.
-    rest: Vec<u8>,
 }
 
 /// The plane-coded chunk at the start of `bytes` (which may go on past it), decoded, and its
@@ -331,7 +344,6 @@ impl<'a> Coded<'a> {
                 table: vec![0; 1 << MAX_LEN],
                 padded: Vec::new(),
                 plane: Vec::new(),
-                rest: Vec::new(),
             });
         }
         debug_assert_eq!(head.len() + tail.len(), self.raw_len - self.zero_len);
@@ -340,21 +352,15 @@ impl<'a> Coded<'a> {
             fill_table(&mut scratch.table, &self.lens, self.symbols)?;
             let n = plane_count(self.raw_len - self.zero_len, self.phase);
             decode_plane(self.streams, &self.stream_lens, scratch, n)?;
-            let rest = match self.paired {
-                true => {
-                    scratch.rest.clear();
-                    scratch.rest.extend_from_slice(self.rest);
-                    unpair(&mut scratch.plane, &mut scratch.rest, self.phase);
-                    &scratch.rest[..]
-                }
-                false => self.rest,
-            };
-            let plane = &scratch.plane;
+            let (plane, rest) = (&scratch.plane, self.rest);
             let (mut p, mut q) = (0, 0);
-            for seg in [head, tail] {
+            for seg in [&mut *head, &mut *tail] {
                 let (dp, dq) = JOIN[self.phase](seg, &plane[p..], &rest[q..]);
                 p += dp;
                 q += dq;
+            }
+            if self.paired {
+                unpair(head, tail, self.phase);
             }
             Ok(())
         })
@@ -563,29 +569,39 @@ fn decode_plane(
         end[k] = start * 8;
     }
     let last = end[STREAMS - 1];
-    let table = &scratch.table;
+    let table: &[u16; 1 << MAX_LEN] = scratch
+        .table
+        .as_slice()
+        .try_into()
+        .map_err(|_| Malformed("plane table of the wrong size"))?;
     let mut unassigned = false;
-    // Clamped so that a damaged stream reads padding, not out of bounds.
-    let mut symbol = |at: &mut usize| {
-        let from = (*at).min(last);
+    // Every position is at most `last` when read (so that a damaged stream reads padding, not
+    // out of bounds): checked per group of four, as a group reads each stream once.
+    let mut symbol = |from: usize| {
         let b = &padded[from / 8..from / 8 + 8];
         let word = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
         let e = table[(word << (from % 8) >> (64 - MAX_LEN)) as usize];
         unassigned |= e >> 8 == 0;
-        *at += usize::from(e >> 8);
-        e as u8
+        (e as u8, usize::from(e >> 8))
     };
     let plane = &mut scratch.plane;
     plane.clear();
     plane.resize(n, 0);
     let mut groups = plane.chunks_exact_mut(STREAMS);
     for group in &mut groups {
+        if at.iter().any(|&a| a > last) {
+            break;
+        }
         for (slot, at) in group.iter_mut().zip(at.iter_mut()) {
-            *slot = symbol(at);
+            let (s, len) = symbol(*at);
+            *slot = s;
+            *at += len;
         }
     }
     for (slot, at) in groups.into_remainder().iter_mut().zip(at.iter_mut()) {
-        *slot = symbol(at);
+        let (s, len) = symbol((*at).min(last));
+        *slot = s;
+        *at += len;
     }
     if unassigned {
         return Err(Malformed("plane stream holds an unassigned code"));
