@@ -102,9 +102,14 @@ pub fn plane_chunk(bytes: &[u8]) -> bool {
     assert_eq!(planes::decode_into(&bytes[..n], &mut again), Ok(()));
     assert_eq!(again, raw, "decoded alone and in a scan alike");
     // Export's frame of the same record: any zstd decoder reads it back to the same bytes.
-    let frame =
+    let coded =
         planes::decode_to_frame(&bytes[..n], raw_len).expect("a record that decodes frames");
-    let back = zstd::bulk::decompress(&frame, raw_len.max(1)).expect("the frame is zstd");
+    assert_eq!(
+        coded.content(),
+        raw,
+        "the frame's content is the decoded bytes"
+    );
+    let back = zstd::bulk::decompress(&coded.frame, raw_len.max(1)).expect("the frame is zstd");
     assert_eq!(back, raw, "export's frame holds the decoded bytes");
     if let Some(again) = planes::encode(&raw, 0) {
         let mut back = vec![0u8; raw_len];

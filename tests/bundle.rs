@@ -753,3 +753,37 @@ fn a_different_snapshot_under_a_known_id_is_refused() {
     assert_same_files(&before, &store_files(&f.store), "a refused id conflict");
     assert_eq!(f.list(), listed);
 }
+
+#[test]
+fn an_export_of_a_damaged_chunk_fails_naming_its_pack_and_leaves_nothing() {
+    let f = Fixture::new();
+    let id = f.snapshot_id();
+    let pack = corrupt_largest_pack(&f.store);
+    let stem = pack
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .expect("pack name");
+    let out = f.path("out");
+    fs::create_dir_all(&out).expect("mkdir");
+    // The default export reads the store once, checking each chunk as it writes it; a
+    // recompressed one checks them in a first pass.
+    for extra in [&[][..], &["--level", "3"][..]] {
+        let bundle = out.join("b.tar.zst");
+        let run = f
+            .cmd()
+            .args(["export", &id, "--out"])
+            .arg(&bundle)
+            .args(extra)
+            .run();
+        assert!(!run.status.success(), "{extra:?}: exported\n{run}");
+        assert!(
+            run.stderr.contains(&stem),
+            "{extra:?}: names the pack\n{run}"
+        );
+        let left: Vec<_> = fs::read_dir(&out)
+            .expect("out")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert!(left.is_empty(), "{extra:?}: left behind {left:?}");
+    }
+}

@@ -87,6 +87,15 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
+/// `bytes` as raw frames, whose length depends on `bytes`' length only: a record a one-pass
+/// export writes first and overwrites at the end.
+pub(crate) fn raw(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 1024 + 16);
+    // A Vec takes every write.
+    let _ = raw_frames(&mut out, bytes);
+    out
+}
+
 /// Frames of one raw block each (of at most [`MAX_BLOCK`] bytes).
 fn raw_frames(out: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
     for piece in bytes.chunks(MAX_BLOCK) {

@@ -405,13 +405,38 @@ impl Read for StoredReader {
     }
 }
 
-/// A stored chunk for the frame writer: whether its bytes are a zstd frame, its length once
-/// decompressed, and its bytes as stored (a plane-coded chunk: a frame of its decoded bytes).
-pub(crate) type StoredChunk = (bool, u32, Vec<u8>);
+/// A stored chunk for the frame writer.
+pub(crate) struct StoredChunk {
+    /// `bytes` is a zstd frame (else the chunk's raw bytes).
+    pub(crate) frame: bool,
+    /// The chunk's length once decoded.
+    pub(crate) raw_len: u32,
+    /// As the packs hold it; a plane-coded chunk as a frame of its decoded bytes.
+    pub(crate) bytes: Vec<u8>,
+    /// The decoded bytes of a frame, when they were asked for.
+    plain: Option<Vec<u8>>,
+}
+
+impl StoredChunk {
+    /// The chunk's bytes: `bytes` unless it is a frame, then what [`stored_chunks`] decoded
+    /// (nothing, when it was not asked to check).
+    pub(crate) fn content(&self) -> &[u8] {
+        match (&self.plain, self.frame) {
+            (Some(p), _) => p,
+            (None, false) => &self.bytes,
+            (None, true) => &[],
+        }
+    }
+}
 
 /// The chunks of a stored artifact as the packs hold them (not decompressed; plane-coded ones as
-/// frames), read ahead.
-pub(crate) fn stored_chunks(packs: Arc<PackFiles>, source: ChunkSource) -> ReadAhead<StoredChunk> {
+/// frames), read ahead. With `check`, each is also decoded and checked against its BLAKE3 id,
+/// its content kept beside it: for an export that reads the store once.
+pub(crate) fn stored_chunks(
+    packs: Arc<PackFiles>,
+    source: ChunkSource,
+    check: bool,
+) -> ReadAhead<StoredChunk> {
     read_ahead(source, move |batch| {
         let pieces = by_pieces(batch, |piece| {
             let stored = packs.read_stored_runs(piece)?;
@@ -420,14 +445,41 @@ pub(crate) fn stored_chunks(packs: Arc<PackFiles>, source: ChunkSource) -> ReadA
             piece
                 .iter()
                 .zip(stored)
-                .map(|((id, loc), b)| match loc.flags & FLAGS_ENCODED {
-                    0 => Ok((false, loc.raw_len, b)),
-                    FLAG_ZSTD => Ok((true, loc.raw_len, b)),
-                    // A bundle holds zstd frames only: a plane-coded page goes as a frame of
-                    // raw blocks and its zero run (store-format.md, "Plane-coded chunks").
-                    _ => crate::store::planes::decode_to_frame(&b, loc.raw_len as usize)
-                        .map(|frame| (true, loc.raw_len, frame))
-                        .map_err(|e| damaged(id, &packs.path(&loc.pack), e.to_string())),
+                .map(|((id, loc), b)| {
+                    let raw_len = loc.raw_len;
+                    let (frame, bytes, plain) = match loc.flags & FLAGS_ENCODED {
+                        0 => (false, b, None),
+                        FLAG_ZSTD => {
+                            let plain = match check {
+                                true => Some(packs.decode(id, loc, b.clone(), false)?),
+                                false => None,
+                            };
+                            (true, b, plain)
+                        }
+                        // A bundle holds zstd frames only: a plane-coded page goes as a frame
+                        // of raw blocks and its zero run (store-format.md, "Plane-coded
+                        // chunks").
+                        _ => {
+                            let coded = crate::store::planes::decode_to_frame(&b, raw_len as usize)
+                                .map_err(|e| damaged(id, &packs.path(&loc.pack), e.to_string()))?;
+                            let plain = check.then(|| coded.content());
+                            (true, coded.frame, plain)
+                        }
+                    };
+                    let chunk = StoredChunk {
+                        frame,
+                        raw_len,
+                        bytes,
+                        plain,
+                    };
+                    if check && ChunkId::of(chunk.content()) != *id {
+                        return Err(damaged(
+                            id,
+                            &packs.path(&loc.pack),
+                            "content does not match its hash".into(),
+                        ));
+                    }
+                    Ok(chunk)
                 })
                 .collect::<Result<Vec<StoredChunk>, StoreError>>()
         })?;
@@ -459,6 +511,58 @@ pub(crate) fn sha256_of(
         n_total += n as u64;
     }
     Ok((hex::encode(h.finalize()), n_total))
+}
+
+/// Bytes a [`sha256_of_file`] read asks for, and reads in flight.
+const READ_BACK_BLOCK: usize = 4 << 20;
+const READ_BACK_DEPTH: usize = 2;
+
+/// SHA-256 of the first `len` bytes of `file`, read front to back on a thread of its own ahead
+/// of the hashing, past the page cache where the storage allows (a file just written past it
+/// is not in the cache, and a cached read would only copy it in).
+pub(crate) fn sha256_of_file(
+    file: &dyn crate::storage::StorageFile,
+    len: u64,
+    progress: &dyn crate::ops::Progress,
+) -> io::Result<String> {
+    use crate::storage::aligned_start;
+    file.read_direct();
+    let (tx, rx) = mpsc::sync_channel::<io::Result<(Vec<u8>, usize, usize)>>(READ_BACK_DEPTH);
+    let (give_back, empty) = mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let mut at = 0u64;
+            while at < len {
+                let mut buf = empty.try_recv().unwrap_or_default();
+                let start = aligned_start(&mut buf, READ_BACK_BLOCK);
+                let read = file
+                    .read_at(&mut buf[start..start + READ_BACK_BLOCK], at)
+                    .and_then(|n| match n {
+                        0 => Err(io::ErrorKind::UnexpectedEof.into()),
+                        n => Ok(n.min((len - at) as usize)),
+                    });
+                let failed = read.is_err();
+                if let Ok(n) = read {
+                    at += n as u64;
+                }
+                if tx.send(read.map(|n| (buf, start, n))).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let mut h = Sha256::new();
+        let mut got = 0u64;
+        while got < len {
+            let (buf, start, n) = rx
+                .recv()
+                .map_err(|_| io::Error::other("the thread reading the bundle back stopped"))??;
+            h.update(&buf[start..start + n]);
+            got += n as u64;
+            progress.advance(n as u64);
+            let _ = give_back.send(buf);
+        }
+        Ok(hex::encode(h.finalize()))
+    })
 }
 
 #[cfg(test)]

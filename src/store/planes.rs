@@ -241,10 +241,29 @@ pub(crate) fn decode_into(stored: &[u8], out: &mut [u8]) -> Result<(), Malformed
     c.decode_whole(out)
 }
 
+/// A plane-coded chunk as a zstd frame, and where its bytes lie in it.
+pub(crate) struct PlaneFrame {
+    pub(crate) frame: Vec<u8>,
+    head: std::ops::Range<usize>,
+    zeros: usize,
+    tail: std::ops::Range<usize>,
+}
+
+impl PlaneFrame {
+    /// The chunk's bytes (the frame's content).
+    pub(crate) fn content(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.head.len() + self.zeros + self.tail.len());
+        out.extend_from_slice(&self.frame[self.head.clone()]);
+        out.resize(out.len() + self.zeros, 0);
+        out.extend_from_slice(&self.frame[self.tail.clone()]);
+        out
+    }
+}
+
 /// The chunk `stored` encodes, of `raw_len` bytes, as a zstd frame (RFC 8878) that any decoder
 /// reads: the bytes around its zero run as raw blocks, decoded straight into the frame, the
 /// run as an RLE block. For export, whose bundles hold zstd frames only.
-pub(crate) fn decode_to_frame(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, Malformed> {
+pub(crate) fn decode_to_frame(stored: &[u8], raw_len: usize) -> Result<PlaneFrame, Malformed> {
     use crate::zstd_frames::{Block, block_header, frame_header};
     let c = Coded::parse(stored)?;
     c.check(stored, raw_len)?;
@@ -277,9 +296,14 @@ pub(crate) fn decode_to_frame(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, 
     }
     let [head, tail] = spans;
     let (front, back) = out.split_at_mut(head.end);
-    let tail = tail.start - head.end..tail.end - head.end;
-    c.decode(&mut front[head], &mut back[tail])?;
-    Ok(out)
+    let in_back = tail.start - head.end..tail.end - head.end;
+    c.decode(&mut front[head.clone()], &mut back[in_back])?;
+    Ok(PlaneFrame {
+        frame: out,
+        head,
+        zeros: c.zero_len,
+        tail,
+    })
 }
 
 /// Buffers a decoding thread reuses from chunk to chunk.
@@ -892,7 +916,9 @@ pub(crate) mod tests {
         pages.push(no_run);
         for page in pages {
             let stored = encode(&page, 0).expect("coded");
-            let frame = decode_to_frame(&stored, page.len()).expect("frame");
+            let coded = decode_to_frame(&stored, page.len()).expect("frame");
+            assert_eq!(coded.content(), page);
+            let frame = coded.frame;
             assert_eq!(
                 zstd::bulk::decompress(&frame, page.len()).expect("zstd"),
                 page
@@ -979,7 +1005,9 @@ pub(crate) mod tests {
             data.splice(at..at, std::iter::repeat_n(0u8, zeros));
             data.extend_from_slice(&noise[..tail]);
             if let Some(stored) = encode_as(&data, 0, paired) {
-                let frame = decode_to_frame(&stored, data.len()).expect("frame");
+                let coded = decode_to_frame(&stored, data.len()).expect("frame");
+                prop_assert_eq!(&coded.content(), &data);
+                let frame = coded.frame;
                 prop_assert_eq!(&zstd::bulk::decompress(&frame, data.len()).expect("zstd"), &data);
                 prop_assert_eq!(decode(&stored, data.len()), Ok(data));
             }
