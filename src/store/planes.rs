@@ -216,7 +216,8 @@ fn unpair(head: &mut [u8], tail: &mut [u8], phase: usize) {
         };
         let mut twos = from.chunks_exact_mut(8);
         for w in &mut twos {
-            let x = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+            // Always 8 bytes: one load, one store.
+            let x = <[u8; 8]>::try_from(&*w).map_or(0, u64::from_le_bytes);
             w.copy_from_slice(&undo(x).to_le_bytes());
         }
         let mut ones = twos.into_remainder().chunks_mut(4);
