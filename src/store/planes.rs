@@ -726,11 +726,11 @@ fn huffman_lengths(counts: &[u32; 256]) -> [u8; 256] {
     lens
 }
 
-/// Canonical codes for `lens` of `symbols` (those with a length, 1..=[`MAX_LEN`], in increasing
-/// order; Kraft sum at most 1): symbols by (length, value), each code the previous one plus one,
-/// shifted left when the length grows. Computed as deflate does, from the first code of each
-/// length.
-fn canonical_codes(lens: &[u8; 256], symbols: &[u8]) -> [(u32, u32); 256] {
+/// The first canonical code of each length for `lens` of `symbols` (those with a length,
+/// 1..=[`MAX_LEN`], in increasing order; Kraft sum at most 1), as deflate computes them:
+/// symbols by (length, value) then take the codes of their length in turn, each the previous
+/// one plus one, shifted left when the length grows.
+fn first_codes(lens: &[u8; 256], symbols: &[u8]) -> [u32; MAX_LEN as usize + 1] {
     let mut per_len = [0u32; MAX_LEN as usize + 1];
     for &s in symbols {
         per_len[lens[s as usize] as usize] += 1;
@@ -741,6 +741,12 @@ fn canonical_codes(lens: &[u8; 256], symbols: &[u8]) -> [(u32, u32); 256] {
         code = (code + per_len[len - 1]) << 1;
         next[len] = code;
     }
+    next
+}
+
+/// Each symbol's canonical code and length (see [`first_codes`]).
+fn canonical_codes(lens: &[u8; 256], symbols: &[u8]) -> [(u32, u32); 256] {
+    let mut next = first_codes(lens, symbols);
     let mut codes = [(0u32, 0u32); 256];
     for &s in symbols {
         let l = lens[s as usize] as usize;
@@ -753,7 +759,7 @@ fn canonical_codes(lens: &[u8; 256], symbols: &[u8]) -> [(u32, u32); 256] {
 /// Fills `table` (`1 << MAX_LEN` entries) for lookups of [`MAX_LEN`] bits: entry = symbol |
 /// length << 8, length 0 where no code starts. Refuses lengths whose codes would not fit
 /// (Kraft sum over 1). A complete code overwrites every entry, so only an incomplete one (a lone
-/// symbol, or damage) clears the table first.
+/// symbol, or damage) clears the table first. Per decoded chunk: no per-symbol array.
 fn fill_table(table: &mut [u16], lens: &[u8; 256], symbols: &[u8]) -> Result<(), Malformed> {
     let kraft: u32 = symbols
         .iter()
@@ -765,11 +771,13 @@ fn fill_table(table: &mut [u16], lens: &[u8; 256], symbols: &[u8]) -> Result<(),
     if kraft < 1 << MAX_LEN {
         table.fill(0);
     }
-    let codes = canonical_codes(lens, symbols);
+    let mut next = first_codes(lens, symbols);
     for &s in symbols {
-        let (code, len) = codes[s as usize];
+        let len = u32::from(lens[s as usize]);
+        let code = &mut next[len as usize];
         let shift = MAX_LEN - len;
-        let start = (code << shift) as usize;
+        let start = (*code << shift) as usize;
+        *code += 1;
         table[start..start + (1 << shift)].fill(u16::from(s) | (len as u16) << 8);
     }
     Ok(())
