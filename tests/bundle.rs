@@ -780,10 +780,7 @@ fn an_export_of_a_damaged_chunk_fails_naming_its_pack_and_leaves_nothing() {
             run.stderr.contains(&stem),
             "{extra:?}: names the pack\n{run}"
         );
-        let left: Vec<_> = fs::read_dir(&out)
-            .expect("out")
-            .map(|e| e.expect("entry").file_name())
-            .collect();
+        let left = entries_in(&out);
         assert!(left.is_empty(), "{extra:?}: left behind {left:?}");
     }
 }

@@ -1031,10 +1031,7 @@ fn a_rules_file_adds_rules_and_a_bad_one_writes_nothing() {
         !o.stderr.contains("fine-rule"),
         "only the bad rule is named\n{o}"
     );
-    let left: Vec<PathBuf> = fs::read_dir(&out_dir)
-        .expect("ls")
-        .map(|e| e.expect("entry").path())
-        .collect();
+    let left = entries_in(&out_dir);
     assert!(left.is_empty(), "written: {left:?}");
     let tmp = f.store.join("tmp");
     let scratch: Vec<PathBuf> = fs::read_dir(&tmp)

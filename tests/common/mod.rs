@@ -658,6 +658,14 @@ fn parent_dir(p: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/"))
 }
 
+/// The paths in `dir` (not below it), in no order.
+pub fn entries_in(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("list {}: {e}", dir.display()))
+        .map(|e| e.expect("entry").path())
+        .collect()
+}
+
 /// Flips one byte in the middle of the chunk data of the largest pack; returns the pack.
 pub fn corrupt_largest_pack(store: &Path) -> PathBuf {
     let pack = walkdir::WalkDir::new(store.join("packs"))
