@@ -896,8 +896,14 @@ fn write_once(
         return Err(io_err(io::Error::other("an artifact was not hashed")));
     }
     for (item, (sha, size)) in items.iter_mut().zip(digests) {
+        // The tar header said the planned size: the bytes hashed must be as many.
+        if size != item.meta.size_bytes {
+            return Err(io_err(io::Error::other(format!(
+                "{}: {size} bytes hashed, the plan said {}",
+                item.meta.path_in_bundle, item.meta.size_bytes
+            ))));
+        }
         item.meta.sha256 = sha;
-        item.meta.size_bytes = size;
     }
     let entry = super::frames::raw(&manifest_entry(&manifest_of(items)?).map_err(io_err)?);
     if entry.len() != stand_in.len() {
@@ -925,8 +931,9 @@ fn write_front(file: &dyn StorageFile, bytes: &[u8], len: u64) -> io::Result<()>
     let mut buf = Vec::new();
     let at = aligned_start(&mut buf, end);
     let blocks = &mut buf[at..at + end];
+    // All of the blocks the file has: a short read would write zeros over what it missed.
     let n = file.read_at(blocks, 0)?;
-    if n < bytes.len() {
+    if (n as u64) < len.min(end as u64) || n < bytes.len() {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
     blocks[..bytes.len()].copy_from_slice(bytes);
@@ -975,9 +982,9 @@ fn hash_items(rx: Receiver<ToHash>) -> io::Result<Vec<(String, u64)>> {
 }
 
 /// The artifacts' tar records, framed by [`FrameWriter`]: stored chunks copied as they are in
-/// the packs. With `digests`, each chunk is checked against its id on the way and each
-/// artifact's SHA-256 and length pushed; without, a first pass checked them (the store is
-/// immutable under the shared lock).
+/// the packs. With `hash`, each chunk is checked against its id on the way and each artifact's
+/// bytes go to the hashing thread ([`hash_items`]); without, a first pass checked them (the
+/// store is immutable under the shared lock).
 fn write_items<W: Write>(
     fw: &mut FrameWriter<W>,
     items: &[Item],
@@ -1017,19 +1024,25 @@ fn write_items<W: Write>(
             }
             Source::File(p) => {
                 let mut f = fs::File::open(p)?;
+                let mut buf = Vec::new();
                 loop {
-                    // Moved to the hashing thread: a buffer per read, sized to what is left.
-                    let left = size.saturating_sub(written).clamp(4 << 10, 1 << 20);
-                    let mut buf = vec![0u8; left as usize];
+                    // Sized to what is left; a new one per read when it goes to the hashing
+                    // thread.
+                    let left = size.saturating_sub(written).clamp(4 << 10, 1 << 20) as usize;
+                    if hash.is_some() || buf.len() < left {
+                        buf = vec![0u8; left];
+                    }
                     let n = f.read(&mut buf)?;
                     if n == 0 {
                         break;
                     }
-                    buf.truncate(n);
-                    fw.data(&buf)?;
+                    fw.data(&buf[..n])?;
                     written += n as u64;
                     progress.advance(n as u64);
-                    send(ToHash::Bytes(buf))?;
+                    if hash.is_some() {
+                        buf.truncate(n);
+                        send(ToHash::Bytes(std::mem::take(&mut buf)))?;
+                    }
                 }
             }
         }

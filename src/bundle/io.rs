@@ -472,12 +472,24 @@ pub(crate) fn stored_chunks(
                         bytes,
                         plain,
                     };
-                    if check && ChunkId::of(chunk.content()) != *id {
-                        return Err(damaged(
-                            id,
-                            &packs.path(&loc.pack),
-                            "content does not match its hash".into(),
-                        ));
+                    if check {
+                        let content = chunk.content();
+                        // As `read_into` refuses them: a raw chunk of another length than its
+                        // entry says would put the tar stream out of step.
+                        if content.len() != raw_len as usize {
+                            return Err(damaged(
+                                id,
+                                &packs.path(&loc.pack),
+                                format!("{} bytes, the index says {raw_len}", content.len()),
+                            ));
+                        }
+                        if ChunkId::of(content) != *id {
+                            return Err(damaged(
+                                id,
+                                &packs.path(&loc.pack),
+                                "content does not match its hash".into(),
+                            ));
+                        }
                     }
                     Ok(chunk)
                 })
@@ -527,10 +539,12 @@ pub(crate) fn sha256_of_file(
 ) -> io::Result<String> {
     use crate::storage::aligned_start;
     file.read_direct();
-    let (tx, rx) = mpsc::sync_channel::<io::Result<(Vec<u8>, usize, usize)>>(READ_BACK_DEPTH);
-    let (give_back, empty) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
-        s.spawn(move || {
+        // Made inside the scope: whichever side stops (or panics) drops its ends, so the other
+        // never waits on a channel no one serves.
+        let (tx, rx) = mpsc::sync_channel::<io::Result<(Vec<u8>, usize, usize)>>(READ_BACK_DEPTH);
+        let (give_back, empty) = mpsc::channel::<Vec<u8>>();
+        let reader = s.spawn(move || {
             let mut at = 0u64;
             while at < len {
                 let mut buf = empty.try_recv().unwrap_or_default();
@@ -552,15 +566,23 @@ pub(crate) fn sha256_of_file(
         });
         let mut h = Sha256::new();
         let mut got = 0u64;
-        while got < len {
-            let (buf, start, n) = rx
-                .recv()
-                .map_err(|_| io::Error::other("the thread reading the bundle back stopped"))??;
-            h.update(&buf[start..start + n]);
-            got += n as u64;
-            progress.advance(n as u64);
-            let _ = give_back.send(buf);
-        }
+        let hashed = (|| {
+            while got < len {
+                let (buf, start, n) = rx.recv().map_err(|_| {
+                    io::Error::other("the thread reading the bundle back stopped")
+                })??;
+                h.update(&buf[start..start + n]);
+                got += n as u64;
+                progress.advance(n as u64);
+                let _ = give_back.send(buf);
+            }
+            Ok(())
+        })();
+        drop(rx);
+        let joined = reader
+            .join()
+            .map_err(|_| io::Error::other("the thread reading the bundle back panicked"));
+        hashed.and(joined)?;
         Ok(hex::encode(h.finalize()))
     })
 }

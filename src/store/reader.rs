@@ -259,8 +259,8 @@ impl PackFiles {
     }
 
     /// The stored bytes of `chunks` (encoded as their flags say), not decoded nor checked: a
-    /// call per pack run, as [`PackFiles::read_into`] reads them. For export,
-    /// which copies chunks as stored after a first pass checked them.
+    /// call per pack run, as [`PackFiles::read_into`] reads them. For export, which copies
+    /// chunks as stored (and checks them itself, or after a first pass did).
     pub(crate) fn read_stored_runs(
         &self,
         chunks: &[(ChunkId, ChunkLoc)],
