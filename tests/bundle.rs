@@ -784,3 +784,58 @@ fn an_export_of_a_damaged_chunk_fails_naming_its_pack_and_leaves_nothing() {
         assert!(left.is_empty(), "{extra:?}: left behind {left:?}");
     }
 }
+
+#[test]
+fn an_index_entry_whose_length_disagrees_with_its_raw_chunk_stops_the_export() {
+    let f = Fixture::new();
+    // Incompressible bytes: stored as raw chunks.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let noise: Vec<u8> = (0..200_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    fs::write(f.agent.memdir().join("noise.bin"), &noise).expect("noise");
+    let id = f.snapshot_id();
+    // One raw chunk's entry says a byte less than the chunk holds: its bytes still hash right.
+    let db = redb::Database::create(f.store.join("index.redb")).expect("index");
+    let tx = db.begin_write().expect("write tx");
+    {
+        use redb::ReadableTable;
+        let def: redb::TableDefinition<[u8; 32], [u8; 33]> = redb::TableDefinition::new("chunks");
+        let mut t = tx.open_table(def).expect("chunks table");
+        let raw_len = |v: &[u8; 33]| u32::from_le_bytes([v[28], v[29], v[30], v[31]]);
+        let (key, mut value) = t
+            .iter()
+            .expect("iter")
+            .map(|e| e.expect("entry"))
+            .map(|(k, v)| (k.value(), v.value()))
+            .find(|(_, v)| v[32] == 0 && raw_len(v) > 4096)
+            .expect("a raw chunk");
+        let shorter = raw_len(&value) - 1;
+        value[28..32].copy_from_slice(&shorter.to_le_bytes());
+        t.insert(key, value).expect("insert");
+    }
+    tx.commit().expect("commit");
+    drop(db);
+    let out = f.path("out");
+    fs::create_dir_all(&out).expect("mkdir");
+    for extra in [&[][..], &["--level", "3"][..]] {
+        let run = f
+            .cmd()
+            .args(["export", &id, "--out"])
+            .arg(out.join("b.tar.zst"))
+            .args(extra)
+            .run();
+        assert!(!run.status.success(), "{extra:?}: exported\n{run}");
+        assert!(
+            run.stderr.contains("the index says"),
+            "{extra:?}: names the disagreement\n{run}"
+        );
+        let left = entries_in(&out);
+        assert!(left.is_empty(), "{extra:?}: left behind {left:?}");
+    }
+}
