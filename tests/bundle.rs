@@ -789,15 +789,11 @@ fn an_export_of_a_damaged_chunk_fails_naming_its_pack_and_leaves_nothing() {
 fn an_index_entry_whose_length_disagrees_with_its_raw_chunk_stops_the_export() {
     let f = Fixture::new();
     // Incompressible bytes: stored as raw chunks.
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-    let noise: Vec<u8> = (0..200_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let mut noise = vec![0u8; 200_000];
+    blake3::Hasher::new()
+        .update(b"noise")
+        .finalize_xof()
+        .fill(&mut noise);
     fs::write(f.agent.memdir().join("noise.bin"), &noise).expect("noise");
     let id = f.snapshot_id();
     // One raw chunk's entry says a byte less than the chunk holds: its bytes still hash right.
