@@ -450,10 +450,7 @@ pub(crate) fn stored_chunks(
                     let (frame, bytes, plain) = match loc.flags & FLAGS_ENCODED {
                         0 => (false, b, None),
                         FLAG_ZSTD => {
-                            let plain = match check {
-                                true => Some(packs.decode(id, loc, b.clone(), false)?),
-                                false => None,
-                            };
+                            let plain = check.then(|| packs.decoded(id, loc, &b)).transpose()?;
                             (true, b, plain)
                         }
                         // A bundle holds zstd frames only: a plane-coded page goes as a frame
@@ -473,23 +470,9 @@ pub(crate) fn stored_chunks(
                         plain,
                     };
                     if check {
-                        let content = chunk.content();
-                        // As `read_into` refuses them: a raw chunk of another length than its
+                        // As `read_into` checks them: a raw chunk of another length than its
                         // entry says would put the tar stream out of step.
-                        if content.len() != raw_len as usize {
-                            return Err(damaged(
-                                id,
-                                &packs.path(&loc.pack),
-                                format!("{} bytes, the index says {raw_len}", content.len()),
-                            ));
-                        }
-                        if ChunkId::of(content) != *id {
-                            return Err(damaged(
-                                id,
-                                &packs.path(&loc.pack),
-                                "content does not match its hash".into(),
-                            ));
-                        }
+                        packs.check(id, loc, chunk.content(), true)?;
                     }
                     Ok(chunk)
                 })

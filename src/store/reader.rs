@@ -350,32 +350,53 @@ impl PackFiles {
         stored: Vec<u8>,
         verify: bool,
     ) -> Result<Vec<u8>, StoreError> {
-        let path = || self.path(&loc.pack);
-        let raw = if loc.flags & FLAGS_ENCODED != 0 {
-            check_sizes(id, loc, &path)?;
-            let mut raw = vec![0u8; loc.raw_len as usize];
-            let n =
-                decode_into(loc.flags, &stored, &mut raw).map_err(|e| undecoded(id, &path(), e))?;
-            raw.truncate(n);
-            raw
-        } else {
-            stored
+        let raw = match loc.flags & FLAGS_ENCODED {
+            0 => stored,
+            _ => self.decoded(id, loc, &stored)?,
         };
+        self.check(id, loc, &raw, verify)?;
+        Ok(raw)
+    }
+
+    /// An encoded chunk's content from its stored bytes, not yet checked ([`PackFiles::check`]).
+    pub(crate) fn decoded(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLoc,
+        stored: &[u8],
+    ) -> Result<Vec<u8>, StoreError> {
+        let path = || self.path(&loc.pack);
+        check_sizes(id, loc, &path)?;
+        let mut raw = vec![0u8; loc.raw_len as usize];
+        let n = decode_into(loc.flags, stored, &mut raw).map_err(|e| undecoded(id, &path(), e))?;
+        raw.truncate(n);
+        Ok(raw)
+    }
+
+    /// Refuses a chunk's content whose length is not its index entry's or (with `verify`) whose
+    /// BLAKE3 is not `id`.
+    pub(crate) fn check(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLoc,
+        raw: &[u8],
+        verify: bool,
+    ) -> Result<(), StoreError> {
         if raw.len() != loc.raw_len as usize {
             return Err(damaged(
                 id,
-                &path(),
+                &self.path(&loc.pack),
                 format!("{} bytes, the index says {}", raw.len(), loc.raw_len),
             ));
         }
-        if verify && ChunkId::of(&raw) != *id {
+        if verify && ChunkId::of(raw) != *id {
             return Err(damaged(
                 id,
-                &path(),
+                &self.path(&loc.pack),
                 "content does not match its hash".into(),
             ));
         }
-        Ok(raw)
+        Ok(())
     }
 }
 
