@@ -516,17 +516,17 @@ pub(crate) fn export(
         .open(&tmp, OpenMode::CreateNew { mode: 0o600 })
         .map_err(|e| Error::io(&tmp, e))?;
     progress.start("export: writing", total);
-    let (file, sha256, bundle_bytes) = match (req.level, one_pass) {
-        (None, true) => write_once(
+    let (file, sha256, bundle_bytes) = match req.level {
+        _ if one_pass => write_once(
             file,
             &tmp,
             &manifest_json,
             &mut items,
             &packs,
             progress,
-            |i| manifest_of(i),
+            manifest_of,
         )?,
-        (Some(level), _) => write_bundle(
+        Some(level) => write_bundle(
             file,
             &recipients,
             level,
@@ -536,7 +536,7 @@ pub(crate) fn export(
             progress,
         )
         .map_err(|e| Error::io(&tmp, e))?,
-        (None, false) => (|| {
+        None => (|| {
             let mut fw = FrameWriter::new(open_sink(file, &recipients)?, DEFAULT_LEVEL);
             fw.data(&manifest_entry(&manifest_json)?)?;
             write_items(&mut fw, &items, &packs, progress, None)?;
@@ -869,7 +869,7 @@ fn write_once(
     items: &mut [Item],
     packs: &Packs,
     progress: &dyn Progress,
-    manifest_of: impl FnOnce(&[Item]) -> Result<Vec<u8>, Error>,
+    manifest_of: impl Fn(&[Item]) -> Result<Vec<u8>, Error>,
 ) -> Result<(Box<dyn StorageFile>, String, u64), Error> {
     let io_err = |e| Error::io(tmp, e);
     let stand_in = super::frames::raw(&manifest_entry(manifest).map_err(io_err)?);
@@ -888,21 +888,16 @@ fn write_once(
         drop(tx);
         let digests = hasher
             .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the hashing thread panicked")));
+            .map_err(|_| io::Error::other("the hashing thread panicked"));
         (written, digests)
     });
     let (file, digests) = (written.map_err(io_err)?, digests.map_err(io_err)?);
     if digests.len() != items.len() {
         return Err(io_err(io::Error::other("an artifact was not hashed")));
     }
-    for (item, (sha, size)) in items.iter_mut().zip(digests) {
-        // The tar header said the planned size: the bytes hashed must be as many.
-        if size != item.meta.size_bytes {
-            return Err(io_err(io::Error::other(format!(
-                "{}: {size} bytes hashed, the plan said {}",
-                item.meta.path_in_bundle, item.meta.size_bytes
-            ))));
-        }
+    // The bytes hashed are those written, as many as planned: `write_items` counts them, and
+    // each chunk's length was checked against its entry.
+    for (item, sha) in items.iter_mut().zip(digests) {
         item.meta.sha256 = sha;
     }
     let entry = super::frames::raw(&manifest_entry(&manifest_of(items)?).map_err(io_err)?);
@@ -955,30 +950,19 @@ enum ToHash {
     End,
 }
 
-/// Each artifact's SHA-256 and length, in the order their ends came.
-fn hash_items(rx: Receiver<ToHash>) -> io::Result<Vec<(String, u64)>> {
+/// Each artifact's SHA-256, in the order their ends came.
+fn hash_items(rx: Receiver<ToHash>) -> Vec<String> {
     use sha2::Digest;
     let mut out = Vec::new();
-    let (mut sha, mut len) = (sha2::Sha256::new(), 0u64);
+    let mut sha = sha2::Sha256::new();
     for m in rx {
         match m {
-            ToHash::Chunks(batch) => {
-                for c in &batch {
-                    sha.update(c.content());
-                    len += c.content().len() as u64;
-                }
-            }
-            ToHash::Bytes(b) => {
-                sha.update(&b);
-                len += b.len() as u64;
-            }
-            ToHash::End => {
-                out.push((hex::encode(sha.finalize_reset()), len));
-                len = 0;
-            }
+            ToHash::Chunks(batch) => batch.iter().for_each(|c| sha.update(c.content())),
+            ToHash::Bytes(b) => sha.update(&b),
+            ToHash::End => out.push(hex::encode(sha.finalize_reset())),
         }
     }
-    Ok(out)
+    out
 }
 
 /// The artifacts' tar records, framed by [`FrameWriter`]: stored chunks copied as they are in
