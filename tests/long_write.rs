@@ -114,15 +114,9 @@ fn a_long_snapshot_restores_and_a_dead_one_leaves_only_orphan_packs() {
     assert_databases_restored(&agent, &target);
 
     // Prune deletes the dead one's packs and keeps the live one whole.
-    let report = TestCommand::new(&store)
-        .args(["prune", "--max-unused", "0"])
-        .json();
-    assert_eq!(report["packs_orphaned"], orphans, "{report:#}");
+    prune_orphans_and_verify(&store, orphans);
     let stats = TestCommand::new(&store).arg("stats").json();
     assert_eq!(stats["store"]["chunks_unused"], 0, "{stats:#}");
-    TestCommand::new(&store)
-        .args(["verify", "--read-data"])
-        .json();
     let again = tmp.path().join("again");
     restore_to(&store, &id, &again);
     assert_same_tree(
@@ -130,6 +124,17 @@ fn a_long_snapshot_restores_and_a_dead_one_leaves_only_orphan_packs() {
         &tree(&again.join("sqlite"), false),
         "restore after prune",
     );
+}
+
+/// Prune finds `orphans` packs no index entry names and deletes them; what is left verifies.
+fn prune_orphans_and_verify(store: &Path, orphans: u64) {
+    let report = TestCommand::new(store)
+        .args(["prune", "--max-unused", "0"])
+        .json();
+    assert_eq!(report["packs_orphaned"], orphans, "{report:#}");
+    TestCommand::new(store)
+        .args(["verify", "--read-data"])
+        .json();
 }
 
 /// An update day's tree nodes over unchanged pages wait for the final commit; past a limit (2
@@ -198,13 +203,7 @@ fn a_long_import_restores_and_a_dead_one_leaves_only_orphan_packs() {
     // A whole import after it restores byte for byte, and prune deletes only the orphans.
     import(&store2).json();
     assert_eq!(scratch(&store2), Vec::<String>::new(), "swept and removed");
-    let report = TestCommand::new(&store2)
-        .args(["prune", "--max-unused", "0"])
-        .json();
-    assert_eq!(report["packs_orphaned"], orphans, "{report:#}");
-    TestCommand::new(&store2)
-        .args(["verify", "--read-data"])
-        .json();
+    prune_orphans_and_verify(&store2, orphans);
     let target = tmp.path().join("restored");
     restore_to(&store2, &id, &target);
     assert_same_tree(
