@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use common::{AGENT, TENANT, assert_same_tree, tree};
+use common::{AGENT, TENANT, assert_same_tree, entries_in, tree};
 use memsnap::sample::{SampleAgent, SampleSpec};
 use memsnap::{
     AgentId, DIRECT_ALIGN, ExportRequest, Memsnap, OpenMode, OsStorage, RestoreRequest,
@@ -31,6 +31,8 @@ struct Seen {
     misaligned: Mutex<Vec<String>>,
     /// Read-ahead hints: (file, offset, length, the file's length).
     hints: Mutex<Vec<(PathBuf, u64, u64, u64)>>,
+    /// Reads of files in this folder fail (EIO): all of them, or (`true`) direct ones only.
+    fail_reads_in: Mutex<Option<(PathBuf, bool)>>,
 }
 
 #[derive(Debug)]
@@ -65,7 +67,14 @@ impl CheckedFile {
 
 impl StorageFile for CheckedFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        if self.direct_reads.load(Ordering::SeqCst) {
+        let direct = self.direct_reads.load(Ordering::SeqCst);
+        if let Some((dir, direct_only)) = &*self.seen.fail_reads_in.lock().expect("lock")
+            && self.path.parent() == Some(dir.as_path())
+            && (direct || !direct_only)
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        if direct {
             self.seen.direct_reads.fetch_add(1, Ordering::SeqCst);
             self.check_aligned("read", buf, offset);
         }
@@ -436,7 +445,9 @@ fn a_failed_direct_pack_write_fails_the_snapshot_and_leaves_no_pack() {
 }
 
 /// Export writes its bundle past the page cache too: aligned blocks, the tail cut off, and a
-/// bundle that verifies whole against its `.sha256`. A failed direct write leaves nothing.
+/// bundle that verifies whole against its `.sha256`. A failed direct write leaves nothing, and
+/// so does a bundle that does not read back (a one-pass export reads its first block to write
+/// the manifest over its stand-in, then the whole file for its SHA-256).
 #[test]
 fn bundles_are_written_in_aligned_direct_blocks_and_verify() {
     let (tmp, seen, agent, m) = agent_and_store();
@@ -450,19 +461,27 @@ fn bundles_are_written_in_aligned_direct_blocks_and_verify() {
     seen.restart(2);
     let msg = export().expect_err("the disk is full").to_string();
     assert!(msg.contains("No space left on device"), "{msg}");
-    let left: Vec<_> = std::fs::read_dir(&out)
-        .expect("out")
-        .map(|e| e.expect("entry").file_name())
-        .collect();
+    let left = entries_in(&out);
     assert!(left.is_empty(), "left behind: {left:?}");
+    seen.restart(0);
+    // Any read of the bundle (the first block's comes first), then direct ones only (the read
+    // for the SHA-256).
+    for direct_only in [false, true] {
+        *seen.fail_reads_in.lock().expect("lock") = Some((out.clone(), direct_only));
+        let msg = export().expect_err("no read back").to_string();
+        assert!(msg.contains("Input/output error"), "{direct_only}: {msg}");
+        let left = entries_in(&out);
+        assert!(left.is_empty(), "{direct_only}: left behind: {left:?}");
+    }
+    *seen.fail_reads_in.lock().expect("lock") = None;
 
     seen.restart(0);
     export().expect("export");
     seen.assert_aligned();
     // big.bin was read past the page cache once (one pass: frames and digest), in runs of up
     // to 1 MiB (checked aligned above; a read per 16 KiB chunk would be ~2,200), not hinted;
-    // then the bundle's first block, under the manifest written over it, and the whole bundle
-    // (~19 MiB) in 4 MiB blocks for its SHA-256.
+    // then the whole bundle (~19 MiB) in 4 MiB blocks for its SHA-256. (The read of its first
+    // block, before, is not counted: the file is not yet asked for direct reads.)
     let reads = seen.direct_reads.load(Ordering::SeqCst);
     assert!((20..=24).contains(&reads), "{reads} direct reads");
     assert_eq!(seen.hints_on_direct.load(Ordering::SeqCst), 0);
