@@ -1488,92 +1488,132 @@ fn make_writable(root: &Path) {
 mod tests {
     use super::*;
 
-    /// Restore checks a content's hash, not each chunk's: a hash that differs while every chunk
-    /// is whole says so; a damaged chunk is traced and named with its pack.
-    #[test]
-    fn a_hash_mismatch_is_reported_and_a_damaged_chunk_named() {
-        use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::for_test(dir.path());
-        // Random, so stored raw: a changed byte reads back without error, changed.
-        let pages: Vec<Vec<u8>> = (0..700u32)
-            .map(|i| {
-                (0..128u32)
-                    .flat_map(|k| ChunkId::of(&[i.to_le_bytes(), k.to_le_bytes()].concat()).0)
-                    .collect()
-            })
-            .collect();
-        let mut w = crate::store::writer::ChunkWriter::new(
-            &store.fs,
-            store.packs_dir(),
-            &store.config,
-            crate::store::writer::KnownFilter::default(),
-        );
-        let content = crate::tree::store_pages(&mut w, &pages);
-        let pending = w.finish().expect("finish");
-        pending.keep();
-        let list: Vec<(ChunkId, ChunkLoc)> = pages
-            .iter()
-            .map(|p| (ChunkId::of(p), pending.new_chunks[&ChunkId::of(p)]))
-            .collect();
-        let source = crate::store::stream::ChunkSource::Listed(Arc::new(list.clone()));
-        let packs = PackFiles::new(&store.fs, store.packs_dir());
-        let mut entry = ArtifactEntry {
-            part: Part::Sqlite,
-            path: b"db.sqlite".to_vec(),
-            kind: EntryKind::File,
-            mode: 0o600,
-            mtime_ns: 0,
-            size: content.size,
-            hash: *blake3::hash(&pages.concat()).as_bytes(),
-            content: Some(content),
-        };
-        let restore = |entry: &ArtifactEntry, name: &str| {
-            let path = dir.path().join(name);
-            let r = write_file(
+    /// Noise pages (stored raw, so that a changed byte reads back without error, changed) stored
+    /// as one database's content, restored by [`write_file`] into a temporary folder.
+    struct StoredFile {
+        dir: tempfile::TempDir,
+        store: Store,
+        pages: Vec<Vec<u8>>,
+        list: Vec<(ChunkId, ChunkLoc)>,
+        source: ChunkSource,
+        entry: ArtifactEntry,
+    }
+
+    impl StoredFile {
+        fn new(n: u32) -> Self {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Store::for_test(dir.path());
+            let pages: Vec<Vec<u8>> = (0..n)
+                .map(|i| {
+                    let mut page = vec![0u8; 4096];
+                    blake3::Hasher::new()
+                        .update(&i.to_le_bytes())
+                        .finalize_xof()
+                        .fill(&mut page);
+                    page
+                })
+                .collect();
+            let mut w = crate::store::writer::ChunkWriter::new(
                 &store.fs,
-                &packs,
+                store.packs_dir(),
+                &store.config,
+                crate::store::writer::KnownFilter::default(),
+            );
+            let content = crate::tree::store_pages(&mut w, &pages);
+            let pending = w.finish().expect("finish");
+            pending.keep();
+            let list: Vec<(ChunkId, ChunkLoc)> = pages
+                .iter()
+                .map(|p| (ChunkId::of(p), pending.new_chunks[&ChunkId::of(p)]))
+                .collect();
+            let source = ChunkSource::Listed(Arc::new(list.clone()));
+            let entry = ArtifactEntry {
+                part: Part::Sqlite,
+                path: b"db.sqlite".to_vec(),
+                kind: EntryKind::File,
+                mode: 0o600,
+                mtime_ns: 0,
+                size: content.size,
+                hash: *blake3::hash(&pages.concat()).as_bytes(),
+                content: Some(content),
+            };
+            Self {
+                dir,
+                store,
+                pages,
+                list,
+                source,
                 entry,
-                Some(&source),
+            }
+        }
+
+        fn restore(&self, packs: &PackFiles, name: &str) -> (Result<(), Error>, PathBuf) {
+            let path = self.dir.path().join(name);
+            let r = write_file(
+                &self.store.fs,
+                packs,
+                &self.entry,
+                Some(&self.source),
                 &path,
                 true,
                 &super::super::NoProgress,
             );
             (r, path)
-        };
-        let (r, path) = restore(&entry, "whole");
-        r.expect("restores");
-        assert!(fs::read(&path).expect("restored") == pages.concat());
+        }
 
-        entry.hash[0] ^= 1;
-        match restore(&entry, "wrong-hash") {
+        /// Changes a byte of raw chunk `i` in its pack; returns the chunk, the pack's path and
+        /// the pack open for writing.
+        fn damage(&self, packs: &PackFiles, i: usize) -> (ChunkId, ChunkLoc, PathBuf, fs::File) {
+            use std::os::unix::fs::FileExt;
+            let (id, loc) = self.list[i];
+            assert_eq!(loc.flags, 0, "a raw chunk");
+            let pack = packs.path(&loc.pack);
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .open(&pack)
+                .expect("pack");
+            file.write_all_at(b"X", loc.offset + 7).expect("damage");
+            (id, loc, pack, file)
+        }
+    }
+
+    /// The error's message, after checking that it names chunk `id` in `pack`.
+    fn names_chunk(r: Result<(), Error>, id: &ChunkId, pack: &Path) -> String {
+        match r {
+            Err(Error::Store(StoreError::CorruptChunk {
+                id: named,
+                pack: p,
+                message,
+            })) => {
+                assert_eq!(named, id.hex());
+                assert_eq!(p, pack);
+                message
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Restore checks a content's hash, not each chunk's: a hash that differs while every chunk
+    /// is whole says so; a damaged chunk is traced and named with its pack.
+    #[test]
+    fn a_hash_mismatch_is_reported_and_a_damaged_chunk_named() {
+        let mut f = StoredFile::new(700);
+        let packs = PackFiles::new(&f.store.fs, f.store.packs_dir());
+        let (r, path) = f.restore(&packs, "whole");
+        r.expect("restores");
+        assert!(fs::read(&path).expect("restored") == f.pages.concat());
+
+        f.entry.hash[0] ^= 1;
+        match f.restore(&packs, "wrong-hash") {
             (Err(Error::RestoredHashMismatch { path: named, .. }), path) => {
                 assert_eq!(named, path)
             }
             (other, _) => panic!("{other:?}"),
         }
 
-        entry.hash[0] ^= 1;
-        let (id, loc) = list[500];
-        assert_eq!(loc.flags, 0, "a raw chunk");
-        let pack = packs.path(&loc.pack);
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .open(&pack)
-            .expect("pack");
-        file.write_all_at(b"X", loc.offset + 7).expect("damage");
-        match restore(&entry, "damaged") {
-            (
-                Err(Error::Store(StoreError::CorruptChunk {
-                    id: named, pack: p, ..
-                })),
-                _,
-            ) => {
-                assert_eq!(named, id.hex());
-                assert_eq!(p, pack);
-            }
-            (other, _) => panic!("{other:?}"),
-        }
+        f.entry.hash[0] ^= 1;
+        let (id, _, pack, _) = f.damage(&packs, 500);
+        names_chunk(f.restore(&packs, "damaged").0, &id, &pack);
     }
 
     #[test]
@@ -1639,36 +1679,9 @@ mod tests {
     /// file naming the chunk and its pack, with no thread left waiting.
     #[test]
     fn a_file_of_several_batches_restores_and_damage_in_its_last_batch_is_named() {
-        use std::os::unix::fs::FileExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::for_test(dir.path());
-        // Noise, so stored raw; over two batches of READ_BATCH_BYTES.
         let n = (2 * READ_BATCH_BYTES as usize) / 4096 + 300;
-        let pages: Vec<Vec<u8>> = (0..n as u32)
-            .map(|i| {
-                let mut page = vec![0u8; 4096];
-                blake3::Hasher::new()
-                    .update(&i.to_le_bytes())
-                    .finalize_xof()
-                    .fill(&mut page);
-                page
-            })
-            .collect();
-        let mut w = crate::store::writer::ChunkWriter::new(
-            &store.fs,
-            store.packs_dir(),
-            &store.config,
-            crate::store::writer::KnownFilter::default(),
-        );
-        let content = crate::tree::store_pages(&mut w, &pages);
-        let pending = w.finish().expect("finish");
-        pending.keep();
-        let list: Vec<(ChunkId, ChunkLoc)> = pages
-            .iter()
-            .map(|p| (ChunkId::of(p), pending.new_chunks[&ChunkId::of(p)]))
-            .collect();
-        let source = crate::store::stream::ChunkSource::Listed(Arc::new(list.clone()));
-        let mut batches = source.stream();
+        let f = StoredFile::new(n as u32);
+        let mut batches = f.source.stream();
         let mut count = 0;
         while batches
             .next_batch(READ_BATCH_BYTES)
@@ -1678,70 +1691,16 @@ mod tests {
             count += 1;
         }
         assert!(count >= 3, "{count} batches");
-        let packs = PackFiles::new(&store.fs, store.packs_dir()).with_direct_reads();
-        let entry = ArtifactEntry {
-            part: Part::Sqlite,
-            path: b"db.sqlite".to_vec(),
-            kind: EntryKind::File,
-            mode: 0o600,
-            mtime_ns: 0,
-            size: content.size,
-            hash: *blake3::hash(&pages.concat()).as_bytes(),
-            content: Some(content),
-        };
-        let restore = |name: &str| {
-            let path = dir.path().join(name);
-            let r = write_file(
-                &store.fs,
-                &packs,
-                &entry,
-                Some(&source),
-                &path,
-                true,
-                &super::super::NoProgress,
-            );
-            (r, path)
-        };
-        let (r, path) = restore("whole");
+        let packs = PackFiles::new(&f.store.fs, f.store.packs_dir()).with_direct_reads();
+        let (r, path) = f.restore(&packs, "whole");
         r.expect("restores");
-        assert!(fs::read(&path).expect("restored") == pages.concat());
+        assert!(fs::read(&path).expect("restored") == f.pages.concat());
 
-        let (id, loc) = list[n - 10];
-        assert_eq!(loc.flags, 0, "a raw chunk");
-        let pack = packs.path(&loc.pack);
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .open(&pack)
-            .expect("pack");
-        file.write_all_at(b"X", loc.offset + 7).expect("damage");
-        match restore("changed") {
-            (
-                Err(Error::Store(StoreError::CorruptChunk {
-                    id: named, pack: p, ..
-                })),
-                _,
-            ) => {
-                assert_eq!(named, id.hex());
-                assert_eq!(p, pack);
-            }
-            (other, _) => panic!("{other:?}"),
-        }
+        let (id, loc, pack, file) = f.damage(&packs, n - 10);
+        names_chunk(f.restore(&packs, "changed").0, &id, &pack);
 
         file.set_len(loc.offset + 100).expect("truncate");
-        match restore("truncated") {
-            (
-                Err(Error::Store(StoreError::CorruptChunk {
-                    id: named,
-                    pack: p,
-                    message,
-                })),
-                _,
-            ) => {
-                assert_eq!(named, id.hex());
-                assert_eq!(p, pack);
-                assert!(message.contains("truncated"), "{message}");
-            }
-            (other, _) => panic!("{other:?}"),
-        }
+        let message = names_chunk(f.restore(&packs, "truncated").0, &id, &pack);
+        assert!(message.contains("truncated"), "{message}");
     }
 }
