@@ -774,29 +774,34 @@ fn stage(
     // The large files on a thread of their own while the notes are written: a large file waits
     // mostly for the disk, the notes for system calls (~0.2 s of a 1 GiB agent's restore,
     // before its vector database began).
+    // Either side's failure stops the other at its next file or group (a file being written
+    // is finished); the notes' error is the one returned when both fail.
+    use std::sync::atomic::Ordering::Relaxed;
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (notes, files) = std::thread::scope(|s| {
-        let files = s.spawn(|| -> Result<(), Error> {
-            for (e, source, path, direct) in &large {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                write_file(
-                    &store.fs,
-                    &direct_packs,
-                    e,
-                    source.as_ref(),
-                    path,
-                    *direct,
-                    progress,
-                )?;
-            }
-            Ok(())
+        let files = s.spawn(|| {
+            large
+                .iter()
+                .take_while(|_| !stop.load(Relaxed))
+                .try_for_each(|(e, source, path, direct)| {
+                    let packs = &direct_packs;
+                    write_file(
+                        &store.fs,
+                        packs,
+                        e,
+                        source.as_ref(),
+                        path,
+                        *direct,
+                        progress,
+                    )
+                })
+                .inspect_err(|_| stop.store(true, Relaxed))
         });
         let notes = small
             .chunks(GROUP_FILES)
+            .take_while(|_| !stop.load(Relaxed))
             .try_for_each(|group| write_group(&store.fs, &packs, group, progress))
-            .inspect_err(|_| stop.store(true, std::sync::atomic::Ordering::Relaxed));
+            .inspect_err(|_| stop.store(true, Relaxed));
         (notes, joined(files))
     });
     notes.and(files)?;
@@ -931,6 +936,14 @@ impl Out {
         }
     }
 
+    /// Bytes written but not yet on disk: the next batch is read after as many.
+    fn carried(&self) -> usize {
+        match self {
+            Out::Cached(_) => 0,
+            Out::Direct { carry, .. } => carry.len(),
+        }
+    }
+
     fn finish(self) -> std::io::Result<Box<dyn StorageFile>> {
         match self {
             Out::Cached(f) => Ok(f.into_inner()),
@@ -983,7 +996,10 @@ fn write_file(
     let mut stream = source.stream();
     let first = stream.next_batch(READ_BATCH_BYTES)?;
     match (first, stream.next_batch(READ_BATCH_BYTES)?) {
-        (Some(first), Some(second)) => write_batches(
+        // Only a large file's: notes are written on the global pool, whose threads the
+        // pipeline's reads of cached packs would wait for (a damaged entry can claim a small
+        // size for a large content).
+        (Some(first), Some(second)) if e.size >= DIRECT_MIN => write_batches(
             packs,
             stream,
             [first, second],
@@ -993,13 +1009,15 @@ fn write_file(
             path,
         )?,
         // A file of one batch (most): nothing to overlap.
-        (first, _) => {
-            if let Some(b) = first {
-                let batch = read_batch(packs, &b, Vec::new(), 0, false)?;
-                let region = &batch.buf[batch.start..batch.start + batch.len];
+        (first, second) => {
+            let mut buf = Vec::new();
+            let rest = std::iter::from_fn(|| stream.next_batch(READ_BATCH_BYTES).transpose());
+            for b in [first, second].into_iter().flatten().map(Ok).chain(rest) {
+                let mut batch = read_batch(packs, &b?, buf, out.carried(), false)?;
+                write_batch(&mut out, &mut batch, &mut hasher, false)
+                    .map_err(|err| Error::io(path, err))?;
                 progress.advance(batch.len as u64);
-                hasher.update(region);
-                out.write(region).map_err(|err| Error::io(path, err))?;
+                buf = batch.buf;
             }
         }
     }
@@ -1044,8 +1062,9 @@ fn write_batches(
     }
     let direct = matches!(out, Out::Direct { .. });
     std::thread::scope(|s| -> Result<(), Error> {
-        // Each thread ends when the next stage drops its receiving end: this closure's
-        // channels are dropped when it returns, on an error too.
+        // A stage's thread ends when the next stage drops its end of their channel (this
+        // closure's ends drop when it returns, on an error too): the reader at its next send
+        // or wait for a buffer, the locator at its next send, after the lookup it is in.
         let (located_tx, located_rx) = std::sync::mpsc::sync_channel(1);
         s.spawn(move || {
             loop {
@@ -1066,6 +1085,7 @@ fn write_batches(
         // since glibc maps them anew each time.
         let (free_tx, free_rx) = std::sync::mpsc::sync_channel(READ_AHEAD + 1);
         for _ in 0..=READ_AHEAD {
+            // Within the channel's capacity, with its receiver alive: cannot fail.
             let _ = free_tx.send(Vec::new());
         }
         s.spawn(move || {
@@ -1095,27 +1115,43 @@ fn write_batches(
         });
         while let Ok(batch) = filled_rx.recv() {
             let mut batch = batch?;
-            let lead = match &*out {
-                Out::Cached(_) => 0,
-                Out::Direct { carry, .. } => {
-                    batch.buf[batch.start..batch.start + carry.len()].copy_from_slice(carry);
-                    carry.len()
-                }
-            };
-            let region = &batch.buf[batch.start..batch.start + lead + batch.len];
+            write_batch(out, &mut batch, hasher, true).map_err(|err| Error::io(path, err))?;
             progress.advance(batch.len as u64);
-            let written = std::thread::scope(|s| {
-                let h = s.spawn(|| {
-                    hasher.update(&region[lead..]);
-                });
-                let written = out.write(region);
-                joined(h);
-                written
-            });
-            written.map_err(|err| Error::io(path, err))?;
+            // Never blocks: the channel holds every buffer; fails only once the reader is gone.
             let _ = free_tx.send(batch.buf);
         }
         Ok(())
+    })
+}
+
+/// Writes `batch` after the tail the one before left unwritten, and adds its bytes to `hasher`:
+/// on a thread of its own meanwhile with `overlap` (a direct write blocks until the disk has
+/// the bytes).
+fn write_batch(
+    out: &mut Out,
+    batch: &mut Batch,
+    hasher: &mut blake3::Hasher,
+    overlap: bool,
+) -> std::io::Result<()> {
+    // The reader left room for the carried bytes: their count is the lengths so far, mod the
+    // alignment, on both sides.
+    debug_assert_eq!(batch.lead, out.carried());
+    if let Out::Direct { carry, .. } = out {
+        batch.buf[batch.start..batch.start + carry.len()].copy_from_slice(carry);
+    }
+    let region = &batch.buf[batch.start..batch.start + batch.lead + batch.len];
+    let content = &region[batch.lead..];
+    if !overlap {
+        hasher.update(content);
+        return out.write(region);
+    }
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            hasher.update(content);
+        });
+        let written = out.write(region);
+        joined(h);
+        written
     })
 }
 
@@ -1127,13 +1163,15 @@ fn joined<T>(t: std::thread::ScopedJoinHandle<'_, T>) -> T {
 
 /// Threads that read and decompress the batches of files read past the page cache: such a
 /// read holds its thread until the disk answers, so that four times as many threads as cores
-/// keep both the disk and the cores busy (a 1 GiB restore on the bench VM: 2.30 s with twice
-/// as many, 2.04 s with four times, means of four runs each). `None` if the pool cannot be made (the caller's pool then).
+/// keep both the disk and the cores busy (a 1 GiB restore on the bench VM, 2 cores: 2.30 s
+/// with twice as many, 2.04 s with four times, means of four runs each), up to one per piece
+/// of a batch. `None` if the pool cannot be made (the caller's pool then).
 fn read_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
+        let pieces = (READ_BATCH_BYTES / crate::store::stream::PIECE_BYTES) as usize;
         rayon::ThreadPoolBuilder::new()
-            .num_threads(4 * rayon::current_num_threads())
+            .num_threads((4 * rayon::current_num_threads()).min(pieces))
             .thread_name(|i| format!("memsnap-read-{i}"))
             .build()
             .ok()
@@ -1146,6 +1184,7 @@ fn read_pool() -> Option<&'static rayon::ThreadPool> {
 struct Batch {
     buf: Vec<u8>,
     start: usize,
+    lead: usize,
     len: usize,
 }
 
@@ -1186,6 +1225,7 @@ fn read_batch(
     Ok(Batch {
         buf,
         start,
+        lead,
         len: total,
     })
 }
@@ -1500,12 +1540,13 @@ mod tests {
     }
 
     impl StoredFile {
-        fn new(n: u32) -> Self {
+        /// `n` pages of `len` bytes.
+        fn new(n: u32, len: usize) -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
             let store = Store::for_test(dir.path());
             let pages: Vec<Vec<u8>> = (0..n)
                 .map(|i| {
-                    let mut page = vec![0u8; 4096];
+                    let mut page = vec![0u8; len];
                     blake3::Hasher::new()
                         .update(&i.to_le_bytes())
                         .finalize_xof()
@@ -1561,7 +1602,7 @@ mod tests {
             (r, path)
         }
 
-        /// Changes a byte of raw chunk `i` in its pack; returns the chunk, the pack's path and
+        /// Flips a bit of raw chunk `i` in its pack; returns the chunk, the pack's path and
         /// the pack open for writing.
         fn damage(&self, packs: &PackFiles, i: usize) -> (ChunkId, ChunkLoc, PathBuf, fs::File) {
             use std::os::unix::fs::FileExt;
@@ -1569,10 +1610,14 @@ mod tests {
             assert_eq!(loc.flags, 0, "a raw chunk");
             let pack = packs.path(&loc.pack);
             let file = fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .open(&pack)
                 .expect("pack");
-            file.write_all_at(b"X", loc.offset + 7).expect("damage");
+            let mut byte = [0u8];
+            file.read_exact_at(&mut byte, loc.offset + 7).expect("read");
+            file.write_all_at(&[byte[0] ^ 1], loc.offset + 7)
+                .expect("damage");
             (id, loc, pack, file)
         }
     }
@@ -1597,7 +1642,7 @@ mod tests {
     /// is whole says so; a damaged chunk is traced and named with its pack.
     #[test]
     fn a_hash_mismatch_is_reported_and_a_damaged_chunk_named() {
-        let mut f = StoredFile::new(700);
+        let mut f = StoredFile::new(700, 4096);
         let packs = PackFiles::new(&f.store.fs, f.store.packs_dir());
         let (r, path) = f.restore(&packs, "whole");
         r.expect("restores");
@@ -1674,13 +1719,15 @@ mod tests {
     }
 
     /// A file of several batches goes through the pipeline of [`write_batches`] (located, read
-    /// ahead, written): it restores whole, and damage in its last batch, found by the reading
-    /// thread (a truncated pack) or only by the content's hash (a changed byte), fails the
-    /// file naming the chunk and its pack, with no thread left waiting.
+    /// ahead, written past the page cache, each batch carrying a tail of under one block to the
+    /// next): it restores whole. Damage is named with its chunk and pack: a changed byte (found
+    /// by the content's hash), a pack truncated in the last batch (the reader's error, after
+    /// every batch was located) and in the first (while the locator still waits to hand on).
     #[test]
-    fn a_file_of_several_batches_restores_and_damage_in_its_last_batch_is_named() {
-        let n = (2 * READ_BATCH_BYTES as usize) / 4096 + 300;
-        let f = StoredFile::new(n as u32);
+    fn a_file_of_several_batches_restores_and_damage_in_it_is_named() {
+        // Pages of 4,000 bytes: no batch ends on a block boundary.
+        let n = (2 * READ_BATCH_BYTES as usize) / 4000 + 300;
+        let f = StoredFile::new(n as u32, 4000);
         let mut batches = f.source.stream();
         let mut count = 0;
         while batches
@@ -1700,7 +1747,13 @@ mod tests {
         names_chunk(f.restore(&packs, "changed").0, &id, &pack);
 
         file.set_len(loc.offset + 100).expect("truncate");
-        let message = names_chunk(f.restore(&packs, "truncated").0, &id, &pack);
+        let message = names_chunk(f.restore(&packs, "late").0, &id, &pack);
+        assert!(message.contains("truncated"), "{message}");
+
+        let (id, loc) = f.list[10];
+        assert_eq!(packs.path(&loc.pack), pack, "one pack");
+        file.set_len(loc.offset + 100).expect("truncate");
+        let message = names_chunk(f.restore(&packs, "early").0, &id, &pack);
         assert!(message.contains("truncated"), "{message}");
     }
 }

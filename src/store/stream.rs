@@ -84,7 +84,7 @@ impl ChunkStream {
     }
 
     /// The next chunks, located, about `bytes` raw bytes of them (from the current window or
-    /// the next); `None` after the last.
+    /// the next); `None` after the last, and on every call after that.
     pub(crate) fn next_batch(
         &mut self,
         bytes: u64,
@@ -95,7 +95,7 @@ impl ChunkStream {
                 return Ok(Some(batch.to_vec()));
             }
             // The spent window goes first: two at once would double the peak.
-            self.window = Arc::new(Vec::new());
+            (self.window, self.pos) = (Arc::new(Vec::new()), 0);
             match self.next_window()? {
                 Some(w) => (self.window, self.pos) = (w, 0),
                 None => return Ok(None),
