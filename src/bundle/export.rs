@@ -20,7 +20,7 @@ use super::manifest::{
     MANIFEST_ENTRY, MANIFEST_VERSION, MemsnapSection, RedactionDetail, RedactionReport,
     SchemaVersions, SourcePaths, ToolVersions, bundle_path, escape, known, seal,
 };
-use super::redact::{Counts, Redactor, SecretScanner};
+use super::redact::{Counts, Redactor};
 use crate::error::{BundleError, Error};
 use crate::fsutil;
 use crate::lock::Mode;
@@ -131,10 +131,9 @@ struct Item {
     source: Source,
     /// Bytes to ship.
     size: u64,
-    /// The final SHA-256 and length when redaction already had the bytes in hand.
+    /// The final SHA-256 and length when redaction already had the bytes in hand (for a
+    /// two-pass export: one pass hashes every artifact as it writes it).
     digest: Option<(String, u64)>,
-    /// Redaction already scanned the final bytes for secrets.
-    scanned: bool,
 }
 
 /// The packs, read through the page cache for small artifacts and past it for large ones
@@ -311,7 +310,6 @@ pub(crate) fn export(
                     source: Source::Stored(chunks),
                     counts: Counts::new(),
                     digest: None,
-                    scanned: false,
                 },
                 Some(r) => redact_one(
                     r,
@@ -344,7 +342,6 @@ pub(crate) fn export(
                 source: red.source,
                 size,
                 digest: red.digest,
-                scanned: red.scanned,
             });
             bundle_at = Some(bp);
         }
@@ -383,22 +380,17 @@ pub(crate) fn export(
     );
 
     // A plain bundle is written in one pass (see `write_once`); an encrypted or recompressed
-    // one, or one with an artifact redaction did not scan, needs the digests first.
-    let one_pass = recipients.is_empty()
-        && req.level.is_none()
-        && items.iter().all(|i| redactor.is_none() || i.scanned);
+    // one needs the digests first. Under --redact, `redact_one` scanned every artifact as it
+    // will ship.
+    let one_pass = recipients.is_empty() && req.level.is_none();
     let total: u64 = items.iter().map(|i| i.size).sum();
     if one_pass {
         for item in &mut items {
-            let (sha, size) = item
-                .digest
-                .take()
-                .unwrap_or_else(|| (UNKNOWN_SHA256.to_owned(), item.size));
-            item.meta.sha256 = sha;
-            item.meta.size_bytes = size;
+            item.meta.sha256 = UNKNOWN_SHA256.to_owned();
+            item.meta.size_bytes = item.size;
         }
     } else {
-        digests_first(&mut items, &packs, redactor.as_ref(), total, progress)?;
+        digests_first(&mut items, &packs, total, progress)?;
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "export: artifacts hashed"
@@ -604,13 +596,10 @@ pub(crate) fn export(
     })
 }
 
-/// Pass 1 of a two-pass export: the digests the manifest needs. Under --redact every artifact is
-/// scanned once more as it will be shipped: the report never claims a redaction that did not
-/// happen.
+/// Pass 1 of a two-pass export: the digests the manifest needs.
 fn digests_first(
     items: &mut [Item],
     packs: &Packs,
-    redactor: Option<&Redactor>,
     total: u64,
     progress: &dyn Progress,
 ) -> Result<(), Error> {
@@ -623,24 +612,11 @@ fn digests_first(
             item.meta.size_bytes = size;
             return Ok(());
         }
-        let mut scanner = redactor.filter(|_| !item.scanned).map(SecretScanner::new);
         let r = item
             .reader(packs, true)
             .map_err(|e| Error::io(&item.meta.path_in_bundle, e))?;
-        let (sha, size) = sha256_of(r, item.size, |b| {
-            progress.advance(b.len() as u64);
-            if let Some(s) = scanner.as_mut() {
-                s.feed(b);
-            }
-        })
-        .map_err(|e| Error::io(&item.meta.path_in_bundle, e))?;
-        if let Some(rule) = scanner.and_then(|s| s.finish()) {
-            return Err(BundleError::Redaction {
-                artifact: item.meta.path_in_bundle.clone(),
-                message: format!("rule {rule} still matches after redaction"),
-            }
-            .into());
-        }
+        let (sha, size) = sha256_of(r, item.size, |b| progress.advance(b.len() as u64))
+            .map_err(|e| Error::io(&item.meta.path_in_bundle, e))?;
         item.meta.sha256 = sha;
         item.meta.size_bytes = size;
         Ok(())
@@ -692,7 +668,6 @@ struct Redacted {
     source: Source,
     counts: Counts,
     digest: Option<(String, u64)>,
-    scanned: bool,
 }
 
 /// Redacts one artifact into the scratch folder (databases always: their free pages may hold
@@ -720,7 +695,6 @@ fn redact_one(
             source: Source::File(tmp),
             counts,
             digest: None,
-            scanned: true,
         });
     }
     let size = chunks.size();
@@ -763,7 +737,6 @@ fn redact_one(
         source,
         counts,
         digest: Some(digest),
-        scanned: true,
     })
 }
 

@@ -732,7 +732,8 @@ impl<'r> SecretScanner<'r> {
     }
 
     /// The first rule id (in rule order) found, if any.
-    pub(crate) fn finish(self) -> Option<String> {
+    #[cfg(test)]
+    fn finish(self) -> Option<String> {
         let r = self.redactor;
         let counts = self.tally();
         r.rules
