@@ -1008,7 +1008,7 @@ fn write_file(
             progress,
             path,
         )?,
-        // A file of one batch (most): nothing to overlap.
+        // A file of one batch (most), or a note: batch after batch.
         (first, second) => {
             let mut buf = Vec::new();
             let rest = std::iter::from_fn(|| stream.next_batch(READ_BATCH_BYTES).transpose());
