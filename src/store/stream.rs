@@ -5,6 +5,7 @@
 //! caller holds the store lock shared, so no chunk goes away between windows.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use super::Store;
@@ -83,20 +84,38 @@ const FIRST_WINDOW: usize = 4096;
 /// A content tree's windows, found on a thread of their own one window ahead of the caller:
 /// the next window's index session and tree reads overlap the caller's work on this one.
 /// The thread waits with the window it found until the caller takes it (a rendezvous), so at
-/// most two windows are held, each at most half of [`Store::window`].
+/// most two windows are held, each at most half of [`Store::window`]. Dropped, it stops the
+/// thread and waits for it: no index session of the stream outlives it (the caller's store
+/// lock covers them all, store-format.md, "Locks").
 struct Ahead {
     rx: Option<Receiver<Result<Located, Error>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
     failed: bool,
 }
 
 impl Ahead {
     fn start(store: Store, content: ContentRef) -> Self {
         let (tx, rx) = sync_channel(0);
-        let thread = std::thread::spawn(move || find_windows(&store, Cursor::new(content), &tx));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let root = store.root().to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("memsnap-windows".into())
+            .spawn(move || find_windows(&store, Cursor::new(content), &tx, &stopped));
+        let (rx, thread) = match thread {
+            Ok(t) => (rx, Some(t)),
+            // No thread to be had: the first call reports it.
+            Err(e) => {
+                let (tx, rx) = sync_channel(1);
+                let _ = tx.send(Err(Error::io(&root, e)));
+                (rx, None)
+            }
+        };
         Self {
             rx: Some(rx),
-            thread: Some(thread),
+            thread,
+            stop,
             failed: false,
         }
     }
@@ -122,6 +141,7 @@ impl Ahead {
             Err(_) => {
                 self.rx = None;
                 if let Some(Err(panic)) = self.thread.take().map(|t| t.join()) {
+                    self.failed = true;
                     std::panic::resume_unwind(panic);
                 }
                 Ok(None)
@@ -130,16 +150,33 @@ impl Ahead {
     }
 }
 
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // A thread waiting to hand a window over sees the channel closed.
+        self.rx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Sends `content`'s windows in order, each located in an index session of its own, until the
-/// last, a failure, or the caller's end. The session is closed before each send.
-fn find_windows(store: &Store, mut cursor: Cursor, tx: &SyncSender<Result<Located, Error>>) {
+/// last, a failure, or the caller's end (`stop`, or the channel closed). The session is closed
+/// before each send.
+fn find_windows(
+    store: &Store,
+    mut cursor: Cursor,
+    tx: &SyncSender<Result<Located, Error>>,
+    stop: &AtomicBool,
+) {
     let most = (store.window / 2).max(1);
     let mut size = FIRST_WINDOW.min(most);
-    while !cursor.done() {
+    while !cursor.done() && !stop.load(Ordering::Relaxed) {
         let window = (|| -> Result<Located, Error> {
             let index = store.index_for_reading()?;
             let mut reader = ChunkReader::new(&index, store.packs_dir())?;
-            let mut chunks = Vec::new();
+            let mut chunks = Vec::with_capacity(size);
             cursor.fill(&mut reader, size, &mut chunks)?;
             reader.locate_lists(std::slice::from_mut(&mut chunks))?;
             Ok(Arc::new(chunks))
@@ -330,15 +367,15 @@ pub(crate) fn byte_batches(
 mod tests {
     use super::*;
 
-    /// A content of 20,000 chunks with the window at 20,000: windows of 4096, 8192 and then
-    /// at most half the window, on the thread ahead; the stream yields every chunk, in order,
-    /// where the writer put it.
+    /// A content of 20,000 chunks with the window at 12,000: windows of 4096, then twice as
+    /// many up to half the window, on the thread ahead; the stream yields every chunk, in
+    /// order, where the writer put it.
     #[test]
     fn windows_grow_from_a_small_first_one_to_half_the_window() {
         use crate::store::writer::{ChunkWriter, KnownFilter, insert_chunks, insert_packs};
         let dir = tempfile::tempdir().expect("tempdir");
         let mut store = Store::for_test(dir.path());
-        store.window = 20_000;
+        store.window = 12_000;
         let pages: Vec<Vec<u8>> = (0..20_000u32).map(|i| i.to_le_bytes().repeat(16)).collect();
         let mut w = ChunkWriter::new(
             &store.fs,
@@ -359,13 +396,14 @@ mod tests {
         let (tx, rx) = sync_channel(0);
         let finder = {
             let store = store.clone();
-            std::thread::spawn(move || find_windows(&store, Cursor::new(content), &tx))
+            let stop = AtomicBool::new(false);
+            std::thread::spawn(move || find_windows(&store, Cursor::new(content), &tx, &stop))
         };
         let sizes: Vec<usize> = rx.iter().map(|w| w.expect("window").len()).collect();
         finder
             .join()
             .expect("the finder ends after the last window");
-        assert_eq!(sizes, [4096, 8192, 7712]);
+        assert_eq!(sizes, [4096, 6000, 6000, 3904]);
 
         let source = ChunkSource::Tree { store, content };
         let mut stream = source.stream();
@@ -380,10 +418,18 @@ mod tests {
             assert_eq!(*loc, pending.new_chunks[id]);
         }
 
-        // Dropped with windows still to come: the finder's next send fails and it ends.
+        // Dropped with windows still to come: the drop stops the finder and waits for it, so
+        // no index session of the stream is left (the index lock is free at once).
         let mut stream = source.stream();
         assert!(stream.next_batch(4096).expect("a first batch").is_some());
         drop(stream);
+        let lock = crate::lock::acquire(
+            &dir.path().join("locks").join("index.lock"),
+            crate::lock::Mode::Exclusive,
+            std::time::Duration::ZERO,
+            crate::lock::Holder::Index,
+        );
+        assert!(lock.is_ok(), "the index lock is free after the drop");
     }
 
     /// A window that fails (here: the tree's root is in no pack) fails again when asked once
