@@ -142,6 +142,36 @@ pub(crate) fn store_pages(w: &mut ChunkWriter, pages: &[Vec<u8>]) -> ContentRef 
     t.finish(w).expect("tree")
 }
 
+/// [`store_pages`] in a writer of its own into `store`, its packs kept but not entered in the
+/// index (tests): the content, each page's chunk with its location, and the writer's result.
+#[cfg(test)]
+pub(crate) fn store_pages_kept(
+    store: &crate::store::Store,
+    pages: &[Vec<u8>],
+) -> (
+    ContentRef,
+    Vec<(ChunkId, crate::store::pack::ChunkLoc)>,
+    crate::store::writer::Pending,
+) {
+    let mut w = ChunkWriter::new(
+        &store.fs,
+        store.packs_dir(),
+        &store.config,
+        crate::store::writer::KnownFilter::default(),
+    );
+    let content = store_pages(&mut w, pages);
+    let pending = w.finish().expect("finish");
+    pending.keep();
+    let chunks = pages
+        .iter()
+        .map(|p| {
+            let id = ChunkId::of(p);
+            (id, pending.new_chunks[&id])
+        })
+        .collect();
+    (content, chunks, pending)
+}
+
 pub(crate) fn encode_node(level: u8, entries: &[(ChunkId, u64)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(NODE_HEADER + entries.len() * NODE_ENTRY);
     out.push(NODE_VERSION);

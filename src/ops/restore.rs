@@ -784,16 +784,8 @@ fn stage(
                 .iter()
                 .take_while(|_| !stop.load(Relaxed))
                 .try_for_each(|(e, source, path, direct)| {
-                    let packs = &direct_packs;
-                    write_file(
-                        &store.fs,
-                        packs,
-                        e,
-                        source.as_ref(),
-                        path,
-                        *direct,
-                        progress,
-                    )
+                    let source = source.as_ref();
+                    write_file(&store.fs, &direct_packs, e, source, path, *direct, progress)
                 })
                 .inspect_err(|_| stop.store(true, Relaxed))
         });
@@ -1554,19 +1546,7 @@ mod tests {
                     page
                 })
                 .collect();
-            let mut w = crate::store::writer::ChunkWriter::new(
-                &store.fs,
-                store.packs_dir(),
-                &store.config,
-                crate::store::writer::KnownFilter::default(),
-            );
-            let content = crate::tree::store_pages(&mut w, &pages);
-            let pending = w.finish().expect("finish");
-            pending.keep();
-            let list: Vec<(ChunkId, ChunkLoc)> = pages
-                .iter()
-                .map(|p| (ChunkId::of(p), pending.new_chunks[&ChunkId::of(p)]))
-                .collect();
+            let (content, list, _) = crate::tree::store_pages_kept(&store, &pages);
             let source = ChunkSource::Listed(Arc::new(list.clone()));
             let entry = ArtifactEntry {
                 part: Part::Sqlite,

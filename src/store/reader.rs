@@ -734,7 +734,6 @@ impl<'i> ChunkReader<'i> {
 mod tests {
     use super::*;
     use crate::store::pack::FLAG_ZSTD;
-    use crate::store::writer::{ChunkWriter, KnownFilter};
 
     /// 4 KiB pages, mostly zeros (stored as zstd frames), one float32 vector and free space
     /// (plane-coded) or random (stored raw), in turn, written as one
@@ -766,22 +765,7 @@ mod tests {
                 _ => (0..512).flat_map(|_| random().to_le_bytes()).collect(),
             })
             .collect();
-        let mut w = ChunkWriter::new(
-            &store.fs,
-            store.packs_dir(),
-            &store.config,
-            KnownFilter::default(),
-        );
-        crate::tree::store_pages(&mut w, &pages);
-        let pending = w.finish().expect("finish");
-        pending.keep();
-        let chunks = pages
-            .iter()
-            .map(|p| {
-                let id = ChunkId::of(p);
-                (id, pending.new_chunks[&id])
-            })
-            .collect();
+        let (_, chunks, pending) = crate::tree::store_pages_kept(store, &pages);
         (pages, chunks, pending)
     }
 

@@ -372,25 +372,17 @@ mod tests {
     /// order, where the writer put it.
     #[test]
     fn windows_grow_from_a_small_first_one_to_half_the_window() {
-        use crate::store::writer::{ChunkWriter, KnownFilter, insert_chunks, insert_packs};
+        use crate::store::writer::{insert_chunks, insert_packs};
         let dir = tempfile::tempdir().expect("tempdir");
         let mut store = Store::for_test(dir.path());
         store.window = 12_000;
         let pages: Vec<Vec<u8>> = (0..20_000u32).map(|i| i.to_le_bytes().repeat(16)).collect();
-        let mut w = ChunkWriter::new(
-            &store.fs,
-            store.packs_dir(),
-            &store.config,
-            KnownFilter::default(),
-        );
-        let content = crate::tree::store_pages(&mut w, &pages);
-        let pending = w.finish().expect("finish");
+        let (content, chunks, pending) = crate::tree::store_pages_kept(&store, &pages);
         let index = store.index().expect("index");
         let tx = index.begin_write().expect("tx");
         insert_chunks(&index, &tx, pending.entries().expect("entries")).expect("insert");
         insert_packs(&index, &tx, &pending.packs).expect("packs");
         tx.commit().expect("commit");
-        pending.keep();
         drop(index);
 
         let (tx, rx) = sync_channel(0);
@@ -412,11 +404,10 @@ mod tests {
             got.extend(batch);
         }
         assert!(stream.next_batch(1 << 20).expect("after the end").is_none());
-        assert_eq!(got.len(), pages.len());
-        for ((id, loc), page) in got.iter().zip(&pages) {
-            assert_eq!(*id, ChunkId::of(page));
-            assert_eq!(*loc, pending.new_chunks[id]);
-        }
+        assert_eq!(
+            got, chunks,
+            "every page's chunk, in order, where the writer put it"
+        );
 
         // Dropped with windows still to come: the drop stops the finder and waits for it, so
         // no index session of the stream is left (the index lock is free at once).
