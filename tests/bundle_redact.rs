@@ -846,6 +846,60 @@ fn a_redacted_export_holds_no_secret_and_restores_with_markers_in_their_place() 
     assert_eq!(head, image.head, "the original keeps its history");
 }
 
+/// A redacted export in two passes (`--level`: the digests first) takes a redacted text
+/// artifact's digest from redaction, which had its bytes in memory; the one-pass export hashes
+/// what it writes instead. Each manifest's digests are those of its own entries, the text
+/// artifacts' are the same in both, and neither holds a secret.
+#[test]
+fn a_redacted_export_in_two_passes_lists_the_digests_of_what_it_ships() {
+    use sha2::Digest;
+    let f = Fixture::new();
+    let p = plant(&f);
+    let id = snapshot_label(&f, &p);
+    fs::create_dir_all(f.path("out")).expect("mkdir");
+    let digests = |extra: &[&str], name: &str| -> BTreeMap<String, String> {
+        let bundle = f.path(&format!("out/{name}.tar.zst"));
+        export(&f, &id, &bundle, extra);
+        let plain = decompressed(&bundle);
+        let found = leaks(&plain, &p.all());
+        assert!(found.is_empty(), "{name}: secrets in the bundle: {found:?}");
+        let manifest = manifest_of(&plain);
+        let listed: BTreeMap<&str, &str> = manifest["artifacts"]
+            .as_array()
+            .expect("artifacts")
+            .iter()
+            .map(|a| {
+                let path = a["path_in_bundle"].as_str().expect("path");
+                (path, a["sha256"].as_str().expect("sha256"))
+            })
+            .collect();
+        let mut shipped = BTreeMap::new();
+        for (path, _, data) in tar_entries(&plain) {
+            if let Some(sha) = listed.get(path.as_str()) {
+                let actual = hex::encode(sha2::Sha256::digest(&data));
+                assert_eq!(*sha, actual, "{name}: {path}");
+                shipped.insert(path, actual);
+            }
+        }
+        assert_eq!(
+            shipped.len(),
+            listed.len(),
+            "{name}: every artifact shipped"
+        );
+        shipped
+    };
+    let one = digests(&["--redact"], "one-pass");
+    let two = digests(&["--redact", "--level", "3"], "two-pass");
+    let text = |d: &BTreeMap<String, String>| -> BTreeMap<String, String> {
+        d.iter()
+            .filter(|(k, _)| !k.starts_with("sqlite/"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    assert!(text(&one).contains_key(&format!("memory_files/{NOTE}")));
+    assert_eq!(text(&one), text(&two));
+}
+
 #[test]
 fn a_control_export_without_redact_holds_every_secret() {
     let f = Fixture::new();

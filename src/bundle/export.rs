@@ -256,6 +256,10 @@ pub(crate) fn export(
         rules: r.rule_ids(),
         ..Default::default()
     });
+    // A plain bundle is written in one pass (see `write_once`), which hashes every artifact as
+    // it writes it; an encrypted or recompressed one needs the digests first. Under --redact,
+    // `redact_one` scans every artifact as it will ship.
+    let one_pass = recipients.is_empty() && req.level.is_none();
     let mut metas = Vec::with_capacity(entries.len());
     let mut items = Vec::new();
     for (e, chunks) in entries.iter().zip(resolved) {
@@ -319,6 +323,7 @@ pub(crate) fn export(
                     &bp,
                     &scratch.dir.path,
                     items.len(),
+                    !one_pass,
                 )?,
             };
             if let Some(d) = detail.as_mut() {
@@ -379,10 +384,6 @@ pub(crate) fn export(
         "export: planned"
     );
 
-    // A plain bundle is written in one pass (see `write_once`); an encrypted or recompressed
-    // one needs the digests first. Under --redact, `redact_one` scanned every artifact as it
-    // will ship.
-    let one_pass = recipients.is_empty() && req.level.is_none();
     let total: u64 = items.iter().map(|i| i.size).sum();
     if one_pass {
         for item in &mut items {
@@ -672,8 +673,9 @@ struct Redacted {
 
 /// Redacts one artifact into the scratch folder (databases always: their free pages may hold
 /// deleted secrets, which only a rewrite clears). The result has been scanned for secrets as it
-/// will ship (`redact_database` scans the file it leaves); a text artifact's digest is taken here,
-/// while its bytes are in memory.
+/// will ship (`redact_database` scans the file it leaves); with `digest`, a text artifact's
+/// digest is taken here, while its bytes are in memory.
+#[allow(clippy::too_many_arguments)]
 fn redact_one(
     r: &Redactor,
     packs: &Arc<PackFiles>,
@@ -682,6 +684,7 @@ fn redact_one(
     bundle_path: &str,
     scratch: &Path,
     n: usize,
+    digest: bool,
 ) -> Result<Redacted, Error> {
     let mut counts = Counts::new();
     let tmp = scratch.join(format!("{n}"));
@@ -729,14 +732,16 @@ fn redact_one(
         .into());
     }
     use sha2::Digest;
-    let digest = (
-        hex::encode(sha2::Sha256::digest(&shipped)),
-        shipped.len() as u64,
-    );
+    let digest = digest.then(|| {
+        (
+            hex::encode(sha2::Sha256::digest(&shipped)),
+            shipped.len() as u64,
+        )
+    });
     Ok(Redacted {
         source,
         counts,
-        digest: Some(digest),
+        digest,
     })
 }
 
