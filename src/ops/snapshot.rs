@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::Instant;
 
 use redb::{ReadableTable, ReadableTableMetadata};
@@ -749,6 +750,11 @@ pub(crate) struct Emit<'s> {
     size: u64,
     batch: Batch,
     sink: &'s mut dyn FnMut(Batch) -> Result<(), Error>,
+    /// Batches the store side is done with, whose buffers the next ones reuse: a content's
+    /// batches then cycle through the few buffers the pipeline holds at once, instead of each
+    /// faulting in ~1,000 fresh pages (most of a day snapshot's page faults, on the reading
+    /// thread). The number of buffers is bounded by what the pipeline holds.
+    spares: Receiver<Batch>,
 }
 
 impl Emit<'_> {
@@ -783,7 +789,11 @@ impl Emit<'_> {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let batch = self.batch.split_open(BATCH_BYTES + (64 << 10));
+        let next = self
+            .spares
+            .try_recv()
+            .unwrap_or_else(|_| Batch::with_capacity(BATCH_BYTES + (64 << 10)));
+        let batch = self.batch.split_open_into(next);
         self.size += batch.bytes().len() as u64;
         (self.sink)(batch)
     }
@@ -793,12 +803,14 @@ impl Emit<'_> {
 /// `produce` returned. A chunk `produce` left open is cut.
 fn run_producer<T>(
     sink: &mut dyn FnMut(Batch) -> Result<(), Error>,
+    spares: Receiver<Batch>,
     produce: impl FnOnce(&mut Emit<'_>) -> Result<T, Error>,
 ) -> Result<(u64, T), Error> {
     let mut emit = Emit {
         size: 0,
         batch: Batch::with_capacity(BATCH_BYTES + (64 << 10)),
         sink,
+        spares,
     };
     let out = produce(&mut emit)?;
     if emit.open_len() > 0 {
@@ -821,17 +833,23 @@ struct Consumer<'p> {
     /// Started batches, oldest first: up to [`IN_FLIGHT`], so the pool has work queued while
     /// this thread appends.
     in_flight: std::collections::VecDeque<InFlight>,
+    /// Stored batches go back to the producer ([`Emit`]'s `spares`); gone once it finished.
+    spares: Sender<Batch>,
     progress: &'p dyn Progress,
 }
 
 impl<'p> Consumer<'p> {
-    fn new(config: &StoreConfig, progress: &'p dyn Progress) -> Self {
-        Self {
+    /// The consumer, and the end of its spare batches for the producer.
+    fn new(config: &StoreConfig, progress: &'p dyn Progress) -> (Self, Receiver<Batch>) {
+        let (spares, rx) = std::sync::mpsc::channel();
+        let consumer = Self {
             tree: TreeBuilder::new(config.tree_fanout, config.tree_max_entries),
             hasher: blake3::Hasher::new(),
             in_flight: std::collections::VecDeque::new(),
+            spares,
             progress,
-        }
+        };
+        (consumer, rx)
     }
 
     fn store(&mut self, w: &mut ChunkWriter, batch: Batch) -> Result<(), Error> {
@@ -847,7 +865,10 @@ impl<'p> Consumer<'p> {
     }
 
     fn complete(&mut self, w: &mut ChunkWriter, job: InFlight) -> Result<(), Error> {
-        for put in w.complete(job, 0)? {
+        let (puts, batch) = w.complete_keep(job, 0)?;
+        // A producer that finished takes no more.
+        let _ = self.spares.send(batch);
+        for put in puts {
             self.tree.push(w, put)?;
         }
         Ok(())
@@ -878,11 +899,11 @@ fn ingest<T>(
     progress: &dyn Progress,
     produce: impl FnOnce(&mut Emit<'_>) -> Result<T, Error>,
 ) -> Result<(ContentRef, [u8; 32], u64, T), Error> {
-    let mut consumer = Consumer::new(config, progress);
+    let (mut consumer, spares) = Consumer::new(config, progress);
     let (size, out) = {
         let mut sink = |batch| consumer.store(w, batch);
         let sink = &mut sink as &mut dyn FnMut(Batch) -> Result<(), Error>;
-        run_producer(sink, produce)?
+        run_producer(sink, spares, produce)?
     };
     let (content, hash) = consumer.finish(w, size)?;
     Ok((content, hash, size, out))
@@ -896,7 +917,7 @@ fn ingest_threaded<T: Send>(
     progress: &dyn Progress,
     produce: impl FnOnce(&mut Emit<'_>) -> Result<T, Error> + Send,
 ) -> Result<(ContentRef, [u8; 32], u64, T), Error> {
-    let mut consumer = Consumer::new(config, progress);
+    let (mut consumer, spares) = Consumer::new(config, progress);
     let (size, out) = std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
         let producer = scope.spawn(move || {
@@ -906,7 +927,7 @@ fn ingest_threaded<T: Send>(
                 tx.send(batch)
                     .map_err(|_| Error::FailPoint("ingest: the store side stopped".into()))
             };
-            run_producer(&mut sink, produce)
+            run_producer(&mut sink, spares, produce)
         });
         let mut stored = Ok(());
         while let Ok(batch) = rx.recv() {
