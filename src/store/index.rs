@@ -50,7 +50,7 @@ const READ_AHEAD_STEP: u64 = 128 << 10;
 /// An open index, valid while the index lock is held. Dropping it closes the database first,
 /// then releases the lock (field order).
 pub(crate) struct Index {
-    pub db: redb::Database,
+    db: Db,
     pub path: PathBuf,
     /// The storage the index was opened through; pack reads of this session use it too.
     pub fs: Fs,
@@ -86,11 +86,47 @@ impl Index {
             .create_with_backend(RedbBackend::new(file, path.to_path_buf()))
             .map_err(|e| open_error(path, e))?;
         Ok(Self {
-            db,
+            db: Db::Write(db),
             path: path.to_path_buf(),
             fs: fs.clone(),
             _lock: guard,
         })
+    }
+
+    /// Opens the index for reading only, under the index lock: redb then writes nothing. An
+    /// open for writing, even one that only reads, marks the file as needing repair and
+    /// saves the allocator state on close (four fsyncs a session), so a reader killed
+    /// mid-session (a restore interrupted) left the next open a whole-file repair. An index
+    /// that cannot be opened so (none yet, or one a killed writer left needing repair) is
+    /// opened for writing instead, which creates or repairs it, or reports what is wrong.
+    pub(crate) fn open_for_reading(
+        fs: &Fs,
+        path: &Path,
+        lock_path: &Path,
+        cache: usize,
+    ) -> Result<Self, Error> {
+        let guard = lock(lock_path)?;
+        let read_only = fs.open(path, OpenMode::Read).ok().and_then(|file| {
+            redb::Builder::new()
+                .set_cache_size(cache)
+                .open_read_only_with_backend(RedbBackend::new(file, path.to_path_buf()))
+                .ok()
+        });
+        match read_only {
+            Some(db) => Ok(Self {
+                db: Db::Read(Some(db)),
+                path: path.to_path_buf(),
+                fs: fs.clone(),
+                _lock: guard,
+            }),
+            None => Ok(Self::open_under(fs, path, guard, cache)?),
+        }
+    }
+
+    /// Whether this session may write (see [`Index::open_for_reading`]).
+    #[cfg(test)]
+    pub(crate) fn writable(&self) -> bool {
+        matches!(self.db, Db::Write(_))
     }
 
     /// Closes the database and hands back the lock, still held.
@@ -133,15 +169,48 @@ impl Index {
     }
 
     pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
-        self.db
-            .begin_read()
-            .map_err(|e| StoreError::index(&self.path, e))
+        match &self.db {
+            Db::Write(db) => db.begin_read(),
+            Db::Read(Some(db)) => db.begin_read(),
+            Db::Read(None) => Err(redb::TransactionError::Storage(
+                redb::StorageError::DatabaseClosed,
+            )),
+        }
+        .map_err(|e| StoreError::index(&self.path, e))
     }
 
     pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
-        self.db
-            .begin_write()
-            .map_err(|e| StoreError::index(&self.path, e))
+        match &self.db {
+            Db::Write(db) => db
+                .begin_write()
+                .map_err(|e| StoreError::index(&self.path, e)),
+            // No caller writes in a session opened for reading; one that did is a bug.
+            Db::Read(_) => Err(StoreError::Index {
+                path: self.path.clone(),
+                message: "a session opened for reading cannot write".into(),
+            }),
+        }
+    }
+}
+
+/// An open index file: for writing ([`Index::open`]), or for reading only
+/// ([`Index::open_for_reading`]).
+enum Db {
+    Write(redb::Database),
+    /// `None` once closed, on drop.
+    Read(Option<redb::ReadOnlyDatabase>),
+}
+
+impl Drop for Db {
+    /// A read-only database stays open while a read transaction lives; closed here, like a
+    /// dropped [`redb::Database`], a transaction kept past its session (and so past the index
+    /// lock) fails instead of reading a file another process may be writing.
+    fn drop(&mut self) {
+        if let Db::Read(db) = self
+            && let Some(db) = db.take()
+        {
+            let _ = db.close();
+        }
     }
 }
 
@@ -267,5 +336,76 @@ mod tests {
         )
         .expect("encode");
         assert!(decode_record::<PackRecord>(1, &ok, "pack").is_ok());
+    }
+
+    /// A session opened for reading leaves the file as it was; with no index yet, or one a
+    /// killed writer left needing repair, it opens for writing, which creates or repairs it.
+    #[test]
+    fn a_reading_session_writes_nothing_and_opens_for_writing_only_when_it_must() {
+        const T: TableDefinition<u64, u64> = TableDefinition::new("t");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, lock) = (dir.path().join("index.redb"), dir.path().join("index.lock"));
+        let fs = Fs::default();
+        let fresh = Index::open_for_reading(&fs, &path, &lock, READ_CACHE_BYTES).expect("open");
+        assert!(fresh.writable(), "no index yet: created");
+        let tx = fresh.begin_write().expect("tx");
+        tx.open_table(T)
+            .expect("table")
+            .insert(1, 10)
+            .expect("insert");
+        tx.commit().expect("commit");
+        drop(fresh);
+
+        let before = std::fs::read(&path).expect("read");
+        let index = Index::open_for_reading(&fs, &path, &lock, READ_CACHE_BYTES).expect("open");
+        assert!(!index.writable());
+        let tx = index.begin_read().expect("read");
+        let got = tx
+            .open_table(T)
+            .expect("table")
+            .get(1)
+            .expect("get")
+            .map(|v| v.value());
+        assert_eq!(got, Some(10));
+        assert!(
+            index.begin_write().is_err(),
+            "a reading session cannot write"
+        );
+        drop(tx);
+        drop(index);
+        assert!(
+            std::fs::read(&path).expect("read") == before,
+            "the file is unchanged"
+        );
+
+        // A writer killed mid-session: redb marked the file as needing repair when it opened.
+        let killed = Index::open(&fs, &path, &lock, INDEX_CACHE_BYTES).expect("open");
+        let guard = lock::acquire(&lock, Mode::Exclusive, Duration::ZERO, Holder::Index);
+        assert!(guard.is_err(), "the session holds the index lock");
+        let Index { db, _lock, .. } = killed;
+        std::mem::forget(db);
+        drop(_lock);
+        let index = Index::open_for_reading(&fs, &path, &lock, READ_CACHE_BYTES).expect("open");
+        assert!(index.writable(), "repaired by an open for writing");
+        let tx = index.begin_read().expect("read");
+        let got = tx
+            .open_table(T)
+            .expect("table")
+            .get(1)
+            .expect("get")
+            .map(|v| v.value());
+        assert_eq!(got, Some(10));
+        drop(tx);
+        drop(index);
+
+        // A damaged file is reported as damage, as an open for writing reports it.
+        std::fs::write(&path, b"not a redb file at all").expect("write");
+        let e = Index::open_for_reading(&fs, &path, &lock, READ_CACHE_BYTES)
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(e, Error::Store(StoreError::IndexDamaged { .. })),
+            "{e:?}"
+        );
     }
 }

@@ -120,7 +120,7 @@ impl Store {
             fs,
             window: stream::DEFAULT_WINDOW,
         };
-        let index = store.index()?;
+        let index = store.index_for_reading()?;
         let tx = index.begin_read()?;
         // Every store's index has the table from its creation on: without it, the file was
         // emptied or cut short (and redb's open rolled it back to nothing).
@@ -172,7 +172,8 @@ impl Store {
 
     /// An index session that only reads, in key order ([`index::READ_CACHE_BYTES`]).
     pub(crate) fn index_for_reading(&self) -> Result<Index, Error> {
-        self.open_index(index::READ_CACHE_BYTES)
+        let e = self.long_write();
+        Index::open_for_reading(&self.fs, &e.index, &e.lock, index::READ_CACHE_BYTES)
     }
 
     fn open_index(&self, cache: usize) -> Result<Index, Error> {

@@ -753,15 +753,19 @@ impl ChunkWriter {
         let handle = std::thread::spawn(move || -> Result<Vec<ChunkId>, StoreError> {
             // A store error (a damaged index, with its "run repair") goes through as it is;
             // only the lock's errors, which are not the store's, are wrapped.
-            let index =
-                super::index::Index::open(&fs, &index_path, &lock, super::index::READ_CACHE_BYTES)
-                    .map_err(|e| match e {
-                        crate::error::Error::Store(e) => e,
-                        other => StoreError::Index {
-                            path: index_path.clone(),
-                            message: other.to_string(),
-                        },
-                    })?;
+            let index = super::index::Index::open_for_reading(
+                &fs,
+                &index_path,
+                &lock,
+                super::index::READ_CACHE_BYTES,
+            )
+            .map_err(|e| match e {
+                crate::error::Error::Store(e) => e,
+                other => StoreError::Index {
+                    path: index_path.clone(),
+                    message: other.to_string(),
+                },
+            })?;
             let tx = index.begin_read()?;
             unconfirmed_in(&index, tx.open_table(super::index::CHUNKS), &confirm)
         });
@@ -1173,7 +1177,7 @@ mod tests {
     /// order, and no filler; every tree node has its children there (I3).
     #[test]
     fn a_long_write_waits_in_sorted_runs_and_its_commit_inserts_every_entry_and_no_filler() {
-        use redb::{ReadableDatabase, ReadableTableMetadata};
+        use redb::ReadableTableMetadata;
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, mut w) = writer_in(dir.path());
         // Small packs and runs: many runs, and tree nodes a large share of the entries.
@@ -1207,7 +1211,7 @@ mod tests {
 
         let index = store.index().expect("index");
         {
-            let tx = index.db.begin_read().expect("read");
+            let tx = index.begin_read().expect("read");
             let table = tx.open_table(super::super::index::CHUNKS).expect("table");
             assert!(table.is_empty().expect("len"), "nothing before the commit");
         }
@@ -1240,8 +1244,8 @@ mod tests {
         index: &super::super::index::Index,
         entries: &[(ChunkId, ChunkLoc)],
     ) {
-        use redb::{ReadableDatabase, ReadableTableMetadata};
-        let tx = index.db.begin_read().expect("read");
+        use redb::ReadableTableMetadata;
+        let tx = index.begin_read().expect("read");
         let table = tx.open_table(super::super::index::CHUNKS).expect("table");
         assert_eq!(table.len().expect("len"), entries.len() as u64);
         for (id, loc) in entries {
@@ -1258,7 +1262,7 @@ mod tests {
     /// entry, no filler.
     #[test]
     fn a_failed_merge_names_its_file_and_leaves_the_index_empty() {
-        use redb::{ReadableDatabase, ReadableTableMetadata};
+        use redb::ReadableTableMetadata;
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, _w) = writer_in(dir.path());
         let mut runs = SortedRuns::create(&store.fs, &store.tmp_dir()).expect("runs");
@@ -1283,7 +1287,7 @@ mod tests {
         let e = insert_chunks(&index, &tx, merged).expect_err("a short run");
         assert!(e.to_string().contains(&path.display().to_string()), "{e}");
         drop(tx);
-        let tx = index.db.begin_read().expect("read");
+        let tx = index.begin_read().expect("read");
         let table = tx.open_table(super::super::index::CHUNKS).expect("table");
         assert!(table.is_empty().expect("len"), "nothing committed");
         drop((table, tx));
@@ -1319,7 +1323,7 @@ mod tests {
             .collect();
         entries.push((landing, loc(9999)));
         let size = |index: &super::super::index::Index| {
-            let tx = index.db.begin_write().expect("tx");
+            let tx = index.begin_write().expect("tx");
             let stats = tx.stats().expect("stats");
             tx.abort().expect("abort");
             stats.leaf_pages()
@@ -1481,13 +1485,9 @@ mod tests {
         assert_eq!(pending.packs.len(), 5);
     }
 
-    /// Encoded bytes replace a chunk's own in its batch, and a batch may fill a buffer an
-    /// earlier one used: every chunk of a batch that mixes encodings reads back as it was.
-    #[test]
-    fn chunks_encoded_in_their_batch_read_back_whole_from_a_reused_buffer() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (store, mut w) = writer_in(dir.path());
-        let mut s = 0x9e37_79b9_u64;
+    /// Pages of text, sparse, float and random bytes (each kind compresses its own way).
+    fn mixed_pages(seed: u64, n: usize) -> Vec<Vec<u8>> {
+        let mut s = seed;
         let mut next = move || {
             s ^= s << 13;
             s ^= s >> 7;
@@ -1495,8 +1495,8 @@ mod tests {
             s
         };
         let mut pages: Vec<Vec<u8>> = Vec::new();
-        for i in 0..24 {
-            let text = format!("memory {i}: the user prefers short answers. ").repeat(120);
+        for i in 0..n {
+            let text = format!("memory {seed}/{i}: the user prefers short answers. ").repeat(120);
             pages.push(text.as_bytes()[..4096].to_vec());
             let mut sparse: Vec<u8> = (0..3000).map(|_| next() as u8).collect();
             sparse.resize(4096, 0);
@@ -1508,32 +1508,55 @@ mod tests {
             pages.push(floats);
             pages.push((0..4096).map(|_| next() as u8).collect());
         }
-        assert!(pages.len() * 4096 >= POOL_BYTES, "the batch takes the pool");
+        pages
+    }
+
+    /// Encoded bytes replace a chunk's own in its batch, and batches fill buffers earlier ones
+    /// used: every chunk of batches that mix encodings, in buffers that held other bytes,
+    /// reads back as it was.
+    #[test]
+    fn chunks_encoded_in_their_batch_read_back_whole_from_a_reused_buffer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, mut w) = writer_in(dir.path());
         let mut used = Batch::with_capacity(1 << 20);
-        for _ in 0..pages.len() {
+        for _ in 0..200 {
             used.push(&[0xab; 4096]);
         }
         used.extend(b"stale open bytes");
-        let mut filling = Batch::default();
-        for p in &pages {
-            filling.push(p);
+        let mut puts = Vec::new();
+        let mut all = Vec::new();
+        for seed in [0x9e37_79b9, 0x7f4a_7c15] {
+            let pages = mixed_pages(seed, 24);
+            assert!(pages.len() * 4096 >= POOL_BYTES, "the batch takes the pool");
+            // The open chunk's first bytes are carried into the used buffer.
+            let mut filling = Batch::default();
+            filling.extend(&pages[0][..100]);
+            let _ = filling.split_open_into(used);
+            assert!(filling.is_empty());
+            assert_eq!(filling.open_len(), 100);
+            filling.extend(&pages[0][100..]);
+            filling.cut();
+            for p in &pages[1..] {
+                filling.push(p);
+            }
+            let batch = filling.split_open_into(Batch::default());
+            assert!(batch.data.capacity() >= 1 << 20, "the used buffer");
+            let job = w.start(batch);
+            let (p, back) = w.complete_keep(job, 0).expect("put");
+            puts.extend(p);
+            all.extend(pages);
+            used = back;
         }
-        filling.extend(&pages[0][..100]);
-        let batch = filling.split_open_into(used);
-        assert!(filling.is_empty());
-        assert_eq!(filling.open_len(), 100);
-        let job = w.start(batch);
-        let (puts, _) = w.complete_keep(job, 0).expect("put");
         let pending = w.finish().expect("finish");
         pending.keep();
         let stats = pending.stats;
-        assert_eq!(stats.new_chunks as usize, pages.len());
+        assert_eq!(stats.new_chunks as usize, all.len());
         assert!(
             stats.new_stored_bytes * 4 < stats.new_raw_bytes * 3,
             "{stats:?}"
         );
         let packs = super::super::reader::PackFiles::new(&store.fs, store.packs_dir());
-        for (page, put) in pages.iter().zip(&puts) {
+        for (page, put) in all.iter().zip(&puts) {
             assert_eq!(put.id, ChunkId::of(page));
             let loc = pending.new_chunks[&put.id];
             assert_eq!(packs.read(&put.id, &loc).expect("read"), *page);
@@ -1577,7 +1600,6 @@ mod tests {
     /// a node hit whose entry is data; new chunks wait for the final commit meanwhile.
     #[test]
     fn hits_are_confirmed_in_batches_and_what_the_index_lacks_is_found() {
-        use redb::ReadableDatabase;
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, mut w) = writer_in(dir.path());
         let ids: Vec<ChunkId> = (0..100u32).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
@@ -1634,7 +1656,7 @@ mod tests {
         expected.sort_unstable();
         assert_eq!(missing, expected);
         let index = store.index().expect("index");
-        let tx = index.db.begin_read().expect("read");
+        let tx = index.begin_read().expect("read");
         let table = tx.open_table(super::super::index::CHUNKS).expect("table");
         let new: Vec<(ChunkId, bool)> = new.iter().map(|c| (ChunkId::of(c), false)).collect();
         assert_eq!(
