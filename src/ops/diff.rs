@@ -268,7 +268,7 @@ fn load(
     patch: bool,
 ) -> Result<Loaded, Error> {
     // The index only while chunk locations are resolved.
-    let index = store.index()?;
+    let index = store.index_for_lookups()?;
     let tx = index.begin_read()?;
     let ra = super::resolve(&index, &tx, a, agent)?;
     let rb = super::resolve(&index, &tx, b, agent)?;

@@ -48,13 +48,13 @@ pub(crate) fn commit_visible(
     store: &Store,
     probe: impl FnOnce(&redb::ReadTransaction) -> Result<bool, redb::Error>,
 ) -> Option<bool> {
-    let index = store.index().ok()?;
+    let index = store.index_for_reading().ok()?;
     let tx = index.begin_read().ok()?;
     probe(&tx).ok()
 }
 
 pub(crate) fn load_agent(store: &Store, agent: &AgentId) -> Result<Option<AgentRecord>, Error> {
-    let index = store.index()?;
+    let index = store.index_for_reading()?;
     let tx = index.begin_read()?;
     let table = tx.open_table(AGENTS).map_err(|e| index.err()(e.into()))?;
     let v = table
@@ -229,7 +229,7 @@ pub(crate) fn list(
     tenant: Option<&str>,
     agent: Option<&str>,
 ) -> Result<Vec<SnapshotInfo>, Error> {
-    let index = store.index()?;
+    let index = store.index_for_reading()?;
     let tx = index.begin_read()?;
     Ok(all_records(&index, &tx)?
         .into_iter()
@@ -262,7 +262,7 @@ pub(crate) fn show(
     spec: &str,
     agent: Option<&AgentId>,
 ) -> Result<SnapshotDetails, Error> {
-    let index = store.index()?;
+    let index = store.index_for_lookups()?;
     let tx = index.begin_read()?;
     let record = resolve(&index, &tx, spec, agent)?;
     let mut reader = ChunkReader::new(&index, store.packs_dir())?;
@@ -294,7 +294,7 @@ pub(crate) fn delete(
     agent: Option<&AgentId>,
 ) -> Result<SnapshotInfo, Error> {
     let record = {
-        let index = store.index()?;
+        let index = store.index_for_reading()?;
         let tx = index.begin_read()?;
         resolve(&index, &tx, spec, agent)?
     };

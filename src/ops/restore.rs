@@ -375,7 +375,7 @@ pub(crate) fn restore(
     // which forget and delete hold to remove records. Read only before it, the snapshot could
     // be forgotten and its chunks pruned before staging reads them.
     let record = {
-        let index = store.index()?;
+        let index = store.index_for_reading()?;
         let tx = index.begin_read()?;
         super::resolve(&index, &tx, &req.snapshot, req.agent.as_ref())?
     };
@@ -544,7 +544,7 @@ fn load(
     store: &Store,
     req: &RestoreRequest,
 ) -> Result<(SnapshotRecord, Vec<ArtifactEntry>), Error> {
-    let index = store.index()?;
+    let index = store.index_for_lookups()?;
     let tx = index.begin_read()?;
     let record = super::resolve(&index, &tx, &req.snapshot, req.agent.as_ref())?;
     let mut reader = ChunkReader::new(&index, store.packs_dir())?;
@@ -1227,7 +1227,7 @@ fn state_items(
     record: &SnapshotRecord,
     entries: &[ArtifactEntry],
 ) -> Result<Vec<StateItem>, Error> {
-    let index = store.index()?;
+    let index = store.index_for_reading()?;
     let mut reader = ChunkReader::new(&index, store.packs_dir())?;
     let mut items = Vec::new();
     for e in entries.iter().filter(|e| e.part == Part::State) {

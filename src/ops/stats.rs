@@ -105,7 +105,7 @@ pub(crate) fn stats(
     // Per pack: its recorded size, chunk count and the stored bytes of its live chunks.
     let mut packs: HashMap<[u8; 16], (u64, u32, u64)> = HashMap::new();
     {
-        let index = store.index()?;
+        let index = store.index_for_lookups()?;
         let tx = index.begin_read()?;
         let records = super::all_records(&index, &tx)?;
         s.snapshots = records.len() as u64;

@@ -328,7 +328,7 @@ pub(crate) fn verify(
     if !bad.is_empty() || !manifest_damage.is_empty() {
         let mut attributed: HashSet<ChunkId> = HashSet::new();
         let mut rows: HashSet<(String, String, ChunkId)> = HashSet::new();
-        let index = store.index()?;
+        let index = store.index_for_lookups()?;
         let mut reader = ChunkReader::new(&index, store.packs_dir())?;
         for record in &records {
             let id = &record.info.id;

@@ -170,10 +170,18 @@ impl Store {
         self.open_index(index::INDEX_CACHE_BYTES)
     }
 
-    /// An index session that only reads, in key order ([`index::READ_CACHE_BYTES`]).
+    /// An index session that only reads, in key order ([`index::READ_CACHE_BYTES`]), or a few
+    /// records ([`Index::open_for_reading`]).
     pub(crate) fn index_for_reading(&self) -> Result<Index, Error> {
         let e = self.long_write();
         Index::open_for_reading(&self.fs, &e.index, &e.lock, index::READ_CACHE_BYTES)
+    }
+
+    /// An index session that only reads, by many random lookups (tree nodes of every snapshot:
+    /// stats, diff, show), with the larger cache of [`Store::index`].
+    pub(crate) fn index_for_lookups(&self) -> Result<Index, Error> {
+        let e = self.long_write();
+        Index::open_for_reading(&self.fs, &e.index, &e.lock, index::INDEX_CACHE_BYTES)
     }
 
     fn open_index(&self, cache: usize) -> Result<Index, Error> {
