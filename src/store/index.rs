@@ -57,14 +57,40 @@ pub(crate) struct Index {
     _lock: LockGuard,
 }
 
+/// What an index session does: [`Access::Read`] opens redb read-only, which writes nothing to
+/// the file. An open for writing, even one that only reads, marks the file as needing repair
+/// and saves the allocator state on close (four fsyncs a session), so a reader killed
+/// mid-session (a restore interrupted) left the next open a whole-file repair. An index that
+/// cannot be opened read-only (none yet, or one a killed writer left needing repair) is
+/// opened for writing instead, which creates or repairs it, or reports what is wrong.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Access {
+    Write,
+    Read,
+}
+
 impl Index {
     pub(crate) fn open(
         fs: &Fs,
         path: &Path,
         lock_path: &Path,
         cache: usize,
+        access: Access,
     ) -> Result<Self, Error> {
         let guard = lock(lock_path)?;
+        if access == Access::Read
+            && let Ok(file) = fs.open(path, OpenMode::Read)
+            && let Ok(db) = redb::Builder::new()
+                .set_cache_size(cache)
+                .open_read_only_with_backend(RedbBackend::new(file, path.to_path_buf()))
+        {
+            return Ok(Self {
+                db: Db::Read(Some(db)),
+                path: path.to_path_buf(),
+                fs: fs.clone(),
+                _lock: guard,
+            });
+        }
         Ok(Self::open_under(fs, path, guard, cache)?)
     }
 
@@ -93,37 +119,7 @@ impl Index {
         })
     }
 
-    /// Opens the index for reading only, under the index lock: redb then writes nothing. An
-    /// open for writing, even one that only reads, marks the file as needing repair and
-    /// saves the allocator state on close (four fsyncs a session), so a reader killed
-    /// mid-session (a restore interrupted) left the next open a whole-file repair. An index
-    /// that cannot be opened so (none yet, or one a killed writer left needing repair) is
-    /// opened for writing instead, which creates or repairs it, or reports what is wrong.
-    pub(crate) fn open_for_reading(
-        fs: &Fs,
-        path: &Path,
-        lock_path: &Path,
-        cache: usize,
-    ) -> Result<Self, Error> {
-        let guard = lock(lock_path)?;
-        let read_only = fs.open(path, OpenMode::Read).ok().and_then(|file| {
-            redb::Builder::new()
-                .set_cache_size(cache)
-                .open_read_only_with_backend(RedbBackend::new(file, path.to_path_buf()))
-                .ok()
-        });
-        match read_only {
-            Some(db) => Ok(Self {
-                db: Db::Read(Some(db)),
-                path: path.to_path_buf(),
-                fs: fs.clone(),
-                _lock: guard,
-            }),
-            None => Ok(Self::open_under(fs, path, guard, cache)?),
-        }
-    }
-
-    /// Whether this session may write (see [`Index::open_for_reading`]).
+    /// Whether this session may write (see [`Access`]).
     #[cfg(test)]
     pub(crate) fn writable(&self) -> bool {
         matches!(self.db, Db::Write(_))
@@ -193,8 +189,7 @@ impl Index {
     }
 }
 
-/// An open index file: for writing ([`Index::open`]), or for reading only
-/// ([`Index::open_for_reading`]).
+/// An open index file: for writing, or for reading only (see [`Access`]).
 enum Db {
     Write(redb::Database),
     /// `None` once closed, on drop.
@@ -346,7 +341,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (path, lock) = (dir.path().join("index.redb"), dir.path().join("index.lock"));
         let fs = Fs::default();
-        let fresh = Index::open_for_reading(&fs, &path, &lock, READ_CACHE_BYTES).expect("open");
+        let fresh = Index::open(&fs, &path, &lock, READ_CACHE_BYTES, Access::Read).expect("open");
         assert!(fresh.writable(), "no index yet: created");
         let tx = fresh.begin_write().expect("tx");
         tx.open_table(T)
@@ -356,22 +351,19 @@ mod tests {
         tx.commit().expect("commit");
         drop(fresh);
 
+        let value = |index: &Index| {
+            let tx = index.begin_read().expect("read");
+            let table = tx.open_table(T).expect("table");
+            table.get(1).expect("get").map(|v| v.value())
+        };
         let before = std::fs::read(&path).expect("read");
-        let index = Index::open_for_reading(&fs, &path, &lock, READ_CACHE_BYTES).expect("open");
+        let index = Index::open(&fs, &path, &lock, READ_CACHE_BYTES, Access::Read).expect("open");
         assert!(!index.writable());
-        let tx = index.begin_read().expect("read");
-        let got = tx
-            .open_table(T)
-            .expect("table")
-            .get(1)
-            .expect("get")
-            .map(|v| v.value());
-        assert_eq!(got, Some(10));
+        assert_eq!(value(&index), Some(10));
         assert!(
             index.begin_write().is_err(),
             "a reading session cannot write"
         );
-        drop(tx);
         drop(index);
         assert!(
             std::fs::read(&path).expect("read") == before,
@@ -379,28 +371,21 @@ mod tests {
         );
 
         // A writer killed mid-session: redb marked the file as needing repair when it opened.
-        let killed = Index::open(&fs, &path, &lock, INDEX_CACHE_BYTES).expect("open");
+        let killed =
+            Index::open(&fs, &path, &lock, INDEX_CACHE_BYTES, Access::Write).expect("open");
         let guard = lock::acquire(&lock, Mode::Exclusive, Duration::ZERO, Holder::Index);
         assert!(guard.is_err(), "the session holds the index lock");
         let Index { db, _lock, .. } = killed;
         std::mem::forget(db);
         drop(_lock);
-        let index = Index::open_for_reading(&fs, &path, &lock, READ_CACHE_BYTES).expect("open");
+        let index = Index::open(&fs, &path, &lock, READ_CACHE_BYTES, Access::Read).expect("open");
         assert!(index.writable(), "repaired by an open for writing");
-        let tx = index.begin_read().expect("read");
-        let got = tx
-            .open_table(T)
-            .expect("table")
-            .get(1)
-            .expect("get")
-            .map(|v| v.value());
-        assert_eq!(got, Some(10));
-        drop(tx);
+        assert_eq!(value(&index), Some(10));
         drop(index);
 
         // A damaged file is reported as damage, as an open for writing reports it.
         std::fs::write(&path, b"not a redb file at all").expect("write");
-        let e = Index::open_for_reading(&fs, &path, &lock, READ_CACHE_BYTES)
+        let e = Index::open(&fs, &path, &lock, READ_CACHE_BYTES, Access::Read)
             .err()
             .expect("refused");
         assert!(

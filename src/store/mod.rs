@@ -171,22 +171,34 @@ impl Store {
     }
 
     /// An index session that only reads, in key order ([`index::READ_CACHE_BYTES`]), or a few
-    /// records ([`Index::open_for_reading`]).
+    /// records ([`index::Access::Read`]).
     pub(crate) fn index_for_reading(&self) -> Result<Index, Error> {
         let e = self.long_write();
-        Index::open_for_reading(&self.fs, &e.index, &e.lock, index::READ_CACHE_BYTES)
+        Index::open(
+            &self.fs,
+            &e.index,
+            &e.lock,
+            index::READ_CACHE_BYTES,
+            index::Access::Read,
+        )
     }
 
     /// An index session that only reads, by many random lookups (tree nodes of every snapshot:
     /// stats, diff, show), with the larger cache of [`Store::index`].
     pub(crate) fn index_for_lookups(&self) -> Result<Index, Error> {
         let e = self.long_write();
-        Index::open_for_reading(&self.fs, &e.index, &e.lock, index::INDEX_CACHE_BYTES)
+        Index::open(
+            &self.fs,
+            &e.index,
+            &e.lock,
+            index::INDEX_CACHE_BYTES,
+            index::Access::Read,
+        )
     }
 
     fn open_index(&self, cache: usize) -> Result<Index, Error> {
         let e = self.long_write();
-        Index::open(&self.fs, &e.index, &e.lock, cache)
+        Index::open(&self.fs, &e.index, &e.lock, cache, index::Access::Write)
     }
 
     /// A writer into this store for a snapshot or an import: it bounds its memory (see

@@ -753,11 +753,12 @@ impl ChunkWriter {
         let handle = std::thread::spawn(move || -> Result<Vec<ChunkId>, StoreError> {
             // A store error (a damaged index, with its "run repair") goes through as it is;
             // only the lock's errors, which are not the store's, are wrapped.
-            let index = super::index::Index::open_for_reading(
+            let index = super::index::Index::open(
                 &fs,
                 &index_path,
                 &lock,
                 super::index::READ_CACHE_BYTES,
+                super::index::Access::Read,
             )
             .map_err(|e| match e {
                 crate::error::Error::Store(e) => e,
