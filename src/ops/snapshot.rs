@@ -31,6 +31,9 @@ use crate::tree::{ContentRef, TreeBuilder};
 /// Chunks handed to the hashing/compression pool at a time.
 const BATCH_BYTES: usize = 4 << 20;
 
+/// A batch buffer's size: a batch, and room for the chunk that takes it past [`BATCH_BYTES`].
+const BATCH_CAPACITY: usize = BATCH_BYTES + (64 << 10);
+
 /// What to snapshot.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -792,7 +795,7 @@ impl Emit<'_> {
         let next = self
             .spares
             .try_recv()
-            .unwrap_or_else(|_| Batch::with_capacity(BATCH_BYTES + (64 << 10)));
+            .unwrap_or_else(|_| Batch::with_capacity(BATCH_CAPACITY));
         let batch = self.batch.split_open_into(next);
         self.size += batch.bytes().len() as u64;
         (self.sink)(batch)
@@ -808,7 +811,7 @@ fn run_producer<T>(
 ) -> Result<(u64, T), Error> {
     let mut emit = Emit {
         size: 0,
-        batch: Batch::with_capacity(BATCH_BYTES + (64 << 10)),
+        batch: Batch::with_capacity(BATCH_CAPACITY),
         sink,
         spares,
     };

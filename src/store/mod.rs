@@ -167,38 +167,24 @@ impl Store {
     }
 
     pub(crate) fn index(&self) -> Result<Index, Error> {
-        self.open_index(index::INDEX_CACHE_BYTES)
+        self.open_index(index::INDEX_CACHE_BYTES, index::Access::Write)
     }
 
     /// An index session that only reads, in key order ([`index::READ_CACHE_BYTES`]), or a few
     /// records ([`index::Access::Read`]).
     pub(crate) fn index_for_reading(&self) -> Result<Index, Error> {
-        let e = self.long_write();
-        Index::open(
-            &self.fs,
-            &e.index,
-            &e.lock,
-            index::READ_CACHE_BYTES,
-            index::Access::Read,
-        )
+        self.open_index(index::READ_CACHE_BYTES, index::Access::Read)
     }
 
     /// An index session that only reads, by many random lookups (tree nodes of every snapshot:
     /// stats, diff, show), with the larger cache of [`Store::index`].
     pub(crate) fn index_for_lookups(&self) -> Result<Index, Error> {
-        let e = self.long_write();
-        Index::open(
-            &self.fs,
-            &e.index,
-            &e.lock,
-            index::INDEX_CACHE_BYTES,
-            index::Access::Read,
-        )
+        self.open_index(index::INDEX_CACHE_BYTES, index::Access::Read)
     }
 
-    fn open_index(&self, cache: usize) -> Result<Index, Error> {
+    fn open_index(&self, cache: usize, access: index::Access) -> Result<Index, Error> {
         let e = self.long_write();
-        Index::open(&self.fs, &e.index, &e.lock, cache, index::Access::Write)
+        Index::open(&self.fs, &e.index, &e.lock, cache, access)
     }
 
     /// A writer into this store for a snapshot or an import: it bounds its memory (see

@@ -506,18 +506,6 @@ impl ChunkWriter {
         Ok(self.complete_keep(job, flags)?.0)
     }
 
-    /// Whether `id` is in the open pack or in a pack still being made durable.
-    fn in_flight(&self, id: &ChunkId) -> bool {
-        self.open_chunks.contains_key(id) || self.syncing.iter().any(|s| s.chunks.contains_key(id))
-    }
-
-    /// Whether this writer stored `id` and still recognises it: entries moved to `durable` or
-    /// to a sorted run are not looked at, so a chunk met again after that is written again
-    /// (garbage, I5).
-    fn wrote(&self, id: &ChunkId) -> bool {
-        self.in_flight(id) || self.new_chunks.contains_key(id) || self.new_nodes.contains_key(id)
-    }
-
     /// [`ChunkWriter::complete`], handing the batch back so that its buffer can be filled again.
     pub(crate) fn complete_keep(
         &mut self,
@@ -559,6 +547,18 @@ impl ChunkWriter {
             });
         }
         Ok((out, batch))
+    }
+
+    /// Whether `id` is in the open pack or in a pack still being made durable.
+    fn in_flight(&self, id: &ChunkId) -> bool {
+        self.open_chunks.contains_key(id) || self.syncing.iter().any(|s| s.chunks.contains_key(id))
+    }
+
+    /// Whether this writer stored `id` and still recognises it: entries moved to `durable` or
+    /// to a sorted run are not looked at, so a chunk met again after that is written again
+    /// (garbage, I5).
+    fn wrote(&self, id: &ChunkId) -> bool {
+        self.in_flight(id) || self.new_chunks.contains_key(id) || self.new_nodes.contains_key(id)
     }
 
     /// Stores a batch of chunks (see [`ChunkWriter::start`]).
@@ -1486,15 +1486,19 @@ mod tests {
         assert_eq!(pending.packs.len(), 5);
     }
 
-    /// Pages of text, sparse, float and random bytes (each kind compresses its own way).
-    fn mixed_pages(seed: u64, n: usize) -> Vec<Vec<u8>> {
-        let mut s = seed;
-        let mut next = move || {
+    /// A deterministic stream of pseudo-random numbers from `seed` (not 0).
+    fn xorshift(mut s: u64) -> impl FnMut() -> u64 {
+        move || {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
             s
-        };
+        }
+    }
+
+    /// Pages of text, sparse, float and random bytes (each kind compresses its own way).
+    fn mixed_pages(seed: u64, n: usize) -> Vec<Vec<u8>> {
+        let mut next = xorshift(seed);
         let mut pages: Vec<Vec<u8>> = Vec::new();
         for i in 0..n {
             let text = format!("memory {seed}/{i}: the user prefers short answers. ").repeat(120);
@@ -1725,13 +1729,7 @@ mod tests {
         let mut page = vec![0u8; 4096];
         page[..100].copy_from_slice(&[7u8; 100]);
         assert_eq!(compress(&page, 3).map(|c| c.0), Some(FLAG_ZSTD));
-        let mut s = 0x1234_5678_u64;
-        let mut next = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
+        let mut next = xorshift(0x1234_5678);
         let random: Vec<u8> = (0..4096).map(|_| next() as u8).collect();
         assert!(entropy_bits(&random) >= RAW_ENTROPY_BITS);
         assert!(
