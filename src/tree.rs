@@ -157,7 +157,7 @@ pub(crate) fn store_pages_kept(
         &store.fs,
         store.packs_dir(),
         &store.config,
-        crate::store::writer::KnownFilter::default(),
+        crate::store::filter::KnownFilter::default(),
     );
     let content = store_pages(&mut w, pages);
     let pending = w.finish().expect("finish");
@@ -362,7 +362,7 @@ mod tests {
 
     use super::*;
     use crate::store::config::StoreConfig;
-    use crate::store::writer::KnownFilter;
+    use crate::store::filter::KnownFilter;
 
     fn build(ids: &[ChunkId], w: &mut ChunkWriter) -> ContentRef {
         build_hits(ids, w, |_| false)

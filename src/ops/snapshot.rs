@@ -24,8 +24,9 @@ use crate::source::{SourceSpec, git, memdir, sqlite};
 use crate::store::Store;
 use crate::store::chunk_id::ChunkId;
 use crate::store::config::StoreConfig;
+use crate::store::filter::{FilterBuilder, KnownFilter};
 use crate::store::index::{self, AGENTS, CHUNKS, FILE_STATS, SNAPSHOTS};
-use crate::store::writer::{Batch, ChunkWriter, FilterBuilder, InFlight, KnownFilter, Pending};
+use crate::store::writer::{Batch, ChunkWriter, InFlight, Pending};
 use crate::tree::{ContentRef, TreeBuilder};
 
 /// Chunks handed to the hashing/compression pool at a time.

@@ -3,6 +3,7 @@
 
 pub(crate) mod chunk_id;
 pub(crate) mod config;
+pub(crate) mod filter;
 pub(crate) mod index;
 pub(crate) mod pack;
 pub(crate) mod planes;
@@ -189,7 +190,7 @@ impl Store {
 
     /// A writer into this store for a snapshot or an import: it bounds its memory (see
     /// [`writer::LongWrite`]).
-    pub(crate) fn writer(&self, known: writer::KnownFilter) -> writer::ChunkWriter {
+    pub(crate) fn writer(&self, known: filter::KnownFilter) -> writer::ChunkWriter {
         let mut w = writer::ChunkWriter::new(&self.fs, self.packs_dir(), &self.config, known);
         w.long_write(self.long_write());
         w

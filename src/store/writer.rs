@@ -3,12 +3,12 @@
 //! commits the [`Pending`] result in one index transaction (store-format.md, "Write ordering").
 //!
 //! Known chunks are recognised by an in-memory filter of id prefixes loaded when the snapshot
-//! starts (~4.5 bytes per stored chunk). A hit is only "probably stored": it is confirmed
+//! starts ([`super::filter`]). A hit is only "probably stored": it is confirmed
 //! with an exact index lookup, in batches during a snapshot and the rest at commit. Tree nodes
 //! make that cheap: a confirmed node implies its whole subtree (invariant I3), so a hit subtree
 //! needs one lookup, however large.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use super::chunk_id::ChunkId;
 use super::config::StoreConfig;
+use super::filter::KnownFilter;
 use super::pack::{ChunkLoc, FLAG_PLANES, FLAG_TREE, FLAG_ZSTD, PackId, PackWriter};
 use super::runs::SortedRuns;
 use crate::error::StoreError;
@@ -124,112 +125,6 @@ struct Syncing {
     handle: Background,
     /// Its chunks, as in `ChunkWriter::open_chunks`.
     chunks: HashMap<ChunkId, ChunkLoc>,
-}
-
-/// Ids the store held when the snapshot began. An id's first 64 bits are split in a bucket (its
-/// top `bits` bits, `bits` about log2(n) - 2, so that a bucket holds 4-8 ids) and the 32 bits
-/// after them, kept sorted by bucket: 4 bytes per chunk and 0.5-1 of directory (8 + 1-2 with
-/// whole prefixes). A lookup scans one bucket of 16-32 bytes, so an id the store lacks is a
-/// false hit with odds ~6 / 2^32; the commit's exact lookup catches it (a retry).
-#[derive(Default)]
-pub(crate) struct KnownFilter {
-    rest: Vec<u32>,
-    /// `rest[dir[b]..dir[b + 1]]` are those of bucket `b`.
-    dir: Vec<u32>,
-    bits: u32,
-    /// Ids that a failed confirmation proved absent despite a prefix match.
-    excluded: HashSet<ChunkId>,
-}
-
-/// Builds a [`KnownFilter`] from prefixes in ascending order (an index walk of `chunks`), without
-/// holding them all.
-pub(crate) struct FilterBuilder {
-    filter: KnownFilter,
-    last: Option<u64>,
-}
-
-impl FilterBuilder {
-    /// For about `n` prefixes.
-    pub(crate) fn new(n: usize, excluded: HashSet<ChunkId>) -> Self {
-        let bits = (usize::BITS - n.leading_zeros())
-            .saturating_sub(3)
-            .clamp(1, 24);
-        let mut dir = Vec::with_capacity((1usize << bits) + 1);
-        dir.push(0);
-        Self {
-            filter: KnownFilter {
-                rest: Vec::with_capacity(n),
-                dir,
-                bits,
-                excluded,
-            },
-            last: None,
-        }
-    }
-
-    /// Adds the next prefix; false if it is below the last one (the input is not sorted).
-    pub(crate) fn push(&mut self, p: u64) -> bool {
-        match self.last {
-            Some(last) if p < last => return false,
-            Some(last) if p == last => return true,
-            _ => {}
-        }
-        self.last = Some(p);
-        let f = &mut self.filter;
-        let (bucket, rest) = f.split(p);
-        // Close every bucket below this one.
-        while f.dir.len() <= bucket {
-            f.dir.push(f.rest.len() as u32);
-        }
-        f.rest.push(rest);
-        true
-    }
-
-    pub(crate) fn finish(mut self) -> KnownFilter {
-        let f = &mut self.filter;
-        while f.dir.len() <= 1usize << f.bits {
-            f.dir.push(f.rest.len() as u32);
-        }
-        // Tests make a chunk of their choice a false hit, as a collision would.
-        if let Some(p) = test_knob("MEMSNAP_TEST_FALSE_HIT") {
-            let (b, rest) = f.split(p);
-            f.rest.insert(f.dir[b + 1] as usize, rest);
-            f.dir[b + 1..].iter_mut().for_each(|d| *d += 1);
-        }
-        self.filter
-    }
-}
-
-impl KnownFilter {
-    /// From prefixes in any order (tests).
-    #[cfg(test)]
-    pub(crate) fn new(mut prefixes: Vec<u64>, excluded: HashSet<ChunkId>) -> Self {
-        prefixes.sort_unstable();
-        let mut b = FilterBuilder::new(prefixes.len(), excluded);
-        for p in prefixes {
-            b.push(p);
-        }
-        b.finish()
-    }
-
-    /// The bucket of prefix `p` and the 32 bits after it.
-    fn split(&self, p: u64) -> (usize, u32) {
-        (
-            (p >> (64 - self.bits)) as usize,
-            ((p << self.bits) >> 32) as u32,
-        )
-    }
-
-    fn probably_has(&self, id: &ChunkId) -> bool {
-        if self.dir.is_empty() {
-            return false;
-        }
-        let (b, rest) = self.split(id.prefix());
-        let (Some(&lo), Some(&hi)) = (self.dir.get(b), self.dir.get(b + 1)) else {
-            return false;
-        };
-        self.rest[lo as usize..hi as usize].contains(&rest) && !self.excluded.contains(id)
-    }
 }
 
 /// The outcome of storing one chunk.
@@ -1160,6 +1055,7 @@ fn compress(data: &[u8], level: i32) -> Option<(u8, Vec<u8>)> {
 mod tests {
     use super::*;
     use crate::store::pack::MAX_PACK_CHUNKS;
+    use std::collections::HashSet;
 
     /// A new store in `dir` and a writer into it, not a [`LongWrite`].
     fn writer_in(dir: &std::path::Path) -> (crate::store::Store, ChunkWriter) {
@@ -1689,37 +1585,6 @@ mod tests {
         let err = w.finish().err().expect("the session's error");
         assert!(matches!(err, StoreError::IndexDamaged { .. }), "{err:?}");
         assert!(err.to_string().contains("memsnap repair"), "{err}");
-    }
-
-    #[test]
-    fn filter_builder_takes_sorted_prefixes_once_each() {
-        let mut b = FilterBuilder::new(3, HashSet::new());
-        assert!(b.push(5) && b.push(5) && b.push(u64::MAX));
-        assert!(!b.push(7), "out of order");
-        let f = b.finish();
-        assert_eq!(f.rest.len(), 2);
-        assert_eq!(f.dir.len(), (1 << f.bits) + 1);
-    }
-
-    #[test]
-    fn filter_finds_every_prefix_and_few_others() {
-        let ids: Vec<ChunkId> = (0..5000u32)
-            .map(|i| ChunkId::of(&i.to_le_bytes()))
-            .collect();
-        let f = KnownFilter::new(ids.iter().map(|i| i.prefix()).collect(), HashSet::new());
-        assert!(ids.iter().all(|i| f.probably_has(i)));
-        let others = (5000..10000u32)
-            .filter(|i| f.probably_has(&ChunkId::of(&i.to_le_bytes())))
-            .count();
-        assert_eq!(others, 0);
-        assert!(!KnownFilter::default().probably_has(&ids[0]));
-        let edge = KnownFilter::new(vec![0, u64::MAX], HashSet::new());
-        assert!(edge.probably_has(&ChunkId([0; 32])));
-        assert!(edge.probably_has(&ChunkId([0xff; 32])));
-        let mut excluded = HashSet::new();
-        excluded.insert(ids[7]);
-        let f = KnownFilter::new(ids.iter().map(|i| i.prefix()).collect(), excluded);
-        assert!(!f.probably_has(&ids[7]) && f.probably_has(&ids[8]));
     }
 
     #[test]
