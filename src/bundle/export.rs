@@ -935,7 +935,7 @@ fn hash_items(rx: Receiver<ToHash>) -> Vec<String> {
     let mut sha = sha2::Sha256::new();
     for m in rx {
         match m {
-            ToHash::Chunks(batch) => batch.iter().for_each(|c| sha.update(c.content())),
+            ToHash::Chunks(batch) => batch.iter().for_each(|c| c.feed(|b| sha.update(b))),
             ToHash::Bytes(b) => sha.update(&b),
             ToHash::End => out.push(hex::encode(sha.finalize_reset())),
         }

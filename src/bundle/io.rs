@@ -413,18 +413,29 @@ pub(crate) struct StoredChunk {
     pub(crate) raw_len: u32,
     /// As the packs hold it; a plane-coded chunk as a frame of its decoded bytes.
     pub(crate) bytes: Vec<u8>,
-    /// The decoded bytes of a frame, when they were asked for.
-    plain: Option<Vec<u8>>,
+    /// Where the decoded bytes of a frame are, when they were asked for.
+    plain: Plain,
+}
+
+enum Plain {
+    /// Not asked for, or `bytes` themselves (not a frame).
+    Bytes,
+    /// A zstd frame's, decoded.
+    Decoded(Vec<u8>),
+    /// A plane-coded chunk's: in its frame, around its zero run. Not copied out: a copy beside
+    /// every frame was the largest part of an export's peak memory.
+    InFrame(crate::store::planes::PlaneSpans),
 }
 
 impl StoredChunk {
-    /// The chunk's bytes: `bytes` unless it is a frame, then what [`stored_chunks`] decoded
-    /// (nothing, when it was not asked to check).
-    pub(crate) fn content(&self) -> &[u8] {
+    /// Hands `f` the chunk's bytes in order: `bytes` unless it is a frame, then what
+    /// [`stored_chunks`] decoded (nothing, when it was not asked to check).
+    pub(crate) fn feed(&self, mut f: impl FnMut(&[u8])) {
         match (&self.plain, self.frame) {
-            (Some(p), _) => p,
-            (None, false) => &self.bytes,
-            (None, true) => &[],
+            (Plain::Decoded(p), _) => f(p),
+            (Plain::InFrame(s), _) => s.feed(&self.bytes, f),
+            (Plain::Bytes, false) => f(&self.bytes),
+            (Plain::Bytes, true) => {}
         }
     }
 }
@@ -459,10 +470,23 @@ pub(crate) fn stored_chunks(
                         _ => {
                             let coded = crate::store::planes::decode_to_frame(&b, raw_len as usize)
                                 .map_err(|e| damaged(id, &packs.path(&loc.pack), e.to_string()))?;
-                            let plain = check.then(|| coded.content());
-                            (true, coded.frame, plain)
+                            if check {
+                                packs.check(id, loc, &coded.content(), true)?;
+                            }
+                            let (frame, spans) = coded.into_parts();
+                            let plain = match check {
+                                true => Plain::InFrame(spans),
+                                false => Plain::Bytes,
+                            };
+                            return Ok(StoredChunk {
+                                frame: true,
+                                raw_len,
+                                bytes: frame,
+                                plain,
+                            });
                         }
                     };
+                    let plain = plain.map_or(Plain::Bytes, Plain::Decoded);
                     let chunk = StoredChunk {
                         frame,
                         raw_len,
@@ -472,7 +496,11 @@ pub(crate) fn stored_chunks(
                     if check {
                         // As `read_into` checks them: a raw chunk of another length than its
                         // entry says would put the tar stream out of step.
-                        packs.check(id, loc, chunk.content(), true)?;
+                        let content = match (&chunk.plain, frame) {
+                            (Plain::Decoded(p), _) => p.as_slice(),
+                            _ => chunk.bytes.as_slice(),
+                        };
+                        packs.check(id, loc, content, true)?;
                     }
                     Ok(chunk)
                 })

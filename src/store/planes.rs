@@ -254,10 +254,44 @@ impl PlaneFrame {
     /// The chunk's bytes (the frame's content).
     pub(crate) fn content(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.head.len() + self.zeros + self.tail.len());
-        out.extend_from_slice(&self.frame[self.head.clone()]);
-        out.resize(out.len() + self.zeros, 0);
-        out.extend_from_slice(&self.frame[self.tail.clone()]);
+        self.spans().feed(&self.frame, |b| out.extend_from_slice(b));
         out
+    }
+
+    fn spans(&self) -> PlaneSpans {
+        PlaneSpans {
+            head: self.head.clone(),
+            zeros: self.zeros,
+            tail: self.tail.clone(),
+        }
+    }
+
+    /// The frame, and where the chunk's bytes lie in it.
+    pub(crate) fn into_parts(self) -> (Vec<u8>, PlaneSpans) {
+        let spans = self.spans();
+        (self.frame, spans)
+    }
+}
+
+/// Where a [`PlaneFrame`]'s content lies in its frame: two raw blocks around a zero run.
+pub(crate) struct PlaneSpans {
+    head: std::ops::Range<usize>,
+    zeros: usize,
+    tail: std::ops::Range<usize>,
+}
+
+impl PlaneSpans {
+    /// Hands `f` the content of `frame` (the frame these spans were made with) in order.
+    pub(crate) fn feed(&self, frame: &[u8], mut f: impl FnMut(&[u8])) {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        f(frame.get(self.head.clone()).unwrap_or_default());
+        let mut left = self.zeros;
+        while left > 0 {
+            let n = left.min(ZEROS.len());
+            f(&ZEROS[..n]);
+            left -= n;
+        }
+        f(frame.get(self.tail.clone()).unwrap_or_default());
     }
 }
 
