@@ -193,30 +193,27 @@ impl KnownFilter {
             return false;
         }
         let key = self.key(id.prefix());
+        (self.forced == Some(key) || self.holds(key)) && !self.excluded.contains(id)
+    }
+
+    /// Whether an id with this key was pushed.
+    fn holds(&self, key: u64) -> bool {
         let (bucket, low) = (key >> LOW_BITS, key & ((1 << LOW_BITS) - 1));
-        let found = self.forced == Some(key) || {
-            let Some(end) = self.bucket_end(bucket) else {
-                return false;
-            };
-            // The ids before the closing 0 are the bucket's, the last of them numbered
-            // end - bucket - 1 (every bit before it is an id or one of `bucket` 0s).
-            let (mut at, mut i) = (end, end - bucket);
-            let mut hit = false;
-            while at > 0 && self.bit(at - 1) {
-                at -= 1;
-                i -= 1;
-                match self.low(i) {
-                    Some(l) if l == low => {
-                        hit = true;
-                        break;
-                    }
-                    Some(l) if l > low => {}
-                    _ => break,
-                }
-            }
-            hit
+        let Some(end) = self.bucket_end(bucket) else {
+            return false;
         };
-        found && !self.excluded.contains(id)
+        // The bucket's ids are the 1s just before its closing 0, the last of them numbered
+        // end - bucket - 1 (every bit before it is an id or one of `bucket` 0s), their low bits
+        // ascending.
+        let mut i = end - bucket;
+        for _ in (0..end).rev().take_while(|&at| self.bit(at)) {
+            i -= 1;
+            match self.low(i) {
+                Some(l) if l > low => {}
+                l => return l == Some(low),
+            }
+        }
+        false
     }
 
     /// Ids held (those sharing a key count once).

@@ -251,11 +251,11 @@ pub(crate) struct PlaneFrame {
 }
 
 impl PlaneFrame {
-    /// The chunk's bytes (the frame's content).
+    /// The chunk's bytes (the frame's content), copied out: tests compare them. Export reads
+    /// them in place ([`PlaneSpans::feed`]).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn content(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.head.len() + self.zeros + self.tail.len());
-        self.spans().feed(&self.frame, |b| out.extend_from_slice(b));
-        out
+        self.spans().content(&self.frame)
     }
 
     fn spans(&self) -> PlaneSpans {
@@ -281,6 +281,13 @@ pub(crate) struct PlaneSpans {
 }
 
 impl PlaneSpans {
+    /// The content of `frame` (the frame these spans were made with), copied out.
+    pub(crate) fn content(&self, frame: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.head.len() + self.zeros + self.tail.len());
+        self.feed(frame, |b| out.extend_from_slice(b));
+        out
+    }
+
     /// Hands `f` the content of `frame` (the frame these spans were made with) in order.
     pub(crate) fn feed(&self, frame: &[u8], mut f: impl FnMut(&[u8])) {
         const ZEROS: [u8; 4096] = [0; 4096];
