@@ -12,7 +12,7 @@
 //! (a killed process's is swept by the next writer).
 
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use super::chunk_id::ChunkId;
@@ -25,6 +25,9 @@ const ENTRY: usize = 32 + ChunkLoc::ENCODED;
 
 /// Read buffer per run while merging: a 4 GiB first snapshot has ~18 runs.
 const READ_BUFFER: usize = 64 << 10;
+
+/// Read buffers of all runs together, once there are more than 32 runs.
+const MERGE_BUFFERS: usize = 2 << 20;
 
 pub(crate) struct SortedRuns {
     dir: ScratchDir,
@@ -80,23 +83,26 @@ impl SortedRuns {
     }
 }
 
-/// Every entry of `runs` and of `rest`, in key order (an id written twice comes twice).
+/// Every entry of `runs` and of `rest`, in key order (an id written twice comes twice: from
+/// the runs first, in run order, then from `rest`).
 pub(crate) fn merged(
     runs: Option<&SortedRuns>,
     rest: &HashMap<ChunkId, ChunkLoc>,
 ) -> Result<Merged, StoreError> {
     let path = runs.map(SortedRuns::path).unwrap_or_default();
-    let err = |e| StoreError::io(&path, e);
-    let mut readers = Vec::new();
+    let counts = runs.map_or(&[][..], |r| &r.runs);
+    let file = match counts.is_empty() {
+        true => None,
+        false => Some(std::fs::File::open(&path).map_err(|e| StoreError::io(&path, e))?),
+    };
+    let mut readers = Vec::with_capacity(counts.len());
     let mut start = 0u64;
-    for &count in runs.map_or(&[][..], |r| &r.runs) {
-        let mut file = std::fs::File::open(&path).map_err(err)?;
-        file.seek(SeekFrom::Start(start * ENTRY as u64))
-            .map_err(err)?;
+    for &count in counts {
         readers.push(Run {
-            reader: BufReader::with_capacity(READ_BUFFER, file),
-            left: count,
-            head: None,
+            at: start * ENTRY as u64,
+            unread: count * ENTRY as u64,
+            buf: Vec::new(),
+            pos: 0,
         });
         start += count;
     }
@@ -104,6 +110,10 @@ pub(crate) fn merged(
     memory.sort_unstable_by_key(|(id, _)| *id);
     let mut merged = Merged {
         path,
+        file,
+        buffer: run_buffer(counts.len()),
+        heads: std::collections::BinaryHeap::with_capacity(counts.len()),
+        locs: vec![ChunkLoc::UNSET; counts.len()],
         readers,
         memory: memory.into_iter().peekable(),
     };
@@ -113,38 +123,73 @@ pub(crate) fn merged(
     Ok(merged)
 }
 
-struct Run {
-    reader: BufReader<std::fs::File>,
-    left: u64,
-    head: Option<(ChunkId, ChunkLoc)>,
+/// Read buffer of each of `runs` runs: [`READ_BUFFER`] while they are few, less once their sum
+/// would pass [`MERGE_BUFFERS`] (a first snapshot of hundreds of GiB has a thousand runs), never
+/// less than 64 entries.
+fn run_buffer(runs: usize) -> usize {
+    (MERGE_BUFFERS / runs.max(1)).clamp(64 * ENTRY, READ_BUFFER) / ENTRY * ENTRY
 }
 
-/// The merge of [`SortedRuns`] and the entries held in memory. Runs are few (one per 65,536
-/// entries), so the smallest head is found by a scan, not a heap.
+/// A run being merged: its next `unread` bytes at `at` in the runs file, after what is left of
+/// `buf` from `pos`.
+struct Run {
+    at: u64,
+    unread: u64,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+/// The merge of [`SortedRuns`] and the entries held in memory. The runs are read through one
+/// handle at their own offsets, and the next entry is the least of the runs' heads, in a heap:
+/// runs grow with the snapshot (one per 65,536 entries), so neither file handles nor a scan of
+/// every head per entry may.
 pub(crate) struct Merged {
     path: PathBuf,
+    file: Option<std::fs::File>,
+    buffer: usize,
+    /// Each run's head id with the run's number, least first; its location in `locs`.
+    heads: std::collections::BinaryHeap<std::cmp::Reverse<(ChunkId, usize)>>,
+    locs: Vec<ChunkLoc>,
     readers: Vec<Run>,
     memory: std::iter::Peekable<std::vec::IntoIter<(ChunkId, ChunkLoc)>>,
 }
 
 impl Merged {
+    /// Puts run `i`'s next entry in the heap, if it has one.
     fn advance(&mut self, i: usize) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
         let run = &mut self.readers[i];
-        run.head = None;
-        if run.left == 0 {
-            return Ok(());
+        if run.pos == run.buf.len() {
+            if run.unread == 0 {
+                run.buf = Vec::new();
+                return Ok(());
+            }
+            let Some(file) = &self.file else {
+                return Ok(());
+            };
+            let n = run.unread.min(self.buffer as u64) as usize;
+            run.buf.resize(n, 0);
+            file.read_exact_at(&mut run.buf, run.at)
+                .map_err(|e| StoreError::io(&self.path, e))?;
+            run.at += n as u64;
+            run.unread -= n as u64;
+            run.pos = 0;
         }
-        let mut b = [0u8; ENTRY];
-        run.reader
-            .read_exact(&mut b)
-            .map_err(|e| StoreError::io(&self.path, e))?;
-        run.left -= 1;
+        let b = &run.buf[run.pos..run.pos + ENTRY];
+        run.pos += ENTRY;
         let mut id = [0u8; 32];
         id.copy_from_slice(&b[..32]);
         let mut loc = [0u8; ChunkLoc::ENCODED];
         loc.copy_from_slice(&b[32..]);
-        run.head = Some((ChunkId(id), ChunkLoc::decode(&loc)));
+        self.locs[i] = ChunkLoc::decode(&loc);
+        self.heads.push(std::cmp::Reverse((ChunkId(id), i)));
         Ok(())
+    }
+
+    /// Bytes of read buffer the runs hold.
+    #[cfg(test)]
+    pub(crate) fn buffered(&self) -> usize {
+        self.readers.iter().map(|r| r.buf.capacity()).sum()
     }
 }
 
@@ -152,15 +197,10 @@ impl Iterator for Merged {
     type Item = Result<(ChunkId, ChunkLoc), StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let smallest = self
-            .readers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, r)| r.head.as_ref().map(|h| (h.0, i)))
-            .min();
-        match (smallest, self.memory.peek()) {
-            (Some((id, i)), m) if m.is_none_or(|m| id <= m.0) => {
-                let head = self.readers[i].head.take()?;
+        match (self.heads.peek(), self.memory.peek()) {
+            (Some(std::cmp::Reverse((id, _))), m) if m.is_none_or(|m| *id <= m.0) => {
+                let std::cmp::Reverse((id, i)) = self.heads.pop()?;
+                let head = (id, self.locs[i]);
                 Some(self.advance(i).map(|()| head))
             }
             _ => self.memory.next().map(Ok),

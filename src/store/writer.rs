@@ -1154,6 +1154,52 @@ mod tests {
         }
     }
 
+    /// A merge of many runs (a first snapshot of hundreds of GiB has a thousand) gives every
+    /// entry in key order, an id in a run and in memory from the run first, and holds 64 entries
+    /// of buffer per run rather than 64 KiB.
+    #[test]
+    fn a_thousand_runs_merge_in_key_order_with_small_buffers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _w) = writer_in(dir.path());
+        let mut runs = SortedRuns::create(&store.fs, &store.tmp_dir()).expect("runs");
+        let loc = |offset: u64| ChunkLoc {
+            offset,
+            ..ChunkLoc::UNSET
+        };
+        let id = |r: u32, k: u32| ChunkId::of(&[r.to_le_bytes(), k.to_le_bytes()].concat());
+        let (count, per_run) = (1200u32, 200u32);
+        for r in 0..count {
+            let mut entries: Vec<_> = (0..per_run).map(|k| (id(r, k), loc(1))).collect();
+            runs.push(&mut entries).expect("push");
+        }
+        // In memory: new ids, and one that a run holds too.
+        let mut memory: HashMap<ChunkId, ChunkLoc> =
+            (0..500u32).map(|k| (id(u32::MAX, k), loc(2))).collect();
+        memory.insert(id(7, 7), loc(2));
+        let merged = super::super::runs::merged(Some(&runs), &memory).expect("merge");
+        assert!(
+            merged.buffered() <= count as usize * 64 * 65,
+            "{} bytes of buffers",
+            merged.buffered()
+        );
+        let entries: Vec<(ChunkId, ChunkLoc)> = merged.collect::<Result<_, _>>().expect("entries");
+        assert_eq!(entries.len(), (count * per_run) as usize + memory.len());
+        assert!(entries.windows(2).all(|p| p[0].0 <= p[1].0), "in key order");
+        let twice: Vec<u64> = entries
+            .iter()
+            .filter(|(i, _)| *i == id(7, 7))
+            .map(|(_, l)| l.offset)
+            .collect();
+        assert_eq!(twice, [1, 2], "the run's entry, then memory's");
+        let mut all: Vec<ChunkId> = (0..count)
+            .flat_map(|r| (0..per_run).map(move |k| (r, k)))
+            .map(|(r, k)| id(r, k))
+            .chain(memory.keys().copied())
+            .collect();
+        all.sort_unstable();
+        assert_eq!(entries.iter().map(|(i, _)| *i).collect::<Vec<_>>(), all);
+    }
+
     /// A merge that cannot read its runs, or fails midway through the commit's inserts, is an
     /// error that names the file, and the aborted transaction leaves the table as it was: no
     /// entry, no filler.
@@ -1163,12 +1209,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, _w) = writer_in(dir.path());
         let mut runs = SortedRuns::create(&store.fs, &store.tmp_dir()).expect("runs");
-        let mut entries: Vec<(ChunkId, ChunkLoc)> = (0..100u32)
+        let mut entries: Vec<(ChunkId, ChunkLoc)> = (0..2000u32)
             .map(|i| (ChunkId::of(&i.to_le_bytes()), ChunkLoc::UNSET))
             .collect();
         runs.push(&mut entries).expect("push");
         let index = store.index().expect("index");
-        // The run file cut short: the merge reads ten entries, then hits the end.
+        // The run file cut short: the merge reads its first buffer (64 KiB), then hits the end.
         let path = std::fs::read_dir(store.tmp_dir())
             .expect("tmp")
             .map(|e| e.expect("entry").path().join("runs"))
@@ -1177,7 +1223,7 @@ mod tests {
         std::fs::File::options()
             .write(true)
             .open(&path)
-            .and_then(|f| f.set_len(65 * 10))
+            .and_then(|f| f.set_len(65 * 1500))
             .expect("truncate");
         let merged = super::super::runs::merged(Some(&runs), &HashMap::new()).expect("merge");
         let tx = index.begin_write().expect("tx");
