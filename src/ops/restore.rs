@@ -1156,8 +1156,8 @@ fn joined<T>(t: std::thread::ScopedJoinHandle<'_, T>) -> T {
 /// Threads that read and decompress the batches of files read past the page cache: such a
 /// read holds its thread until the disk answers, so that four times as many threads as cores
 /// keep both the disk and the cores busy (a 1 GiB restore on the bench VM, 2 cores: 2.30 s
-/// with twice as many, 2.04 s with four times, means of four runs each), up to one per piece
-/// of a batch. `None` if the pool cannot be made (the caller's pool then).
+/// with twice as many, 2.04 s with four times, means of four runs each), at most eight.
+/// `None` if the pool cannot be made (the caller's pool then).
 fn read_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
@@ -1194,25 +1194,35 @@ fn read_batch(
     packs.check_sizes(batch)?;
     let total: usize = batch.iter().map(|(_, l)| l.raw_len as usize).sum();
     let start = aligned_start(&mut buf, lead + total);
-    // Pieces of ~1 MiB for the pool: each one read per pack run (PackFiles::read_into).
-    let mut rest = &mut buf[start + lead..start + lead + total];
-    let pieces: Vec<_> =
-        crate::store::stream::byte_batches(batch, crate::store::stream::PIECE_BYTES)
-            .map(|piece| {
-                let bytes = piece.iter().map(|(_, l)| l.raw_len as usize).sum();
-                let (slot, tail) = std::mem::take(&mut rest).split_at_mut(bytes);
-                rest = tail;
-                (piece, slot)
-            })
-            .collect();
-    let read = || {
+    let out = &mut buf[start + lead..][..total];
+    if packs.reads_direct() {
+        // Spans in pack order (PackFiles::read_span), on the read pool.
+        let spans = crate::store::reader::plan_spans(batch, out)?;
+        let read = || {
+            spans
+                .into_par_iter()
+                .try_for_each(|span| packs.read_span(span, verify))
+        };
+        match read_pool() {
+            Some(pool) => pool.install(read)?,
+            None => read()?,
+        }
+    } else {
+        // Pieces of ~1 MiB, each read per pack run (PackFiles::read_into: raw chunks straight
+        // into place through the page cache).
+        let mut rest = out;
+        let pieces: Vec<_> =
+            crate::store::stream::byte_batches(batch, crate::store::stream::PIECE_BYTES)
+                .map(|piece| {
+                    let bytes = piece.iter().map(|(_, l)| l.raw_len as usize).sum();
+                    let (slot, tail) = std::mem::take(&mut rest).split_at_mut(bytes);
+                    rest = tail;
+                    (piece, slot)
+                })
+                .collect();
         pieces
             .into_par_iter()
-            .try_for_each(|(piece, slot)| packs.read_into(piece, slot, verify))
-    };
-    match read_pool() {
-        Some(pool) if packs.reads_direct() => pool.install(read)?,
-        _ => read()?,
+            .try_for_each(|(piece, slot)| packs.read_into(piece, slot, verify))?;
     }
     Ok(Batch {
         buf,
