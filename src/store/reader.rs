@@ -218,18 +218,8 @@ impl PackFiles {
         // Named only on an error: formatting it per chunk was ~1.5% of a restore.
         let path = || self.path(&loc.pack);
         let (file, direct) = self.chunk_file(first, loc)?;
-        // A raw chunk's stored bytes are its bytes.
+        check_raw_lengths(run, &path)?;
         let raw = |l: &ChunkLoc| l.flags & FLAGS_ENCODED == 0;
-        if let Some((id, l)) = run
-            .iter()
-            .find(|(_, l)| raw(l) && l.stored_len != l.raw_len)
-        {
-            return Err(damaged(
-                id,
-                &path(),
-                format!("{} bytes, the index says {}", l.stored_len, l.raw_len),
-            ));
-        }
         let packed = run
             .iter()
             .map(|(_, l)| u64::from(l.stored_len))
@@ -261,17 +251,7 @@ impl PackFiles {
             return Ok(());
         };
         let path = || self.path(&loc.pack);
-        let raw = |l: &ChunkLoc| l.flags & FLAGS_ENCODED == 0;
-        if let Some((id, l)) = chunks
-            .iter()
-            .find(|(_, l)| raw(l) && l.stored_len != l.raw_len)
-        {
-            return Err(damaged(
-                id,
-                &path(),
-                format!("{} bytes, the index says {}", l.stored_len, l.raw_len),
-            ));
-        }
+        check_raw_lengths(&chunks, &path)?;
         self.with_span(&chunks, span, |from, stored| {
             decode_slots(chunks.iter().zip(slots), from, stored, &path, verify)
         })
@@ -416,6 +396,25 @@ impl PackFiles {
             ));
         }
         Ok(())
+    }
+}
+
+/// Refuses a raw chunk whose entry gives it a stored length other than its length: a raw
+/// chunk's stored bytes are its bytes.
+fn check_raw_lengths(
+    run: &[(ChunkId, ChunkLoc)],
+    path: &dyn Fn() -> PathBuf,
+) -> Result<(), StoreError> {
+    match run
+        .iter()
+        .find(|(_, l)| l.flags & FLAGS_ENCODED == 0 && l.stored_len != l.raw_len)
+    {
+        Some((id, l)) => Err(damaged(
+            id,
+            &path(),
+            format!("{} bytes, the index says {}", l.stored_len, l.raw_len),
+        )),
+        None => Ok(()),
     }
 }
 
