@@ -483,7 +483,7 @@ pub(crate) fn stored_chunks(
                         _ => {
                             let coded = crate::store::planes::decode_to_frame(&b, raw_len as usize)
                                 .map_err(|e| damaged(id, &packs.path(&loc.pack), e.to_string()))?;
-                            let (frame, spans) = coded.into_parts();
+                            let crate::store::planes::PlaneFrame { frame, spans } = coded;
                             let plain = match check {
                                 true => Plain::InFrame(spans),
                                 false => Plain::Bytes,

@@ -1194,35 +1194,16 @@ fn read_batch(
     packs.check_sizes(batch)?;
     let total: usize = batch.iter().map(|(_, l)| l.raw_len as usize).sum();
     let start = aligned_start(&mut buf, lead + total);
-    let out = &mut buf[start + lead..][..total];
-    if packs.reads_direct() {
-        // Spans in pack order (PackFiles::read_span), on the read pool.
-        let spans = crate::store::reader::plan_spans(batch, out)?;
-        let read = || {
-            spans
-                .into_par_iter()
-                .try_for_each(|span| packs.read_span(span, verify))
-        };
-        match read_pool() {
-            Some(pool) => pool.install(read)?,
-            None => read()?,
-        }
-    } else {
-        // Pieces of ~1 MiB, each read per pack run (PackFiles::read_into: raw chunks straight
-        // into place through the page cache).
-        let mut rest = out;
-        let pieces: Vec<_> =
-            crate::store::stream::byte_batches(batch, crate::store::stream::PIECE_BYTES)
-                .map(|piece| {
-                    let bytes = piece.iter().map(|(_, l)| l.raw_len as usize).sum();
-                    let (slot, tail) = std::mem::take(&mut rest).split_at_mut(bytes);
-                    rest = tail;
-                    (piece, slot)
-                })
-                .collect();
-        pieces
+    // Spans in pack order (PackFiles::read_span); on the read pool when past the page cache.
+    let spans = crate::store::reader::plan_spans(batch, &mut buf[start + lead..][..total])?;
+    let read = || {
+        spans
             .into_par_iter()
-            .try_for_each(|(piece, slot)| packs.read_into(piece, slot, verify))?;
+            .try_for_each(|span| packs.read_span(span, verify))
+    };
+    match read_pool() {
+        Some(pool) if packs.reads_direct() => pool.install(read)?,
+        _ => read()?,
     }
     Ok(Batch {
         buf,

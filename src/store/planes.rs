@@ -245,9 +245,7 @@ pub(crate) fn decode_into(stored: &[u8], out: &mut [u8]) -> Result<(), Malformed
 /// A plane-coded chunk as a zstd frame, and where its bytes lie in it.
 pub(crate) struct PlaneFrame {
     pub(crate) frame: Vec<u8>,
-    head: std::ops::Range<usize>,
-    zeros: usize,
-    tail: std::ops::Range<usize>,
+    pub(crate) spans: PlaneSpans,
 }
 
 impl PlaneFrame {
@@ -255,21 +253,7 @@ impl PlaneFrame {
     /// them in place ([`PlaneSpans::feed`]).
     #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn content(&self) -> Vec<u8> {
-        self.spans().content(&self.frame)
-    }
-
-    fn spans(&self) -> PlaneSpans {
-        PlaneSpans {
-            head: self.head.clone(),
-            zeros: self.zeros,
-            tail: self.tail.clone(),
-        }
-    }
-
-    /// The frame, and where the chunk's bytes lie in it.
-    pub(crate) fn into_parts(self) -> (Vec<u8>, PlaneSpans) {
-        let spans = self.spans();
-        (self.frame, spans)
+        self.spans.content(&self.frame)
     }
 }
 
@@ -342,9 +326,11 @@ pub(crate) fn decode_to_frame(stored: &[u8], raw_len: usize) -> Result<PlaneFram
     c.decode(&mut front[head.clone()], &mut back[in_back])?;
     Ok(PlaneFrame {
         frame: out,
-        head,
-        zeros: c.zero_len,
-        tail,
+        spans: PlaneSpans {
+            head,
+            zeros: c.zero_len,
+            tail,
+        },
     })
 }
 

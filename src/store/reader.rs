@@ -189,13 +189,7 @@ impl PackFiles {
                 for (id, loc) in run {
                     let slot = &dst[at..at + loc.raw_len as usize];
                     at += slot.len();
-                    if ChunkId::of(slot) != *id {
-                        return Err(damaged(
-                            id,
-                            &self.path(&loc.pack),
-                            "content does not match its hash".into(),
-                        ));
-                    }
+                    self.check(id, loc, slot, true)?;
                 }
             }
             i = j;
@@ -235,7 +229,7 @@ impl PackFiles {
                 rest = tail;
                 slot
             });
-            decode_slots(run.iter().zip(slots), from, stored, &path, false)
+            self.decode_slots(run.iter().zip(slots), from, stored, false)
         })
     }
 
@@ -247,13 +241,9 @@ impl PackFiles {
             slots,
             span,
         } = read;
-        let Some((_, loc)) = chunks.first() else {
-            return Ok(());
-        };
-        let path = || self.path(&loc.pack);
-        check_raw_lengths(&chunks, &path)?;
+        // A raw chunk whose entry gives it two lengths is refused as it is decoded.
         self.with_span(&chunks, span, |from, stored| {
-            decode_slots(chunks.iter().zip(slots), from, stored, &path, verify)
+            self.decode_slots(chunks.iter().zip(slots), from, stored, verify)
         })
     }
 
@@ -372,6 +362,25 @@ impl PackFiles {
         Ok(raw)
     }
 
+    /// Decodes each chunk of a span read from pack offset `from` (`stored`) into its slot, and
+    /// checks it ([`PackFiles::check`]).
+    fn decode_slots<'s>(
+        &self,
+        chunks: impl Iterator<Item = (&'s (ChunkId, ChunkLoc), &'s mut [u8])>,
+        from: u64,
+        stored: &[u8],
+        verify: bool,
+    ) -> Result<(), StoreError> {
+        for ((id, l), slot) in chunks {
+            let at = (l.offset - from) as usize;
+            let bytes = &stored[at..at + l.stored_len as usize];
+            let n = decode_into(l.flags, bytes, slot)
+                .map_err(|e| undecoded(id, &self.path(&l.pack), e))?;
+            self.check(id, l, &slot[..n], verify)?;
+        }
+        Ok(())
+    }
+
     /// Refuses a chunk's content whose length is not its index entry's or (with `verify`) whose
     /// BLAKE3 is not `id`.
     pub(crate) fn check(
@@ -416,37 +425,6 @@ fn check_raw_lengths(
         )),
         None => Ok(()),
     }
-}
-
-/// Decodes each chunk of a span read from pack offset `from` (`stored`) into its slot, checking
-/// its length and, with `verify`, its id.
-fn decode_slots<'s>(
-    chunks: impl Iterator<Item = (&'s (ChunkId, ChunkLoc), &'s mut [u8])>,
-    from: u64,
-    stored: &[u8],
-    path: &dyn Fn() -> PathBuf,
-    verify: bool,
-) -> Result<(), StoreError> {
-    for ((id, l), slot) in chunks {
-        let at = (l.offset - from) as usize;
-        let bytes = &stored[at..at + l.stored_len as usize];
-        let n = decode_into(l.flags, bytes, slot).map_err(|e| undecoded(id, &path(), e))?;
-        if n != l.raw_len as usize {
-            return Err(damaged(
-                id,
-                &path(),
-                format!("{n} bytes, the index says {}", l.raw_len),
-            ));
-        }
-        if verify && ChunkId::of(slot) != *id {
-            return Err(damaged(
-                id,
-                &path(),
-                "content does not match its hash".into(),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Chunks read with one call ([`PackFiles::read_span`]): a span of one pack, and the places
@@ -975,6 +953,39 @@ mod tests {
             match failed {
                 Some(StoreError::CorruptChunk { id, .. }) => assert_eq!(id, wrong[7].0.hex()),
                 other => panic!("direct {direct}: {other:?}"),
+            }
+            // An entry that gives a raw chunk two lengths, or a compressed one more bytes than
+            // it decodes to, is refused naming the chunk, by spans and by runs.
+            let at = |flags| listed.iter().position(|(_, l)| l.flags == flags);
+            let (raw, zstd) = (at(0).expect("a raw chunk"), at(FLAG_ZSTD).expect("zstd"));
+            let short_stored = ChunkLoc {
+                stored_len: listed[raw].1.stored_len - 1,
+                ..listed[raw].1
+            };
+            let long_raw = ChunkLoc {
+                raw_len: listed[zstd].1.raw_len + 1,
+                ..listed[zstd].1
+            };
+            for (i, bad) in [(raw, short_stored), (zstd, long_raw)] {
+                let mut wrong = listed.clone();
+                wrong[i].1 = bad;
+                let total = wrong.iter().map(|(_, l)| l.raw_len as usize).sum();
+                let mut out = vec![0u8; total];
+                let by_spans = plan_spans(&wrong, &mut out)
+                    .expect("plan")
+                    .into_iter()
+                    .map(|span| packs.read_span(span, false))
+                    .find_map(Result::err);
+                let by_runs = packs.read_into(&wrong, &mut vec![0u8; total], false).err();
+                for failed in [by_spans, by_runs] {
+                    match failed {
+                        Some(StoreError::CorruptChunk { id, message, .. }) => {
+                            assert_eq!(id, wrong[i].0.hex(), "{message}");
+                            assert!(message.contains("the index says"), "{message}");
+                        }
+                        other => panic!("direct {direct}, chunk {i}: {other:?}"),
+                    }
+                }
             }
         }
         let mut short = vec![0u8; expected.len() - 1];
